@@ -1,0 +1,18 @@
+"""spam-hf: SpaM (Bayesian structured sparsification by marginal likelihood) for HuggingFace transformers."""
+
+__version__ = "0.1.0"
+
+from .architectures import get_family, group_specs, supported_model_types  # noqa: E402
+from .curvature import CurvatureAccumulator  # noqa: E402
+from .marglik import log_marginal_likelihood, optimize_prior  # noqa: E402
+from .priors import PriorPrecision  # noqa: E402
+
+__all__ = [
+    "CurvatureAccumulator",
+    "PriorPrecision",
+    "get_family",
+    "group_specs",
+    "log_marginal_likelihood",
+    "optimize_prior",
+    "supported_model_types",
+]

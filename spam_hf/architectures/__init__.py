@@ -1,0 +1,26 @@
+"""Architecture families: which modules form each prunable group, and how to shrink them."""
+
+from .base import (
+    ArchitectureFamily,
+    Group,
+    GroupSpec,
+    get_family,
+    group_specs,
+    prunable_modules,
+    supported_model_types,
+    validate_specs,
+    weight_out_in,
+)
+from . import bert  # noqa: F401  (registers the encoder families)
+
+__all__ = [
+    "ArchitectureFamily",
+    "Group",
+    "GroupSpec",
+    "get_family",
+    "group_specs",
+    "prunable_modules",
+    "supported_model_types",
+    "validate_specs",
+    "weight_out_in",
+]

@@ -1,0 +1,271 @@
+"""Prunable groups and the registry of architecture families.
+
+A *group* is the set of weight slices that one structure (attention head, MLP neuron, LoRA rank)
+owns across one or more linear modules (design §3). Groups of one kind in one layer share a
+:class:`GroupSpec`: group ``g`` owns
+
+* rows ``row_index[m][g]`` of every *row module* ``m`` (and the matching bias entries), and
+* columns ``col_index[m][g]`` of every *column module* ``m``.
+
+Weights are always seen in the ``out × in`` layout of :class:`torch.nn.Linear`; families whose
+modules store them transposed (GPT-2 ``Conv1D``) say so through :func:`weight_out_in`.
+
+Nothing outside ``spam_hf.architectures`` names a module: everything downstream (curvature, priors,
+scoring, selection, surgery) works on the :class:`GroupSpec` objects a family returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 style layer (weights stored in × out)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment]
+
+GROUP_KINDS = ("head", "neuron", "lora_rank")
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an ``out × in`` tensor (a view; ``Conv1D`` weights are transposed)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.t()
+    raise TypeError(f"unsupported layer type {type(module).__name__}; supported: nn.Linear, transformers Conv1D")
+
+
+def in_out_features(module: nn.Module) -> Tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or Conv1D module."""
+    w = weight_out_in(module)
+    return int(w.shape[1]), int(w.shape[0])
+
+
+@dataclass
+class GroupSpec:
+    """All groups of one kind in one layer.
+
+    Attributes:
+        kind: ``"head"``, ``"neuron"`` or ``"lora_rank"``.
+        layer: transformer block index (or adapted-module index for LoRA).
+        count: number of groups ``G``.
+        row_index: module name -> ``LongTensor[G, r]``: output rows owned by each group.
+        col_index: module name -> ``LongTensor[G, c]``: input columns owned by each group.
+        attn_dim: per-group width of the attention score computation (head_dim for heads, else 0);
+            used for the ``T²`` FLOPs of attention.
+    """
+
+    kind: str
+    layer: int
+    count: int
+    row_index: Dict[str, torch.Tensor] = field(default_factory=dict)
+    col_index: Dict[str, torch.Tensor] = field(default_factory=dict)
+    attn_dim: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GROUP_KINDS:
+            raise ValueError(f"unknown group kind {self.kind!r}; supported: {', '.join(GROUP_KINDS)}")
+        for where, idx in (("row", self.row_index), ("column", self.col_index)):
+            for m, t in idx.items():
+                if t.dim() != 2 or t.shape[0] != self.count:
+                    raise ValueError(
+                        f"{self.kind} spec of layer {self.layer}: {where} index of {m!r} has shape "
+                        f"{tuple(t.shape)}, expected ({self.count}, k)"
+                    )
+        if not self.row_index and not self.col_index:
+            raise ValueError(f"{self.kind} spec of layer {self.layer} owns no slices")
+        if not self.name:
+            self.name = f"layer{self.layer}.{self.kind}"
+
+    @property
+    def modules(self) -> List[str]:
+        return list(dict.fromkeys([*self.row_index, *self.col_index]))
+
+    def params_per_group(self, model: nn.Module) -> torch.Tensor:
+        """Number of parameters each group owns, ``LongTensor[G]`` (weights plus owned bias entries)."""
+        mods = dict(model.named_modules())
+        total = torch.zeros(self.count, dtype=torch.long)
+        for m, idx in self.row_index.items():
+            fan_in, _ = in_out_features(mods[m])
+            has_bias = getattr(mods[m], "bias", None) is not None
+            total += idx.shape[1] * (fan_in + int(has_bias))
+        for m, idx in self.col_index.items():
+            _, fan_out = in_out_features(mods[m])
+            total += idx.shape[1] * fan_out
+        return total
+
+    def flops_per_group(self, model: nn.Module, seq_len: int) -> torch.Tensor:
+        """Forward FLOPs per sequence of length ``T`` that each group costs, ``FloatTensor[G]``.
+
+        Linear slices: ``2·T·(#weights)``; attention heads add ``4·T²·head_dim``
+        (``QKᵀ`` and ``softmax·V``).
+        """
+        mods = dict(model.named_modules())
+        w = torch.zeros(self.count, dtype=torch.float64)
+        for m, idx in self.row_index.items():
+            fan_in, _ = in_out_features(mods[m])
+            w += idx.shape[1] * fan_in
+        for m, idx in self.col_index.items():
+            _, fan_out = in_out_features(mods[m])
+            w += idx.shape[1] * fan_out
+        return 2.0 * seq_len * w + 4.0 * seq_len**2 * self.attn_dim
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prunable structure: ``spec.kind`` number ``index`` of ``spec.layer``."""
+
+    spec: GroupSpec
+    index: int
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def layer(self) -> int:
+        return self.spec.layer
+
+    def slices(self) -> List[Tuple[str, str, List[int]]]:
+        """``[(module, "rows"|"cols", indices)]`` that this group owns."""
+        out = [(m, "rows", idx[self.index].tolist()) for m, idx in self.spec.row_index.items()]
+        out += [(m, "cols", idx[self.index].tolist()) for m, idx in self.spec.col_index.items()]
+        return out
+
+
+def contiguous_blocks(count: int, width: int, offset: int = 0) -> torch.Tensor:
+    """``LongTensor[count, width]`` whose row ``g`` is ``offset + g·width + [0, width)``."""
+    return offset + torch.arange(count * width, dtype=torch.long).view(count, width)
+
+
+class ArchitectureFamily:
+    """What one model family exposes to spam-hf. Subclass per family (one file each)."""
+
+    #: ``config.model_type`` values this family handles
+    model_types: Tuple[str, ...] = ()
+
+    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
+        """Every prunable group spec of ``model`` (heads, neurons), in layer order."""
+        raise NotImplementedError
+
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
+        """Physically keep only groups ``keep[spec.name]`` (sorted LongTensor) of each spec, in place."""
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, ArchitectureFamily] = {}
+
+
+def register(family_cls: Type[ArchitectureFamily]) -> Type[ArchitectureFamily]:
+    """Class decorator: register a family under each of its ``model_types``."""
+    inst = family_cls()
+    for mt in family_cls.model_types:
+        _REGISTRY[mt] = inst
+    return family_cls
+
+
+def supported_model_types() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def model_type_of(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    mt = getattr(config, "model_type", None)
+    if mt is None:
+        raise ValueError(f"{type(model).__name__} has no config.model_type; spam-hf needs a transformers model")
+    return mt
+
+
+def get_family(model_or_type) -> ArchitectureFamily:
+    """The family for a model (or a ``model_type`` string); a clear error when unsupported."""
+    mt = model_or_type if isinstance(model_or_type, str) else model_type_of(model_or_type)
+    if mt not in _REGISTRY:
+        raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(supported_model_types())}")
+    return _REGISTRY[mt]
+
+
+def group_specs(model: nn.Module) -> List[GroupSpec]:
+    """Group specs of ``model`` via its registered family, checked against the model's modules."""
+    specs = get_family(model).group_specs(model)
+    validate_specs(model, specs)
+    return specs
+
+
+def validate_specs(model: nn.Module, specs: Iterable[GroupSpec]) -> None:
+    """Check that every module a spec names exists, is Linear-like, and indices are in range.
+
+    Raises:
+        ValueError: naming the spec, the module and what is wrong.
+    """
+    mods = dict(model.named_modules())
+    owned_rows: Dict[str, torch.Tensor] = {}
+    owned_cols: Dict[str, torch.Tensor] = {}
+    for spec in specs:
+        for where, idx_map, owned in (("rows", spec.row_index, owned_rows), ("cols", spec.col_index, owned_cols)):
+            for m, idx in idx_map.items():
+                if m not in mods:
+                    raise ValueError(f"group spec {spec.name}: module {m!r} is not in the model")
+                try:
+                    fan_in, fan_out = in_out_features(mods[m])
+                except TypeError as e:
+                    raise ValueError(f"group spec {spec.name}: module {m!r}: {e}") from None
+                size = fan_out if where == "rows" else fan_in
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                    raise ValueError(f"group spec {spec.name}: {where} of {m!r} out of range [0, {size})")
+                mask = owned.setdefault(m, torch.zeros(size, dtype=torch.bool))
+                flat = idx.reshape(-1)
+                if mask[flat].any() or flat.unique().numel() != flat.numel():
+                    raise ValueError(f"group spec {spec.name}: {where} of {m!r} are owned by more than one group")
+                mask[flat] = True
+    both = set(owned_rows) & set(owned_cols)
+    if both:
+        raise ValueError(f"modules {sorted(both)} have both rows and columns owned by groups; a weight must have one owner")
+
+
+def find_linear(model: nn.Module, name: str) -> nn.Module:
+    mods = dict(model.named_modules())
+    if name not in mods:
+        raise ValueError(f"module {name!r} not found in {type(model).__name__}")
+    return mods[name]
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace submodule ``name`` (dotted path) of ``model`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def shrink_linear(module: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> nn.Linear:
+    """A new ``nn.Linear`` keeping output ``rows`` and input ``cols`` (with their bias entries)."""
+    w = module.weight.detach()
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if module.bias is not None:
+            b = module.bias.detach()
+            new.bias.copy_(b.index_select(0, rows.to(b.device)) if rows is not None else b)
+    new.train(module.training)
+    return new
+
+
+def prunable_modules(specs: Iterable[GroupSpec]) -> List[str]:
+    """Names of every module that some group touches, in first-seen order."""
+    out: Dict[str, None] = {}
+    for s in specs:
+        for m in s.modules:
+            out[m] = None
+    return list(out)
+

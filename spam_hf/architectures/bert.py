@@ -1,0 +1,125 @@
+"""Encoder families with the BERT layout (bert, roberta, xlm-roberta, electra, camembert, ...) and DistilBERT.
+
+BERT layer ``i`` (under ``<prefix>.encoder.layer.i``):
+
+* head ``h``: rows ``h·d:(h+1)·d`` of ``attention.self.{query,key,value}`` (+ bias), columns of
+  ``attention.output.dense``;
+* neuron ``j``: row ``j`` of ``intermediate.dense`` (+ bias), column ``j`` of ``output.dense``.
+
+DistilBERT layer ``i`` (under ``distilbert.transformer.layer.i``): ``attention.{q,k,v}_lin`` /
+``attention.out_lin`` and ``ffn.lin1`` / ``ffn.lin2``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from ..export.modeling_spam import ZeroHeadAttention
+from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_linear
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """Dotted path of the base encoder inside ``model`` ('' when ``model`` is the base model)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix):
+        return prefix + "."
+    return ""
+
+
+class _EncoderFamily(ArchitectureFamily):
+    # module names relative to a layer
+    layers_path: str = ""
+    q = k = v = o = up = down = ""
+    attention_path: str = ""  # module replaced when a layer loses all heads
+    attention_out_child: str | None = None  # child of attention_path kept as output projection
+
+    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.get_submodule(_base_prefix(model) + self.layers_path)
+
+    def _layer_name(self, model: nn.Module, i: int) -> str:
+        return f"{_base_prefix(model)}{self.layers_path}.{i}"
+
+    def _head_dim(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
+        d = self._head_dim(model)
+        specs: List[GroupSpec] = []
+        for i, layer in enumerate(self.layers(model)):
+            ln = self._layer_name(model, i)
+            try:
+                heads = layer.get_submodule(self.q).out_features // d
+            except AttributeError:  # the layer lost every head: its attention is a ZeroHeadAttention
+                heads = 0
+            if heads:
+                blocks = contiguous_blocks(heads, d)
+                specs.append(GroupSpec(
+                    kind="head", layer=i, count=heads, attn_dim=d,
+                    row_index={f"{ln}.{self.q}": blocks, f"{ln}.{self.k}": blocks, f"{ln}.{self.v}": blocks},
+                    col_index={f"{ln}.{self.o}": blocks},
+                ))
+            neurons = layer.get_submodule(self.up).out_features
+            if neurons:
+                blocks = contiguous_blocks(neurons, 1)
+                specs.append(GroupSpec(
+                    kind="neuron", layer=i, count=neurons,
+                    row_index={f"{ln}.{self.up}": blocks}, col_index={f"{ln}.{self.down}": blocks},
+                ))
+        return specs
+
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
+        d = self._head_dim(model)
+        for spec in self.group_specs(model):
+            if spec.name not in keep:
+                continue
+            kept = torch.as_tensor(keep[spec.name], dtype=torch.long).sort().values
+            if kept.numel() == spec.count:
+                continue
+            for m, idx in spec.row_index.items():
+                set_module(model, m, shrink_linear(model.get_submodule(m), rows=idx[kept].reshape(-1)))
+            for m, idx in spec.col_index.items():
+                set_module(model, m, shrink_linear(model.get_submodule(m), cols=idx[kept].reshape(-1)))
+            if spec.kind == "head":
+                attn = model.get_submodule(f"{self._layer_name(model, spec.layer)}.{self.attention_path}")
+                for attr in ("num_attention_heads", "n_heads"):
+                    if hasattr(attn, attr):
+                        setattr(attn, attr, int(kept.numel()))
+                if hasattr(attn, "all_head_size"):
+                    attn.all_head_size = int(kept.numel()) * d
+                if kept.numel() == 0:
+                    out_proj = getattr(attn, self.attention_out_child) if self.attention_out_child else None
+                    path = f"{self._layer_name(model, spec.layer)}.{self.attention_path}"
+                    set_module(model, path, ZeroHeadAttention(out_proj))
+
+
+@register
+class BertFamily(_EncoderFamily):
+    model_types = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "data2vec-text", "xmod",
+                   "roberta-prelayernorm")
+    layers_path = "encoder.layer"
+    q, k, v = "attention.self.query", "attention.self.key", "attention.self.value"
+    o = "attention.output.dense"
+    up, down = "intermediate.dense", "output.dense"
+    attention_path = "attention.self"
+    attention_out_child = None
+
+    def _head_dim(self, model: nn.Module) -> int:
+        c = model.config
+        return int(c.hidden_size // c.num_attention_heads)
+
+
+@register
+class DistilBertFamily(_EncoderFamily):
+    model_types = ("distilbert",)
+    layers_path = "transformer.layer"
+    q, k, v, o = "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"
+    up, down = "ffn.lin1", "ffn.lin2"
+    attention_path = "attention"
+    attention_out_child = "out_lin"
+
+    def _head_dim(self, model: nn.Module) -> int:
+        c = model.config
+        return int(c.dim // c.n_heads)

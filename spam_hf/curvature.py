@@ -1,0 +1,302 @@
+"""KFAC and diagonal curvature of Linear/Conv1D layers, accumulated from hooks during training steps.
+
+For a layer with input ``a`` (augmented with a 1 for the bias) and ``g`` the gradient of the
+*summed* loss with respect to its output:
+
+* KFAC: ``H ≈ G ⊗ A`` with ``A = Σ a aᵀ / n`` and ``G = (N / n) Σ g gᵀ`` over the ``n`` rows seen,
+  extrapolated to the ``N`` training examples (tokens for token-level losses).
+* diagonal: ``diag H ≈ (N / n) Σ (g∘g)(a∘a)ᵀ``.
+
+Sequences (Eschenhagen et al., NeurIPS 2023): ``"expand"`` treats every (non-padding) token as a row;
+``"reduce"`` makes one row per sequence with ``â = mean_t a_t`` and ``ĝ = Σ_t g_t`` over
+non-padding tokens. Padding positions never contribute.
+
+Gradients ``g`` come from one extra backward of a *sampled* loss through the same forward graph
+(``torch.autograd.grad`` w.r.t. the layer outputs): labels drawn from the model's predictive
+distribution give the MC Fisher (= GGN in expectation, the default); the true labels give the
+empirical Fisher (labelled as such, it is not the GGN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architectures.base import in_out_features, weight_out_in
+from .kron import KronEigen
+
+CURVATURE_KINDS = ("kfac", "diag")
+REDUCTIONS = ("reduce", "expand")
+FISHER_TYPES = ("mc", "empirical")
+LIKELIHOODS = ("classification", "regression", "causal_lm")
+
+
+def _check_choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; supported: {', '.join(allowed)}")
+
+
+def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihood: str, fisher: str = "mc",
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The summed negative log-likelihood whose output-gradients give the Fisher's ``g``.
+
+    Args:
+        logits: ``[B, C]`` (classification), ``[B, 1]`` or ``[B]`` (regression, unit-variance
+            Gaussian), ``[B, T, V]`` (causal LM; position ``t`` predicts token ``t+1``).
+        labels: true labels (``-100`` = ignored), needed for ``fisher="empirical"`` and for the
+            causal-LM mask.
+        fisher: ``"mc"`` draws ``y ~ p(y | f)``; ``"empirical"`` uses ``labels``.
+
+    Returns:
+        ``Σ_n -log p(y_n | f_n)`` over non-ignored rows (a scalar).
+    """
+    _check_choice("likelihood", likelihood, LIKELIHOODS)
+    _check_choice("fisher type", fisher, FISHER_TYPES)
+    logits = logits.float()
+    if likelihood == "causal_lm":
+        if labels is None:
+            raise ValueError("causal-LM curvature needs `labels` to know which positions count")
+        logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        labels = labels[:, 1:].reshape(-1)
+    elif likelihood == "regression":
+        f = logits.reshape(-1)
+        if fisher == "mc":
+            y = f.detach() + torch.randn(f.shape, generator=generator, device="cpu").to(f.device)
+        else:
+            y = labels.reshape(-1).to(f.dtype)
+        return 0.5 * (f - y).square().sum()
+    if labels is not None:
+        valid = labels != -100
+        logits = logits[valid]
+        labels = labels[valid]
+    if fisher == "mc":
+        probs = logits.detach().softmax(-1).cpu()
+        y = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    else:
+        y = labels
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+@dataclass
+class _Capture:
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+class CurvatureAccumulator:
+    """Running KFAC (or diagonal) curvature sums for a set of named Linear/Conv1D modules.
+
+    Usage inside a training step::
+
+        with acc.capture(model, attention_mask):
+            out = model(**batch)
+        acc.accumulate(out.logits, batch["labels"])   # extra backward of the sampled loss
+        out.loss.backward()                           # the ordinary training backward
+
+    State (``state_dict``) holds plain tensors: ``A``/``G`` (or ``D``) sums in float64 and the row
+    count ``n``, so it can be saved, loaded and all-reduced.
+    """
+
+    def __init__(self, model: nn.Module, module_names: Iterable[str], kind: str = "kfac",
+                 reduction: str = "reduce", fisher: str = "mc", likelihood: str = "classification",
+                 max_rows_per_batch: Optional[int] = None, seed: int = 0) -> None:
+        _check_choice("curvature", kind, CURVATURE_KINDS)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        _check_choice("fisher type", fisher, FISHER_TYPES)
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        self.kind, self.reduction, self.fisher, self.likelihood = kind, reduction, fisher, likelihood
+        self.max_rows_per_batch = max_rows_per_batch
+        self.module_names: List[str] = list(dict.fromkeys(module_names))
+        if not self.module_names:
+            raise ValueError("no modules to collect curvature for")
+        mods = dict(model.named_modules())
+        self.shapes: Dict[str, tuple] = {}
+        for name in self.module_names:
+            if name not in mods:
+                raise ValueError(f"curvature: module {name!r} is not in the model")
+            try:
+                fan_in, fan_out = in_out_features(mods[name])
+            except TypeError as e:
+                raise ValueError(f"curvature: module {name!r}: {e}") from None
+            has_bias = getattr(mods[name], "bias", None) is not None
+            self.shapes[name] = (fan_out, fan_in + int(has_bias))
+        self.generator = torch.Generator().manual_seed(seed)
+        self._captures: Dict[str, _Capture] = {}
+        self._mask: Optional[torch.Tensor] = None
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Drop all accumulated sums."""
+        self.n = torch.zeros((), dtype=torch.float64)
+        self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, (out, inp) in self.shapes.items():
+            if self.kind == "kfac":
+                self.sums[name] = {"A": torch.zeros(inp, inp, dtype=torch.float64),
+                                   "G": torch.zeros(out, out, dtype=torch.float64)}
+            else:
+                self.sums[name] = {"D": torch.zeros(out, inp, dtype=torch.float64)}
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
+        state = {f"{m}.{k}": v for m, d in self.sums.items() for k, v in d.items()}
+        state["n"] = self.n.reshape(1)
+        return state
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load sums saved by :meth:`state_dict`; a clear error on missing keys or mismatched shapes."""
+        if "n" not in state:
+            raise ValueError("curvature state has no row count 'n'")
+        for m, d in self.sums.items():
+            for k, v in d.items():
+                key = f"{m}.{k}"
+                if key not in state:
+                    raise ValueError(f"curvature state has no factor {key!r} (curvature kind {self.kind!r})")
+                if tuple(state[key].shape) != tuple(v.shape):
+                    raise ValueError(f"curvature factor {key!r} has shape {tuple(state[key].shape)}, "
+                                     f"the model needs {tuple(v.shape)}")
+                d[k] = state[key].to(torch.float64).clone()
+        self.n = state["n"].to(torch.float64).reshape(())
+
+    def all_reduce(self) -> None:
+        """Sum factors and counts over processes (``torch.distributed``), in place. No-op when single-process."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() == 1:
+            return
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        for d in self.sums.values():
+            for k, v in d.items():
+                t = v.to(device)
+                torch.distributed.all_reduce(t)
+                d[k] = t.cpu()
+        n = self.n.reshape(1).to(device)
+        torch.distributed.all_reduce(n)
+        self.n = n.cpu().reshape(())
+
+    # ------------------------------------------------------------------ capture
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module, mask: Optional[torch.Tensor] = None) -> Iterator[None]:
+        """Record inputs and outputs of the tracked modules during one forward.
+
+        Args:
+            mask: ``[B, T]`` with 1 for real tokens and 0 for padding (``attention_mask``).
+        """
+        mods = dict(model.named_modules())
+        handles = []
+        self._captures = {}
+        self._mask = mask
+
+        def make_hook(name: str):
+            def hook(module, inputs, output):
+                if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                    return
+                self._captures[name] = _Capture(inputs[0].detach(), output)
+            return hook
+
+        for name in self.module_names:
+            if name not in mods:
+                raise ValueError(f"curvature: module {name!r} is not in the model")
+            handles.append(mods[name].register_forward_hook(make_hook(name)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _rows(self, x: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        """``[rows, d]`` from a ``[B, T, d]`` (or ``[B, d]``) tensor, masking padding."""
+        x = x.float()
+        if x.dim() == 2:
+            return x
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
+        mask = self._mask
+        if mask is None:
+            mask = torch.ones(x.shape[:2], device=x.device)
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"curvature mask has shape {tuple(mask.shape)} but the layer sees {tuple(x.shape[:2])}")
+        m = mask.to(x.dtype).to(x.device)
+        if self.reduction == "expand":
+            return x[m.bool()]
+        summed = torch.einsum("bt,btd->bd", m, x)
+        if reduce_op == "mean":
+            summed = summed / m.sum(1, keepdim=True).clamp_min(1.0)
+        return summed
+
+    def accumulate(self, logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add this batch's curvature to the sums; returns the sampled loss (detached).
+
+        Must follow a forward run under :meth:`capture`, before the training backward frees the graph.
+        """
+        missing = [m for m in self.module_names if m not in self._captures]
+        if missing:
+            raise RuntimeError(f"curvature: no forward captured for {len(missing)} module(s), e.g. {missing[:3]}; "
+                               "run the forward inside `capture()` with gradients enabled")
+        loss = sampled_loss(logits, labels, self.likelihood, self.fisher, self.generator)
+        names = list(self._captures)
+        outputs = [self._captures[m].output for m in names]
+        grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+        rows_kept: Optional[torch.Tensor] = None
+        n_rows = None
+        for name, grad in zip(names, grads):
+            cap = self._captures[name]
+            if grad is None:
+                grad = torch.zeros_like(cap.output)
+            a = self._rows(cap.inputs, "mean")
+            g = self._rows(grad, "sum")
+            if self.shapes[name][1] == a.shape[1] + 1:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+            if rows_kept is None and self.max_rows_per_batch and a.shape[0] > self.max_rows_per_batch:
+                rows_kept = torch.randperm(a.shape[0], generator=self.generator)[: self.max_rows_per_batch].to(a.device)
+            if rows_kept is not None:
+                a, g = a[rows_kept], g[rows_kept]
+            if n_rows is not None and a.shape[0] != n_rows:
+                raise ValueError(f"curvature: module {name!r} sees {a.shape[0]} rows but others see {n_rows}; "
+                                 "all tracked modules must see the same tokens")
+            n_rows = a.shape[0]
+            s = self.sums[name]
+            if self.kind == "kfac":
+                s["A"] += (a.T @ a).to(torch.float64).cpu()
+                s["G"] += (g.T @ g).to(torch.float64).cpu()
+            else:
+                s["D"] += (g.square().T @ a.square()).to(torch.float64).cpu()
+        self.n += float(n_rows or 0)
+        self._captures = {}
+        self._mask = None
+        return loss.detach()
+
+    # ------------------------------------------------------------------ results
+    def _check_ready(self) -> None:
+        if float(self.n) <= 0:
+            raise RuntimeError("no curvature accumulated yet")
+
+    def kron(self, n_data: float) -> Dict[str, KronEigen]:
+        """Eigendecomposed KFAC per module, extrapolated to ``n_data`` rows: ``G = (N/n) ΣggT``, ``A = ΣaaT / n``."""
+        if self.kind != "kfac":
+            raise ValueError("kron() needs curvature='kfac'")
+        self._check_ready()
+        n = float(self.n)
+        return {m: KronEigen(s["G"] * (n_data / n), s["A"] / n) for m, s in self.sums.items()}
+
+    def diagonal(self, n_data: float) -> Dict[str, torch.Tensor]:
+        """``diag H`` per module as ``out × (in+1)`` (from the KFAC factors' diagonals when ``kind='kfac'``)."""
+        self._check_ready()
+        n = float(self.n)
+        if self.kind == "kfac":
+            return {m: torch.outer(s["G"].diagonal() * (n_data / n), s["A"].diagonal() / n) for m, s in self.sums.items()}
+        return {m: s["D"] * (n_data / n) for m, s in self.sums.items()}
+
+
+def weight_aug(module: nn.Module) -> torch.Tensor:
+    """``W_aug = [W | b]`` (``out × (in+1)``; no bias column when the layer has no bias), detached."""
+    w = weight_out_in(module).detach()
+    b = getattr(module, "bias", None)
+    if b is None:
+        return w
+    return torch.cat([w, b.detach().unsqueeze(1)], dim=1)

@@ -1,0 +1,101 @@
+"""Laplace log marginal likelihood of the prunable layers and its optimisation in ``log δ``.
+
+    log Z(δ) ≈ −Σ_n ℓ_n / T − ½ θᵀ diag(δ) θ + ½ Σ_i log δ_i − ½ log det(H / T + diag(δ))
+
+over the covered parameters θ (the modules of the prior), with ``H`` block-diagonal across modules:
+KFAC blocks ``G ⊗ A`` (log-det through :class:`~spam_hf.kron.KronEigen`, exact for scalar/layer
+priors, the Hadamard upper bound for unit/parameter priors) or a diagonal (exact log-det of the
+diagonal approximation). Constants in ``2π`` cancel and are omitted. Everything is float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from .kron import KronEigen
+from .priors import PriorPrecision
+
+Curvature = Union[Dict[str, KronEigen], Dict[str, torch.Tensor]]
+
+
+def log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor],
+                            loss_sum: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    """``log Z(δ)`` (a float64 scalar, differentiable in ``prior.log_delta``).
+
+    Args:
+        prior: the prior precisions.
+        curvature: per module either a :class:`KronEigen` (KFAC) or the diagonal ``diag H``
+            (``out × (in+1)``), already extrapolated to the full data set.
+        params: per module the float64 augmented weights ``[W | b]`` (``out × (in+1)``).
+        loss_sum: ``Σ_n ℓ_n`` at θ (constant in δ; only shifts the value).
+        temperature: ``T``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    missing = [m for m in prior.modules if m not in curvature or m not in params]
+    if missing:
+        raise ValueError(f"marginal likelihood: no curvature or parameters for {len(missing)} module(s), e.g. {missing[:3]}")
+    total = torch.tensor(-float(loss_sum) / temperature, dtype=torch.float64)
+    for m in prior.modules:
+        prec = prior.precision(m)
+        w2 = params[m].to(torch.float64).square()
+        if tuple(w2.shape) != prior.shapes[m]:
+            raise ValueError(f"parameters of {m!r} have shape {tuple(w2.shape)}, prior expects {prior.shapes[m]}")
+        total = total - 0.5 * prec.quadratic(w2) + 0.5 * prec.log_sum()
+        curv = curvature[m]
+        if isinstance(curv, KronEigen):
+            if curv.shape != prior.shapes[m]:
+                raise ValueError(f"KFAC factors of {m!r} are {curv.shape}, prior expects {prior.shapes[m]}")
+            total = total - 0.5 * curv.logdet(prec, temperature)
+        else:
+            if tuple(curv.shape) != prior.shapes[m]:
+                raise ValueError(f"diagonal curvature of {m!r} is {tuple(curv.shape)}, prior expects {prior.shapes[m]}")
+            total = total - 0.5 * torch.log(curv.to(torch.float64) / temperature + prec.matrix()).sum()
+    return total
+
+
+@dataclass
+class HyperStepResult:
+    log_marglik: List[float]
+
+    @property
+    def final(self) -> float:
+        return self.log_marglik[-1]
+
+
+def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor],
+                   n_steps: int = 50, lr: float = 0.1, loss_sum: float = 0.0, temperature: float = 1.0,
+                   optimizer_state: Optional[dict] = None) -> HyperStepResult:
+    """Maximise ``log Z`` over ``log δ`` with ``n_steps`` Adam steps; ``log δ`` clamped and NaN-free.
+
+    ``optimizer_state`` (a dict) carries Adam's moments across calls when given.
+    """
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+    if optimizer_state and optimizer_state.get("adam"):
+        try:
+            opt.load_state_dict(optimizer_state["adam"])
+        except ValueError:
+            pass  # prior structure changed (e.g. after pruning): start Adam afresh
+    history: List[float] = []
+    for _ in range(n_steps):
+        opt.zero_grad(set_to_none=True)
+        value = log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"log marginal likelihood is {float(value)}; check curvature and weights for NaN")
+        (-value).backward()
+        for p in prior.parameters():
+            if p.grad is not None:
+                p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        opt.step()
+        prior.clamp_()
+        history.append(float(value.detach()))
+    with torch.no_grad():
+        history.append(float(log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)))
+    if optimizer_state is not None:
+        optimizer_state["adam"] = opt.state_dict()
+    return HyperStepResult(history)

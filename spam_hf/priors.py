@@ -1,0 +1,240 @@
+"""Gaussian prior precisions ``θ ~ N(0, diag(δ)⁻¹)`` over the prunable layers, stored as ``log δ``.
+
+Kinds (design §4):
+
+* ``scalar``: one δ for every covered parameter;
+* ``layer``: one δ per Linear module;
+* ``unit``: one δ per group (attention head, MLP neuron, LoRA rank), applied to every slice the
+  group owns; entries owned by no group (the bias of the attention output and MLP down
+  projections) get one δ per module;
+* ``parameter``: one δ per parameter.
+
+Each module's precision is a :class:`~spam_hf.kron.Precision` over its ``out × (in+1)``
+augmented weight ``[W | b]``; it is rank one for every kind but ``parameter``.
+
+MAP penalty per batch (added to the mean loss): ``(1 / 2N) Σ_i δ_i θ_i²``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .architectures.base import GroupSpec, in_out_features, weight_out_in
+from .curvature import weight_aug
+from .kron import Precision
+
+PRIOR_KINDS = ("scalar", "layer", "unit", "parameter")
+LOG_DELTA_MIN, LOG_DELTA_MAX = -20.0, 25.0
+
+
+class PriorPrecision:
+    """Learnable log prior precisions for the modules touched by ``specs``.
+
+    Args:
+        model: the model (read for module shapes only).
+        specs: the group specs (from :func:`spam_hf.architectures.group_specs`).
+        kind: one of ``scalar``, ``layer``, ``unit``, ``parameter``.
+        init: initial precision δ₀ (> 0) for every entry.
+    """
+
+    def __init__(self, model: nn.Module, specs: Iterable[GroupSpec], kind: str = "unit", init: float = 1.0) -> None:
+        if kind not in PRIOR_KINDS:
+            raise ValueError(f"unknown prior kind {kind!r}; supported: {', '.join(PRIOR_KINDS)}")
+        if not (init > 0 and init < float("inf")):
+            raise ValueError(f"prior precision init must be a positive finite number, got {init}")
+        self.kind = kind
+        self.specs: List[GroupSpec] = list(specs)
+        mods = dict(model.named_modules())
+        self.shapes: Dict[str, Tuple[int, int]] = {}  # name -> (out, in+1 or in)
+        self.has_bias: Dict[str, bool] = {}
+        for spec in self.specs:
+            for m in spec.modules:
+                if m not in mods:
+                    raise ValueError(f"prior: module {m!r} of {spec.name} is not in the model")
+                fan_in, fan_out = in_out_features(mods[m])
+                self.has_bias[m] = getattr(mods[m], "bias", None) is not None
+                self.shapes[m] = (fan_out, fan_in + int(self.has_bias[m]))
+        # ownership maps: per module, (spec name, LongTensor of group ids or -1) for rows / cols
+        self.row_owner: Dict[str, Tuple[str, torch.Tensor]] = {}
+        self.col_owner: Dict[str, Tuple[str, torch.Tensor]] = {}
+        for spec in self.specs:
+            for m, idx in spec.row_index.items():
+                owner = torch.full((self.shapes[m][0],), -1, dtype=torch.long)
+                owner[idx.reshape(-1)] = torch.arange(spec.count).repeat_interleave(idx.shape[1])
+                self.row_owner[m] = (spec.name, owner)
+            for m, idx in spec.col_index.items():
+                owner = torch.full((self.shapes[m][1],), -1, dtype=torch.long)  # bias column stays -1
+                owner[idx.reshape(-1)] = torch.arange(spec.count).repeat_interleave(idx.shape[1])
+                self.col_owner[m] = (spec.name, owner)
+        x0 = float(torch.tensor(init, dtype=torch.float64).log())
+        self.log_delta: Dict[str, torch.Tensor] = {}
+        if kind == "scalar":
+            self.log_delta["scalar"] = torch.full((1,), x0, dtype=torch.float64)
+        elif kind == "layer":
+            for m in self.shapes:
+                self.log_delta[f"layer:{m}"] = torch.full((1,), x0, dtype=torch.float64)
+        elif kind == "unit":
+            for spec in self.specs:
+                self.log_delta[f"unit:{spec.name}"] = torch.full((spec.count,), x0, dtype=torch.float64)
+            for m in self.shapes:
+                if self._has_unowned(m):
+                    self.log_delta[f"rest:{m}"] = torch.full((1,), x0, dtype=torch.float64)
+        else:
+            for m, shape in self.shapes.items():
+                self.log_delta[f"param:{m}"] = torch.full(shape, x0, dtype=torch.float64)
+        for v in self.log_delta.values():
+            v.requires_grad_(True)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def modules(self) -> List[str]:
+        return list(self.shapes)
+
+    def _has_unowned(self, m: str) -> bool:
+        if m in self.row_owner:
+            return bool((self.row_owner[m][1] < 0).any())
+        if m in self.col_owner:
+            return bool((self.col_owner[m][1] < 0).any())
+        return True
+
+    def parameters(self) -> List[torch.Tensor]:
+        """The float64 ``log δ`` leaves (optimised by the hyper-steps)."""
+        return list(self.log_delta.values())
+
+    def clamp_(self) -> None:
+        """Keep ``log δ`` finite and within ``[LOG_DELTA_MIN, LOG_DELTA_MAX]``; NaNs reset to the bounds' mean."""
+        with torch.no_grad():
+            for v in self.log_delta.values():
+                v.nan_to_num_(nan=0.5 * (LOG_DELTA_MIN + LOG_DELTA_MAX))
+                v.clamp_(LOG_DELTA_MIN, LOG_DELTA_MAX)
+
+    # ------------------------------------------------------------------ precisions
+    def _delta(self, key: str) -> torch.Tensor:
+        return self.log_delta[key].clamp(LOG_DELTA_MIN, LOG_DELTA_MAX).exp()
+
+    def precision(self, module: str) -> Precision:
+        """Elementwise precision Δ of ``module``'s ``out × (in+1)`` parameters (differentiable in ``log δ``)."""
+        if module not in self.shapes:
+            raise ValueError(f"prior: module {module!r} is not covered; covered: {len(self.shapes)} modules")
+        out, inp = self.shapes[module]
+        one_out = torch.ones(out, dtype=torch.float64)
+        one_in = torch.ones(inp, dtype=torch.float64)
+        if self.kind == "scalar":
+            return Precision(u=self._delta("scalar").expand(out), v=one_in)
+        if self.kind == "layer":
+            return Precision(u=self._delta(f"layer:{module}").expand(out), v=one_in)
+        if self.kind == "parameter":
+            return Precision(dense=self._delta(f"param:{module}"))
+        rest = self._delta(f"rest:{module}") if f"rest:{module}" in self.log_delta else None
+        if module in self.row_owner:
+            spec_name, owner = self.row_owner[module]
+            u = self._fill(self._delta(f"unit:{spec_name}"), owner, rest)
+            return Precision(u=u, v=one_in)
+        if module in self.col_owner:
+            spec_name, owner = self.col_owner[module]
+            v = self._fill(self._delta(f"unit:{spec_name}"), owner, rest)
+            return Precision(u=one_out, v=v)
+        return Precision(u=rest.expand(out), v=one_in)
+
+    @staticmethod
+    def _fill(group_delta: torch.Tensor, owner: torch.Tensor, rest: Optional[torch.Tensor]) -> torch.Tensor:
+        vals = group_delta[owner.clamp_min(0)]
+        if rest is not None:
+            vals = torch.where(owner >= 0, vals, rest.expand_as(vals))
+        return vals
+
+    def group_precisions(self) -> Dict[str, torch.Tensor]:
+        """``{spec name: δ per group}`` (unit prior), or the precision averaged over each group's slices."""
+        out: Dict[str, torch.Tensor] = {}
+        for spec in self.specs:
+            if self.kind == "unit":
+                out[spec.name] = self._delta(f"unit:{spec.name}").detach().clone()
+                continue
+            total = torch.zeros(spec.count, dtype=torch.float64)
+            count = torch.zeros(spec.count, dtype=torch.float64)
+            for m, idx in spec.row_index.items():
+                D = self.precision(m).matrix().detach()
+                total += D[idx].sum(dim=(1, 2))
+                count += idx.shape[1] * D.shape[1]
+            for m, idx in spec.col_index.items():
+                D = self.precision(m).matrix().detach()
+                total += D[:, idx].sum(dim=(0, 2))
+                count += idx.shape[1] * D.shape[0]
+            out[spec.name] = total / count
+        return out
+
+    # ------------------------------------------------------------------ MAP penalty
+    def penalty(self, model: nn.Module, n_data: float) -> torch.Tensor:
+        """``(1 / 2N) Σ_i δ_i θ_i²`` over covered parameters; differentiable in θ (precisions detached)."""
+        mods = dict(model.named_modules())
+        total = None
+        for m in self.shapes:
+            module = mods[m]
+            w = weight_out_in(module)
+            if self.has_bias[m]:
+                w = torch.cat([w, module.bias.unsqueeze(1)], dim=1)
+            prec = self._device_precision(m, w.device)
+            term = prec.quadratic(w.float().square())
+            total = term if total is None else total + term
+        return total / (2.0 * n_data)
+
+    def _device_precision(self, module: str, device: torch.device) -> Precision:
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache.get("_version") != self._version():
+            cache = {"_version": self._version()}
+            self._cache = cache
+        key = (module, str(device))
+        if key not in cache:
+            with torch.no_grad():
+                p = self.precision(module)
+                if p.is_rank_one:
+                    cache[key] = Precision(u=p.u.float().to(device), v=p.v.float().to(device))
+                else:
+                    cache[key] = Precision(dense=p.dense.float().to(device))
+        return cache[key]
+
+    def _version(self) -> tuple:
+        return tuple(v._version for v in self.log_delta.values())
+
+    # ------------------------------------------------------------------ summaries and I/O
+    def summary(self) -> Dict[str, float]:
+        """Mean / min / max precision per group kind (for logging)."""
+        stats: Dict[str, List[torch.Tensor]] = {}
+        for spec in self.specs:
+            stats.setdefault(spec.kind, []).append(self.group_precisions()[spec.name])
+        out: Dict[str, float] = {}
+        for kind, vals in stats.items():
+            v = torch.cat(vals)
+            out[f"prior/{kind}_mean"] = float(v.mean())
+            out[f"prior/{kind}_min"] = float(v.min())
+            out[f"prior/{kind}_max"] = float(v.max())
+        return out
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.log_delta.items()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load ``log δ`` saved by :meth:`state_dict`; clear errors on missing keys or shapes."""
+        for k, v in self.log_delta.items():
+            if k not in state:
+                raise ValueError(f"prior state has no entry {k!r} (prior kind {self.kind!r})")
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(f"prior entry {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+            with torch.no_grad():
+                v.copy_(state[k].to(torch.float64))
+
+    def save(self, path: str) -> None:
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path, metadata={"kind": self.kind})
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(load_file(path))
+
+
+def params_aug(model: nn.Module, modules: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """``{module: [W | b]}`` in float64 (detached) for the marginal likelihood and scores."""
+    mods = dict(model.named_modules())
+    return {m: weight_aug(mods[m]).to(torch.float64).cpu() for m in modules}

@@ -1,0 +1,59 @@
+"""Tiny random models built from configs (no downloads) shared by the tests."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=100, max_position_embeddings=64, num_labels=3)
+    if model_type == "distilbert":
+        kw = dict(dim=32, n_heads=4, hidden_dim=48, n_layers=2, dropout=0.0, attention_dropout=0.0)
+    else:
+        kw = dict(hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=2,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        if model_type in ("roberta", "xlm-roberta"):
+            kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        if model_type == "electra":
+            kw.update(embedding_size=32)
+    kw.update(common)
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_classifier(model_type: str = "bert", seed: int = 0, **overrides):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(model_type, **overrides))
+    model.eval()
+    return model
+
+
+def tiny_batch(batch: int = 4, seq: int = 10, vocab: int = 100, n_labels: int = 3, pad_last: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad_last:
+        mask[1:, seq - pad_last:] = 0
+        ids[1:, seq - pad_last:] = 0
+    labels = torch.randint(0, n_labels, (batch,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+ENCODER_TYPES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
+
+
+@pytest.fixture
+def bert():
+    return tiny_classifier("bert")
