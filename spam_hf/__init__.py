@@ -6,10 +6,15 @@ from .architectures import get_family, group_specs, supported_model_types  # noq
 from .curvature import CurvatureAccumulator  # noqa: E402
 from .marglik import log_marginal_likelihood, optimize_prior  # noqa: E402
 from .priors import PriorPrecision  # noqa: E402
+from .arguments import PruneArguments, SpamTrainingArguments  # noqa: E402
+from .trainer import SpamTrainer  # noqa: E402
 
 __all__ = [
     "CurvatureAccumulator",
     "PriorPrecision",
+    "PruneArguments",
+    "SpamTrainer",
+    "SpamTrainingArguments",
     "get_family",
     "group_specs",
     "log_marginal_likelihood",

@@ -1,0 +1,89 @@
+"""Configuration, declared once: used by the Python API, the ``spam-hf`` CLI and the YAML recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+from .curvature import CURVATURE_KINDS, FISHER_TYPES, REDUCTIONS
+from .priors import PRIOR_KINDS
+from .scoring import SCORE_METHODS
+
+BUDGETS = ("params", "flops")
+
+
+def _check(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+@dataclass
+class SpamTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the SpaM knobs. The prior replaces weight decay on covered parameters."""
+
+    prior: str = field(default="unit", metadata={"help": f"Prior structure: one of {', '.join(PRIOR_KINDS)}. "
+                                                         "'unit' = one precision per head / neuron / LoRA rank."})
+    prior_init: float = field(default=1.0, metadata={"help": "Initial prior precision δ₀ of every group."})
+    curvature: str = field(default="kfac", metadata={"help": "Curvature approximation: 'kfac' (Kronecker factors) "
+                                                             "or 'diag' (scalable diagonal)."})
+    fisher_type: str = field(default="mc", metadata={"help": "'mc': Monte-Carlo Fisher (labels sampled from the "
+                                                             "model, a GGN estimate); 'empirical': empirical Fisher."})
+    kfac_reduction: str = field(default="auto", metadata={"help": "'reduce' (sequence-level losses), 'expand' "
+                                                                  "(token-level losses) or 'auto' (by task)."})
+    curvature_every: int = field(default=4, metadata={"help": "Accumulate curvature on every k-th optimiser step "
+                                                              "(amortises the extra backward)."})
+    curvature_max_rows: int = field(default=1024, metadata={"help": "At most this many rows (tokens for 'expand') "
+                                                                    "per batch enter the factors; 0 = all."})
+    marglik_frequency: int = field(default=100, metadata={"help": "Optimiser steps between marginal-likelihood "
+                                                                  "updates of the priors; 0 disables them."})
+    marglik_burn_in: int = field(default=50, metadata={"help": "Optimiser steps before the first prior update."})
+    n_hypersteps: int = field(default=50, metadata={"help": "Adam steps on log δ per prior update."})
+    hyper_lr: float = field(default=0.1, metadata={"help": "Learning rate of the hyper-steps on log δ."})
+    temperature: float = field(default=1.0, metadata={"help": "Likelihood temperature T in the Laplace marglik."})
+    n_data: Optional[int] = field(default=None, metadata={"help": "N in the prior term and the curvature "
+                                                                  "(default: training examples, or tokens for LM)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check("prior", self.prior, PRIOR_KINDS)
+        _check("curvature", self.curvature, CURVATURE_KINDS)
+        _check("fisher_type", self.fisher_type, FISHER_TYPES)
+        _check("kfac_reduction", self.kfac_reduction, ("auto",) + REDUCTIONS)
+        if not self.prior_init > 0:
+            raise ValueError(f"prior_init must be > 0, got {self.prior_init}")
+        if self.curvature_every < 1:
+            raise ValueError(f"curvature_every must be >= 1, got {self.curvature_every}")
+        if self.marglik_frequency < 0 or self.marglik_burn_in < 0 or self.n_hypersteps < 1:
+            raise ValueError("marglik_frequency and marglik_burn_in must be >= 0 and n_hypersteps >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class PruneArguments:
+    """How to prune: target, budget, scores, recovery."""
+
+    sparsity: float = field(default=0.5, metadata={"help": "Fraction in (0, 1) of the prunable block parameters "
+                                                           "(or FLOPs with --budget flops) to remove."})
+    budget: str = field(default="params", metadata={"help": "'params' or 'flops' (at --flops-seq-len)."})
+    flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOP budgets and reports."})
+    method: str = field(default="opd", metadata={"help": f"Group scores: {', '.join(SCORE_METHODS)}."})
+    recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
+    recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
+    recovery_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the recovery fine-tune."})
+    latency_batch_size: int = field(default=32, metadata={"help": "Batch size for the latency measurement."})
+    seed: int = field(default=0, metadata={"help": "Seed for the 'random' baseline."})
+
+    def __post_init__(self) -> None:
+        validate_sparsity(self.sparsity)
+        _check("budget", self.budget, BUDGETS)
+        _check("method", self.method, SCORE_METHODS)
+        if self.flops_seq_len < 1:
+            raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
+
+
+def validate_sparsity(sparsity: float) -> None:
+    if not (0.0 < float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")

@@ -1,0 +1,138 @@
+"""Choose the groups to remove under a global parameter or FLOP budget, and report the result.
+
+Groups are removed in increasing order of ``score / cost`` (cost = parameters, or FLOPs at a
+sequence length), across all layers and kinds, until the removed cost reaches
+``sparsity × total``, where *total* is the cost of every prunable module (all of Q/K/V/O and the
+MLP weights and biases, including the O / down biases that no group owns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .architectures.base import GroupSpec, in_out_features
+from .arguments import BUDGETS, validate_sparsity
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    heads_kept: int = 0
+    heads_total: int = 0
+    neurons_kept: int = 0
+    neurons_total: int = 0
+
+
+@dataclass
+class Selection:
+    """Which groups to keep (``keep[spec.name]`` sorted indices) and the budget bookkeeping."""
+
+    keep: Dict[str, torch.Tensor]
+    budget: str
+    sparsity_target: float
+    total_cost: float
+    removed_cost: float
+    layers: List[LayerReport] = field(default_factory=list)
+
+    @property
+    def achieved(self) -> float:
+        return self.removed_cost / self.total_cost if self.total_cost else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "budget": self.budget,
+            "sparsity_target": self.sparsity_target,
+            "sparsity_achieved": self.achieved,
+            "total_cost": self.total_cost,
+            "removed_cost": self.removed_cost,
+            "keep": {k: v.tolist() for k, v in self.keep.items()},
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def prunable_cost(model: nn.Module, specs: List[GroupSpec], budget: str, seq_len: int) -> float:
+    """Total parameters (or FLOPs per sequence) of every module that some group touches."""
+    mods = dict(model.named_modules())
+    names = list(dict.fromkeys(m for s in specs for m in s.modules))
+    if budget == "params":
+        return float(sum(p.numel() for m in names for p in mods[m].parameters(recurse=False)))
+    weights = sum(in_out_features(mods[m])[0] * in_out_features(mods[m])[1] for m in names)
+    attn = sum(4.0 * seq_len**2 * s.attn_dim * s.count for s in specs)
+    return float(2.0 * seq_len * weights + attn)
+
+
+def group_costs(model: nn.Module, spec: GroupSpec, budget: str, seq_len: int) -> torch.Tensor:
+    if budget == "params":
+        return spec.params_per_group(model).to(torch.float64)
+    return spec.flops_per_group(model, seq_len)
+
+
+def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torch.Tensor], sparsity: float,
+                  budget: str = "params", seq_len: int = 128) -> Selection:
+    """Greedy global selection: cheapest ``score / cost`` first until ``sparsity`` of the cost is removed."""
+    validate_sparsity(sparsity)
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+    missing = [s.name for s in specs if s.name not in scores]
+    if missing:
+        raise ValueError(f"no scores for group spec(s) {missing[:3]}")
+    total = prunable_cost(model, specs, budget, seq_len)
+    entries = []  # (score per cost, cost, spec index, group index)
+    for si, s in enumerate(specs):
+        cost = group_costs(model, s, budget, seq_len)
+        sc = scores[s.name].to(torch.float64)
+        if sc.shape != (s.count,):
+            raise ValueError(f"scores of {s.name} have shape {tuple(sc.shape)}, expected ({s.count},)")
+        if not torch.isfinite(sc).all():
+            raise ValueError(f"scores of {s.name} contain NaN or inf")
+        ratio = sc / cost.clamp_min(1e-12)
+        for g in range(s.count):
+            entries.append((float(ratio[g]), float(cost[g]), si, g))
+    entries.sort(key=lambda e: (e[0], e[2], e[3]))
+    target = sparsity * total
+    removed = 0.0
+    drop = [set() for _ in specs]
+    for _, cost, si, g in entries:
+        if removed >= target:
+            break
+        drop[si].add(g)
+        removed += cost
+    keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)
+            for si, s in enumerate(specs)}
+    layers: Dict[int, LayerReport] = {}
+    for s in specs:
+        rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
+        if s.kind == "head":
+            rep.heads_kept, rep.heads_total = int(keep[s.name].numel()), s.count
+        elif s.kind == "neuron":
+            rep.neurons_kept, rep.neurons_total = int(keep[s.name].numel()), s.count
+    return Selection(keep=keep, budget=budget, sparsity_target=float(sparsity), total_cost=total,
+                     removed_cost=removed, layers=[layers[k] for k in sorted(layers)])
+
+
+def plot_selection(selection: Selection, path: str, title: str = "") -> None:
+    """PNG: fraction of heads and neurons kept per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r.layer for r in selection.layers]
+    heads = [r.heads_kept / r.heads_total if r.heads_total else 0.0 for r in selection.layers]
+    neurons = [r.neurons_kept / r.neurons_total if r.neurons_total else 0.0 for r in selection.layers]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    w = 0.4
+    ax.bar([x - w / 2 for x in layers], heads, w, label="heads kept")
+    ax.bar([x + w / 2 for x in layers], neurons, w, label="neurons kept")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction kept")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title or f"{selection.budget} removed: {selection.achieved:.1%}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

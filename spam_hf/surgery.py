@@ -1,0 +1,39 @@
+"""Physically remove selected groups (heads, neurons) from a model, in place."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .architectures.base import GroupSpec, get_family, weight_out_in
+
+
+def prune_groups(model: nn.Module, keep: Dict[str, torch.Tensor]) -> nn.Module:
+    """Shrink every Linear so that only groups ``keep[spec.name]`` remain; returns ``model``.
+
+    Layers may lose every head (their attention becomes a ``ZeroHeadAttention``: the block keeps its
+    residual path and output bias) or every neuron (zero-width MLP, output = down bias).
+    """
+    get_family(model).shrink(model, keep)
+    return model
+
+
+def mask_groups(model: nn.Module, specs: List[GroupSpec], keep: Dict[str, torch.Tensor]) -> nn.Module:
+    """Zero (not remove) the weights of every group not in ``keep``: the reference for :func:`prune_groups`."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for s in specs:
+            dropped = sorted(set(range(s.count)) - set(torch.as_tensor(keep.get(s.name, range(s.count))).tolist()))
+            if not dropped:
+                continue
+            d = torch.tensor(dropped, dtype=torch.long)
+            for m, idx in s.row_index.items():
+                rows = idx[d].reshape(-1)
+                weight_out_in(mods[m])[rows] = 0
+                if getattr(mods[m], "bias", None) is not None:
+                    mods[m].bias[rows] = 0
+            for m, idx in s.col_index.items():
+                weight_out_in(mods[m])[:, idx[d].reshape(-1)] = 0
+    return model
