@@ -57,3 +57,15 @@ ENCODER_TYPES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
 @pytest.fixture
 def bert():
     return tiny_classifier("bert")
+
+
+def tiny_tokenizer(directory):
+    """A real BertTokenizerFast over a 100-word vocabulary written to ``directory``."""
+    from transformers import BertTokenizerFast
+
+    os.makedirs(directory, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
+    path = os.path.join(directory, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(words) + "\n")
+    return BertTokenizerFast(vocab_file=path)

@@ -92,7 +92,7 @@ class _EncoderFamily(ArchitectureFamily):
                 if kept.numel() == 0:
                     out_proj = getattr(attn, self.attention_out_child) if self.attention_out_child else None
                     path = f"{self._layer_name(model, spec.layer)}.{self.attention_path}"
-                    set_module(model, path, ZeroHeadAttention(out_proj))
+                    set_module(model, path, ZeroHeadAttention(out_proj, self.attention_out_child))
 
 
 @register

@@ -24,18 +24,21 @@ SPAM_PRUNING_KEY = "spam_pruning"
 class ZeroHeadAttention(nn.Module):
     """Stands in for an attention module with no heads left.
 
-    Returns ``(out_proj(x[..., :0]), None)``: with ``out_proj`` a ``Linear(0, d)`` this is its bias
-    broadcast over ``(B, T, d)``; without one, an empty ``(B, T, 0)`` context for the next
-    projection to consume. Extra arguments (masks, caches) are accepted and ignored.
+    Returns ``(out_proj(x[..., :0]), None)``: with an output projection (kept under its original
+    child name ``out_child``, a ``Linear(0, d)``) this is its bias broadcast over ``(B, T, d)``;
+    without one, an empty ``(B, T, 0)`` context for the next projection to consume. Extra
+    arguments (masks, caches) are accepted and ignored.
     """
 
-    def __init__(self, out_proj: Optional[nn.Module] = None) -> None:
+    def __init__(self, out_proj: Optional[nn.Module] = None, out_child: Optional[str] = None) -> None:
         super().__init__()
-        self.out_proj = out_proj
+        self.out_child = out_child if out_proj is not None else None
+        if self.out_child:
+            setattr(self, self.out_child, out_proj)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        out = self.out_proj(empty) if self.out_proj is not None else empty
+        out = getattr(self, self.out_child)(empty) if self.out_child else empty
         return out, None
 
 
@@ -53,16 +56,16 @@ def apply_spam_pruning(model: nn.Module, spec: Optional[dict] = None) -> nn.Modu
     spec = spec if spec is not None else getattr(model.config, SPAM_PRUNING_KEY, None)
     if not spec:
         return model
+    for name, out_child in spec.get("empty_attention", {}).items():
+        old = model.get_submodule(name)
+        out_proj = getattr(old, out_child) if out_child else None
+        _set_module(model, name, ZeroHeadAttention(out_proj, out_child))
     for name, (fan_in, fan_out) in spec.get("linear_shapes", {}).items():
         old = model.get_submodule(name)
         if tuple(old.weight.shape) == (fan_out, fan_in):
             continue
         new = nn.Linear(fan_in, fan_out, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         _set_module(model, name, new)
-    for name, out_child in spec.get("empty_attention", {}).items():
-        old = model.get_submodule(name)
-        out_proj = getattr(old, out_child) if out_child else None
-        _set_module(model, name, ZeroHeadAttention(out_proj))
     return model
 
 

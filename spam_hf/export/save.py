@@ -1,0 +1,126 @@
+"""Save a structurally pruned model so that it loads with ``from_pretrained`` anywhere.
+
+The per-layer sizes go into ``config.json`` (``spam_pruning``); ``modeling_spam.py`` (this package's
+:mod:`spam_hf.export.modeling_spam`, copied verbatim, plus one generated class) is registered in
+``auto_map``. When nothing was resized (or the result fits the stock config) a stock checkpoint
+is written with no custom code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Optional
+
+import transformers
+from torch import nn
+
+from . import modeling_spam
+from .modeling_spam import SPAM_PRUNING_KEY, SpamPrunedMixin, ZeroHeadAttention, apply_spam_pruning
+
+REMOTE_CODE_FILE = "modeling_spam.py"
+
+
+def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dict:
+    """``{"linear_shapes": ..., "empty_attention": ...}`` describing how ``model`` differs from its stock config.
+
+    Shapes are recorded for every Linear whose shape differs from ``reference`` (a stock model built
+    from the same config; built here when not given).
+    """
+    if reference is None:
+        cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                                 if k not in (SPAM_PRUNING_KEY, "auto_map")})
+        with _meta_device():
+            reference = _stock_class(model)(cfg)
+    ref_mods = dict(reference.named_modules())
+    shapes, empty = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ZeroHeadAttention):
+            empty[name] = mod.out_child
+        elif isinstance(mod, nn.Linear) and isinstance(ref_mods.get(name), nn.Linear):
+            ref = ref_mods[name]
+            if (ref.in_features, ref.out_features) != (mod.in_features, mod.out_features):
+                shapes[name] = [mod.in_features, mod.out_features]
+    return {"linear_shapes": shapes, "empty_attention": empty}
+
+
+def _meta_device():
+    import torch
+
+    return torch.device("meta")
+
+
+def _stock_class(model: nn.Module) -> type:
+    """The transformers class a (possibly spam-wrapped) model instance derives from."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.models."):
+            return cls
+    raise ValueError(f"{type(model).__name__} is not a transformers model class")
+
+
+def remote_code_source(base_class_name: str) -> str:
+    """The self-contained modeling file written next to the weights."""
+    src = inspect.getsource(modeling_spam)
+    cls = f"Spam{base_class_name}"
+    return (src + f"\n\nfrom transformers import {base_class_name} as _SpamBase\n\n\n"
+            f"class {cls}(SpamPrunedMixin, _SpamBase):\n"
+            f"    \"\"\"{base_class_name} with per-layer sizes from ``config.spam_pruning``.\"\"\"\n")
+
+
+def _auto_class_for(cls: type) -> str:
+    """The ``AutoModel*`` name whose mapping contains ``cls`` (e.g. AutoModelForSequenceClassification)."""
+    for auto_name in dir(transformers):
+        if not auto_name.startswith("AutoModel"):
+            continue
+        auto = getattr(transformers, auto_name)
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is None:
+            continue
+        try:
+            if cls in mapping.values():
+                return auto_name
+        except Exception:
+            continue
+    raise ValueError(f"no AutoModel class maps to {cls.__name__}")
+
+
+def save_pruned(model: nn.Module, output_dir: str, tokenizer=None, extra_config: Optional[dict] = None) -> str:
+    """Save weights (safetensors), config with ``spam_pruning`` and, when needed, the remote code.
+
+    Returns ``"stock"`` or ``"remote_code"``.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    spec = pruning_spec(model)
+    base = _stock_class(model)
+    config = model.config
+    for key in (SPAM_PRUNING_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.architectures = [base.__name__]
+    kind = "stock"
+    if spec["linear_shapes"] or spec["empty_attention"]:
+        kind = "remote_code"
+        setattr(config, SPAM_PRUNING_KEY, {**spec, **(extra_config or {})})
+        config.auto_map = {_auto_class_for(base): f"modeling_spam.Spam{base.__name__}"}
+        with open(os.path.join(output_dir, REMOTE_CODE_FILE), "w") as f:
+            f.write(remote_code_source(base.__name__))
+    model.save_pretrained(output_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return kind
+
+
+def from_pretrained(path: str, **kwargs) -> nn.Module:
+    """Load a spam-hf export without ``trust_remote_code`` (spam-hf's own copy of the modeling code)."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    if not archs or not hasattr(transformers, archs[0]):
+        raise ValueError(f"{path}: config.architectures {archs} names no transformers class")
+    base = getattr(transformers, archs[0])
+    if not getattr(config, SPAM_PRUNING_KEY, None):
+        return base.from_pretrained(path, **kwargs)
+    cls = type(f"Spam{base.__name__}", (SpamPrunedMixin, base), {})
+    return cls.from_pretrained(path, config=config, **kwargs)
+
+
+__all__ = ["apply_spam_pruning", "from_pretrained", "pruning_spec", "save_pruned"]

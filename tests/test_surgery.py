@@ -1,0 +1,55 @@
+"""Physical removal of heads and neurons == zeroing the same groups."""
+
+import pytest
+import torch
+
+from spam_hf.architectures import group_specs
+from spam_hf.surgery import mask_groups, prune_groups
+
+from conftest import ENCODER_TYPES, tiny_batch, tiny_classifier
+
+
+def random_keep(specs, seed, drop_all_layer=None):
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for s in specs:
+        if drop_all_layer is not None and s.layer == drop_all_layer:
+            keep[s.name] = torch.tensor([], dtype=torch.long)
+            continue
+        n = int(torch.randint(0, s.count + 1, (1,), generator=g))
+        keep[s.name] = torch.randperm(s.count, generator=g)[:n].sort().values
+    return keep
+
+
+@pytest.mark.parametrize("model_type", ENCODER_TYPES)
+@pytest.mark.parametrize("drop_all_layer", [None, 0])
+def test_pruned_logits_equal_masked_logits(model_type, drop_all_layer):
+    batch = tiny_batch()
+    masked = tiny_classifier(model_type)
+    pruned = tiny_classifier(model_type)
+    specs = group_specs(masked)
+    keep = random_keep(specs, seed=3, drop_all_layer=drop_all_layer)
+    mask_groups(masked, specs, keep)
+    prune_groups(pruned, keep)
+    n_masked = sum(p.numel() for p in masked.parameters())
+    n_pruned = sum(p.numel() for p in pruned.parameters())
+    assert n_pruned < n_masked
+    with torch.no_grad():
+        a = masked(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = pruned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    # specs of the pruned model reflect the kept counts
+    after = {(s.kind, s.layer): s.count for s in group_specs(pruned)}
+    for s in specs:
+        k = int(keep[s.name].numel())
+        assert after.get((s.kind, s.layer), 0) == k
+
+
+def test_pruned_model_trains(bert):
+    specs = group_specs(bert)
+    prune_groups(bert, random_keep(specs, seed=1, drop_all_layer=1))
+    bert.train()
+    batch = tiny_batch()
+    loss = bert(**batch).loss
+    loss.backward()
+    assert all(p.grad is not None for p in bert.parameters() if p.requires_grad and p.numel())
