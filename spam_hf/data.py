@@ -1,0 +1,173 @@
+"""Training / evaluation data: task presets, Hub names or local csv/tsv/json files, tokenisation.
+
+Every loader returns a ``DatasetDict`` with ``train`` and ``validation`` splits that hold the
+text column(s) and an integer ``label`` column; :func:`tokenize` turns it into model inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from datasets import ClassLabel, DatasetDict, load_dataset
+
+PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    hub: Tuple[str, ...]
+    text: str
+    label: str = "label"
+    pair: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    metric: str = "accuracy"
+
+
+TASKS: Dict[str, TaskPreset] = {
+    "sst2": TaskPreset(("nyu-mll/glue", "sst2"), "sentence"),
+    "cola": TaskPreset(("nyu-mll/glue", "cola"), "sentence", metric="matthews_correlation"),
+    "mrpc": TaskPreset(("nyu-mll/glue", "mrpc"), "sentence1", pair="sentence2"),
+    "qnli": TaskPreset(("nyu-mll/glue", "qnli"), "question", pair="sentence"),
+    "rte": TaskPreset(("nyu-mll/glue", "rte"), "sentence1", pair="sentence2"),
+    "mnli": TaskPreset(("nyu-mll/glue", "mnli"), "premise", pair="hypothesis", eval_split="validation_matched"),
+    "imdb": TaskPreset(("stanfordnlp/imdb",), "text", eval_split="test"),
+}
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how it is tokenised."""
+
+    task: Optional[str] = field(default=None, metadata={"help": f"Task preset: {', '.join(TASKS)}. Without a task "
+                                                                "and without files, the packaged SST-2 sample."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl)."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation file."})
+    text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: the task's, or 'sentence'/'text')."})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence pairs."})
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default 'label')."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use a random subset of this many training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first this many validation rows."})
+    data_seed: int = field(default=0, metadata={"help": "Seed for the training subset."})
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; supported: {', '.join(TASKS)} (or --train-file)")
+        if self.validation_file and not self.train_file:
+            raise ValueError("--validation-file needs --train-file")
+        for f in (self.train_file, self.validation_file):
+            if f and not os.path.exists(f):
+                raise ValueError(f"data file {f!r} does not exist")
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
+
+    @property
+    def uses_packaged_sample(self) -> bool:
+        return self.task is None and self.train_file is None
+
+
+def packaged_sst2_files() -> Tuple[str, str]:
+    """The packaged SST-2 sample (2,000 train rows, 872 dev rows)."""
+    return (os.path.join(PACKAGE_DATA, "sst2_sample_train.tsv"), os.path.join(PACKAGE_DATA, "sst2_sample_dev.tsv"))
+
+
+def _load_files(train: str, validation: Optional[str]) -> DatasetDict:
+    ext = os.path.splitext(train)[1].lower()
+    files = {"train": train}
+    if validation:
+        files["validation"] = validation
+    if ext in (".tsv", ".csv"):
+        kw = dict(delimiter="\t", quoting=3) if ext == ".tsv" else {}
+        return load_dataset("csv", data_files=files, keep_default_na=False, **kw)
+    if ext in (".json", ".jsonl"):
+        return load_dataset("json", data_files=files)
+    raise ValueError(f"unsupported data file type {ext!r} for {train}; use .csv, .tsv, .json or .jsonl")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "TRUE", "YES")
+
+
+def load_raw_data(args: DataArguments) -> Tuple[DatasetDict, str, Optional[str], str]:
+    """Load the data; returns ``(DatasetDict(train, validation), text, text_pair, label)`` column names."""
+    if args.train_file or args.uses_packaged_sample:
+        train, dev = (args.train_file, args.validation_file) if args.train_file else packaged_sst2_files()
+        dsd = _load_files(train, dev)
+        preset = TASKS.get(args.task or "")
+    else:
+        preset = TASKS[args.task]
+        try:
+            raw = load_dataset(*preset.hub)
+        except Exception as e:  # offline and not cached, or no network
+            hint = " (offline: HF_HUB_OFFLINE is set)" if _hub_offline() else ""
+            raise ValueError(f"dataset {'/'.join(preset.hub)} for task {args.task!r} could not be loaded{hint}: "
+                             f"{type(e).__name__}. Pass local files with --train-file/--validation-file") from None
+        dsd = DatasetDict(train=raw[preset.train_split], validation=raw[preset.eval_split])
+    columns = dsd["train"].column_names
+    text = args.text_column or (preset.text if preset else next((c for c in ("sentence", "text") if c in columns), None))
+    pair = args.text_pair_column or (preset.pair if preset else None)
+    label = args.label_column or (preset.label if preset else "label")
+    for split, ds in dsd.items():
+        for role, col in (("text", text), ("text pair", pair), ("label", label)):
+            if role != "text pair" and col is None:
+                raise ValueError(f"no {role} column given and none found; available columns: {', '.join(ds.column_names)}")
+            if col is not None and col not in ds.column_names:
+                raise ValueError(f"{split} data has no {role} column {col!r}; available columns: {', '.join(ds.column_names)}")
+        if len(ds) == 0:
+            raise ValueError(f"the {split} data set is empty")
+    if "validation" not in dsd:
+        split = dsd["train"].train_test_split(test_size=0.1, seed=args.data_seed)
+        dsd = DatasetDict(train=split["train"], validation=split["test"])
+    if args.max_train_samples:
+        dsd["train"] = dsd["train"].shuffle(seed=args.data_seed).select(range(min(args.max_train_samples, len(dsd["train"]))))
+    if args.max_eval_samples:
+        dsd["validation"] = dsd["validation"].select(range(min(args.max_eval_samples, len(dsd["validation"]))))
+    dsd = _normalise_labels(dsd, label)
+    return dsd, text, pair, label
+
+
+def _normalise_labels(dsd: DatasetDict, label: str) -> DatasetDict:
+    """Integer labels 0..K-1 (strings mapped by sorted training values); a clear error when out of range."""
+    feat = dsd["train"].features[label]
+    if isinstance(feat, ClassLabel):
+        names: List = list(feat.names)
+        k = len(names)
+    else:
+        values = sorted(set(dsd["train"][label]))
+        if all(isinstance(v, int) for v in values):
+            if values[0] < 0:
+                raise ValueError(f"labels must be >= 0; found {values[0]} in column {label!r}")
+            k = values[-1] + 1
+            names = list(range(k))
+        else:
+            mapping = {v: i for i, v in enumerate(values)}
+            names, k = values, len(values)
+            dsd = dsd.map(lambda b: {label: [mapping.get(v, -1) for v in b[label]]}, batched=True)
+    for split, ds in dsd.items():
+        vals = set(ds[label])
+        bad = sorted(v for v in vals if not (isinstance(v, int) and 0 <= v < k))
+        if bad:
+            raise ValueError(f"{split} labels out of range: {bad[:5]} (training labels define {k} classes: {names[:10]})")
+    dsd.num_labels = k  # type: ignore[attr-defined]
+    dsd.label_names = [str(n) for n in names]  # type: ignore[attr-defined]
+    return dsd
+
+
+def tokenize(dsd: DatasetDict, tokenizer, text: str, pair: Optional[str], label: str, max_length: int) -> DatasetDict:
+    """Model inputs (``input_ids``, ``attention_mask``, ``labels``), truncated to ``max_length``; pad in the collator."""
+    def fn(batch):
+        args = (batch[text],) if pair is None else (batch[text], batch[pair])
+        enc = tokenizer(*args, truncation=True, max_length=max_length)
+        enc["labels"] = batch[label]
+        return enc
+
+    out = DatasetDict({split: ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
+                       for split, ds in dsd.items()})
+    out.num_labels = getattr(dsd, "num_labels", None)  # type: ignore[attr-defined]
+    out.label_names = getattr(dsd, "label_names", None)  # type: ignore[attr-defined]
+    return out

@@ -1,0 +1,55 @@
+"""Hub push through the real HfApi code path against a loopback HTTP server (no mocks of our code)."""
+
+import os
+
+import pytest
+
+from spam_hf.export.hub import PushError, push_folder
+
+from fake_hub import FakeHub
+
+
+@pytest.fixture(autouse=True)
+def online_to_loopback(monkeypatch):
+    """The suite runs with HF_HUB_OFFLINE=1; these tests talk to a server on 127.0.0.1 only."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def make_folder(tmp_path):
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "bert"}')
+    (d / "model.safetensors").write_bytes(b"\x00" * 1000)
+    (d / "README.md").write_text("# card")
+    return str(d)
+
+
+def test_push_uploads_folder_in_one_commit(tmp_path):
+    folder = make_folder(tmp_path)
+    with FakeHub() as hub:
+        url = push_folder(folder, "user/tiny-spam", token="hf_test", endpoint=hub.url)
+        assert "commit" in url
+        assert len(hub.commits) == 1
+        repo, files = hub.commits[0]
+        assert repo == "user/tiny-spam"
+        assert files == ["README.md", "config.json", "model.safetensors"]
+        assert hub.repos["user/tiny-spam"]["config.json"] == b'{"model_type": "bert"}'
+
+
+def test_failed_push_removes_created_repo_and_keeps_local_export(tmp_path):
+    folder = make_folder(tmp_path)
+    with FakeHub(fail_commit=True) as hub:
+        with pytest.raises(PushError, match="(?s)upload to user/tiny-spam failed.*intact"):
+            push_folder(folder, "user/tiny-spam", token="hf_test", endpoint=hub.url)
+        assert "user/tiny-spam" not in hub.repos
+        assert any(m == "DELETE" for m, _ in hub.requests)
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path):
+    folder = make_folder(tmp_path)
+    with pytest.raises(PushError, match="cannot reach the Hub"):
+        push_folder(folder, "user/x", token="hf_test", endpoint="http://127.0.0.1:9")
