@@ -1,4 +1,4 @@
-"""Write the packaged SST-2 sample (spam_hf/data/) from ../shared/data/sst2: 2,000 random training
+"""Write the packaged SST-2 sample (spam_hf/sample_data/) from ../shared/data/sst2: 2,000 random training
 rows (seed 0) and the full 872-row GLUE dev set. Run from the repository root."""
 
 import csv
@@ -6,7 +6,7 @@ import os
 import random
 
 SRC = os.path.join("..", "shared", "data", "sst2")
-DST = os.path.join("spam_hf", "data")
+DST = os.path.join("spam_hf", "sample_data")
 
 
 def read(path):

@@ -74,7 +74,7 @@ class PruneArguments:
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the recovery fine-tune."})
     latency_batch_size: int = field(default=32, metadata={"help": "Batch size for the latency measurement."})
-    seed: int = field(default=0, metadata={"help": "Seed for the 'random' baseline."})
+    prune_seed: int = field(default=0, metadata={"help": "Seed for the 'random' baseline."})
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)

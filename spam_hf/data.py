@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 from datasets import ClassLabel, DatasetDict, load_dataset
 
-PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "data")
+PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "sample_data")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class DataArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use a random subset of this many training rows."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first this many validation rows."})
-    data_seed: int = field(default=0, metadata={"help": "Seed for the training subset."})
+    subset_seed: int = field(default=0, metadata={"help": "Seed for the training subset."})
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -121,10 +121,10 @@ def load_raw_data(args: DataArguments) -> Tuple[DatasetDict, str, Optional[str],
         if len(ds) == 0:
             raise ValueError(f"the {split} data set is empty")
     if "validation" not in dsd:
-        split = dsd["train"].train_test_split(test_size=0.1, seed=args.data_seed)
+        split = dsd["train"].train_test_split(test_size=0.1, seed=args.subset_seed)
         dsd = DatasetDict(train=split["train"], validation=split["test"])
     if args.max_train_samples:
-        dsd["train"] = dsd["train"].shuffle(seed=args.data_seed).select(range(min(args.max_train_samples, len(dsd["train"]))))
+        dsd["train"] = dsd["train"].shuffle(seed=args.subset_seed).select(range(min(args.max_train_samples, len(dsd["train"]))))
     if args.max_eval_samples:
         dsd["validation"] = dsd["validation"].select(range(min(args.max_eval_samples, len(dsd["validation"]))))
     dsd = _normalise_labels(dsd, label)

@@ -1,6 +1,6 @@
 """``SpamTrainer``: a ``transformers.Trainer`` that learns prior precisions by marginal likelihood.
 
-Per optimiser step the loss is ``mean_b ℓ_b + (1 / 2N) Σ_i δ_i θ_i²`` (the prior replaces weight
+Per optimiser step the loss is ``mean_b ℓ_b + (T / 2N) Σ_i δ_i θ_i²`` (the prior replaces weight
 decay on covered parameters). On every ``curvature_every``-th step the training forward also feeds
 the curvature hooks (one extra backward of a sampled loss from the same graph, no extra data pass).
 After ``marglik_burn_in`` steps and then every ``marglik_frequency`` steps, the factors are
@@ -114,6 +114,7 @@ class SpamTrainer(Trainer):
         self._loss_sum = 0.0
         self._loss_count = 0
         self._steps_since_update = 0
+        self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
         self.marglik_history: list = []
 
     @property
@@ -163,11 +164,23 @@ class SpamTrainer(Trainer):
             self.timings["curvature_s"] += time.perf_counter() - t0
         self._loss_sum += float(loss.detach().mean())
         self._loss_count += 1
-        penalty = self.prior.penalty(_unwrap(model), self.n_data)
+        # tempered posterior p(D|θ)^(1/T) p(θ), divided by N/T: mean ℓ + (T / 2N) Σ δ θ²
+        penalty = self.prior.penalty(_unwrap(model), self.n_data) * self.args.temperature
+        self._log_sums["nll"] += float(loss.detach().mean())
+        self._log_sums["prior_term"] += float(penalty.detach())
+        self._log_sums["n"] += 1
         if self._loss_scaled_for_ga(num_items_in_batch):
             penalty = penalty / self.current_gradient_accumulation_steps
         loss = loss + penalty.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        """Adds the data term (``nll``) and the prior term of the logged ``loss`` since the last log."""
+        if "loss" in logs and self._log_sums["n"]:
+            n = self._log_sums["n"]
+            logs = {**logs, "nll": round(self._log_sums["nll"] / n, 4), "prior_term": round(self._log_sums["prior_term"] / n, 4)}
+            self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
+        super().log(logs, *args, **kwargs)
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Mirror ``Trainer.training_step``: True when it will *not* divide the loss by the GA steps."""
@@ -231,6 +244,9 @@ class SpamTrainer(Trainer):
         return self.update_priors(n_steps=n_steps)
 
     # ------------------------------------------------------------------ pruning
+    def has_curvature(self) -> bool:
+        return float(self.curvature.n) > 0 or getattr(self, "_last_curvature", None) is not None
+
     def retained_curvature(self) -> Dict[str, object]:
         """The most recent curvature (the live sums if any, else the ones used by the last prior update)."""
         if float(self.curvature.n) > 0:

