@@ -73,6 +73,7 @@ class PruneArguments:
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the recovery fine-tune."})
+    measure_latency: bool = field(default=True, metadata={"help": "Measure forward latency before and after."})
     latency_batch_size: int = field(default=32, metadata={"help": "Batch size for the latency measurement."})
     prune_seed: int = field(default=0, metadata={"help": "Seed for the 'random' baseline."})
 

@@ -144,7 +144,7 @@ class CurvatureAccumulator:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
-        state = {f"{m}.{k}": v for m, d in self.sums.items() for k, v in d.items()}
+        state = {f"{m}.{k}": v.cpu() for m, d in self.sums.items() for k, v in d.items()}
         state["n"] = self.n.reshape(1)
         return state
 
@@ -175,7 +175,7 @@ class CurvatureAccumulator:
             for k, v in d.items():
                 t = v.to(device)
                 torch.distributed.all_reduce(t)
-                d[k] = t.cpu()
+                d[k] = t
         n = self.n.reshape(1).to(device)
         torch.distributed.all_reduce(n)
         self.n = n.cpu().reshape(())
@@ -261,11 +261,14 @@ class CurvatureAccumulator:
                                  "all tracked modules must see the same tokens")
             n_rows = a.shape[0]
             s = self.sums[name]
+            for k in s:  # sums live (in float64) on the device that produces the rows
+                if s[k].device != a.device:
+                    s[k] = s[k].to(a.device)
             if self.kind == "kfac":
-                s["A"] += (a.T @ a).to(torch.float64).cpu()
-                s["G"] += (g.T @ g).to(torch.float64).cpu()
+                s["A"] += (a.T @ a).to(torch.float64)
+                s["G"] += (g.T @ g).to(torch.float64)
             else:
-                s["D"] += (g.square().T @ a.square()).to(torch.float64).cpu()
+                s["D"] += (g.square().T @ a.square()).to(torch.float64)
         self.n += float(n_rows or 0)
         self._captures = {}
         self._mask = None
@@ -282,15 +285,16 @@ class CurvatureAccumulator:
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
         n = float(self.n)
-        return {m: KronEigen(s["G"] * (n_data / n), s["A"] / n) for m, s in self.sums.items()}
+        return {m: KronEigen(s["G"].cpu() * (n_data / n), s["A"].cpu() / n) for m, s in self.sums.items()}
 
     def diagonal(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``diag H`` per module as ``out × (in+1)`` (from the KFAC factors' diagonals when ``kind='kfac'``)."""
         self._check_ready()
         n = float(self.n)
         if self.kind == "kfac":
-            return {m: torch.outer(s["G"].diagonal() * (n_data / n), s["A"].diagonal() / n) for m, s in self.sums.items()}
-        return {m: s["D"] * (n_data / n) for m, s in self.sums.items()}
+            return {m: torch.outer(s["G"].diagonal().cpu() * (n_data / n), s["A"].diagonal().cpu() / n)
+                    for m, s in self.sums.items()}
+        return {m: s["D"].cpu() * (n_data / n) for m, s in self.sums.items()}
 
 
 def weight_aug(module: nn.Module) -> torch.Tensor:

@@ -79,6 +79,12 @@ def _load_files(train: str, validation: Optional[str]) -> DatasetDict:
     files = {"train": train}
     if validation:
         files["validation"] = validation
+    header_lines = 1 if ext in (".tsv", ".csv") else 0
+    for split, path in files.items():
+        with open(path) as f:
+            rows = sum(1 for line in f if line.strip())
+        if rows <= header_lines:
+            raise ValueError(f"the {split} data set is empty: {path} has no data rows")
     if ext in (".tsv", ".csv"):
         kw = dict(delimiter="\t", quoting=3) if ext == ".tsv" else {}
         return load_dataset("csv", data_files=files, keep_default_na=False, **kw)
@@ -147,7 +153,8 @@ def _normalise_labels(dsd: DatasetDict, label: str) -> DatasetDict:
         else:
             mapping = {v: i for i, v in enumerate(values)}
             names, k = values, len(values)
-            dsd = dsd.map(lambda b: {label: [mapping.get(v, -1) for v in b[label]]}, batched=True)
+            dsd = dsd.map(lambda b: {"__spam_label": [mapping.get(v, -1) for v in b[label]]}, batched=True,
+                          remove_columns=[label]).rename_column("__spam_label", label)
     for split, ds in dsd.items():
         vals = set(ds[label])
         bad = sorted(v for v in vals if not (isinstance(v, int) and 0 <= v < k))

@@ -67,7 +67,6 @@ class CompressArguments(PruneArguments):
     push_to_hub_repo: Optional[str] = field(default=None, metadata={"help": "Push the exported model to this Hub repo "
                                                                             "(CLI: --push-to-hub REPO)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
-    measure_latency: bool = field(default=True, metadata={"help": "Measure latency before and after."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +128,14 @@ def resolve_model(name: Optional[str]) -> str:
         raise ValueError(f"model {name!r} is not in the local cache and the Hub cannot be reached; "
                          "pass a local path or download it where there is network")
     return name
+
+
+def display_name(model_args: "ModelArguments", path: str) -> str:
+    """The name a model card shows: the Hub id, or the packaged model's origin."""
+    name = model_args.model_name_or_path
+    if name is None or ALIASES.get(name, name) == PACKAGED_MODEL:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return ALIASES.get(name, name) if not os.path.isdir(name) else path
 
 
 def _check_output_dir(path: str, overwrite: bool) -> None:
@@ -248,8 +255,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     dense_dir = os.path.join(out_dir, "dense")
     trainer.save_model(dense_dir)
     _write_run_config(out_dir, model_args, data_args, args, train_args, path, command)
-    return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out_dir, path, data_args, train_args,
-                             command)
+    return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out_dir, display_name(model_args, path),
+                             data_args, train_args, command)
 
 
 def _plain_args(train_args: TrainingArguments) -> dict:
@@ -264,7 +271,7 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
     selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed)
     model = trainer.model
-    pruned = _snapshot(model, args.flops_seq_len, args.latency_batch_size, getattr(args, "measure_latency", True))
+    pruned = _snapshot(model, args.flops_seq_len, args.latency_batch_size, args.measure_latency)
     pruned[metric] = _evaluate(trainer, data["validation"], metric)
     recovered = None
     if args.recovery_steps or args.recovery_epochs:
@@ -375,16 +382,20 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           compute_metrics=compute_metrics_fn(metric))
     trainer.load_spam_state(dense_dir)
-    dense = _snapshot(model, args.flops_seq_len, args.latency_batch_size, True)
+    dense = None
     report_path = os.path.join(run_dir, REPORT_FILE)
-    if os.path.exists(report_path):
+    if os.path.exists(report_path):  # the dense numbers measured by `compress`, when they match this request
         with open(report_path) as f:
-            dense[metric] = json.load(f)["dense"].get(metric)
-    if dense.get(metric) is None:
+            saved = json.load(f)["dense"]
+        if saved.get("seq_len") == args.flops_seq_len and (not args.measure_latency or "latency_s" in saved):
+            dense = saved
+    if dense is None:
+        dense = _snapshot(model, args.flops_seq_len, args.latency_batch_size, args.measure_latency)
         dense[metric] = _evaluate(trainer, data["validation"], metric)
     out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
     os.makedirs(out, exist_ok=True)
-    return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out, cfg["resolved_model"], data_args,
+    base = display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"])
+    return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out, base, data_args,
                              train_args, command, export_dir=os.path.join(out, "model"))
 
 

@@ -17,7 +17,8 @@ def render_model_card(info: Dict[str, Any], template_path: str = TEMPLATE) -> Mo
                          base_model=base if "/" in base and not os.path.exists(base) else None,
                          pipeline_tag=info.get("pipeline_tag", "text-classification"))
     fields = {k: ("n/a" if v is None else v) for k, v in info.items()}
-    fields.setdefault("base_model_url", f"https://huggingface.co/{base}" if "/" in base else base)
+    hub_id = "/" in base and not os.path.exists(base)
+    fields.setdefault("base_model_url", f"https://huggingface.co/{base}" if hub_id else base)
     for key in ("params_before", "params_after", "block_params_before", "block_params_after", "flops_before",
                 "flops_after", "metric_name", "metric_before", "metric_after", "latency_before", "latency_after",
                 "latency_batch", "latency_device", "seq_len", "sparsity_achieved", "sparsity_target", "budget",

@@ -1,0 +1,145 @@
+"""The spam-hf CLI end to end on a tiny local model, and its bad-input contract (exit 2, one line, nothing written)."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from spam_hf.cli import main
+
+from conftest import tiny_classifier, tiny_tokenizer
+
+
+def write_tsv(path, n, seed, label_col="label", labels=(0, 1)):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        f.write(f"sentence\t{label_col}\n")
+        for i in range(n):
+            y = labels[i % len(labels)]
+            words = [f"w{rng.randrange(10, 95)}" for _ in range(rng.randrange(3, 10))]
+            if y == labels[-1]:
+                words[rng.randrange(len(words))] = "w7"
+            f.write(" ".join(words) + f"\t{y}\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    model_dir = str(tmp_path / "tiny-bert")
+    model = tiny_classifier("bert", num_labels=2)
+    model.save_pretrained(model_dir)
+    tiny_tokenizer(model_dir).save_pretrained(model_dir)
+    train = write_tsv(tmp_path / "train.tsv", 64, 0)
+    dev = write_tsv(tmp_path / "dev.tsv", 24, 1)
+    return model_dir, train, dev, tmp_path
+
+
+FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--marglik_frequency", "2",
+        "--marglik_burn_in", "2", "--n_hypersteps", "3", "--curvature_every", "1", "--use_cpu", "True",
+        "--measure_latency", "False", "--max_seq_length", "16", "--disable_tqdm", "True", "--flops_seq_len", "16"]
+
+
+def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp / "run")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+               "--output-dir", out, "--recovery-steps", "2", *FAST])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["selection"]["sparsity_achieved"] >= 0.5
+    assert report["pruned"]["block_params"] <= 0.5 * report["dense"]["block_params"] + 1
+    for f in ("run_config.json", "pruning.png", "dense/spam_prior.safetensors", "dense/spam_curvature.safetensors",
+              "model/config.json", "model/model.safetensors", "model/README.md"):
+        assert os.path.exists(os.path.join(out, f)), f
+    text = capsys.readouterr().out
+    assert "block parameters" in text and "accuracy" in text
+    card = open(os.path.join(out, "model", "README.md")).read()
+    assert "spam-hf compress" in card and "50%" in card
+    # re-prune the finished run at another sparsity, without retraining
+    rc = main(["prune", out, "--sparsity", "0.8", "--flops-seq-len", "16", "--measure-latency", "False"])
+    assert rc == 0
+    rep2 = json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json")))
+    assert rep2["selection"]["sparsity_achieved"] >= 0.8
+    # evaluate any checkpoint
+    rc = main(["evaluate", os.path.join(out, "pruned-0.8", "model"), "--train-file", train, "--validation-file", dev,
+               "--max_seq_length", "16", "--seq-len", "16", "--batch-size", "2"])
+    assert rc == 0
+    from spam_hf.export import from_pretrained
+
+    m = from_pretrained(os.path.join(out, "pruned-0.8", "model"))
+    assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in tiny_classifier("bert", num_labels=2).parameters())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
+    (["--sparsity", "0"], "sparsity must be in (0, 1)"),
+    (["--label-column", "lable"], "no label column 'lable'; available columns: sentence, label"),
+    (["--text-column", "text"], "no text column 'text'; available columns: sentence, label"),
+    (["--prior", "group"], "prior must be one of"),
+    (["--method", "taylor"], "method must be one of"),
+])
+def test_bad_input_exits_2_without_writing(tiny_setup, capsys, extra, message):
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp / "run")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--output-dir", out, *FAST, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert not os.path.exists(out)
+
+
+def test_empty_dataset_and_labels_out_of_range(tiny_setup, capsys):
+    model_dir, train, dev, tmp = tiny_setup
+    empty = tmp / "empty.tsv"
+    empty.write_text("sentence\tlabel\n")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", str(empty), "--output-dir",
+               str(tmp / "r1"), *FAST])
+    assert rc == 2 and "empty" in capsys.readouterr().err
+    bad_dev = write_tsv(tmp / "bad_dev.tsv", 6, 2, labels=(0, 5))
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", bad_dev, "--output-dir",
+               str(tmp / "r2"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "labels out of range: [5]" in err
+    assert not os.path.exists(tmp / "r1") and not os.path.exists(tmp / "r2")
+
+
+def test_unsupported_architecture_and_uncached_hub_model(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    d = str(tmp_path / "gpt2")
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(d)
+    rc = main(["compress", d, "--train-file", write_tsv(tmp_path / "t.tsv", 8, 0), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown model_type 'gpt2'; supported: bert" in err
+    rc = main(["compress", "someone/not-cached-model", "--train-file", str(tmp_path / "t.tsv"),
+               "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not in the local Hugging Face cache and the Hub is offline" in err
+
+
+def test_output_dir_not_empty_needs_overwrite(tiny_setup, capsys):
+    model_dir, train, dev, tmp = tiny_setup
+    out = tmp / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc = main(["compress", model_dir, "--train-file", train, "--output-dir", str(out), *FAST])
+    assert rc == 2 and "not empty; pass --overwrite-output-dir" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+
+
+def test_nan_loss_exits_2_with_step(tiny_setup, capsys):
+    model_dir, train, dev, tmp = tiny_setup
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--output-dir",
+               str(tmp / "nan"), *FAST, "--learning_rate", "1e30", "--num_train_epochs", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite training loss" in err and "at step" in err
+
+
+def test_help_and_unknown_command(capsys):
+    assert main(["compress", "--help"]) == 0
+    assert "--sparsity" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    assert main([]) == 2
