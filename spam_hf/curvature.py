@@ -285,7 +285,7 @@ class CurvatureAccumulator:
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
         n = float(self.n)
-        return {m: KronEigen(s["G"].cpu() * (n_data / n), s["A"].cpu() / n) for m, s in self.sums.items()}
+        return {m: KronEigen(s["G"] * (n_data / n), s["A"] / n) for m, s in self.sums.items()}
 
     def diagonal(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``diag H`` per module as ``out × (in+1)`` (from the KFAC factors' diagonals when ``kind='kfac'``)."""

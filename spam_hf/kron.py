@@ -61,16 +61,18 @@ class KronEigen:
     def __init__(self, G: torch.Tensor, A: torch.Tensor) -> None:
         if G.dim() != 2 or A.dim() != 2 or G.shape[0] != G.shape[1] or A.shape[0] != A.shape[1]:
             raise ValueError(f"Kronecker factors must be square matrices, got G {tuple(G.shape)} and A {tuple(A.shape)}")
+        # eigendecomposed where the factors live (a GPU when training there), kept on the CPU
         G = G.detach().to(torch.float64)
         A = A.detach().to(torch.float64)
-        g, self.Q_G = torch.linalg.eigh(0.5 * (G + G.T))
-        a, self.Q_A = torch.linalg.eigh(0.5 * (A + A.T))
-        self.g = g.clamp_min(0.0)  # PSD up to round-off
-        self.a = a.clamp_min(0.0)
+        g, Q_G = torch.linalg.eigh(0.5 * (G + G.T))
+        a, Q_A = torch.linalg.eigh(0.5 * (A + A.T))
+        self.Q_G, self.Q_A = Q_G.cpu(), Q_A.cpu()
+        self.g = g.clamp_min(0.0).cpu()  # PSD up to round-off
+        self.a = a.clamp_min(0.0).cpu()
         self._QG2 = self.Q_G.square()
         self._QA2 = self.Q_A.square()
-        self.diag_G = G.diagonal().clone()
-        self.diag_A = A.diagonal().clone()
+        self.diag_G = G.diagonal().cpu()
+        self.diag_A = A.diagonal().cpu()
 
     @property
     def shape(self) -> tuple:
