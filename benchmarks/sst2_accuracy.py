@@ -59,6 +59,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--marglik-frequency", type=int, default=200)
     p.add_argument("--n-hypersteps", type=int, default=30)
     p.add_argument("--curvature", default="kfac")
+    p.add_argument("--kfac-reduction", default="auto", help="auto (reduce for classification), reduce, expand")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--posthoc-batches", type=int, default=200)
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
@@ -150,7 +151,8 @@ def main() -> None:
         model = load_model(a.model)
         args = SpamTrainingArguments(**train_args(a, os.path.join(a.work_dir, "spam")), curvature=a.curvature,
                                      marglik_frequency=a.marglik_frequency, marglik_burn_in=a.marglik_frequency,
-                                     n_hypersteps=a.n_hypersteps, temperature=a.temperature)
+                                     n_hypersteps=a.n_hypersteps, temperature=a.temperature,
+                                     kfac_reduction=a.kfac_reduction)
         tr = SpamTrainer(model=model, args=args, train_dataset=data["train"], data_collator=collator)
         tr.train()
         results["timings"]["spam_train_s"] = time.time() - t0
@@ -173,7 +175,8 @@ def main() -> None:
         print(f"[{time.time() - START:.0f}s] plain dense accuracy {results['dense']['plain']:.4f}", flush=True)
         t0 = time.time()
         ph_args = SpamTrainingArguments(**train_args(a, os.path.join(a.work_dir, "posthoc")), curvature=a.curvature,
-                                        marglik_frequency=0, temperature=a.temperature)
+                                        marglik_frequency=0, temperature=a.temperature,
+                                        kfac_reduction=a.kfac_reduction)
         ph = SpamTrainer(model=model, args=ph_args, train_dataset=data["train"], data_collator=collator)
         ph.fit_priors_posthoc(max_batches=a.posthoc_batches, n_steps=200)
         results["timings"]["posthoc_fit_s"] = time.time() - t0

@@ -71,8 +71,11 @@ class _MarglikCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         t = self.trainer
-        if args.marglik_frequency and float(t.curvature.n) > 0 and t._steps_since_update > 0:
-            t.update_priors()  # priors reflect the final weights
+        # a last update when the tail since the previous one is long enough to estimate curvature from;
+        # otherwise the previous update's curvature stays the one used for pruning
+        if args.marglik_frequency and float(t.curvature.n) > 0 and \
+                (t._steps_since_update * 2 >= args.marglik_frequency or not t.has_curvature(retained_only=True)):
+            t.update_priors()
         return control
 
 
@@ -162,12 +165,13 @@ class SpamTrainer(Trainer):
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
             self.curvature.accumulate(logits, labels)
             self.timings["curvature_s"] += time.perf_counter() - t0
-        self._loss_sum += float(loss.detach().mean())
-        self._loss_count += 1
         # tempered posterior p(D|θ)^(1/T) p(θ), divided by N/T: mean ℓ + (T / 2N) Σ δ θ²
         penalty = self.prior.penalty(_unwrap(model), self.n_data) * self.args.temperature
-        self._log_sums["nll"] += float(loss.detach().mean())
-        self._log_sums["prior_term"] += float(penalty.detach())
+        nll = loss.detach().mean()
+        self._loss_sum = self._loss_sum + nll  # tensors: no host sync per step
+        self._loss_count += 1
+        self._log_sums["nll"] = self._log_sums["nll"] + nll
+        self._log_sums["prior_term"] = self._log_sums["prior_term"] + penalty.detach()
         self._log_sums["n"] += 1
         if self._loss_scaled_for_ga(num_items_in_batch):
             penalty = penalty / self.current_gradient_accumulation_steps
@@ -178,13 +182,14 @@ class SpamTrainer(Trainer):
         """Adds the data term (``nll``) and the prior term of the logged ``loss`` since the last log."""
         if "loss" in logs and self._log_sums["n"]:
             n = self._log_sums["n"]
-            logs = {**logs, "nll": round(self._log_sums["nll"] / n, 4), "prior_term": round(self._log_sums["prior_term"] / n, 4)}
+            logs = {**logs, "nll": round(float(self._log_sums["nll"]) / n, 4),
+                    "prior_term": round(float(self._log_sums["prior_term"]) / n, 4)}
             self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
         super().log(logs, *args, **kwargs)
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Mirror ``Trainer.training_step``: True when it will *not* divide the loss by the GA steps."""
-        if self.loss_is_scaled_for_ga is not None:
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:  # transformers >= 5.2x
             return bool(self.loss_is_scaled_for_ga)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                     or self.compute_loss_func is not None)
@@ -199,12 +204,13 @@ class SpamTrainer(Trainer):
         curv = self.curvature.kron(N) if self.curvature.kind == "kfac" else self.curvature.diagonal(N)
         t1 = time.perf_counter()
         self.timings["eigh_s"] += t1 - t0
-        mean_loss = self._loss_sum / max(self._loss_count, 1)
+        mean_loss = float(self._loss_sum) / max(self._loss_count, 1)
         res = optimize_prior(self.prior, curv, params_aug(model, self.modules), n_steps=n_steps or self.args.n_hypersteps,
                              lr=self.args.hyper_lr, loss_sum=N * mean_loss, temperature=self.args.temperature,
                              optimizer_state=self._hyper_state)
         self.timings["hypersteps_s"] += time.perf_counter() - t1
         self._last_curvature = curv
+        self._last_curvature_rows = float(self.curvature.n)
         logs = {"log_marglik": res.final / N, **self.prior.summary()}
         self.marglik_history.append({"step": self.state.global_step, "log_marglik": res.final})
         self.log(logs)
@@ -237,19 +243,21 @@ class SpamTrainer(Trainer):
                 with torch.enable_grad(), self.curvature.capture(model, batch.get("attention_mask")):
                     out = model(**batch)
                     self.curvature.accumulate(out.logits, labels)
-                self._loss_sum += float(out.loss.detach()) if out.loss is not None else 0.0
+                self._loss_sum = self._loss_sum + (float(out.loss.detach()) if out.loss is not None else 0.0)
                 self._loss_count += 1
         finally:
             model.train(was_training)
         return self.update_priors(n_steps=n_steps)
 
     # ------------------------------------------------------------------ pruning
-    def has_curvature(self) -> bool:
-        return float(self.curvature.n) > 0 or getattr(self, "_last_curvature", None) is not None
+    def has_curvature(self, retained_only: bool = False) -> bool:
+        live = float(self.curvature.n) > 0 and not retained_only
+        return live or getattr(self, "_last_curvature", None) is not None
 
     def retained_curvature(self) -> Dict[str, object]:
-        """The most recent curvature (the live sums if any, else the ones used by the last prior update)."""
-        if float(self.curvature.n) > 0:
+        """The curvature for pruning: the live sums when they hold at least as many rows as those of the last
+        prior update (or there was none), else the last update's."""
+        if float(self.curvature.n) > 0 and float(self.curvature.n) >= getattr(self, "_last_curvature_rows", 0.0):
             N = self.n_data
             return self.curvature.kron(N) if self.curvature.kind == "kfac" else self.curvature.diagonal(N)
         if getattr(self, "_last_curvature", None) is not None:
@@ -300,7 +308,7 @@ class SpamTrainer(Trainer):
                                 "fisher": self.curvature.fisher})
         meta = {"prior": self.prior.kind, "curvature": self.curvature.kind, "n_data": self.n_data,
                 "temperature": self.args.temperature, "live_curvature": float(self.curvature.n) > 0,
-                "loss_sum": self._loss_sum, "loss_count": self._loss_count,
+                "loss_sum": float(self._loss_sum), "loss_count": self._loss_count,
                 "marglik_history": self.marglik_history}
         with open(os.path.join(output_dir, STATE_FILE), "w") as f:
             json.dump(meta, f, indent=2)
