@@ -36,10 +36,10 @@ class SpamTrainingArguments(TrainingArguments):
                                                               "(amortises the extra backward)."})
     curvature_max_rows: int = field(default=1024, metadata={"help": "At most this many rows (tokens for 'expand') "
                                                                     "per batch enter the factors; 0 = all."})
-    marglik_frequency: int = field(default=100, metadata={"help": "Optimiser steps between marginal-likelihood "
+    marglik_frequency: int = field(default=200, metadata={"help": "Optimiser steps between marginal-likelihood "
                                                                   "updates of the priors; 0 disables them."})
     marglik_burn_in: int = field(default=50, metadata={"help": "Optimiser steps before the first prior update."})
-    n_hypersteps: int = field(default=50, metadata={"help": "Adam steps on log δ per prior update."})
+    n_hypersteps: int = field(default=20, metadata={"help": "Adam steps on log δ per prior update."})
     hyper_lr: float = field(default=0.1, metadata={"help": "Learning rate of the hyper-steps on log δ."})
     temperature: float = field(default=1.0, metadata={"help": "Likelihood temperature T in the Laplace marglik."})
     n_data: Optional[int] = field(default=None, metadata={"help": "N in the prior term and the curvature "

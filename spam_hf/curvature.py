@@ -31,7 +31,7 @@ from .architectures.base import in_out_features, weight_out_in
 from .kron import KronEigen
 
 CURVATURE_KINDS = ("kfac", "diag")
-REDUCTIONS = ("reduce", "expand")
+REDUCTIONS = ("reduce", "expand", "reduce-gw")
 FISHER_TYPES = ("mc", "empirical")
 LIKELIHOODS = ("classification", "regression", "causal_lm")
 
@@ -210,8 +210,12 @@ class CurvatureAccumulator:
             for h in handles:
                 h.remove()
 
-    def _rows(self, x: torch.Tensor, reduce_op: str) -> torch.Tensor:
-        """``[rows, d]`` from a ``[B, T, d]`` (or ``[B, d]``) tensor, masking padding."""
+    def _rows(self, x: torch.Tensor, reduce_op: str, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[rows, d]`` from a ``[B, T, d]`` (or ``[B, d]``) tensor, masking padding.
+
+        ``reduce_op="mean"`` averages over real tokens, or, with ``weights`` (``[B, T]``, summing to 1
+        per sequence), takes that weighted average.
+        """
         x = x.float()
         if x.dim() == 2:
             return x
@@ -224,10 +228,22 @@ class CurvatureAccumulator:
         m = mask.to(x.dtype).to(x.device)
         if self.reduction == "expand":
             return x[m.bool()]
+        if reduce_op == "mean" and weights is not None:
+            return torch.einsum("bt,btd->bd", weights.to(x.dtype) * m, x)
         summed = torch.einsum("bt,btd->bd", m, x)
         if reduce_op == "mean":
             summed = summed / m.sum(1, keepdim=True).clamp_min(1.0)
         return summed
+
+    def _gradient_weights(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """``w_t = ‖g_t‖ / Σ_s ‖g_s‖`` over real tokens (uniform where a sequence has no gradient)."""
+        if self.reduction != "reduce-gw" or grad.dim() != 3:
+            return None
+        m = (self._mask if self._mask is not None else torch.ones(grad.shape[:2])).to(grad.device).float()
+        norms = grad.float().norm(dim=-1) * m
+        total = norms.sum(1, keepdim=True)
+        uniform = m / m.sum(1, keepdim=True).clamp_min(1.0)
+        return torch.where(total > 0, norms / total.clamp_min(1e-30), uniform)
 
     def accumulate(self, logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Add this batch's curvature to the sums; returns the sampled loss (detached).
@@ -248,7 +264,7 @@ class CurvatureAccumulator:
             cap = self._captures[name]
             if grad is None:
                 grad = torch.zeros_like(cap.output)
-            a = self._rows(cap.inputs, "mean")
+            a = self._rows(cap.inputs, "mean", self._gradient_weights(grad))
             g = self._rows(grad, "sum")
             if self.shapes[name][1] == a.shape[1] + 1:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)

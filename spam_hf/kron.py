@@ -79,8 +79,12 @@ class KronEigen:
         return (self.g.numel(), self.a.numel())
 
     def eigenvalues(self, temperature: float = 1.0) -> torch.Tensor:
-        """``g_i a_j / T`` as an ``out × (in+1)`` matrix."""
-        return torch.outer(self.g, self.a) / temperature
+        """``g_i a_j / T`` as an ``out × (in+1)`` matrix (cached: hyper-steps reuse it)."""
+        cached = getattr(self, "_eig_cache", None)
+        if cached is None or cached[0] != temperature:
+            cached = (temperature, torch.outer(self.g, self.a) / temperature)
+            self._eig_cache = cached
+        return cached[1]
 
     def project(self, precision: Precision) -> torch.Tensor:
         """``δ̃ = (Q_G∘Q_G)ᵀ Δ (Q_A∘Q_A)`` (``out × (in+1)``); ``O(out² + in²)`` when Δ is rank one."""

@@ -182,3 +182,36 @@ def test_sampled_loss_causal_lm_ignores_masked_labels():
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), reduction="sum",
                                             ignore_index=-100)
     torch.testing.assert_close(loss, ref)
+
+
+def test_gradient_weighted_reduce_is_exact_when_one_token_carries_the_gradient():
+    """'reduce-gw' averages inputs with weights ∝ ‖g_t‖: when only one position has a gradient (the
+    [CLS] row of a last layer), ĝ âᵀ equals the exact Σ_t g_t a_tᵀ, where plain 'reduce' uses the token mean."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3).double()
+    x = torch.randn(1, 4, 5, dtype=torch.float64)  # one sequence (KFAC is exact per example), one pad
+    mask = torch.ones(1, 4)
+    mask[0, 3] = 0
+
+    class OnlyFirstToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x)[:, 0]  # logits from the first position only
+
+    model = OnlyFirstToken()
+    res = {}
+    for red in ("reduce", "reduce-gw"):
+        acc = CurvatureAccumulator(model, ["lin"], fisher="empirical", reduction=red)
+        with acc.capture(model, mask):
+            out = model(x)
+        acc.accumulate(out, torch.tensor([2]))
+        res[red] = acc.kron(n_data=1)["lin"].dense()
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([2]), reduction="sum")
+    gw, gb = torch.autograd.grad(loss, [lin.weight, lin.bias])
+    grad = torch.cat([gw, gb.unsqueeze(1)], 1).reshape(-1)
+    exact = torch.outer(grad, grad)
+    torch.testing.assert_close(res["reduce-gw"], exact, rtol=1e-6, atol=1e-9)
+    assert (res["reduce"] - exact).norm() / exact.norm() > 0.1
