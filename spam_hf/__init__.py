@@ -8,6 +8,7 @@ from .marglik import log_marginal_likelihood, optimize_prior  # noqa: E402
 from .priors import PriorPrecision  # noqa: E402
 from .arguments import PruneArguments, SpamTrainingArguments  # noqa: E402
 from .trainer import SpamTrainer  # noqa: E402
+from .export import from_pretrained  # noqa: E402
 
 __all__ = [
     "CurvatureAccumulator",
@@ -15,6 +16,7 @@ __all__ = [
     "PruneArguments",
     "SpamTrainer",
     "SpamTrainingArguments",
+    "from_pretrained",
     "get_family",
     "group_specs",
     "log_marginal_likelihood",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures.base import in_out_features, weight_out_in
+from .architectures.base import lookup_linear, weight_out_in
 from .kron import KronEigen
 
 CURVATURE_KINDS = ("kfac", "diag")
@@ -117,13 +117,7 @@ class CurvatureAccumulator:
         mods = dict(model.named_modules())
         self.shapes: Dict[str, tuple] = {}
         for name in self.module_names:
-            if name not in mods:
-                raise ValueError(f"curvature: module {name!r} is not in the model")
-            try:
-                fan_in, fan_out = in_out_features(mods[name])
-            except TypeError as e:
-                raise ValueError(f"curvature: module {name!r}: {e}") from None
-            has_bias = getattr(mods[name], "bias", None) is not None
+            fan_in, fan_out, has_bias = lookup_linear(mods, name, "curvature")
             self.shapes[name] = (fan_out, fan_in + int(has_bias))
         self.generator = torch.Generator().manual_seed(seed)
         self._captures: Dict[str, _Capture] = {}

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architectures.base import GroupSpec, in_out_features, weight_out_in
+from .architectures.base import GroupSpec, lookup_linear, weight_out_in
 from .curvature import weight_aug
 from .kron import Precision
 
@@ -53,10 +53,7 @@ class PriorPrecision:
         self.has_bias: Dict[str, bool] = {}
         for spec in self.specs:
             for m in spec.modules:
-                if m not in mods:
-                    raise ValueError(f"prior: module {m!r} of {spec.name} is not in the model")
-                fan_in, fan_out = in_out_features(mods[m])
-                self.has_bias[m] = getattr(mods[m], "bias", None) is not None
+                fan_in, fan_out, self.has_bias[m] = lookup_linear(mods, m, f"prior ({spec.name})")
                 self.shapes[m] = (fan_out, fan_in + int(self.has_bias[m]))
         # ownership maps: per module, (spec name, LongTensor of group ids or -1) for rows / cols
         self.row_owner: Dict[str, Tuple[str, torch.Tensor]] = {}

@@ -11,7 +11,6 @@ log marginal likelihood. ``prune()`` then scores groups with OPD and removes the
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Dict, Optional

@@ -5,7 +5,6 @@ import os
 import random
 
 import pytest
-import torch
 
 from spam_hf.cli import main
 
@@ -143,3 +142,35 @@ def test_help_and_unknown_command(capsys):
     assert "--sparsity" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
     assert main([]) == 2
+
+
+def test_recipe_expands_to_the_same_dataclasses(tmp_path):
+    """recipes/*.yaml are the CLI's own fields: the shipped recipe parses, and flags after it win."""
+    from transformers import HfArgumentParser
+
+    from spam_hf.arguments import SpamTrainingArguments
+    from spam_hf.cli import _argv_with_recipe, _positional
+    from spam_hf.data import DataArguments
+    from spam_hf.pipeline import CompressArguments, ModelArguments
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "minilm-sst2.yaml")
+    argv = _positional(_argv_with_recipe(["--recipe", recipe, "--sparsity", "0.8"]), "--model_name_or_path")
+    parser = HfArgumentParser((ModelArguments, DataArguments, CompressArguments, SpamTrainingArguments))
+    # the recipe names ../shared data files; point them at files that exist here
+    argv = [a.replace("../shared/data/sst2/train.tsv", write_tsv(tmp_path / "t.tsv", 4, 0))
+             .replace("../shared/data/sst2/dev.tsv", write_tsv(tmp_path / "d.tsv", 4, 1)) for a in argv]
+    m, d, c, t = parser.parse_args_into_dataclasses(args=argv + ["--report_to", "none"])
+    assert m.model_name_or_path == "minilm"
+    assert c.sparsity == 0.8 and c.recovery_steps == 200
+    assert t.prior == "unit" and t.marglik_frequency == 200 and t.learning_rate == 1e-4
+    assert d.max_seq_length == 64
+
+
+def test_plain_training_then_posthoc_priors(tiny_setup):
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp / "plain")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.4",
+               "--output-dir", out, "--training", "plain", "--posthoc_batches", "2", *FAST])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["method"] == "opd" and report["selection"]["sparsity_achieved"] >= 0.4

@@ -13,7 +13,7 @@ from spam_hf.architectures import group_specs
 from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.surgery import prune_groups
 
-from conftest import ENCODER_TYPES, tiny_batch, tiny_classifier, tiny_tokenizer
+from conftest import tiny_batch, tiny_classifier, tiny_tokenizer
 from test_surgery import random_keep
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, TrainingArguments
 
 from spam_hf import SpamTrainer, SpamTrainingArguments
 from spam_hf.trainer import PRIOR_FILE, CURVATURE_FILE

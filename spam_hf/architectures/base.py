@@ -45,6 +45,21 @@ def in_out_features(module: nn.Module) -> Tuple[int, int]:
     return int(w.shape[1]), int(w.shape[0])
 
 
+def lookup_linear(mods: Dict[str, nn.Module], name: str, context: str) -> Tuple[int, int, bool]:
+    """``(in_features, out_features, has_bias)`` of module ``name`` in ``mods`` (``dict(model.named_modules())``).
+
+    Raises:
+        ValueError: prefixed with ``context`` when the module is missing or not Linear-like.
+    """
+    if name not in mods:
+        raise ValueError(f"{context}: module {name!r} is not in the model")
+    try:
+        fan_in, fan_out = in_out_features(mods[name])
+    except TypeError as e:
+        raise ValueError(f"{context}: module {name!r}: {e}") from None
+    return fan_in, fan_out, getattr(mods[name], "bias", None) is not None
+
+
 @dataclass
 class GroupSpec:
     """All groups of one kind in one layer.
@@ -211,12 +226,7 @@ def validate_specs(model: nn.Module, specs: Iterable[GroupSpec]) -> None:
     for spec in specs:
         for where, idx_map, owned in (("rows", spec.row_index, owned_rows), ("cols", spec.col_index, owned_cols)):
             for m, idx in idx_map.items():
-                if m not in mods:
-                    raise ValueError(f"group spec {spec.name}: module {m!r} is not in the model")
-                try:
-                    fan_in, fan_out = in_out_features(mods[m])
-                except TypeError as e:
-                    raise ValueError(f"group spec {spec.name}: module {m!r}: {e}") from None
+                fan_in, fan_out, _ = lookup_linear(mods, m, f"group spec {spec.name}")
                 size = fan_out if where == "rows" else fan_in
                 if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
                     raise ValueError(f"group spec {spec.name}: {where} of {m!r} out of range [0, {size})")
