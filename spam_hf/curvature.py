@@ -289,13 +289,13 @@ class CurvatureAccumulator:
         if float(self.n) <= 0:
             raise RuntimeError("no curvature accumulated yet")
 
-    def kron(self, n_data: float) -> Dict[str, KronEigen]:
+    def kron(self, n_data: float, keep_vectors: bool = False) -> Dict[str, KronEigen]:
         """Eigendecomposed KFAC per module, extrapolated to ``n_data`` rows: ``G = (N/n) ΣggT``, ``A = ΣaaT / n``."""
         if self.kind != "kfac":
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
         n = float(self.n)
-        return {m: KronEigen(s["G"] * (n_data / n), s["A"] / n) for m, s in self.sums.items()}
+        return {m: KronEigen(s["G"] * (n_data / n), s["A"] / n, keep_vectors) for m, s in self.sums.items()}
 
     def diagonal(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``diag H`` per module as ``out × (in+1)`` (from the KFAC factors' diagonals when ``kind='kfac'``)."""

@@ -58,7 +58,9 @@ class Precision:
 class KronEigen:
     """Eigendecomposed Kronecker factors ``G ⊗ A`` of one layer (float64)."""
 
-    def __init__(self, G: torch.Tensor, A: torch.Tensor) -> None:
+    def __init__(self, G: torch.Tensor, A: torch.Tensor, keep_vectors: bool = False) -> None:
+        """``keep_vectors``: keep ``Q_G``/``Q_A`` themselves (only :meth:`dense` needs them); by default only
+        their elementwise squares are kept, which halves the memory of a decomposed layer."""
         if G.dim() != 2 or A.dim() != 2 or G.shape[0] != G.shape[1] or A.shape[0] != A.shape[1]:
             raise ValueError(f"Kronecker factors must be square matrices, got G {tuple(G.shape)} and A {tuple(A.shape)}")
         # eigendecomposed where the factors live (a GPU when training there), kept on the CPU
@@ -66,11 +68,11 @@ class KronEigen:
         A = A.detach().to(torch.float64)
         g, Q_G = torch.linalg.eigh(0.5 * (G + G.T))
         a, Q_A = torch.linalg.eigh(0.5 * (A + A.T))
-        self.Q_G, self.Q_A = Q_G.cpu(), Q_A.cpu()
         self.g = g.clamp_min(0.0).cpu()  # PSD up to round-off
         self.a = a.clamp_min(0.0).cpu()
-        self._QG2 = self.Q_G.square()
-        self._QA2 = self.Q_A.square()
+        self._QG2 = Q_G.square().cpu()
+        self._QA2 = Q_A.square().cpu()
+        self.Q_G, self.Q_A = (Q_G.cpu(), Q_A.cpu()) if keep_vectors else (None, None)
         self.diag_G = G.diagonal().cpu()
         self.diag_A = A.diagonal().cpu()
 
@@ -101,7 +103,9 @@ class KronEigen:
         return torch.outer(self.diag_G, self.diag_A)
 
     def dense(self) -> torch.Tensor:
-        """The dense ``G ⊗ A`` (for tests on tiny layers only)."""
+        """The dense ``G ⊗ A`` (for tests on tiny layers only; needs ``keep_vectors=True``)."""
+        if self.Q_G is None:
+            raise ValueError("dense() needs KronEigen(..., keep_vectors=True)")
         G = self.Q_G @ torch.diag(self.g) @ self.Q_G.T
         A = self.Q_A @ torch.diag(self.a) @ self.Q_A.T
         return torch.kron(G, A)

@@ -117,6 +117,9 @@ class SpamTrainer(Trainer):
         self._loss_count = 0
         self._steps_since_update = 0
         self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
+        # raw sums (and row count) of the curvature used by the last prior update: kept for pruning and saving
+        self._retained: Optional[Dict[str, torch.Tensor]] = None
+        self._last_curvature_rows = 0.0
         self.marglik_history: list = []
 
     @property
@@ -208,7 +211,6 @@ class SpamTrainer(Trainer):
                              lr=self.args.hyper_lr, loss_sum=N * mean_loss, temperature=self.args.temperature,
                              optimizer_state=self._hyper_state)
         self.timings["hypersteps_s"] += time.perf_counter() - t1
-        self._last_curvature = curv
         self._last_curvature_rows = float(self.curvature.n)
         logs = {"log_marglik": res.final / N, **self.prior.summary()}
         self.marglik_history.append({"step": self.state.global_step, "log_marglik": res.final})
@@ -251,16 +253,19 @@ class SpamTrainer(Trainer):
     # ------------------------------------------------------------------ pruning
     def has_curvature(self, retained_only: bool = False) -> bool:
         live = float(self.curvature.n) > 0 and not retained_only
-        return live or getattr(self, "_last_curvature", None) is not None
+        return live or self._retained is not None
 
-    def retained_curvature(self) -> Dict[str, object]:
-        """The curvature for pruning: the live sums when they hold at least as many rows as those of the last
-        prior update (or there was none), else the last update's."""
-        if float(self.curvature.n) > 0 and float(self.curvature.n) >= getattr(self, "_last_curvature_rows", 0.0):
-            N = self.n_data
-            return self.curvature.kron(N) if self.curvature.kind == "kfac" else self.curvature.diagonal(N)
-        if getattr(self, "_last_curvature", None) is not None:
-            return self._last_curvature
+    def retained_curvature(self) -> Dict[str, torch.Tensor]:
+        """Diagonal curvature for pruning scores (``out × (in+1)`` per module): from the live sums when they
+        hold at least as many rows as those of the last prior update (or there was none), else from those."""
+        N = self.n_data
+        if float(self.curvature.n) > 0 and float(self.curvature.n) >= self._last_curvature_rows:
+            return self.curvature.diagonal(N)
+        if self._retained is not None:
+            tmp = CurvatureAccumulator(_unwrap(self.model), self.modules, kind=self.curvature.kind,
+                                       reduction=self.curvature.reduction)
+            tmp.load_state_dict(self._retained)
+            return tmp.diagonal(N)
         raise RuntimeError("no curvature yet: train with SpamTrainer or call fit_priors_posthoc() before pruning")
 
     def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
@@ -300,7 +305,7 @@ class SpamTrainer(Trainer):
         """Write priors, curvature sums and hyper-optimiser bookkeeping into ``output_dir``."""
         os.makedirs(output_dir, exist_ok=True)
         self.prior.save(os.path.join(output_dir, PRIOR_FILE))
-        curv = self.curvature.state_dict() if float(self.curvature.n) > 0 else getattr(self, "_retained", None)
+        curv = self.curvature.state_dict() if float(self.curvature.n) > 0 else self._retained
         if curv is not None:
             save_file({k: v.contiguous() for k, v in curv.items()}, os.path.join(output_dir, CURVATURE_FILE),
                       metadata={"kind": self.curvature.kind, "reduction": self.curvature.reduction,
@@ -328,12 +333,10 @@ class SpamTrainer(Trainer):
             if meta.get("live_curvature", True):
                 self.curvature.load_state_dict(state)
             else:
-                tmp = CurvatureAccumulator(_unwrap(self.model), self.modules, kind=self.curvature.kind,
-                                           reduction=self.curvature.reduction)
-                tmp.load_state_dict(state)
-                N = self.n_data
+                CurvatureAccumulator(_unwrap(self.model), self.modules, kind=self.curvature.kind,
+                                     reduction=self.curvature.reduction).load_state_dict(state)  # shape checks
                 self._retained = state
-                self._last_curvature = tmp.kron(N) if tmp.kind == "kfac" else tmp.diagonal(N)
+                self._last_curvature_rows = float(state["n"].reshape(()))
         self._loss_sum = float(meta.get("loss_sum", 0.0))
         self._loss_count = int(meta.get("loss_count", 0))
         self.marglik_history = list(meta.get("marglik_history", []))

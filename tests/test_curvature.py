@@ -43,7 +43,7 @@ def expected_kfac(model, layer_name, x):
         with acc.capture(model):
             out = model(x)
         acc.accumulate(out, torch.tensor([c]))
-        kron = acc.kron(n_data=1)[layer_name]
+        kron = acc.kron(n_data=1, keep_vectors=True)[layer_name]
         total = total + probs[c] * kron.dense()
     return total
 
@@ -76,7 +76,7 @@ def test_mc_fisher_approaches_exact_ggn():
             out = model(x1)
         kfac.accumulate(out)
     dense1 = dense_ggn_block(model, "0", x1)
-    rel = (kfac.kron(n_data=1)["0"].dense() - dense1).norm() / dense1.norm()
+    rel = (kfac.kron(n_data=1, keep_vectors=True)["0"].dense() - dense1).norm() / dense1.norm()
     print(f"MC KFAC vs exact GGN block, one example, 4000 samples: relative error {rel:.4f}")
     assert rel < 0.05
 
@@ -208,7 +208,7 @@ def test_gradient_weighted_reduce_is_exact_when_one_token_carries_the_gradient()
         with acc.capture(model, mask):
             out = model(x)
         acc.accumulate(out, torch.tensor([2]))
-        res[red] = acc.kron(n_data=1)["lin"].dense()
+        res[red] = acc.kron(n_data=1, keep_vectors=True)["lin"].dense()
     loss = nn.functional.cross_entropy(model(x), torch.tensor([2]), reduction="sum")
     gw, gb = torch.autograd.grad(loss, [lin.weight, lin.bias])
     grad = torch.cat([gw, gb.unsqueeze(1)], 1).reshape(-1)

@@ -13,7 +13,7 @@ def random_psd(n, seed, rank=None):
 
 def test_constant_precision_logdet_is_exact():
     G, A = random_psd(5, 0), random_psd(4, 1, rank=2)  # A singular: only δ keeps it PD
-    k = KronEigen(G, A)
+    k = KronEigen(G, A, keep_vectors=True)
     for delta, T in [(0.3, 1.0), (1e-6, 1.0), (1e6, 1.0), (2.0, 0.1)]:
         prec = Precision(u=torch.full((5,), delta, dtype=torch.float64), v=torch.ones(4, dtype=torch.float64))
         dense = torch.logdet(torch.kron(G, A) / T + delta * torch.eye(20, dtype=torch.float64))
@@ -23,7 +23,7 @@ def test_constant_precision_logdet_is_exact():
 def test_projected_logdet_bounds_dense_logdet():
     """Hadamard: Σ log(g a + δ̃) ≥ log det(G⊗A + diag Δ), with the gap printed for a random layer."""
     G, A = random_psd(6, 2), random_psd(5, 3)
-    k = KronEigen(G, A)
+    k = KronEigen(G, A, keep_vectors=True)
     g = torch.Generator().manual_seed(4)
     cases = {
         "unit rows": Precision(u=torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.01, v=torch.ones(5, dtype=torch.float64)),
@@ -40,7 +40,7 @@ def test_projected_logdet_bounds_dense_logdet():
 
 def test_rank_one_projection_equals_dense_projection():
     G, A = random_psd(4, 5), random_psd(3, 6)
-    k = KronEigen(G, A)
+    k = KronEigen(G, A, keep_vectors=True)
     u = torch.rand(4, dtype=torch.float64) + 0.1
     v = torch.rand(3, dtype=torch.float64) + 0.1
     torch.testing.assert_close(k.project(Precision(u=u, v=v)), k.project(Precision(dense=torch.outer(u, v))))

@@ -1,0 +1,106 @@
+"""Measured speed of exported (physically pruned, reloaded) models against the dense model, beside FLOPs.
+
+For each sparsity: select groups (OPD from a finished `spam-hf compress` run when --run-dir is given,
+else magnitude on the dense weights), remove them, save with `save_pruned`, reload with
+`spam_hf.from_pretrained`, and time a warm forward (median of repeats) at batch 1 and 32,
+sequence 128, with the given number of CPU threads. The dense model is timed in the same run,
+interleaved, and speed-ups are ratios within the run.
+
+    python benchmarks/export_speed.py --run-dir runs/spam-demo --out benchmarks/results/export_speed_minilm_cpu.json
+    python benchmarks/export_speed.py --bert-base --out benchmarks/results/export_speed_bertbase_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from spam_hf.architectures import group_specs  # noqa: E402
+from spam_hf.costs import measure_latency, model_costs  # noqa: E402
+from spam_hf.export import from_pretrained, save_pruned  # noqa: E402
+from spam_hf.scoring import group_scores  # noqa: E402
+from spam_hf.selection import select_groups  # noqa: E402
+from spam_hf.surgery import prune_groups  # noqa: E402
+
+
+def load_source(a):
+    """(dense model, scores per spec, description)."""
+    if a.run_dir:
+        from spam_hf import SpamTrainer, SpamTrainingArguments
+
+        dense_dir = os.path.join(a.run_dir, "dense")
+        state = json.load(open(os.path.join(dense_dir, "spam_state.json")))
+        model = from_pretrained(dense_dir)
+        args = SpamTrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], n_data=int(state["n_data"]),
+                                     marglik_frequency=0)
+        tr = SpamTrainer(model=model, args=args)
+        tr.load_spam_state(dense_dir)
+        scores = group_scores(model, tr.specs, "opd", prior=tr.prior, curvature=tr.retained_curvature())
+        return model, scores, f"OPD from {a.run_dir}"
+    cfg = BertConfig(num_labels=2)  # bert-base-uncased shape: 12 layers, hidden 768, 12 heads, FFN 3072
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).eval()
+    scores = group_scores(model, group_specs(model), "magnitude")
+    return model, scores, "BERT-base-shaped, random weights, magnitude selection"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--bert-base", action="store_true")
+    p.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9,0.95")
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    if not a.run_dir and not a.bert_base:
+        p.error("give --run-dir or --bert-base")
+    model, scores, source = load_source(a)
+    specs = group_specs(model)
+    res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine":
+           f"CPU, {a.threads} threads", "torch": torch.__version__, "source": source, "seq_len": a.seq_len, "rows": []}
+    bss = [int(b) for b in a.batch_sizes.split(",")]
+    dense_costs = model_costs(model, a.seq_len)
+    tmp = tempfile.mkdtemp()
+    try:
+        for s in [float(x) for x in a.sparsities.split(",")]:
+            pruned = copy.deepcopy(model)
+            sel = select_groups(pruned, specs, scores, s)
+            prune_groups(pruned, sel.keep)
+            out = os.path.join(tmp, f"s{s}")
+            save_pruned(pruned, out)
+            reloaded = from_pretrained(out).eval()
+            costs = model_costs(reloaded, a.seq_len)
+            row = {"sparsity": s, "achieved": sel.achieved, "params": costs["params"],
+                   "block_flops_ratio": dense_costs["block_flops"] / costs["block_flops"],
+                   "layers": [vars(x) for x in sel.layers]}
+            for bs in bss:  # dense timed right before each pruned model: ratios within the same minute
+                d = measure_latency(model, bs, a.seq_len, a.repeats, threads=a.threads)["latency_s"]
+                q = measure_latency(reloaded, bs, a.seq_len, a.repeats, threads=a.threads)["latency_s"]
+                row[f"bs{bs}"] = {"dense_s": d, "pruned_s": q, "speedup": d / q,
+                                  "throughput_seq_per_s": bs / q}
+            res["rows"].append(row)
+            print(f"s={s:.2f} FLOPs x{row['block_flops_ratio']:.2f} " +
+                  " ".join(f"bs{bs}: x{row[f'bs{bs}']['speedup']:.2f}" for bs in bss), flush=True)
+            del pruned, reloaded
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

