@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .architectures import group_specs, prunable_modules
+from .architectures import group_specs
 from .selection import prunable_cost
 
 
@@ -61,5 +61,3 @@ def measure_latency(model: nn.Module, batch_size: int = 32, seq_len: int = 128, 
     return {"latency_s": median, "throughput_seq_per_s": batch_size / median, "batch_size": batch_size,
             "seq_len": seq_len, "repeats": repeats, "threads": threads or old_threads}
 
-
-__all__ = ["model_costs", "measure_latency", "prunable_modules"]

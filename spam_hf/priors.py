@@ -85,6 +85,7 @@ class PriorPrecision:
                 self.log_delta[f"param:{m}"] = torch.full(shape, x0, dtype=torch.float64)
         for v in self.log_delta.values():
             v.requires_grad_(True)
+        self._cache: Dict = {}  # precisions on the training device, keyed by the log δ versions
 
     # ------------------------------------------------------------------ structure
     @property
@@ -180,8 +181,8 @@ class PriorPrecision:
         return total / (2.0 * n_data)
 
     def _device_precision(self, module: str, device: torch.device) -> Precision:
-        cache = getattr(self, "_cache", None)
-        if cache is None or cache.get("_version") != self._version():
+        cache = self._cache
+        if cache.get("_version") != self._version():
             cache = {"_version": self._version()}
             self._cache = cache
         key = (module, str(device))
