@@ -187,3 +187,24 @@ def test_bad_arguments():
         SpamTrainingArguments(output_dir="x", prior="group", report_to=[])
     with pytest.raises(ValueError, match="curvature must be one of"):
         SpamTrainingArguments(output_dir="x", curvature="full", report_to=[])
+
+
+def test_bf16_autocast_eval_strategy_and_best_model(tmp_path):
+    """bf16 autocast on the CPU, per-epoch evaluation and load_best_model_at_end: priors still update, the
+    best checkpoint's SpaM state is restored with its weights."""
+    from spam_hf.metrics import compute_metrics_fn
+
+    trainer = make_trainer(tmp_path, bf16=True, eval_strategy="epoch", save_strategy="epoch",
+                           load_best_model_at_end=True, metric_for_best_model="accuracy", num_train_epochs=2)
+    trainer.compute_metrics = compute_metrics_fn("accuracy", use_evaluate=False)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert len(evals) == 2
+    assert [h for h in trainer.state.log_history if "log_marglik" in h]
+    best = trainer.state.best_model_checkpoint
+    assert best and os.path.exists(os.path.join(best, PRIOR_FILE))
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(best, PRIOR_FILE))
+    for k, v in trainer.prior.log_delta.items():
+        torch.testing.assert_close(v.detach(), saved[k])
