@@ -69,6 +69,8 @@ class PruneArguments:
                                                            "(or FLOPs with --budget flops) to remove."})
     budget: str = field(default="params", metadata={"help": "'params' or 'flops' (at --flops-seq-len)."})
     flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOP budgets and reports."})
+    min_keep: float = field(default=0.0, metadata={"help": "Keep at least this fraction of the heads and of the "
+                                                            "neurons of every layer (0 = a layer may lose all)."})
     method: str = field(default="opd", metadata={"help": f"Group scores: {', '.join(SCORE_METHODS)}."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
@@ -81,6 +83,8 @@ class PruneArguments:
         validate_sparsity(self.sparsity)
         _check("budget", self.budget, BUDGETS)
         _check("method", self.method, SCORE_METHODS)
+        if not 0.0 <= self.min_keep < 1.0:
+            raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
 

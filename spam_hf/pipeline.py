@@ -269,7 +269,7 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
                       out_dir: str, base_path: str, data_args: DataArguments, train_args, command: str,
                       export_dir: Optional[str] = None) -> dict:
     selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
-                              seed=args.prune_seed)
+                              seed=args.prune_seed, min_keep=args.min_keep)
     model = trainer.model
     pruned = _snapshot(model, args.flops_seq_len, args.latency_batch_size, args.measure_latency)
     pruned[metric] = _evaluate(trainer, data["validation"], metric)

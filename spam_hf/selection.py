@@ -8,6 +8,7 @@ MLP weights and biases, including the O / down biases that no group owns).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
 
@@ -72,9 +73,16 @@ def group_costs(model: nn.Module, spec: GroupSpec, budget: str, seq_len: int) ->
 
 
 def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torch.Tensor], sparsity: float,
-                  budget: str = "params", seq_len: int = 128) -> Selection:
-    """Greedy global selection: cheapest ``score / cost`` first until ``sparsity`` of the cost is removed."""
+                  budget: str = "params", seq_len: int = 128, min_keep: float = 0.0) -> Selection:
+    """Greedy global selection: cheapest ``score / cost`` first until ``sparsity`` of the cost is removed.
+
+    ``min_keep`` in [0, 1): every spec (the heads, or the neurons, of one layer) keeps at least
+    ``ceil(min_keep · count)`` groups; groups at that floor are passed over. If the floors make the
+    target unreachable, the selection stops short and ``achieved`` says so.
+    """
     validate_sparsity(sparsity)
+    if not 0.0 <= min_keep < 1.0:
+        raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
     missing = [s.name for s in specs if s.name not in scores]
@@ -96,9 +104,12 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     target = sparsity * total
     removed = 0.0
     drop = [set() for _ in specs]
+    floor = [math.ceil(min_keep * s.count) for s in specs]
     for _, cost, si, g in entries:
         if removed >= target:
             break
+        if specs[si].count - len(drop[si]) <= floor[si]:
+            continue
         drop[si].add(g)
         removed += cost
     keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)

@@ -269,7 +269,7 @@ class SpamTrainer(Trainer):
         raise RuntimeError("no curvature yet: train with SpamTrainer or call fit_priors_posthoc() before pruning")
 
     def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
-              seed: int = 0) -> Selection:
+              seed: int = 0, min_keep: float = 0.0) -> Selection:
         """Score groups (OPD by default), select them under the budget, remove them physically.
 
         Returns the :class:`~spam_hf.selection.Selection` (``to_dict()`` is the JSON report). SpaM state
@@ -279,7 +279,8 @@ class SpamTrainer(Trainer):
         curv = None if method in ("magnitude", "random") else self.retained_curvature()
         scores = group_scores(model, self.specs, method, prior=self.prior, curvature=curv,
                               temperature=self.args.temperature, seed=seed)
-        selection = select_groups(model, self.specs, scores, sparsity, budget=budget, seq_len=seq_len)
+        selection = select_groups(model, self.specs, scores, sparsity, budget=budget, seq_len=seq_len,
+                                  min_keep=min_keep)
         old_prior, old_specs = self.prior, self.specs
         prune_groups(model, selection.keep)
         self.model_wrapped = self.model
