@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
@@ -139,19 +140,27 @@ def display_name(model_args: "ModelArguments", path: str) -> str:
 
 
 def _check_output_dir(path: str, overwrite: bool) -> None:
+    """Fail before any work when ``path`` is a non-empty directory (without ``overwrite``) or cannot be written.
+
+    Writability is probed for real (a temporary folder created and removed in the nearest existing
+    ancestor), so read-only mounts and files in the way are caught as well as permission bits.
+    """
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise ValueError(f"output dir {path!r} exists and is not a directory")
         if os.listdir(path) and not overwrite:
             raise ValueError(f"output dir {path!r} is not empty; pass --overwrite-output-dir to reuse it")
-        if not os.access(path, os.W_OK):
-            raise ValueError(f"output dir {path!r} is not writable")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output dir {path!r} cannot be created: {parent!r} is not writable")
+        probe_in = path
+    else:
+        probe_in = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(probe_in):
+            probe_in = os.path.dirname(probe_in)
+        if not os.path.isdir(probe_in):
+            raise ValueError(f"output dir {path!r} cannot be created: {probe_in!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".spam-hf-probe-", dir=probe_in))
+    except OSError as e:
+        raise ValueError(f"output dir {path!r} is not writable ({probe_in!r}: {e.strerror})") from None
 
 
 def _data_description(data_args: DataArguments) -> Tuple[str, str]:

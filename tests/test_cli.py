@@ -129,6 +129,18 @@ def test_output_dir_not_empty_needs_overwrite(tiny_setup, capsys):
     assert os.listdir(out) == ["keep.txt"]
 
 
+def test_output_dir_not_writable(tiny_setup, capsys):
+    model_dir, train, dev, tmp = tiny_setup
+    blocker = tmp / "a_file"
+    blocker.write_text("x")
+    rc = main(["compress", model_dir, "--train-file", train, "--output-dir", str(blocker / "out"), *FAST])
+    assert rc == 2 and "cannot be created" in capsys.readouterr().err
+    if os.path.isdir("/proc"):  # Linux: no one, root included, can create folders in /proc
+        rc = main(["compress", model_dir, "--train-file", train, "--output-dir", "/proc/spam-hf-test-out", *FAST])
+        err = capsys.readouterr().err
+        assert rc == 2 and "not writable" in err
+
+
 def test_nan_loss_exits_2_with_step(tiny_setup, capsys):
     model_dir, train, dev, tmp = tiny_setup
     rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--output-dir",
