@@ -48,6 +48,9 @@ def load_source(a):
         tr.load_spam_state(dense_dir)
         scores = group_scores(model, tr.specs, "opd", prior=tr.prior, curvature=tr.retained_curvature())
         return model, scores, f"OPD from {a.run_dir}"
+    if a.model_dir:
+        model = from_pretrained(a.model_dir).eval()
+        return model, group_scores(model, group_specs(model), "magnitude"), f"{a.model_dir}, magnitude selection"
     cfg = BertConfig(num_labels=2)  # bert-base-uncased shape: 12 layers, hidden 768, 12 heads, FFN 3072
     torch.manual_seed(0)
     model = BertForSequenceClassification(cfg).eval()
@@ -59,6 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default=None)
     p.add_argument("--bert-base", action="store_true")
+    p.add_argument("--model-dir", default=None, help="any supported checkpoint; magnitude selection")
     p.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9,0.95")
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--seq-len", type=int, default=128)
@@ -66,8 +70,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    if not a.run_dir and not a.bert_base:
-        p.error("give --run-dir or --bert-base")
+    if not (a.run_dir or a.bert_base or a.model_dir):
+        p.error("give --run-dir, --model-dir or --bert-base")
     model, scores, source = load_source(a)
     specs = group_specs(model)
     res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine":

@@ -1,0 +1,67 @@
+"""Tiny smoke runs of every benchmark script (the real runs are not part of the suite)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from spam_hf.cli import main
+
+from test_cli import FAST, tiny_setup, write_tsv  # noqa: F401  (tiny_setup is a fixture)
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def run(script, *args, cwd=None):
+    res = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
+                         cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_curvature_cost_smoke(tmp_path):
+    out = str(tmp_path / "cc.json")
+    run("curvature_cost.py", "--layers", "1", "--hidden", "32", "--heads", "2", "--intermediate", "48",
+        "--batch-size", "2", "--seq-len", "8", "--repeats", "1", "--out", out)
+    r = json.load(open(out))
+    assert r["step_s"]["plain"] > 0 and "kfac/reduce" in r["amortised_overhead"] and r["subsample_error"]
+
+
+def test_sst2_accuracy_smoke(tiny_setup, tmp_path):
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp_path / "acc.json")
+    run("sst2_accuracy.py", "--model", model_dir, "--train-file", train, "--dev-file", dev, "--epochs", "1",
+        "--batch-size", "8", "--sparsities", "0.5", "--recovery-sparsities", "0.5", "--recovery-steps", "1",
+        "--marglik-frequency", "2", "--n-hypersteps", "2", "--posthoc-batches", "2", "--max-seq-length", "16",
+        "--work-dir", str(tmp_path / "w"), "--out", out)
+    r = json.load(open(out))
+    assert {x["method"] for x in r["runs"]} == {"spam-opd", "posthoc-opd", "fisher", "magnitude", "random"}
+    assert all("accuracy_recovered" in x for x in r["runs"])
+    run("plot_sst2.py", out, "--out", str(tmp_path / "acc.png"))
+    assert os.path.getsize(tmp_path / "acc.png") > 1000
+
+
+def test_training_overhead_smoke(tiny_setup, tmp_path):
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp_path / "to.json")
+    run("training_overhead.py", "--model-path", model_dir, "--train-file", train, "--steps", "4", "--batch-size", "4",
+        "--max-seq-length", "16", "--marglik-frequency", "2", "--out", out)
+    r = json.load(open(out))
+    assert r["runs"]["kfac"]["time_ratio"] > 0 and r["runs"]["diag"]["peak_rss_ratio"] > 0
+
+
+def test_export_speed_and_reprune_lab_smoke(tiny_setup, tmp_path):
+    model_dir, train, dev, tmp = tiny_setup
+    run_dir = str(tmp / "run")
+    assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+                 "--output-dir", run_dir, *FAST]) == 0
+    out = str(tmp_path / "speed.json")
+    run("export_speed.py", "--run-dir", run_dir, "--sparsities", "0.5", "--seq-len", "16", "--repeats", "1",
+        "--out", out)
+    r = json.load(open(out))
+    assert r["rows"][0]["bs32"]["speedup"] > 0 and r["rows"][0]["block_flops_ratio"] > 1
+    out = str(tmp_path / "lab.json")
+    run("reprune_lab.py", "--run-dir", run_dir, "--dev-file", dev, "--sparsities", "0.5", "--max-seq-length", "16",
+        "--out", out)
+    r = json.load(open(out))
+    assert len(r["rows"]) == 3 * 2  # methods × floors
