@@ -1,6 +1,7 @@
 """Tiny random models built from configs (no downloads) shared by the tests."""
 
 import os
+import random
 
 import pytest
 import torch
@@ -69,3 +70,28 @@ def tiny_tokenizer(directory):
     with open(path, "w") as f:
         f.write("\n".join(words) + "\n")
     return BertTokenizerFast(vocab_file=path)
+
+
+def write_tsv(path, n, seed, label_col="label", labels=(0, 1)):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        f.write(f"sentence\t{label_col}\n")
+        for i in range(n):
+            y = labels[i % len(labels)]
+            words = [f"w{rng.randrange(10, 95)}" for _ in range(rng.randrange(3, 10))]
+            if y == labels[-1]:
+                words[rng.randrange(len(words))] = "w7"
+            f.write(" ".join(words) + f"\t{y}\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    """A tiny BERT classifier + tokenizer saved to disk, and small train/dev TSV files."""
+    model_dir = str(tmp_path / "tiny-bert")
+    model = tiny_classifier("bert", num_labels=2)
+    model.save_pretrained(model_dir)
+    tiny_tokenizer(model_dir).save_pretrained(model_dir)
+    train = write_tsv(tmp_path / "train.tsv", 64, 0)
+    dev = write_tsv(tmp_path / "dev.tsv", 24, 1)
+    return model_dir, train, dev, tmp_path

@@ -7,7 +7,7 @@ import sys
 
 from spam_hf.cli import main
 
-from test_cli import FAST, tiny_setup, write_tsv  # noqa: F401  (tiny_setup is a fixture)
+from test_cli import FAST
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 

@@ -2,38 +2,12 @@
 
 import json
 import os
-import random
 
 import pytest
 
 from spam_hf.cli import main
 
-from conftest import tiny_classifier, tiny_tokenizer
-
-
-def write_tsv(path, n, seed, label_col="label", labels=(0, 1)):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        f.write(f"sentence\t{label_col}\n")
-        for i in range(n):
-            y = labels[i % len(labels)]
-            words = [f"w{rng.randrange(10, 95)}" for _ in range(rng.randrange(3, 10))]
-            if y == labels[-1]:
-                words[rng.randrange(len(words))] = "w7"
-            f.write(" ".join(words) + f"\t{y}\n")
-    return str(path)
-
-
-@pytest.fixture
-def tiny_setup(tmp_path):
-    model_dir = str(tmp_path / "tiny-bert")
-    model = tiny_classifier("bert", num_labels=2)
-    model.save_pretrained(model_dir)
-    tiny_tokenizer(model_dir).save_pretrained(model_dir)
-    train = write_tsv(tmp_path / "train.tsv", 64, 0)
-    dev = write_tsv(tmp_path / "dev.tsv", 24, 1)
-    return model_dir, train, dev, tmp_path
-
+from conftest import tiny_classifier, write_tsv
 
 FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--marglik_frequency", "2",
         "--marglik_burn_in", "2", "--n_hypersteps", "3", "--curvature_every", "1", "--use_cpu", "True",
