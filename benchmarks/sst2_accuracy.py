@@ -54,6 +54,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--methods", default="spam-opd,posthoc-opd,fisher,magnitude,random")
     p.add_argument("--sparsities", default="0.3,0.5,0.6,0.7,0.8,0.9,0.95")
     p.add_argument("--recovery-sparsities", default="0.5,0.7,0.8,0.9")
+    p.add_argument("--min-keep", type=float, default=0.0, help="per-layer floor of kept heads / neurons")
     p.add_argument("--recovery-steps", type=int, default=200)
     p.add_argument("--recovery-lr", type=float, default=5e-5)
     p.add_argument("--marglik-frequency", type=int, default=200)
@@ -195,7 +196,7 @@ def main() -> None:
                 results.setdefault("skipped", []).append([method, s])
                 continue
             model = copy.deepcopy(src.model)
-            sel = select_groups(model, src.specs, scores, s, budget="params")
+            sel = select_groups(model, src.specs, scores, s, budget="params", min_keep=a.min_keep)
             prune_groups(model, sel.keep)
             row = {"method": method, "sparsity": s, "achieved": sel.achieved,
                    "accuracy": accuracy(model, data["validation"], collator),

@@ -33,7 +33,7 @@ def test_sst2_accuracy_smoke(tiny_setup, tmp_path):
     run("sst2_accuracy.py", "--model", model_dir, "--train-file", train, "--dev-file", dev, "--epochs", "1",
         "--batch-size", "8", "--sparsities", "0.5", "--recovery-sparsities", "0.5", "--recovery-steps", "1",
         "--marglik-frequency", "2", "--n-hypersteps", "2", "--posthoc-batches", "2", "--max-seq-length", "16",
-        "--work-dir", str(tmp_path / "w"), "--out", out)
+        "--min-keep", "0.25", "--work-dir", str(tmp_path / "w"), "--out", out)
     r = json.load(open(out))
     assert {x["method"] for x in r["runs"]} == {"spam-opd", "posthoc-opd", "fisher", "magnitude", "random"}
     assert all("accuracy_recovered" in x for x in r["runs"])
