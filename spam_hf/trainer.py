@@ -25,6 +25,7 @@ from transformers.utils import logging
 from .architectures import group_specs, prunable_modules
 from .arguments import SpamTrainingArguments
 from .curvature import CurvatureAccumulator
+from .export.save import save_pruned
 from .marglik import optimize_prior
 from .priors import PriorPrecision, params_aug
 from .scoring import group_scores
@@ -95,6 +96,7 @@ class SpamTrainer(Trainer):
             # sequence-level heads return a per-micro-batch mean and ignore `num_items_in_batch`; make the
             # Trainer divide by the accumulation steps so GA k×b equals one batch of k·b
             self.model_accepts_loss_kwargs = False
+        self._pruned = False
         self.add_callback(_MarglikCallback(self))
         self.timings = {"curvature_s": 0.0, "eigh_s": 0.0, "hypersteps_s": 0.0}
 
@@ -283,6 +285,7 @@ class SpamTrainer(Trainer):
                                   min_keep=min_keep)
         old_prior, old_specs = self.prior, self.specs
         prune_groups(model, selection.keep)
+        self._pruned = True
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None
         self._setup_spam_state()
@@ -343,9 +346,16 @@ class SpamTrainer(Trainer):
         self.marglik_history = list(meta.get("marglik_history", []))
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=_internal_call)
+        """The Trainer's save, plus the SpaM state; after :meth:`prune` the model is saved with
+        :func:`spam_hf.export.save_pruned` (per-layer sizes + remote code) so that it reloads."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self._pruned:
+            if self.args.should_save:
+                save_pruned(_unwrap(self.model), output_dir, tokenizer=self.processing_class)
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            self.save_spam_state(output_dir if output_dir is not None else self.args.output_dir)
+            self.save_spam_state(output_dir)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint:

@@ -165,6 +165,15 @@ def test_prune_removes_groups_and_training_continues(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         assert trainer.model(**batch).logits.shape == (4, 2)
+    # save_model after prune writes a checkpoint that reloads with its new sizes
+    out = str(tmp_path / "pruned")
+    trainer.save_model(out)
+    from spam_hf import from_pretrained
+
+    reloaded = from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trainer.model(**batch).logits, atol=1e-5, rtol=1e-5)
+    assert os.path.exists(os.path.join(out, PRIOR_FILE))
     # the old curvature belongs to the unpruned shapes: a second OPD prune needs new curvature first
     with pytest.raises(RuntimeError, match="no curvature yet"):
         trainer.prune(sparsity=0.5)
