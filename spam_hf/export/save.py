@@ -12,6 +12,7 @@ import inspect
 import os
 from typing import Optional
 
+import torch
 import transformers
 from torch import nn
 
@@ -30,7 +31,7 @@ def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dic
     if reference is None:
         cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
                                                  if k not in (SPAM_PRUNING_KEY, "auto_map")})
-        with _meta_device():
+        with torch.device("meta"):  # shapes only, no memory
             reference = _stock_class(model)(cfg)
     ref_mods = dict(reference.named_modules())
     shapes, empty = {}, {}
@@ -42,12 +43,6 @@ def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dic
             if (ref.in_features, ref.out_features) != (mod.in_features, mod.out_features):
                 shapes[name] = [mod.in_features, mod.out_features]
     return {"linear_shapes": shapes, "empty_attention": empty}
-
-
-def _meta_device():
-    import torch
-
-    return torch.device("meta")
 
 
 def _stock_class(model: nn.Module) -> type:
