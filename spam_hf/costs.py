@@ -37,6 +37,8 @@ def measure_latency(model: nn.Module, batch_size: int = 32, seq_len: int = 128, 
     model.eval()
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 30000))
+    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seq_len = min(seq_len, int(max_pos)) if max_pos else seq_len
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(vocab_low, vocab - 1), vocab, (batch_size, seq_len), generator=g).to(device)
     mask = torch.ones_like(ids)

@@ -1,7 +1,10 @@
-"""Training / evaluation data: task presets, Hub names or local csv/tsv/json files, tokenisation.
+"""Training / evaluation data: task presets, Hub names or local csv/tsv/json/txt files, tokenisation.
 
-Every loader returns a ``DatasetDict`` with ``train`` and ``validation`` splits that hold the
-text column(s) and an integer ``label`` column; :func:`tokenize` turns it into model inputs.
+Every loader returns a ``DatasetDict`` with ``train`` and ``validation`` splits. Classification
+data hold the text column(s) and an integer ``label`` column; language-modelling data (``--task
+wikitext`` or ``.txt`` files) hold one ``text`` column. :func:`tokenize` turns either into model
+inputs: padded-later sequences with labels, or packed blocks of ``max_seq_length`` tokens whose
+``labels`` are the ``input_ids`` (the causal-LM model shifts them).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class TaskPreset:
     train_split: str = "train"
     eval_split: str = "validation"
     metric: str = "accuracy"
+    kind: str = "classification"  # or "causal_lm"
 
 
 TASKS: Dict[str, TaskPreset] = {
@@ -34,7 +38,10 @@ TASKS: Dict[str, TaskPreset] = {
     "rte": TaskPreset(("nyu-mll/glue", "rte"), "sentence1", pair="sentence2"),
     "mnli": TaskPreset(("nyu-mll/glue", "mnli"), "premise", pair="hypothesis", eval_split="validation_matched"),
     "imdb": TaskPreset(("stanfordnlp/imdb",), "text", eval_split="test"),
+    "wikitext": TaskPreset(("Salesforce/wikitext", "wikitext-2-raw-v1"), "text", label=None, metric="perplexity",
+                           kind="causal_lm"),
 }
+LM_EXTENSIONS = (".txt",)
 
 
 @dataclass
@@ -43,12 +50,14 @@ class DataArguments:
 
     task: Optional[str] = field(default=None, metadata={"help": f"Task preset: {', '.join(TASKS)}. Without a task "
                                                                 "and without files, the packaged SST-2 sample."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl)."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl; "
+                                                                      ".txt = plain text for language modelling)."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation file."})
     text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: the task's, or 'sentence'/'text')."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence pairs."})
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default 'label')."})
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens (language "
+                                                                       "modelling: the packed block length)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use a random subset of this many training rows."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first this many validation rows."})
     subset_seed: int = field(default=0, metadata={"help": "Seed for the training subset."})
@@ -64,9 +73,26 @@ class DataArguments:
         if self.max_seq_length < 2:
             raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
 
+        if self.task and TASKS[self.task].kind == "causal_lm" and self.train_file and \
+                os.path.splitext(self.train_file)[1].lower() not in LM_EXTENSIONS + (".json", ".jsonl"):
+            raise ValueError(f"task {self.task!r} is language modelling: --train-file must be .txt, .json or .jsonl")
+
     @property
     def uses_packaged_sample(self) -> bool:
         return self.task is None and self.train_file is None
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """Language modelling: a causal-LM task preset, or plain-text (``.txt``) files."""
+        if self.task:
+            return TASKS[self.task].kind == "causal_lm"
+        return bool(self.train_file) and os.path.splitext(self.train_file)[1].lower() in LM_EXTENSIONS
+
+    @property
+    def metric(self) -> str:
+        if self.task:
+            return TASKS[self.task].metric
+        return "perplexity" if self.is_causal_lm else "accuracy"
 
 
 def packaged_sst2_files() -> Tuple[str, str]:
@@ -90,7 +116,9 @@ def _load_files(train: str, validation: Optional[str]) -> DatasetDict:
         return load_dataset("csv", data_files=files, keep_default_na=False, **kw)
     if ext in (".json", ".jsonl"):
         return load_dataset("json", data_files=files)
-    raise ValueError(f"unsupported data file type {ext!r} for {train}; use .csv, .tsv, .json or .jsonl")
+    if ext in LM_EXTENSIONS:
+        return load_dataset("text", data_files=files)
+    raise ValueError(f"unsupported data file type {ext!r} for {train}; use .csv, .tsv, .json, .jsonl or .txt")
 
 
 def _hub_offline() -> bool:
@@ -118,8 +146,12 @@ def load_raw_data(args: DataArguments) -> Tuple[DatasetDict, str, Optional[str],
     text = args.text_column or (preset.text if preset else next((c for c in ("sentence", "text") if c in columns), None))
     pair = args.text_pair_column or (preset.pair if preset else None)
     label = args.label_column or (preset.label if preset else "label")
+    if args.is_causal_lm:
+        pair = label = None
     for split, ds in dsd.items():
         for role, col in (("text", text), ("text pair", pair), ("label", label)):
+            if role == "label" and args.is_causal_lm:
+                continue
             if role != "text pair" and col is None:
                 raise ValueError(f"no {role} column given and none found; available columns: {', '.join(ds.column_names)}")
             if col is not None and col not in ds.column_names:
@@ -133,7 +165,8 @@ def load_raw_data(args: DataArguments) -> Tuple[DatasetDict, str, Optional[str],
         dsd["train"] = dsd["train"].shuffle(seed=args.subset_seed).select(range(min(args.max_train_samples, len(dsd["train"]))))
     if args.max_eval_samples:
         dsd["validation"] = dsd["validation"].select(range(min(args.max_eval_samples, len(dsd["validation"]))))
-    dsd = _normalise_labels(dsd, label)
+    if label is not None:
+        dsd = _normalise_labels(dsd, label)
     return dsd, text, pair, label
 
 
@@ -165,8 +198,46 @@ def _normalise_labels(dsd: DatasetDict, label: str) -> DatasetDict:
     return dsd
 
 
-def tokenize(dsd: DatasetDict, tokenizer, text: str, pair: Optional[str], label: str, max_length: int) -> DatasetDict:
-    """Model inputs (``input_ids``, ``attention_mask``, ``labels``), truncated to ``max_length``; pad in the collator."""
+def pack_blocks(dsd: DatasetDict, tokenizer, text: str, block_size: int) -> DatasetDict:
+    """Causal-LM inputs: every split's text tokenised, concatenated and cut into blocks of ``block_size``.
+
+    Each block has ``input_ids``, ``attention_mask`` (all ones) and ``labels == input_ids``; the
+    remainder shorter than a block is dropped (as in transformers' ``run_clm``).
+    """
+    def tok(batch):
+        return tokenizer(batch[text], add_special_tokens=False)
+
+    def group(batch):
+        ids = [t for seq in batch["input_ids"] for t in seq]
+        n = (len(ids) // block_size) * block_size
+        blocks = [ids[i:i + block_size] for i in range(0, n, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks],
+                "labels": [list(b) for b in blocks]}
+
+    out = {}
+    for split, ds in dsd.items():
+        enc = ds.map(tok, batched=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
+        # one batch per 1,000 lines: the remainder of each batch is dropped, as in run_clm
+        out[split] = enc.map(group, batched=True, batch_size=1000, remove_columns=enc.column_names,
+                             desc=f"packing {split} into blocks of {block_size}")
+        if len(out[split]) == 0:
+            raise ValueError(f"the {split} text has fewer than {block_size} tokens: no block to train or evaluate "
+                             "on; lower --max-seq-length or give more text")
+    res = DatasetDict(out)
+    res.num_labels = None  # type: ignore[attr-defined]
+    res.label_names = None  # type: ignore[attr-defined]
+    return res
+
+
+def tokenize(dsd: DatasetDict, tokenizer, text: str, pair: Optional[str], label: Optional[str],
+             max_length: int) -> DatasetDict:
+    """Model inputs (``input_ids``, ``attention_mask``, ``labels``), truncated to ``max_length``; pad in the collator.
+
+    Without a ``label`` column (language modelling) the text is packed with :func:`pack_blocks`.
+    """
+    if label is None:
+        return pack_blocks(dsd, tokenizer, text, max_length)
+
     def fn(batch):
         args = (batch[text],) if pair is None else (batch[text], batch[pair])
         enc = tokenizer(*args, truncation=True, max_length=max_length)

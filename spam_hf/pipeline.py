@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import math
 import os
 import shutil
 import socket
@@ -20,8 +21,8 @@ from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          Trainer, TrainingArguments)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator)
 from transformers.utils import logging
 
 from .architectures import get_family
@@ -173,7 +174,17 @@ def _data_description(data_args: DataArguments) -> Tuple[str, str]:
 
 
 def _metric_name(data_args: DataArguments) -> str:
-    return TASKS[data_args.task].metric if data_args.task else "accuracy"
+    return data_args.metric
+
+
+def collator_for(data, tokenizer):
+    """Packed LM blocks have equal length (stack them); classification inputs are padded per batch."""
+    return default_data_collator if getattr(data, "num_labels", None) is None else DataCollatorWithPadding(tokenizer)
+
+
+def _metrics_for(metric: str):
+    """``compute_metrics`` for the Trainer; none for perplexity (from ``eval_loss``, logits never gathered)."""
+    return None if metric == "perplexity" else compute_metrics_fn(metric)
 
 
 def _fmt_int(x: float) -> str:
@@ -185,7 +196,10 @@ def _fmt_flops(x: float) -> str:
 
 
 def _evaluate(trainer: Trainer, dataset, metric: str) -> float:
+    """``metric`` on ``dataset``; perplexity is ``exp`` of the mean token loss."""
     res = trainer.evaluate(eval_dataset=dataset)
+    if metric == "perplexity":
+        return float(math.exp(min(res["eval_loss"], 700.0)))
     return float(res[f"eval_{metric}"])
 
 
@@ -225,18 +239,33 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, train_args: Tr
     get_family(config.model_type)  # unsupported architecture: fails before any training
     raw, text, pair, label = load_raw_data(data_args)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and label is not None:  # decoders: pad classification batches with EOS
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
     data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
     return path, config, tokenizer, data
 
 
-def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]] = None):
+def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]] = None, tokenizer=None):
     kw = {}
     if label_names:
         kw = dict(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        kw["pad_token_id"] = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                ignore_mismatched_sizes=True, **kw)
     get_family(model)
     return model
+
+
+def load_model(path: str, data, tokenizer=None):
+    """``AutoModelForCausalLM`` for packed LM data, else a sequence classifier with the data's labels."""
+    if getattr(data, "num_labels", None) is None:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        get_family(model)
+        return model
+    return load_classifier(path, data.num_labels, data.label_names, tokenizer)
 
 
 def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
@@ -247,13 +276,13 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     path, config, tokenizer, data = prepare(model_args, data_args, train_args)
     metric = _metric_name(data_args)
     os.makedirs(out_dir, exist_ok=True)
-    model = load_classifier(path, data.num_labels, data.label_names)
-    collator = DataCollatorWithPadding(tokenizer)
+    model = load_model(path, data, tokenizer)
+    collator = collator_for(data, tokenizer)
     train_args = copy.deepcopy(train_args)
     if args.training in ("plain", "none"):
         train_args.marglik_frequency = 0
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
-                          data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics_fn(metric))
+                          data_collator=collator, processing_class=tokenizer, compute_metrics=_metrics_for(metric))
     if args.training == "spam":
         trainer.train()
     elif args.training == "plain":
@@ -292,8 +321,8 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
                         num_train_epochs=args.recovery_epochs or 1, max_steps=args.recovery_steps or -1,
                         save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
         rec = Trainer(model=model, args=TrainingArguments(**rec_args), train_dataset=data["train"],
-                      eval_dataset=data["validation"], data_collator=DataCollatorWithPadding(tokenizer),
-                      processing_class=tokenizer, compute_metrics=compute_metrics_fn(metric))
+                      eval_dataset=data["validation"], data_collator=collator_for(data, tokenizer),
+                      processing_class=tokenizer, compute_metrics=_metrics_for(metric))
         rec.train()
         recovered = _evaluate(rec, data["validation"], metric)
         pruned[f"{metric}_before_recovery"] = pruned[metric]
@@ -392,8 +421,8 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     metric = _metric_name(data_args)
     model = from_pretrained(dense_dir)
     trainer = SpamTrainer(model=model, args=train_args, eval_dataset=data["validation"],
-                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                          compute_metrics=compute_metrics_fn(metric))
+                          data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
+                          compute_metrics=_metrics_for(metric))
     trainer.load_spam_state(dense_dir)
     dense = None
     report_path = os.path.join(run_dir, REPORT_FILE)
@@ -423,8 +452,8 @@ def evaluate_checkpoint(model_dir: str, data_args: DataArguments, seq_len: int =
     data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
     metric = _metric_name(data_args)
     args = TrainingArguments(output_dir=os.path.join(model_dir, ".eval_tmp"), report_to=[], per_device_eval_batch_size=64)
-    trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
-                      processing_class=tokenizer, compute_metrics=compute_metrics_fn(metric))
+    trainer = Trainer(model=model, args=args, data_collator=collator_for(data, tokenizer),
+                      processing_class=tokenizer, compute_metrics=_metrics_for(metric))
     res = _snapshot(trainer, data["validation"], metric, seq_len, batch_size, True)
     print_table([("parameters", _fmt_int(res["params"]), ""), ("block parameters", _fmt_int(res["block_params"]), ""),
                  (f"block FLOPs (T={seq_len})", _fmt_flops(res["block_flops"]), ""), (metric, f"{res[metric]:.4f}", ""),

@@ -315,6 +315,7 @@ class SpamTrainer(Trainer):
                       metadata={"kind": self.curvature.kind, "reduction": self.curvature.reduction,
                                 "fisher": self.curvature.fisher})
         meta = {"prior": self.prior.kind, "curvature": self.curvature.kind, "n_data": self.n_data,
+                "likelihood": self.likelihood, "kfac_reduction": self.curvature.reduction,
                 "temperature": self.args.temperature, "live_curvature": float(self.curvature.n) > 0,
                 "loss_sum": float(self._loss_sum), "loss_count": self._loss_count,
                 "marglik_history": self.marglik_history}

@@ -95,3 +95,61 @@ def tiny_setup(tmp_path):
     train = write_tsv(tmp_path / "train.tsv", 64, 0)
     dev = write_tsv(tmp_path / "dev.tsv", 24, 1)
     return model_dir, train, dev, tmp_path
+
+
+DECODER_TYPES = ["gpt2", "llama", "mistral", "qwen2"]
+
+
+def tiny_decoder_config(model_type: str, **overrides):
+    """A 2-layer decoder config: 4 query heads of width 8; LLaMA-layout ones with 2 KV heads (GQA)."""
+    from transformers import AutoConfig
+
+    if model_type == "gpt2":
+        kw = dict(n_embd=32, n_head=4, n_inner=48, n_layer=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    else:
+        kw = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                  num_hidden_layers=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(vocab_size=100, num_labels=3)
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_causal_lm(model_type: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_decoder_config(model_type, **overrides))
+    model.eval()
+    return model
+
+
+def tiny_lm_batch(batch: int = 3, seq: int = 12, vocab: int = 100, seed: int = 0):
+    """Token blocks with ``labels = input_ids`` (the causal-LM convention; the model shifts)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def write_text(path, n_lines, seed):
+    """Plain text in the tiny tokenizer's vocabulary (a repeating pattern a model can learn)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_lines):
+            start = rng.randrange(10, 60)
+            f.write(" ".join(f"w{start + (k % 7)}" for k in range(rng.randrange(6, 20))) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_lm_setup(tmp_path):
+    """A tiny LLaMA causal LM + tokenizer saved to disk and train/valid text files; returns a factory by type."""
+    def make(model_type="llama"):
+        model_dir = str(tmp_path / f"tiny-{model_type}")
+        tiny_causal_lm(model_type).save_pretrained(model_dir)
+        tok = tiny_tokenizer(model_dir)
+        tok.eos_token = "[SEP]"
+        tok.save_pretrained(model_dir)
+        return (model_dir, write_text(tmp_path / "train.txt", 120, 0), write_text(tmp_path / "valid.txt", 40, 1),
+                tmp_path)
+    return make

@@ -160,3 +160,41 @@ def test_plain_training_then_posthoc_priors(tiny_setup):
     assert rc == 0
     report = json.load(open(os.path.join(out, "pruning_report.json")))
     assert report["method"] == "opd" and report["selection"]["sparsity_achieved"] >= 0.4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_causal_lm_compress_end_to_end(tiny_lm_setup, model_type):
+    """Text files -> packed blocks -> SpamTrainer (token-level curvature) -> prune -> perplexity -> export."""
+    model_dir, train, valid, tmp = tiny_lm_setup(model_type)
+    out = str(tmp / "run")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", valid, "--sparsity", "0.5",
+               "--output-dir", out, *FAST])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["metric"] == "perplexity"
+    assert 1.0 < report["dense"]["perplexity"] < 100 and report["pruned"]["perplexity"] > 1.0
+    assert report["selection"]["sparsity_achieved"] >= 0.5
+    state = json.load(open(os.path.join(out, "dense", "spam_state.json")))
+    assert state["likelihood"] == "causal_lm" and state["kfac_reduction"] == "expand"
+    from spam_hf.export import from_pretrained
+
+    m = from_pretrained(os.path.join(out, "model")).eval()
+    assert type(m).__name__.endswith("ForCausalLM") or type(m).__name__.endswith("LMHeadModel")
+    import torch
+
+    ids = torch.tensor([[5, 20, 21, 22]])
+    assert m.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
+
+
+def test_decoder_sequence_classification(tiny_lm_setup):
+    """A decoder checkpoint with classification data: *ForSequenceClassification, padded with EOS."""
+    model_dir, _, _, tmp = tiny_lm_setup("gpt2")
+    train, dev = write_tsv(tmp / "train.tsv", 48, 0), write_tsv(tmp / "dev.tsv", 16, 1)
+    out = str(tmp / "cls")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.3",
+               "--output-dir", out, *FAST])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["metric"] == "accuracy" and 0.0 <= report["pruned"]["accuracy"] <= 1.0
+    cfg = json.load(open(os.path.join(out, "model", "config.json")))
+    assert cfg["architectures"] == ["GPT2ForSequenceClassification"]

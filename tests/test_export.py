@@ -13,7 +13,7 @@ from spam_hf.architectures import group_specs
 from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.surgery import prune_groups
 
-from conftest import tiny_batch, tiny_classifier, tiny_tokenizer
+from conftest import DECODER_TYPES, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch, tiny_tokenizer
 from test_surgery import random_keep
 
 
@@ -42,16 +42,25 @@ def test_export_round_trip(tmp_path, model_type):
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-def test_remote_code_loads_without_spam_hf(tmp_path):
-    """AutoModelForSequenceClassification.from_pretrained(..., trust_remote_code=True) in a Python where
-    importing spam_hf fails."""
-    model = tiny_classifier("bert")
-    prune_groups(model, random_keep(group_specs(model), seed=5, drop_all_layer=0))
-    batch = tiny_batch()
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+def test_remote_code_loads_without_spam_hf(tmp_path, model_type):
+    """AutoModelFor*.from_pretrained(..., trust_remote_code=True) in a Python where importing spam_hf fails
+    (GPT-2: Conv1D shapes, head counts and a zero-neuron MLP rebuilt by the remote code; generate() too)."""
+    if model_type == "bert":
+        model, auto, batch = tiny_classifier("bert"), "AutoModelForSequenceClassification", tiny_batch()
+    else:
+        model, auto, batch = tiny_causal_lm("gpt2"), "AutoModelForCausalLM", tiny_lm_batch()
+    specs = group_specs(model)
+    keep = random_keep(specs, seed=5, drop_all_layer=0)
+    if model_type == "gpt2":
+        keep[specs[-1].name] = torch.tensor([], dtype=torch.long)  # last MLP loses every neuron
+    prune_groups(model, keep)
     expected = logits(model, batch)
+    ids = batch["input_ids"]
+    gen = greedy(model, ids) if model_type == "gpt2" else None
     out = str(tmp_path / "export")
     save_pruned(model, out)
-    torch.save({"batch": batch, "expected": expected}, str(tmp_path / "io.pt"))
+    torch.save({"batch": batch, "expected": expected, "gen": gen}, str(tmp_path / "io.pt"))
     script = textwrap.dedent(f"""
         import sys, types
         class Block:
@@ -65,18 +74,22 @@ def test_remote_code_loads_without_spam_hf(tmp_path):
         except ImportError:
             pass
         import torch
-        from transformers import AutoModelForSequenceClassification
-        m = AutoModelForSequenceClassification.from_pretrained({out!r}, trust_remote_code=True).eval()
+        from transformers import {auto}
+        m = {auto}.from_pretrained({out!r}, trust_remote_code=True).eval()
         io = torch.load({str(tmp_path / 'io.pt')!r})
         b = io["batch"]
         with torch.no_grad():
             got = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         torch.testing.assert_close(got, io["expected"], atol=1e-5, rtol=1e-5)
+        if io["gen"] is not None:
+            ids = b["input_ids"]
+            g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert torch.equal(g, io["gen"])
         print("REMOTE_OK", type(m).__name__)
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(tmp_path))
-    assert "REMOTE_OK SpamBertForSequenceClassification" in res.stdout, res.stderr[-3000:]
+    assert f"REMOTE_OK Spam{type(model).__name__}" in res.stdout, res.stderr[-3000:]
 
 
 def test_unpruned_export_is_stock(tmp_path):
@@ -89,3 +102,53 @@ def test_unpruned_export_is_stock(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     batch = tiny_batch()
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch))
+
+
+def greedy(model, ids, n=6):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_decoder_export_round_trip_and_generate(tmp_path, model_type):
+    model = tiny_causal_lm(model_type)
+    prune_groups(model, random_keep(group_specs(model), seed=6, drop_all_layer=1))
+    ids = tiny_lm_batch()["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = str(tmp_path / "export")
+    assert save_pruned(model, out) == "remote_code"
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert list(cfg["auto_map"]) == ["AutoModelForCausalLM"]
+    loaded = from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(greedy(loaded, ids), greedy(model, ids))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_uniform_decoder_result_exports_as_stock(tmp_path, model_type):
+    """Same number of KV groups / neurons in every layer: a stock config, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_causal_lm(model_type)
+    keep = {}
+    for s in group_specs(model):
+        if s.kind == "neuron":
+            keep[s.name] = torch.arange(0, s.count, 2)  # every other neuron
+        elif model_type != "gpt2":  # GPT-2 derives head_dim from n_embd / n_head: heads stay
+            keep[s.name] = torch.tensor([1])
+    prune_groups(model, keep)
+    ids = tiny_lm_batch()["input_ids"]
+    out = str(tmp_path / "stock")
+    assert save_pruned(model, out) == "stock"
+    assert "modeling_spam.py" not in os.listdir(out)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert "auto_map" not in cfg and "spam_pruning" not in cfg
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(greedy(loaded, ids), greedy(model, ids))
+    if model_type != "gpt2":
+        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]) == (2, 1, 24)

@@ -6,7 +6,7 @@ import torch
 from spam_hf.architectures import group_specs
 from spam_hf.surgery import mask_groups, prune_groups
 
-from conftest import ENCODER_TYPES, tiny_batch, tiny_classifier
+from conftest import DECODER_TYPES, ENCODER_TYPES, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 
 
 def random_keep(specs, seed, drop_all_layer=None):
@@ -53,3 +53,27 @@ def test_pruned_model_trains(bert):
     loss = bert(**batch).loss
     loss.backward()
     assert all(p.grad is not None for p in bert.parameters() if p.requires_grad and p.numel())
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_decoder_pruned_logits_and_greedy_generation_equal_masked(model_type):
+    """Layer 0 loses every head (its ZeroHeadAttention must keep the KV cache aligned for generate())."""
+    batch = tiny_lm_batch()
+    masked, pruned = tiny_causal_lm(model_type), tiny_causal_lm(model_type)
+    specs = group_specs(masked)
+    keep = random_keep(specs, seed=4)
+    keep[specs[0].name] = torch.tensor([], dtype=torch.long)
+    mask_groups(masked, specs, keep)
+    prune_groups(pruned, keep)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in masked.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(batch["input_ids"]).logits, masked(batch["input_ids"]).logits,
+                                   atol=1e-5, rtol=1e-5)
+        kw = dict(max_new_tokens=6, do_sample=False, attention_mask=batch["attention_mask"], pad_token_id=0)
+        assert torch.equal(pruned.generate(batch["input_ids"], **kw), masked.generate(batch["input_ids"], **kw))
+    pruned.train()
+    pruned(**batch).loss.backward()
+    no_grad = {n for n, p in pruned.named_parameters() if p.requires_grad and p.numel() and p.grad is None}
+    # only the norm feeding layer 0's (now constant) attention is unused
+    assert no_grad <= {"transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
+                       "model.layers.0.input_layernorm.weight"}, no_grad

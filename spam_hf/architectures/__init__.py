@@ -11,7 +11,7 @@ from .base import (
     validate_specs,
     weight_out_in,
 )
-from . import bert  # noqa: F401  (registers the encoder families)
+from . import bert, gpt2, llama  # noqa: F401  (register the families)
 
 __all__ = [
     "ArchitectureFamily",

@@ -175,6 +175,14 @@ class ArchitectureFamily:
         """Physically keep only groups ``keep[spec.name]`` (sorted LongTensor) of each spec, in place."""
         raise NotImplementedError
 
+    def stock_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
+        """Config overrides under which the stock class builds ``model``'s (pruned) shapes, or ``None``.
+
+        Export writes a stock checkpoint (no remote code) when these overrides reproduce every module
+        shape; families return ``None`` when per-layer sizes differ.
+        """
+        return None
+
 
 _REGISTRY: Dict[str, ArchitectureFamily] = {}
 
@@ -254,16 +262,32 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def shrink_linear(module: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> nn.Linear:
-    """A new ``nn.Linear`` keeping output ``rows`` and input ``cols`` (with their bias entries)."""
-    w = module.weight.detach()
+def base_prefix(model: nn.Module) -> str:
+    """Dotted path of the base model inside ``model`` plus a dot ('' when ``model`` is the base model)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix):
+        return prefix + "."
+    return ""
+
+
+def shrink_linear(module: nn.Module, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> nn.Module:
+    """A new layer of the same type (``nn.Linear`` or ``Conv1D``) keeping output ``rows`` and input ``cols``.
+
+    Bias entries of kept rows are kept. Rows and columns are those of the ``out × in`` view.
+    """
+    w = weight_out_in(module).detach()
     if rows is not None:
         w = w.index_select(0, rows.to(w.device))
     if cols is not None:
         w = w.index_select(1, cols.to(w.device))
-    new = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    if isinstance(module, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    else:  # Conv1D(nf=out, nx=in), weight stored in × out; one that accepts zero input features
+        from ..export.modeling_spam import conv1d  # export imports this module: import at use
+
+        new = conv1d(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        new.weight.copy_(w)
+        weight_out_in(new).copy_(w)
         if module.bias is not None:
             b = module.bias.detach()
             new.bias.copy_(b.index_select(0, rows.to(b.device)) if rows is not None else b)

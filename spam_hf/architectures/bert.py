@@ -18,15 +18,7 @@ import torch
 from torch import nn
 
 from ..export.modeling_spam import ZeroHeadAttention
-from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_linear
-
-
-def _base_prefix(model: nn.Module) -> str:
-    """Dotted path of the base encoder inside ``model`` ('' when ``model`` is the base model)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    if prefix and hasattr(model, prefix):
-        return prefix + "."
-    return ""
+from .base import ArchitectureFamily, GroupSpec, base_prefix, contiguous_blocks, register, set_module, shrink_linear
 
 
 class _EncoderFamily(ArchitectureFamily):
@@ -35,12 +27,13 @@ class _EncoderFamily(ArchitectureFamily):
     q = k = v = o = up = down = ""
     attention_path: str = ""  # module replaced when a layer loses all heads
     attention_out_child: str | None = None  # child of attention_path kept as output projection
+    intermediate_key: str = "intermediate_size"  # config key of the MLP width
 
     def layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.get_submodule(_base_prefix(model) + self.layers_path)
+        return model.get_submodule(base_prefix(model) + self.layers_path)
 
     def _layer_name(self, model: nn.Module, i: int) -> str:
-        return f"{_base_prefix(model)}{self.layers_path}.{i}"
+        return f"{base_prefix(model)}{self.layers_path}.{i}"
 
     def _head_dim(self, model: nn.Module) -> int:
         raise NotImplementedError
@@ -95,6 +88,17 @@ class _EncoderFamily(ArchitectureFamily):
                     set_module(model, path, ZeroHeadAttention(out_proj, self.attention_out_child))
 
 
+    def stock_config(self, model: nn.Module):
+        """``{intermediate_size: I}`` when every layer kept all heads and the same number ``I`` of neurons."""
+        specs = self.group_specs(model)
+        heads = [s.count for s in specs if s.kind == "head"]
+        neurons = {s.count for s in specs if s.kind == "neuron"}
+        n_layers = len(self.layers(model))
+        if len(heads) != n_layers or len(set(heads)) != 1 or len(neurons) != 1:
+            return None
+        return {self.intermediate_key: neurons.pop()}
+
+
 @register
 class BertFamily(_EncoderFamily):
     model_types = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "data2vec-text", "xmod",
@@ -119,6 +123,7 @@ class DistilBertFamily(_EncoderFamily):
     up, down = "ffn.lin1", "ffn.lin2"
     attention_path = "attention"
     attention_out_child = "out_lin"
+    intermediate_key = "hidden_dim"
 
     def _head_dim(self, model: nn.Module) -> int:
         c = model.config

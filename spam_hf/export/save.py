@@ -16,33 +16,62 @@ import torch
 import transformers
 from torch import nn
 
+from ..architectures.base import get_family, in_out_features
 from . import modeling_spam
 from .modeling_spam import SPAM_PRUNING_KEY, SpamPrunedMixin, ZeroHeadAttention, apply_spam_pruning
 
 REMOTE_CODE_FILE = "modeling_spam.py"
 
 
-def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dict:
-    """``{"linear_shapes": ..., "empty_attention": ...}`` describing how ``model`` differs from its stock config.
+#: integer attributes attention modules read in ``forward`` (recorded when pruning changed them)
+RUNTIME_ATTRS = ("num_heads", "split_size", "num_attention_heads", "all_head_size", "n_heads",
+                 "num_key_value_groups")
 
-    Shapes are recorded for every Linear whose shape differs from ``reference`` (a stock model built
-    from the same config; built here when not given).
+
+def _stock_config(model: nn.Module, overrides: Optional[dict] = None):
+    """``model.config`` without spam-hf's keys, with ``overrides`` applied (a new config object)."""
+    d = {k: v for k, v in model.config.to_dict().items() if k not in (SPAM_PRUNING_KEY, "auto_map")}
+    d.update(overrides or {})
+    return model.config.__class__.from_dict(d)
+
+
+def _reference(model: nn.Module, overrides: Optional[dict] = None) -> nn.Module:
+    with torch.device("meta"):  # shapes only, no memory
+        return _stock_class(model)(_stock_config(model, overrides))
+
+
+def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dict:
+    """``{"linear_shapes", "module_attrs", "empty_attention"}``: how ``model`` differs from ``reference``.
+
+    ``reference`` is a stock model built from the same config (built here on the meta device when
+    not given). Shapes are recorded for every Linear/Conv1D whose shape differs, attributes from
+    :data:`RUNTIME_ATTRS` whose value differs, and every :class:`ZeroHeadAttention`.
     """
-    if reference is None:
-        cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
-                                                 if k not in (SPAM_PRUNING_KEY, "auto_map")})
-        with torch.device("meta"):  # shapes only, no memory
-            reference = _stock_class(model)(cfg)
+    reference = _reference(model) if reference is None else reference
     ref_mods = dict(reference.named_modules())
-    shapes, empty = {}, {}
+    shapes, attrs, empty = {}, {}, {}
     for name, mod in model.named_modules():
+        ref = ref_mods.get(name)
         if isinstance(mod, ZeroHeadAttention):
-            empty[name] = mod.out_child
-        elif isinstance(mod, nn.Linear) and isinstance(ref_mods.get(name), nn.Linear):
-            ref = ref_mods[name]
-            if (ref.in_features, ref.out_features) != (mod.in_features, mod.out_features):
-                shapes[name] = [mod.in_features, mod.out_features]
-    return {"linear_shapes": shapes, "empty_attention": empty}
+            empty[name] = mod.spec()
+            continue
+        if ref is None:
+            continue
+        try:
+            got, want = in_out_features(mod), in_out_features(ref)
+        except TypeError:
+            got = want = None
+        if got != want:
+            shapes[name] = list(got)
+        changed = {a: int(getattr(mod, a)) for a in RUNTIME_ATTRS
+                   if isinstance(getattr(mod, a, None), int) and getattr(mod, a) != getattr(ref, a, None)}
+        if changed:
+            attrs[name] = changed
+    return {"linear_shapes": shapes, "module_attrs": attrs, "empty_attention": empty}
+
+
+def is_stock(spec: dict) -> bool:
+    return not any(spec.values())
 
 
 def _stock_class(model: nn.Module) -> type:
@@ -86,6 +115,13 @@ def save_pruned(model: nn.Module, output_dir: str, tokenizer=None, extra_config:
     """
     os.makedirs(output_dir, exist_ok=True)
     spec = pruning_spec(model)
+    overrides = get_family(model).stock_config(model) if not is_stock(spec) else None
+    if overrides:
+        spec_with = pruning_spec(model, _reference(model, overrides))
+        if is_stock(spec_with):  # expressible in the stock class: a uniform result
+            spec = spec_with
+            for key, value in overrides.items():
+                setattr(model.config, key, value)
     base = _stock_class(model)
     config = model.config
     for key in (SPAM_PRUNING_KEY, "auto_map"):
@@ -93,7 +129,7 @@ def save_pruned(model: nn.Module, output_dir: str, tokenizer=None, extra_config:
             delattr(config, key)
     config.architectures = [base.__name__]
     kind = "stock"
-    if spec["linear_shapes"] or spec["empty_attention"]:
+    if not is_stock(spec):
         kind = "remote_code"
         setattr(config, SPAM_PRUNING_KEY, {**spec, **(extra_config or {})})
         config.auto_map = {_auto_class_for(base): f"modeling_spam.Spam{base.__name__}"}

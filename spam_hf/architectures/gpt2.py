@@ -1,0 +1,97 @@
+"""GPT-2: transformers ``Conv1D`` layers (weights stored ``in × out``) and a fused ``c_attn``.
+
+Block ``i`` (under ``transformer.h.i``), with ``H`` heads of width ``d`` and ``E = H·d``:
+
+* head ``h``: rows ``h·d:(h+1)·d`` of each third of ``attn.c_attn`` (query at offset 0, key at
+  ``E``, value at ``2E``; with their bias entries), columns ``h·d:(h+1)·d`` of ``attn.c_proj``;
+* neuron ``j``: row ``j`` of ``mlp.c_fc`` (+ bias), column ``j`` of ``mlp.c_proj``.
+
+Rows and columns are those of the ``out × in`` view (:func:`~spam_hf.architectures.base.weight_out_in`),
+so curvature, priors and scoring never see the transposed storage. After head pruning the attention
+module's ``num_heads`` and ``split_size`` (the width of each third of ``c_attn``) are updated; export
+records them in ``spam_pruning.module_attrs``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..export.modeling_spam import ZeroHeadAttention
+from .base import ArchitectureFamily, GroupSpec, base_prefix, contiguous_blocks, register, set_module, shrink_linear
+
+
+@register
+class GPT2Family(ArchitectureFamily):
+    model_types = ("gpt2",)
+
+    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.get_submodule(base_prefix(model) + "h")
+
+    def _layer_name(self, model: nn.Module, i: int) -> str:
+        return f"{base_prefix(model)}h.{i}"
+
+    @staticmethod
+    def _head_dim(model: nn.Module) -> int:
+        c = model.config
+        if getattr(c, "add_cross_attention", False):
+            raise ValueError("GPT-2 with cross-attention is not supported (its crossattention layers are not grouped)")
+        return int(c.n_embd // c.n_head)
+
+    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
+        d = self._head_dim(model)
+        specs: List[GroupSpec] = []
+        for i, block in enumerate(self.layers(model)):
+            ln = self._layer_name(model, i)
+            if not isinstance(block.attn, ZeroHeadAttention):
+                width = block.attn.c_attn.weight.shape[1] // 3  # Conv1D weight: in × out (= 3·H·d)
+                heads = width // d
+                if heads:
+                    blocks = contiguous_blocks(heads, d)
+                    qkv = torch.cat([blocks, blocks + width, blocks + 2 * width], dim=1)  # [H, 3d]
+                    specs.append(GroupSpec(
+                        kind="head", layer=i, count=heads, attn_dim=d,
+                        row_index={f"{ln}.attn.c_attn": qkv}, col_index={f"{ln}.attn.c_proj": blocks},
+                    ))
+            neurons = block.mlp.c_fc.weight.shape[1]
+            if neurons:
+                specs.append(GroupSpec(
+                    kind="neuron", layer=i, count=neurons,
+                    row_index={f"{ln}.mlp.c_fc": contiguous_blocks(neurons, 1)},
+                    col_index={f"{ln}.mlp.c_proj": contiguous_blocks(neurons, 1)},
+                ))
+        return specs
+
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
+        d = self._head_dim(model)
+        for spec in self.group_specs(model):
+            if spec.name not in keep:
+                continue
+            kept = torch.as_tensor(keep[spec.name], dtype=torch.long).sort().values
+            if kept.numel() == spec.count:
+                continue
+            for m, idx in spec.row_index.items():
+                set_module(model, m, shrink_linear(model.get_submodule(m), rows=idx[kept].reshape(-1)))
+            for m, idx in spec.col_index.items():
+                set_module(model, m, shrink_linear(model.get_submodule(m), cols=idx[kept].reshape(-1)))
+            if spec.kind != "head":
+                continue
+            path = f"{self._layer_name(model, spec.layer)}.attn"
+            attn = model.get_submodule(path)
+            if kept.numel() == 0:
+                set_module(model, path, ZeroHeadAttention(attn.c_proj, "c_proj", attn.layer_idx, d))
+            else:
+                attn.num_heads = int(kept.numel())
+                attn.split_size = int(kept.numel()) * d
+
+    def stock_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
+        """``{"n_inner": I}`` when every block kept all heads (GPT-2 derives ``head_dim`` from
+        ``n_embd / n_head``) and the same number ``I`` of neurons."""
+        specs = self.group_specs(model)
+        heads = [s.count for s in specs if s.kind == "head"]
+        neurons = {s.count for s in specs if s.kind == "neuron"}
+        if len(heads) != len(self.layers(model)) or set(heads) != {model.config.n_head} or len(neurons) != 1:
+            return None
+        return {"n_inner": neurons.pop()}
