@@ -62,6 +62,41 @@ class SpamTrainingArguments(TrainingArguments):
 
 
 @dataclass
+class LoraArguments:
+    """Train a LoRA adapter (peft) instead of the full model; its ranks become the prunable groups."""
+
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank R (0 = fine-tune the full model, no adapter)."})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (default 2·R)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    lora_target_modules: Optional[str] = field(default=None, metadata={
+        "help": "Comma-separated module names to adapt (default: peft's for the architecture, e.g. query,value)."})
+    lora_merge: bool = field(default=False, metadata={"help": "Also export the base model with the pruned adapter "
+                                                              "merged in (model-merged/)."})
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_r > 0
+
+    def peft_config(self, causal_lm: bool):
+        """The ``peft.LoraConfig`` these arguments describe."""
+        from peft import LoraConfig
+
+        targets = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()] \
+            if self.lora_target_modules else None
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha or 2 * self.lora_r,
+                          lora_dropout=self.lora_dropout, target_modules=targets,
+                          task_type="CAUSAL_LM" if causal_lm else "SEQ_CLS")
+
+
+@dataclass
 class PruneArguments:
     """How to prune: target, budget, scores, recovery."""
 

@@ -27,6 +27,8 @@ examples:
   spam-hf compress                                   # offline demo: packaged MiniLM, packaged SST-2 sample
   spam-hf compress bert-base-uncased --task sst2 --sparsity 0.9 --output-dir out/bert-sst2-90
   spam-hf compress ./my-model --train-file train.csv --text-column text --label-column label --sparsity 0.7
+  spam-hf compress ./my-llama --train-file train.txt --validation-file valid.txt --sparsity 0.5   # perplexity
+  spam-hf compress ./my-model --train-file train.tsv --lora-r 16 --sparsity 0.5      # prune LoRA ranks
   spam-hf compress --recipe recipes/minilm-sst2.yaml
   spam-hf prune out/run --sparsity 0.95
   spam-hf evaluate out/run/model --train-file train.tsv --validation-file dev.tsv
@@ -115,7 +117,7 @@ def _parse(parser: HfArgumentParser, argv: List[str]):
 
 
 def cmd_compress(argv: List[str]) -> int:
-    from .arguments import SpamTrainingArguments
+    from .arguments import LoraArguments, SpamTrainingArguments
     from .data import DataArguments
     from .pipeline import CompressArguments, ModelArguments, compress
 
@@ -131,10 +133,10 @@ def cmd_compress(argv: List[str]) -> int:
             argv += [f"--{k}", v]
     if not _has_flag(argv, "output_dir"):
         argv += ["--output_dir", os.path.join("runs", "spam-demo" if demo else "spam-run")]
-    parser = HfArgumentParser((ModelArguments, DataArguments, CompressArguments, SpamTrainingArguments),
+    parser = HfArgumentParser((ModelArguments, DataArguments, CompressArguments, LoraArguments, SpamTrainingArguments),
                               prog="spam-hf compress", description=SUBCOMMANDS["compress"])
-    model_args, data_args, args, train_args = _parse(parser, argv)
-    compress(model_args, data_args, args, train_args, command=command)
+    model_args, data_args, args, lora_args, train_args = _parse(parser, argv)
+    compress(model_args, data_args, args, train_args, command=command, lora_args=lora_args)
     return 0
 
 

@@ -25,8 +25,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator)
 from transformers.utils import logging
 
-from .architectures import get_family
-from .arguments import PruneArguments, SpamTrainingArguments
+from .architectures import get_family, is_peft_model
+from .arguments import LoraArguments, PruneArguments, SpamTrainingArguments
 from .costs import measure_latency, model_costs
 from .data import DataArguments, TASKS, load_raw_data, tokenize
 from .export.card import render_model_card
@@ -268,15 +268,59 @@ def load_model(path: str, data, tokenizer=None):
     return load_classifier(path, data.num_labels, data.label_names, tokenizer)
 
 
+def wrap_lora(model, lora_args: LoraArguments):
+    """``peft.get_peft_model`` with the LoRA arguments; its errors (unknown target modules) as one clear line."""
+    from peft import get_peft_model
+
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    config = lora_args.peft_config(causal)
+    if isinstance(config.target_modules, (list, set)):
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ValueError(f"LoRA: target module(s) {', '.join(missing)} not found in {type(model).__name__}; "
+                             f"its Linear layers are named {', '.join(linear)}")
+    try:
+        model = get_peft_model(model, config)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"LoRA: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    get_family(model).group_specs(model)  # unsupported adapter layouts fail here, before training
+    model.print_trainable_parameters()
+    return model
+
+
+def load_run_model(model_dir: str, data, base_path: Optional[str] = None):
+    """A saved model: a spam-hf export / stock checkpoint, or a peft adapter on its base (``base_path`` or the
+    adapter config's ``base_model_name_or_path``), trainable so that recovery fine-tuning works."""
+    adapter_cfg = os.path.join(model_dir, "adapter_config.json")
+    if not os.path.exists(adapter_cfg):
+        return from_pretrained(model_dir)
+    from peft import PeftModel
+
+    with open(adapter_cfg) as f:
+        base = base_path or json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.exists(base):
+        raise ValueError(f"{model_dir} is a LoRA adapter whose base model {base!r} is not available locally")
+    return PeftModel.from_pretrained(load_model(base, data), model_dir, is_trainable=True)
+
+
 def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
-             train_args: SpamTrainingArguments, command: str = "") -> dict:
-    """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``)."""
+             train_args: SpamTrainingArguments, command: str = "", lora_args: Optional[LoraArguments] = None) -> dict:
+    """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``).
+
+    With ``lora_args.lora_r > 0`` the model is wrapped in a peft LoRA adapter: the base stays frozen,
+    priors sit on the adapter ranks, and the export is a stock peft adapter.
+    """
+    lora_args = lora_args or LoraArguments()
     out_dir = train_args.output_dir
     _check_output_dir(out_dir, args.overwrite_output_dir)
     path, config, tokenizer, data = prepare(model_args, data_args, train_args)
     metric = _metric_name(data_args)
     os.makedirs(out_dir, exist_ok=True)
     model = load_model(path, data, tokenizer)
+    if lora_args.enabled:
+        model = wrap_lora(model, lora_args)
     collator = collator_for(data, tokenizer)
     train_args = copy.deepcopy(train_args)
     if args.training in ("plain", "none"):
@@ -295,9 +339,10 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     dense = _snapshot(trainer, data["validation"], metric, seq_len, args.latency_batch_size, args.measure_latency)
     dense_dir = os.path.join(out_dir, "dense")
     trainer.save_model(dense_dir)
-    _write_run_config(out_dir, model_args, data_args, args, train_args, path, command)
+    _write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
     return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out_dir, display_name(model_args, path),
-                             data_args, train_args, command)
+                             data_args, train_args, command,
+                             merged_dir=os.path.join(out_dir, "model-merged") if lora_args.lora_merge else None)
 
 
 def _plain_args(train_args: TrainingArguments) -> dict:
@@ -308,7 +353,7 @@ def _plain_args(train_args: TrainingArguments) -> dict:
 
 def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArguments, metric: str, dense: dict,
                       out_dir: str, base_path: str, data_args: DataArguments, train_args, command: str,
-                      export_dir: Optional[str] = None) -> dict:
+                      export_dir: Optional[str] = None, merged_dir: Optional[str] = None) -> dict:
     selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep)
     model = trainer.model
@@ -330,7 +375,15 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
     export_dir = export_dir or os.path.join(out_dir, "model")
     if os.path.exists(export_dir):
         shutil.rmtree(export_dir)
-    kind = save_pruned(model, export_dir, tokenizer=tokenizer)
+    if merged_dir and is_peft_model(model):  # the adapter, and the base with it merged in
+        from .export.lora import save_lora_adapter
+
+        if os.path.exists(merged_dir):
+            shutil.rmtree(merged_dir)
+        kind = save_lora_adapter(model, export_dir, tokenizer=tokenizer, merged_dir=merged_dir)
+    else:
+        merged_dir = None
+        kind = save_pruned(model, export_dir, tokenizer=tokenizer)
     report = {
         "date": datetime.date.today().isoformat(),
         "command": command,
@@ -341,7 +394,7 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
         "pruned": pruned,
         "selection": selection.to_dict(),
         "method": args.method,
-        "export": {"path": export_dir, "format": kind},
+        "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
     }
     report_path = os.path.join(os.path.dirname(export_dir), REPORT_FILE)
     plot_selection(selection, os.path.join(os.path.dirname(export_dir), "pruning.png"))
@@ -363,13 +416,16 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
                                              f"{args.recovery_epochs} epochs" if args.recovery_epochs else "none"),
         "date": report["date"], "command": command or "(Python API)",
         "repo_or_path": getattr(args, "push_to_hub_repo", None) or export_dir,
-        "trust_remote_code": kind == "remote_code",
+        "trust_remote_code": kind == "remote_code", "peft_adapter": kind == "peft_adapter",
+        "auto_class": _auto_class_name(model),
+        "pipeline_tag": "text-generation" if metric == "perplexity" else "text-classification",
         "layers": selection.to_dict()["layers"],
     })
     card.save(os.path.join(export_dir, "README.md"))
+    block = "adapter parameters" if kind == "peft_adapter" else "block parameters"
     rows = [("", "dense", "pruned"),
             ("parameters", _fmt_int(dense["params"]), _fmt_int(pruned["params"])),
-            ("block parameters", _fmt_int(dense["block_params"]), _fmt_int(pruned["block_params"])),
+            (block, _fmt_int(dense["block_params"]), _fmt_int(pruned["block_params"])),
             (f"block FLOPs (T={args.flops_seq_len})", _fmt_flops(dense["block_flops"]), _fmt_flops(pruned["block_flops"])),
             (metric, f"{dense[metric]:.4f}", f"{pruned[metric]:.4f}"
              + (f" ({pruned[f'{metric}_before_recovery']:.4f} before recovery)" if recovered is not None else ""))]
@@ -378,7 +434,8 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
                      f"{pruned['latency_s'] * 1e3:.1f} ms  ({speed:.2f}x faster)"))
     print()
     report["table"] = print_table(rows)
-    print(f"\nremoved {selection.achieved:.1%} of the prunable block {args.budget}; exported to {export_dir}")
+    what = "LoRA adapter" if kind == "peft_adapter" else "prunable block"
+    print(f"\nremoved {selection.achieved:.1%} of the {what} {args.budget}; exported to {export_dir} ({kind})")
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     repo = getattr(args, "push_to_hub_repo", None)
@@ -390,9 +447,16 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
     return report
 
 
-def _write_run_config(out_dir: str, model_args, data_args, args, train_args, path: str, command: str) -> None:
+def _auto_class_name(model) -> str:
+    name = type(model.get_base_model() if is_peft_model(model) else model).__name__
+    return "AutoModelForCausalLM" if name.endswith(("ForCausalLM", "LMHeadModel")) else "AutoModelForSequenceClassification"
+
+
+def _write_run_config(out_dir: str, model_args, data_args, args, train_args, path: str, command: str,
+                      lora_args: Optional[LoraArguments] = None) -> None:
     cfg = {
         "model": dataclasses.asdict(model_args), "resolved_model": path,
+        "lora": dataclasses.asdict(lora_args or LoraArguments()),
         "data": dataclasses.asdict(data_args), "compress": dataclasses.asdict(args),
         "training": {k: v for k, v in train_args.to_dict().items()}, "command": command,
     }
@@ -419,7 +483,7 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
     metric = _metric_name(data_args)
-    model = from_pretrained(dense_dir)
+    model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
     trainer = SpamTrainer(model=model, args=train_args, eval_dataset=data["validation"],
                           data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
                           compute_metrics=_metrics_for(metric))
@@ -437,19 +501,21 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
     os.makedirs(out, exist_ok=True)
     base = display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"])
+    merge = cfg.get("lora", {}).get("lora_merge")
     return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out, base, data_args,
-                             train_args, command, export_dir=os.path.join(out, "model"))
+                             train_args, command, export_dir=os.path.join(out, "model"),
+                             merged_dir=os.path.join(out, "model-merged") if merge else None)
 
 
 def evaluate_checkpoint(model_dir: str, data_args: DataArguments, seq_len: int = 128, batch_size: int = 32) -> dict:
     """Metric, parameters, FLOPs and latency of any checkpoint (pruned by spam-hf or stock)."""
     if not os.path.isdir(model_dir):
         raise ValueError(f"model dir {model_dir!r} does not exist")
-    model = from_pretrained(model_dir)
-    get_family(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     raw, text, pair, label = load_raw_data(data_args)
     data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
+    model = load_run_model(model_dir, data)
+    get_family(model)
     metric = _metric_name(data_args)
     args = TrainingArguments(output_dir=os.path.join(model_dir, ".eval_tmp"), report_to=[], per_device_eval_batch_size=64)
     trainer = Trainer(model=model, args=args, data_collator=collator_for(data, tokenizer),

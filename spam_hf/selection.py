@@ -26,6 +26,9 @@ class LayerReport:
     heads_total: int = 0
     neurons_kept: int = 0
     neurons_total: int = 0
+    ranks_kept: int = 0  # LoRA: ranks of one adapted module (``layer`` = its index, ``module`` = its name)
+    ranks_total: int = 0
+    module: str = ""
 
 
 @dataclass
@@ -121,25 +124,33 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
             rep.heads_kept, rep.heads_total = int(keep[s.name].numel()), s.count
         elif s.kind == "neuron":
             rep.neurons_kept, rep.neurons_total = int(keep[s.name].numel()), s.count
+        else:
+            rep.ranks_kept, rep.ranks_total = int(keep[s.name].numel()), s.count
+            rep.module = s.name.removeprefix("base_model.model.").removesuffix(".lora_rank")
     return Selection(keep=keep, budget=budget, sparsity_target=float(sparsity), total_cost=total,
                      removed_cost=removed, layers=[layers[k] for k in sorted(layers)])
 
 
 def plot_selection(selection: Selection, path: str, title: str = "") -> None:
-    """PNG: fraction of heads and neurons kept per layer."""
+    """PNG: fraction of heads and neurons kept per layer (LoRA: of the ranks per adapted module)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = [r.layer for r in selection.layers]
-    heads = [r.heads_kept / r.heads_total if r.heads_total else 0.0 for r in selection.layers]
-    neurons = [r.neurons_kept / r.neurons_total if r.neurons_total else 0.0 for r in selection.layers]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    w = 0.4
-    ax.bar([x - w / 2 for x in layers], heads, w, label="heads kept")
-    ax.bar([x + w / 2 for x in layers], neurons, w, label="neurons kept")
-    ax.set_xlabel("layer")
+    if any(r.ranks_total for r in selection.layers):
+        ax.bar(layers, [r.ranks_kept / r.ranks_total if r.ranks_total else 0.0 for r in selection.layers], 0.8,
+               label="LoRA ranks kept")
+        ax.set_xlabel("adapted module")
+    else:
+        heads = [r.heads_kept / r.heads_total if r.heads_total else 0.0 for r in selection.layers]
+        neurons = [r.neurons_kept / r.neurons_total if r.neurons_total else 0.0 for r in selection.layers]
+        w = 0.4
+        ax.bar([x - w / 2 for x in layers], heads, w, label="heads kept")
+        ax.bar([x + w / 2 for x in layers], neurons, w, label="neurons kept")
+        ax.set_xlabel("layer")
     ax.set_ylabel("fraction kept")
     ax.set_ylim(0, 1.05)
     ax.set_title(title or f"{selection.budget} removed: {selection.achieved:.1%}")

@@ -80,13 +80,14 @@ def test_empty_dataset_and_labels_out_of_range(tiny_setup, capsys):
 
 
 def test_unsupported_architecture_and_uncached_hub_model(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers import OPTConfig, OPTForSequenceClassification
 
-    d = str(tmp_path / "gpt2")
-    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(d)
+    d = str(tmp_path / "opt")
+    OPTForSequenceClassification(OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32,
+                                           word_embed_proj_dim=16, vocab_size=50)).save_pretrained(d)
     rc = main(["compress", d, "--train-file", write_tsv(tmp_path / "t.tsv", 8, 0), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "unknown model_type 'gpt2'; supported: bert" in err
+    assert rc == 2 and "unknown model_type 'opt'; supported: bert" in err
     rc = main(["compress", "someone/not-cached-model", "--train-file", str(tmp_path / "t.tsv"),
                "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -198,3 +199,37 @@ def test_decoder_sequence_classification(tiny_lm_setup):
     assert report["metric"] == "accuracy" and 0.0 <= report["pruned"]["accuracy"] <= 1.0
     cfg = json.load(open(os.path.join(out, "model", "config.json")))
     assert cfg["architectures"] == ["GPT2ForSequenceClassification"]
+
+
+def test_lora_compress_prunes_ranks_and_exports_a_peft_adapter(tiny_setup):
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp / "lora")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+               "--lora-r", "4", "--lora-target-modules", "query,value,intermediate.dense", "--lora-merge", "True",
+               "--output-dir", out, "--recovery-steps", "2", *FAST])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["export"]["format"] == "peft_adapter"
+    assert report["selection"]["sparsity_achieved"] >= 0.5
+    assert report["pruned"]["block_params"] <= 0.5 * report["dense"]["block_params"] + 1  # adapter parameters
+    assert report["selection"]["layers"][0]["ranks_total"] == 4
+    cfg = json.load(open(os.path.join(out, "model", "adapter_config.json")))
+    assert cfg["peft_type"] == "LORA" and cfg["rank_pattern"]
+    assert os.path.exists(os.path.join(out, "model-merged", "model.safetensors"))
+    card = open(os.path.join(out, "model", "README.md")).read()
+    assert "PeftModel.from_pretrained" in card and "ranks kept" in card
+    # re-prune the adapter run, and evaluate the adapter on its base
+    assert main(["prune", out, "--sparsity", "0.8", "--flops-seq-len", "16", "--measure-latency", "False"]) == 0
+    assert json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json")))["selection"]["sparsity_achieved"] >= 0.8
+    assert main(["evaluate", os.path.join(out, "pruned-0.8", "model"), "--train-file", train, "--validation-file",
+                 dev, "--max_seq_length", "16", "--seq-len", "16", "--batch-size", "2"]) == 0
+
+
+def test_lora_unknown_target_module_is_a_clear_error(tiny_setup, capsys):
+    model_dir, train, dev, tmp = tiny_setup
+    out = tmp / "bad-lora"
+    rc = main(["compress", model_dir, "--train-file", train, "--output-dir", str(out), "--lora-r", "4",
+               "--lora-target-modules", "qkv_proj", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("spam-hf: error: LoRA:") and "qkv_proj" in err[-1]
+    assert not out.exists() or not any(out.iterdir())

@@ -12,9 +12,12 @@ from .base import (
     weight_out_in,
 )
 from . import bert, gpt2, llama  # noqa: F401  (register the families)
+from .lora import LoraFamily, is_peft_model
 
 __all__ = [
     "ArchitectureFamily",
+    "LoraFamily",
+    "is_peft_model",
     "Group",
     "GroupSpec",
     "get_family",

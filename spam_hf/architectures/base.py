@@ -208,7 +208,15 @@ def model_type_of(model: nn.Module) -> str:
 
 
 def get_family(model_or_type) -> ArchitectureFamily:
-    """The family for a model (or a ``model_type`` string); a clear error when unsupported."""
+    """The family for a model (or a ``model_type`` string); a clear error when unsupported.
+
+    A peft model gets the LoRA family (its groups are adapter ranks), whatever its base model.
+    """
+    if not isinstance(model_or_type, str):
+        from .lora import LoraFamily, is_peft_model  # lora imports this module
+
+        if is_peft_model(model_or_type):
+            return LoraFamily()
     mt = model_or_type if isinstance(model_or_type, str) else model_type_of(model_or_type)
     if mt not in _REGISTRY:
         raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(supported_model_types())}")

@@ -13,7 +13,9 @@ TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_cards
 def render_model_card(info: Dict[str, Any], template_path: str = TEMPLATE) -> ModelCard:
     """Fill the template. ``info`` keys are the template's variables (missing ones render as 'n/a')."""
     base = str(info.get("base_model", "unknown"))
-    data = ModelCardData(library_name="transformers", tags=["spam-hf", "pruned", "structured-sparsity"],
+    adapter = bool(info.get("peft_adapter"))
+    data = ModelCardData(library_name="peft" if adapter else "transformers",
+                         tags=["spam-hf", "pruned", "structured-sparsity"] + (["lora"] if adapter else []),
                          base_model=base if "/" in base and not os.path.exists(base) else None,
                          pipeline_tag=info.get("pipeline_tag", "text-classification"))
     fields = {k: ("n/a" if v is None else v) for k, v in info.items()}
@@ -27,4 +29,6 @@ def render_model_card(info: Dict[str, Any], template_path: str = TEMPLATE) -> Mo
         fields.setdefault(key, "n/a")
     fields.setdefault("layers", [])
     fields.setdefault("trust_remote_code", False)
+    fields.setdefault("peft_adapter", False)
+    fields.setdefault("auto_class", "AutoModelForSequenceClassification")
     return ModelCard.from_template(data, template_path=template_path, **fields)

@@ -17,6 +17,7 @@ import transformers
 from torch import nn
 
 from ..architectures.base import get_family, in_out_features
+from ..architectures.lora import is_peft_model
 from . import modeling_spam
 from .modeling_spam import SPAM_PRUNING_KEY, SpamPrunedMixin, ZeroHeadAttention, apply_spam_pruning
 
@@ -111,8 +112,14 @@ def _auto_class_for(cls: type) -> str:
 def save_pruned(model: nn.Module, output_dir: str, tokenizer=None, extra_config: Optional[dict] = None) -> str:
     """Save weights (safetensors), config with ``spam_pruning`` and, when needed, the remote code.
 
-    Returns ``"stock"`` or ``"remote_code"``.
+    A peft LoRA model is saved as a stock peft adapter (:func:`spam_hf.export.lora.save_lora_adapter`).
+
+    Returns ``"stock"``, ``"remote_code"`` or ``"peft_adapter"``.
     """
+    if is_peft_model(model):
+        from .lora import save_lora_adapter
+
+        return save_lora_adapter(model, output_dir, tokenizer=tokenizer)
     os.makedirs(output_dir, exist_ok=True)
     spec = pruning_spec(model)
     overrides = get_family(model).stock_config(model) if not is_stock(spec) else None

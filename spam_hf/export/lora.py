@@ -1,0 +1,82 @@
+"""Save a rank-pruned LoRA adapter as a stock peft adapter (``PeftModel.from_pretrained`` loads it).
+
+Each adapted module keeps its scaling ``s = α / r`` after losing ranks, so the config lists every
+kept module by its full name with ``rank_pattern[m] = r'`` and ``alpha_pattern[m] = s · r'``; modules
+that lost every rank are left out of ``target_modules`` and their (empty) weights are not saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import warnings
+from typing import Dict, Optional
+
+from safetensors.torch import save_file
+from torch import nn
+
+from ..architectures.lora import active_adapter, lora_layers
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def pruned_lora_config(model: nn.Module):
+    """A copy of the active ``LoraConfig`` describing the pruned ranks (full module names, escaped as regexes)."""
+    adapter = active_adapter(model)
+    config = copy.deepcopy(model.peft_config[adapter])
+    base_names = _base_names(model)
+    targets, ranks, alphas = [], {}, {}
+    for name, layer in lora_layers(model):
+        r = layer.lora_A[adapter].out_features
+        if r == 0:
+            continue
+        key = base_names[name]
+        targets.append(key)
+        ranks[re.escape(key)] = int(r)
+        alphas[re.escape(key)] = float(layer.scaling[adapter]) * int(r)
+    if not targets:
+        raise ValueError("every LoRA rank was pruned: there is no adapter left to save")
+    config.target_modules = targets
+    config.rank_pattern = ranks
+    config.alpha_pattern = alphas
+    config.r = max(ranks.values())
+    config.lora_alpha = alphas[re.escape(targets[0])]
+    config.inference_mode = True
+    return config
+
+
+def _base_names(model: nn.Module) -> Dict[str, str]:
+    """PeftModel module name -> name inside the base model (what peft's target matching sees)."""
+    prefix = "base_model.model."
+    return {name: name[len(prefix):] if name.startswith(prefix) else name for name, _ in lora_layers(model)}
+
+
+def save_lora_adapter(model: nn.Module, output_dir: str, tokenizer=None, merged_dir: Optional[str] = None) -> str:
+    """Write the pruned adapter (config + ``adapter_model.safetensors``) to ``output_dir``.
+
+    ``merged_dir``: also write the base model with the adapter merged in (a stock checkpoint when the
+    base was not pruned). Returns ``"peft_adapter"``.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    adapter = active_adapter(model)
+    config = pruned_lora_config(model)
+    os.makedirs(output_dir, exist_ok=True)
+    dropped = [name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+               for name, layer in lora_layers(model) if layer.lora_A[adapter].out_features == 0]
+    with warnings.catch_warnings():  # peft warns about the zero-size tensors of emptied modules, dropped below
+        warnings.simplefilter("ignore")
+        state = get_peft_model_state_dict(model, adapter_name=adapter)
+    state = {k: v.detach().contiguous() for k, v in state.items()
+             if not any(f".{d}.lora_" in f".{k}" for d in dropped)}
+    save_file(state, os.path.join(output_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    if merged_dir:
+        merged = copy.deepcopy(model).merge_and_unload()
+        from .save import save_pruned
+
+        save_pruned(merged, merged_dir, tokenizer=tokenizer)
+    return "peft_adapter"

@@ -1,0 +1,158 @@
+"""LoRA rank groups (peft): masking == pruning, curvature on the adapter Linears, stock peft export."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from spam_hf.architectures import group_specs, prunable_modules
+from spam_hf.curvature import CurvatureAccumulator
+from spam_hf.export import save_pruned
+from spam_hf.surgery import mask_groups, prune_groups
+
+from conftest import tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
+from test_surgery import random_keep
+
+TARGETS = ["query", "value", "intermediate.dense"]
+
+
+def lora_bert(seed=0, r=4, alpha=8, targets=TARGETS, base_dir=None):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_classifier("bert", seed=seed)
+    if base_dir:
+        base.save_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="SEQ_CLS"))
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():  # B starts at zero; give it values so that every rank matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    return model.eval()
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_every_rank_of_every_adapted_module_is_a_group():
+    model = lora_bert()
+    specs = group_specs(model)
+    assert len(specs) == 2 * 3 and {s.kind for s in specs} == {"lora_rank"} and all(s.count == 4 for s in specs)
+    s = specs[0]
+    assert s.row_index == {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default": s.row_index[
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default"]}
+    # a rank owns one row of A (in = 32) and one column of B (out = 32 for query, 48 for intermediate)
+    assert s.params_per_group(model).tolist() == [32 + 32] * 4
+    assert specs[2].params_per_group(model).tolist() == [32 + 48] * 4
+
+
+def test_pruned_ranks_equal_masked_ranks_and_scaling_is_kept():
+    masked, pruned = lora_bert(), lora_bert()
+    specs = group_specs(masked)
+    keep = random_keep(specs, seed=2)
+    keep[specs[1].name] = torch.tensor([], dtype=torch.long)
+    keep[specs[0].name] = torch.tensor([1, 3])
+    mask_groups(masked, specs, keep)
+    prune_groups(pruned, keep)
+    batch = tiny_batch()
+    torch.testing.assert_close(logits(pruned, batch), logits(masked, batch), atol=1e-5, rtol=1e-5)
+    layer = pruned.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.query")
+    assert layer.r["default"] == 2 and layer.scaling["default"] == pytest.approx(2.0)
+    assert layer.lora_alpha["default"] == pytest.approx(4.0)
+
+
+def test_curvature_on_adapter_linears_only():
+    model = lora_bert().train()
+    modules = prunable_modules(group_specs(model))
+    assert all(".lora_A." in m or ".lora_B." in m for m in modules)
+    acc = CurvatureAccumulator(model, modules)
+    batch = tiny_batch()
+    with acc.capture(model, batch["attention_mask"]):
+        out = model(**batch)
+    acc.accumulate(out.logits, batch["labels"])
+    for m, s in acc.sums.items():
+        assert s["A"].abs().sum() > 0 and s["G"].abs().sum() > 0, m
+    assert acc.sums[modules[0]]["A"].shape == (32, 32) and acc.sums[modules[0]]["G"].shape == (4, 4)
+
+
+def test_export_is_a_stock_peft_adapter_loaded_without_spam_hf(tmp_path):
+    base_dir = str(tmp_path / "base")
+    model = lora_bert(base_dir=base_dir)
+    specs = group_specs(model)
+    keep = {s.name: torch.arange(s.count)[: (i % 4)] for i, s in enumerate(specs)}  # 0..3 ranks, some modules none
+    prune_groups(model, keep)
+    batch = tiny_batch()
+    expected = logits(model, batch)
+    out = str(tmp_path / "adapter")
+    assert save_pruned(model, out) == "peft_adapter"
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    kept = [s for i, s in enumerate(specs) if i % 4]
+    assert len(cfg["target_modules"]) == len(kept)
+    assert "bert.encoder.layer.0.attention.self.query" not in cfg["target_modules"]  # lost every rank
+    assert sorted(cfg["rank_pattern"].values()) == sorted(i % 4 for i in range(len(specs)) if i % 4)
+    assert all(a / r == pytest.approx(2.0) for a, r in zip(cfg["alpha_pattern"].values(), cfg["rank_pattern"].values()))
+    torch.save({"batch": batch, "expected": expected}, str(tmp_path / "io.pt"))
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "spam_hf" or name.startswith("spam_hf."):
+                    raise ImportError("blocked")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+        base = AutoModelForSequenceClassification.from_pretrained({base_dir!r})
+        m = PeftModel.from_pretrained(base, {out!r}).eval()
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        b = io["batch"]
+        with torch.no_grad():
+            got = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        torch.testing.assert_close(got, io["expected"], atol=1e-5, rtol=1e-5)
+        print("PEFT_OK", sum(p.numel() for n, p in m.named_parameters() if "lora_" in n))
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert "PEFT_OK" in res.stdout, res.stderr[-3000:]
+    n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert res.stdout.split("PEFT_OK")[1].split()[0] == str(n_adapter)
+
+
+def test_merged_export_equals_adapter(tmp_path):
+    from spam_hf.export.lora import save_lora_adapter
+    from transformers import AutoModelForSequenceClassification
+
+    model = lora_bert()
+    prune_groups(model, random_keep(group_specs(model), seed=3))
+    batch = tiny_batch()
+    expected = logits(model, batch)
+    save_lora_adapter(model, str(tmp_path / "a"), merged_dir=str(tmp_path / "merged"))
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_lm_lora_ranks():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=2, target_modules=["q_proj", "down_proj"],
+                                                               task_type="CAUSAL_LM"))
+    specs = group_specs(model)
+    assert len(specs) == 4 and all(s.count == 2 for s in specs)
+    prune_groups(model, {specs[0].name: torch.tensor([0])})
+    batch = tiny_lm_batch()
+    assert model(**batch).loss.isfinite()
+
+
+def test_other_peft_methods_are_rejected():
+    from peft import IA3Config, get_peft_model
+
+    model = get_peft_model(tiny_classifier("bert"), IA3Config(target_modules=["query", "value"],
+                                                              feedforward_modules=[], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="peft method IA3 is not supported"):
+        group_specs(model)
