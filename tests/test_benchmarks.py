@@ -65,3 +65,19 @@ def test_export_speed_and_reprune_lab_smoke(tiny_setup, tmp_path):
         "--out", out)
     r = json.load(open(out))
     assert len(r["rows"]) == 3 * 2  # methods × floors
+
+
+def test_decoder_perplexity_smoke(tmp_path):
+    text = tmp_path / "wiki.txt"
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2", "valid.txt")) as f:
+        text.write_text(f.read(20000))
+    out = str(tmp_path / "dp.json")
+    run("decoder_perplexity.py", "--train-file", str(text), "--test-file", str(text), "--hidden", "32", "--layers",
+        "2", "--intermediate", "48", "--vocab", "300", "--block", "32", "--epochs", "1", "--eval-blocks", "10",
+        "--marglik-frequency", "5", "--sparsities", "0.5", "--work-dir", str(tmp_path / "w"), "--out", out)
+    r = json.load(open(out))
+    assert set(r["archs"]) == {"llama", "gpt2"}
+    for res in r["archs"].values():
+        assert {x["method"] for x in res["runs"]} == {"spam-opd", "fisher", "magnitude", "random"}
+        assert all(x["achieved"] >= 0.5 and x["perplexity"] > 1 for x in res["runs"])
+    assert os.path.exists(str(tmp_path / "dp.png"))

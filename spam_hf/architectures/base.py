@@ -282,7 +282,20 @@ def shrink_linear(module: nn.Module, rows: Optional[torch.Tensor] = None, cols: 
     """A new layer of the same type (``nn.Linear`` or ``Conv1D``) keeping output ``rows`` and input ``cols``.
 
     Bias entries of kept rows are kept. Rows and columns are those of the ``out × in`` view.
+
+    A peft LoRA layer (base layer + adapters) is shrunk in place and returned: its base layer loses
+    the rows and columns, every adapter's ``B`` the same rows and ``A`` the same columns (the ranks
+    stay), so ``W + s·B A`` loses exactly those rows and columns.
     """
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+        module.base_layer = shrink_linear(module.base_layer, rows, cols)
+        for name in list(module.lora_A.keys()):
+            if rows is not None:
+                module.lora_B[name] = shrink_linear(module.lora_B[name], rows=rows)
+            if cols is not None:
+                module.lora_A[name] = shrink_linear(module.lora_A[name], cols=cols)
+        module.in_features, module.out_features = in_out_features(module.base_layer)
+        return module
     w = weight_out_in(module).detach()
     if rows is not None:
         w = w.index_select(0, rows.to(w.device))
