@@ -72,6 +72,12 @@ class LoraArguments:
         "help": "Comma-separated module names to adapt (default: peft's for the architecture, e.g. query,value)."})
     lora_merge: bool = field(default=False, metadata={"help": "Also export the base model with the pruned adapter "
                                                               "merged in (model-merged/)."})
+    prune_base: bool = field(default=False, metadata={"help": "Also remove heads/neurons of the frozen base model "
+                                                              "(OPD on the merged weights, priors fitted post hoc); "
+                                                              "the smaller base is exported in model/base/."})
+    base_sparsity: Optional[float] = field(default=None, metadata={"help": "Fraction of the base model's prunable "
+                                                                           "block parameters to remove (default: "
+                                                                           "--sparsity)."})
 
     def __post_init__(self) -> None:
         if self.lora_r < 0:
@@ -80,6 +86,10 @@ class LoraArguments:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.prune_base and not self.enabled:
+            raise ValueError("--prune-base needs --lora-r (without LoRA, compress already prunes the base model)")
+        if self.base_sparsity is not None:
+            validate_sparsity(self.base_sparsity)
 
     @property
     def enabled(self) -> bool:

@@ -31,6 +31,7 @@ from .costs import measure_latency, model_costs
 from .data import DataArguments, TASKS, load_raw_data, tokenize
 from .export.card import render_model_card
 from .export.hub import push_folder
+from .export.modeling_spam import SPAM_PRUNING_KEY
 from .export.save import from_pretrained, save_pruned
 from .metrics import compute_metrics_fn
 from .selection import plot_selection
@@ -302,7 +303,10 @@ def load_run_model(model_dir: str, data, base_path: Optional[str] = None):
         base = base_path or json.load(f).get("base_model_name_or_path")
     if not base or not os.path.exists(base):
         raise ValueError(f"{model_dir} is a LoRA adapter whose base model {base!r} is not available locally")
-    return PeftModel.from_pretrained(load_model(base, data), model_dir, is_trainable=True)
+    with open(os.path.join(base, "config.json")) as f:
+        pruned_base = SPAM_PRUNING_KEY in json.load(f)
+    base_model = from_pretrained(base) if pruned_base else load_model(base, data)
+    return PeftModel.from_pretrained(base_model, model_dir, is_trainable=True)
 
 
 def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
@@ -342,7 +346,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     _write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
     return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out_dir, display_name(model_args, path),
                              data_args, train_args, command,
-                             merged_dir=os.path.join(out_dir, "model-merged") if lora_args.lora_merge else None)
+                             merged_dir=os.path.join(out_dir, "model-merged") if lora_args.lora_merge else None,
+                             base_sparsity=_base_sparsity(lora_args, args))
 
 
 def _plain_args(train_args: TrainingArguments) -> dict:
@@ -353,9 +358,14 @@ def _plain_args(train_args: TrainingArguments) -> dict:
 
 def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArguments, metric: str, dense: dict,
                       out_dir: str, base_path: str, data_args: DataArguments, train_args, command: str,
-                      export_dir: Optional[str] = None, merged_dir: Optional[str] = None) -> dict:
+                      export_dir: Optional[str] = None, merged_dir: Optional[str] = None,
+                      base_sparsity: Optional[float] = None) -> dict:
     selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep)
+    base_selection = None
+    if base_sparsity:
+        base_selection = trainer.prune_base(base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
+                                            min_keep=args.min_keep, max_batches=getattr(args, "posthoc_batches", None))
     model = trainer.model
     pruned = _snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
                        args.measure_latency)
@@ -393,6 +403,7 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
         "dense": dense,
         "pruned": pruned,
         "selection": selection.to_dict(),
+        **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
         "method": args.method,
         "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
     }
@@ -447,6 +458,12 @@ def _prune_and_export(trainer: SpamTrainer, data, tokenizer, args: PruneArgument
     return report
 
 
+def _base_sparsity(lora_args: LoraArguments, args: PruneArguments) -> Optional[float]:
+    if not lora_args.prune_base:
+        return None
+    return lora_args.base_sparsity if lora_args.base_sparsity is not None else args.sparsity
+
+
 def _auto_class_name(model) -> str:
     name = type(model.get_base_model() if is_peft_model(model) else model).__name__
     return "AutoModelForCausalLM" if name.endswith(("ForCausalLM", "LMHeadModel")) else "AutoModelForSequenceClassification"
@@ -484,7 +501,7 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
     metric = _metric_name(data_args)
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
-    trainer = SpamTrainer(model=model, args=train_args, eval_dataset=data["validation"],
+    trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
                           compute_metrics=_metrics_for(metric))
     trainer.load_spam_state(dense_dir)
@@ -501,10 +518,11 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
     os.makedirs(out, exist_ok=True)
     base = display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"])
-    merge = cfg.get("lora", {}).get("lora_merge")
+    lora_args = LoraArguments(**cfg.get("lora", {}))
     return _prune_and_export(trainer, data, tokenizer, args, metric, dense, out, base, data_args,
                              train_args, command, export_dir=os.path.join(out, "model"),
-                             merged_dir=os.path.join(out, "model-merged") if merge else None)
+                             merged_dir=os.path.join(out, "model-merged") if lora_args.lora_merge else None,
+                             base_sparsity=_base_sparsity(lora_args, args))
 
 
 def evaluate_checkpoint(model_dir: str, data_args: DataArguments, seq_len: int = 128, batch_size: int = 32) -> dict:

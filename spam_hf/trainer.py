@@ -10,8 +10,10 @@ log marginal likelihood. ``prune()`` then scores groups with OPD and removes the
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import tempfile
 import time
 from typing import Any, Dict, Optional
 
@@ -22,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .architectures import group_specs, prunable_modules
+from .architectures import get_family, group_specs, is_peft_model, prunable_modules
 from .arguments import SpamTrainingArguments
 from .curvature import CurvatureAccumulator
 from .export.save import save_pruned
@@ -291,6 +293,41 @@ class SpamTrainer(Trainer):
         self._setup_spam_state()
         self._carry_unit_precisions(old_prior, old_specs, selection)
         logger.info(f"pruned {selection.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method}")
+        return selection
+
+    def prune_base(self, sparsity: float, budget: str = "params", seq_len: int = 128, min_keep: float = 0.0,
+                   max_batches: Optional[int] = None) -> Selection:
+        """LoRA runs: also remove heads/neurons of the frozen base model, keeping the adapter aligned.
+
+        Scores are OPD on the *merged* weights ``W + s·B A``: a copy of the model with the adapter merged
+        in gets base-layer curvature and unit priors fitted post hoc (one pass over the training data,
+        or ``max_batches``). The selected groups are then removed from the base layers and the same rows
+        (``B``) and columns (``A``) from the adapters; ranks and their priors are unchanged.
+        """
+        model = _unwrap(self.model)
+        if not is_peft_model(model):
+            raise ValueError("prune_base() is for peft LoRA models; prune() already prunes a plain model's base")
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.requires_grad_(True)  # peft froze the base; curvature hooks need gradients w.r.t. its outputs
+        args = copy.deepcopy(self.args)
+        args.marglik_frequency, args.prior = 0, "unit"
+        args.output_dir = tempfile.mkdtemp(prefix="spam-hf-base-")
+        helper = SpamTrainer(model=merged, args=args, train_dataset=self.train_dataset,
+                             data_collator=self.data_collator)
+        helper.fit_priors_posthoc(max_batches=max_batches)
+        selection = helper.prune(sparsity, budget=budget, method="opd", seq_len=seq_len, min_keep=min_keep)
+        base = model.get_base_model()
+        get_family(base).shrink(base, selection.keep)
+        old_prior = self.prior
+        self.model_wrapped = self.model
+        self.optimizer, self.lr_scheduler = None, None
+        self._setup_spam_state()
+        with torch.no_grad():  # the ranks did not change: keep their learned precisions
+            for key, value in old_prior.log_delta.items():
+                if key in self.prior.log_delta and self.prior.log_delta[key].shape == value.shape:
+                    self.prior.log_delta[key].copy_(value)
+        self._pruned = True  # save_model() now writes the export (the smaller base + the adapter)
+        logger.info(f"pruned {selection.achieved:.1%} of the base model's prunable {budget} with OPD on merged weights")
         return selection
 
     def _carry_unit_precisions(self, old: PriorPrecision, old_specs, selection: Selection) -> None:

@@ -201,12 +201,12 @@ def test_decoder_sequence_classification(tiny_lm_setup):
     assert cfg["architectures"] == ["GPT2ForSequenceClassification"]
 
 
-def test_lora_compress_prunes_ranks_and_exports_a_peft_adapter(tiny_setup):
+def test_lora_compress_prunes_ranks_and_base_and_exports_a_peft_adapter(tiny_setup):
     model_dir, train, dev, tmp = tiny_setup
     out = str(tmp / "lora")
     rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
                "--lora-r", "4", "--lora-target-modules", "query,value,intermediate.dense", "--lora-merge", "True",
-               "--output-dir", out, "--recovery-steps", "2", *FAST])
+               "--prune-base", "True", "--base-sparsity", "0.3", "--output-dir", out, "--recovery-steps", "2", *FAST])
     assert rc == 0
     report = json.load(open(os.path.join(out, "pruning_report.json")))
     assert report["export"]["format"] == "peft_adapter"
@@ -216,6 +216,8 @@ def test_lora_compress_prunes_ranks_and_exports_a_peft_adapter(tiny_setup):
     cfg = json.load(open(os.path.join(out, "model", "adapter_config.json")))
     assert cfg["peft_type"] == "LORA" and cfg["rank_pattern"]
     assert os.path.exists(os.path.join(out, "model-merged", "model.safetensors"))
+    assert report["base_selection"]["sparsity_achieved"] >= 0.3  # --prune-base: a smaller base next to the adapter
+    assert json.load(open(os.path.join(out, "model", "base", "config.json")))["spam_pruning"]["linear_shapes"]
     card = open(os.path.join(out, "model", "README.md")).read()
     assert "PeftModel.from_pretrained" in card and "ranks kept" in card
     # re-prune the adapter run, and evaluate the adapter on its base

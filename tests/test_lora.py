@@ -156,3 +156,68 @@ def test_other_peft_methods_are_rejected():
                                                               feedforward_modules=[], task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match="peft method IA3 is not supported"):
         group_specs(model)
+
+
+def _zero_base_groups(model, keep):
+    """Reference for base pruning under an adapter: zero the dropped groups' rows/cols in the base layers and
+    the same rows of every B / columns of every A."""
+    from spam_hf.architectures import get_family
+
+    base = model.get_base_model()
+    merged_view = get_family(base)
+    with torch.no_grad():
+        for s in merged_view.group_specs(base):
+            drop = sorted(set(range(s.count)) - set(keep[s.name].tolist()))
+            if not drop:
+                continue
+            d = torch.tensor(drop)
+            for m, idx in s.row_index.items():
+                layer, rows = base.get_submodule(m), idx[d].reshape(-1)
+                tgt = getattr(layer, "base_layer", layer)
+                tgt.weight[rows] = 0
+                if tgt.bias is not None:
+                    tgt.bias[rows] = 0
+                for b in getattr(layer, "lora_B", {}).values():
+                    b.weight[rows] = 0
+            for m, idx in s.col_index.items():
+                layer, cols = base.get_submodule(m), idx[d].reshape(-1)
+                getattr(layer, "base_layer", layer).weight[:, cols] = 0
+                for a in getattr(layer, "lora_A", {}).values():
+                    a.weight[:, cols] = 0
+
+
+def test_prune_base_keeps_adapter_aligned_and_exports_base_with_adapter(tmp_path):
+    """SpamTrainer.prune_base: OPD on merged weights picks base heads/neurons; base rows/cols and the matching
+    adapter slices go; pruned == zeroed; export = smaller base (model/base) + adapter that loads onto it."""
+    from peft import PeftModel
+    from transformers import DataCollatorWithPadding
+
+    from spam_hf import SpamTrainer, SpamTrainingArguments
+    from spam_hf.export import from_pretrained
+    from test_trainer import ToyTokenizer
+
+    model = lora_bert()
+    ref = lora_bert()
+    rows = [dict(input_ids=[2] + [int(x) for x in torch.randint(5, 100, (8,))] + [3], labels=i % 3) for i in range(24)]
+    args = SpamTrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8, report_to=[],
+                                 use_cpu=True, num_train_epochs=1, marglik_frequency=1, marglik_burn_in=1,
+                                 curvature_every=1, n_hypersteps=2, disable_tqdm=True, save_strategy="no")
+    trainer = SpamTrainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(ToyTokenizer()))
+    trainer.train()
+    ref.load_state_dict(model.state_dict())
+    ranks_before = {k: v.clone() for k, v in trainer.prior.log_delta.items()}
+    selection = trainer.prune_base(0.4, seq_len=16)
+    assert selection.achieved >= 0.4
+    assert all(torch.equal(trainer.prior.log_delta[k], v) for k, v in ranks_before.items())  # rank priors kept
+    _zero_base_groups(ref, selection.keep)
+    batch = tiny_batch()
+    model.eval()
+    torch.testing.assert_close(logits(model, batch), logits(ref.eval(), batch), atol=1e-5, rtol=1e-5)
+    out = str(tmp_path / "export")
+    trainer.save_model(out)
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["base_model_name_or_path"] == os.path.abspath(os.path.join(out, "base"))
+    base = from_pretrained(os.path.join(out, "base"))
+    assert sum(p.numel() for p in base.parameters()) < sum(p.numel() for p in tiny_classifier("bert").parameters())
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=1e-5)

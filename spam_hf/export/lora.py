@@ -3,6 +3,10 @@
 Each adapted module keeps its scaling ``s = α / r`` after losing ranks, so the config lists every
 kept module by its full name with ``rank_pattern[m] = r'`` and ``alpha_pattern[m] = s · r'``; modules
 that lost every rank are left out of ``target_modules`` and their (empty) weights are not saved.
+
+When the base model itself was pruned (``SpamTrainer.prune_base``), the smaller base is exported
+next to the adapter, in ``<output_dir>/base`` (a spam-hf export: stock or remote code), and the
+adapter config's ``base_model_name_or_path`` points at it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Dict, Optional
 from safetensors.torch import save_file
 from torch import nn
 
+from ..architectures.base import in_out_features
 from ..architectures.lora import active_adapter, lora_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,17 +57,46 @@ def _base_names(model: nn.Module) -> Dict[str, str]:
     return {name: name[len(prefix):] if name.startswith(prefix) else name for name, _ in lora_layers(model)}
 
 
+BASE_SUBDIR = "base"
+
+
+def base_is_pruned(model: nn.Module) -> bool:
+    """Whether any base layer of the peft ``model`` is smaller than its config says (or lost all heads)."""
+    from .modeling_spam import ZeroHeadAttention
+    from .save import _reference
+
+    base = model.get_base_model()
+    ref = dict(_reference(base).named_modules())
+    for name, mod in base.named_modules():
+        if isinstance(mod, ZeroHeadAttention):
+            return True
+        target = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+        if target in ref and not hasattr(mod, "base_layer"):
+            try:
+                if in_out_features(mod) != in_out_features(ref[target]):
+                    return True
+            except TypeError:
+                continue
+    return False
+
+
 def save_lora_adapter(model: nn.Module, output_dir: str, tokenizer=None, merged_dir: Optional[str] = None) -> str:
     """Write the pruned adapter (config + ``adapter_model.safetensors``) to ``output_dir``.
 
     ``merged_dir``: also write the base model with the adapter merged in (a stock checkpoint when the
-    base was not pruned). Returns ``"peft_adapter"``.
+    base was not pruned). A pruned base goes to ``output_dir/base``. Returns ``"peft_adapter"``.
     """
     from peft.utils import get_peft_model_state_dict
+
+    from .save import save_pruned
 
     adapter = active_adapter(model)
     config = pruned_lora_config(model)
     os.makedirs(output_dir, exist_ok=True)
+    if base_is_pruned(model):
+        base_dir = os.path.join(output_dir, BASE_SUBDIR)
+        save_pruned(copy.deepcopy(model).unload(), base_dir, tokenizer=tokenizer)
+        config.base_model_name_or_path = os.path.abspath(base_dir)
     dropped = [name[len("base_model.model."):] if name.startswith("base_model.model.") else name
                for name, layer in lora_layers(model) if layer.lora_A[adapter].out_features == 0]
     with warnings.catch_warnings():  # peft warns about the zero-size tensors of emptied modules, dropped below
@@ -75,8 +109,5 @@ def save_lora_adapter(model: nn.Module, output_dir: str, tokenizer=None, merged_
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     if merged_dir:
-        merged = copy.deepcopy(model).merge_and_unload()
-        from .save import save_pruned
-
-        save_pruned(merged, merged_dir, tokenizer=tokenizer)
+        save_pruned(copy.deepcopy(model).merge_and_unload(), merged_dir, tokenizer=tokenizer)
     return "peft_adapter"
