@@ -1,11 +1,13 @@
 """Decoder pruning: perplexity before/after removing heads (KV groups) and neurons, SpaM + OPD vs baselines.
 
-A small LLaMA-shaped (GQA) and a GPT-2-shaped model are trained from random weights with SpamTrainer
-(unit priors, KFAC with token-level "expand" curvature) on WikiText-2 ``valid.txt``, with a byte-level
-BPE tokenizer trained on the same file. Each method then prunes a copy of the same trained model to
-each sparsity (fraction of prunable block parameters, global), and perplexity is measured on the
-first ``--eval-blocks`` blocks of ``test.txt``. No recovery fine-tune. Results go to a JSON file
-(rewritten after every measurement) and a PNG plot.
+A small LLaMA-shaped (GQA) and a GPT-2-shaped model are trained from random weights on WikiText-2
+``valid.txt`` (byte-level BPE tokenizer trained on the same file) twice, with the same steps and seed:
+with SpamTrainer (unit priors, KFAC with token-level "expand" curvature) and with a plain Trainer.
+``spam-opd`` prunes the SpaM model; ``posthoc-opd`` (priors fitted post hoc on one pass), ``fisher``,
+``magnitude`` and ``random`` prune the plain model, as in ``sst2_accuracy.py``. Each method prunes
+a copy to each sparsity (fraction of prunable block parameters, global) and perplexity is measured
+on the first ``--eval-blocks`` blocks of ``test.txt``. No recovery fine-tune. Results go to a JSON
+file (rewritten after every measurement) and a PNG plot.
 
     python benchmarks/decoder_perplexity.py --out benchmarks/results/decoder_perplexity_cpu.json
 """
@@ -24,7 +26,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, default_data_collator  # noqa: E402
+from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer,  # noqa: E402
+                          TrainingArguments, default_data_collator)
 
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
 from spam_hf.costs import model_costs  # noqa: E402
@@ -52,7 +55,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-train-blocks", type=int, default=None)
     p.add_argument("--eval-blocks", type=int, default=400)
-    p.add_argument("--methods", default="spam-opd,fisher,magnitude,random")
+    p.add_argument("--methods", default="spam-opd,posthoc-opd,fisher,magnitude,random")
+    p.add_argument("--posthoc-batches", type=int, default=100)
     p.add_argument("--sparsities", default="0.3,0.5,0.7")
     p.add_argument("--marglik-frequency", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -126,25 +130,37 @@ def main() -> None:
             json.dump(result, f, indent=2)
 
     for arch in a.archs.split(","):
-        model = build(arch, a, len(tok))
-        args = SpamTrainingArguments(
-            output_dir=os.path.join(a.work_dir, arch), per_device_train_batch_size=a.batch_size,
-            num_train_epochs=a.epochs, learning_rate=a.lr, warmup_steps=50, lr_scheduler_type="cosine",
-            seed=a.seed, report_to=[], save_strategy="no", logging_steps=50, disable_tqdm=True, use_cpu=True,
-            marglik_frequency=a.marglik_frequency, marglik_burn_in=a.marglik_frequency, curvature_max_rows=512)
-        trainer = SpamTrainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator)
+        common = dict(per_device_train_batch_size=a.batch_size, num_train_epochs=a.epochs, learning_rate=a.lr,
+                      warmup_steps=50, lr_scheduler_type="cosine", seed=a.seed, report_to=[], save_strategy="no",
+                      logging_steps=50, disable_tqdm=True, use_cpu=True)
+        spam_model, plain_model = build(arch, a, len(tok)), build(arch, a, len(tok))
+        spam = SpamTrainer(model=spam_model, train_dataset=train, data_collator=default_data_collator,
+                           args=SpamTrainingArguments(output_dir=os.path.join(a.work_dir, arch), **common,
+                                                      marglik_frequency=a.marglik_frequency,
+                                                      marglik_burn_in=a.marglik_frequency, curvature_max_rows=512))
         t0 = time.time()
-        trainer.train()
-        res = {"train_s": time.time() - t0, "dense": {"perplexity": perplexity(model, test),
-                                                      **model_costs(model, a.block)}, "runs": []}
+        spam.train()
+        t1 = time.time()
+        Trainer(model=plain_model, train_dataset=train, data_collator=default_data_collator,
+                args=TrainingArguments(output_dir=os.path.join(a.work_dir, arch + "-plain"), **common)).train()
+        t2 = time.time()
+        posthoc = SpamTrainer(model=plain_model, train_dataset=train, data_collator=default_data_collator,
+                              args=SpamTrainingArguments(output_dir=os.path.join(a.work_dir, arch + "-ph"), **common,
+                                                         marglik_frequency=0, curvature_max_rows=512))
+        posthoc.fit_priors_posthoc(max_batches=a.posthoc_batches)
+        res = {"train_s": {"spam": t1 - t0, "plain": t2 - t1},
+               "dense": {"perplexity": perplexity(spam_model, test), **model_costs(spam_model, a.block)},
+               "dense_plain": {"perplexity": perplexity(plain_model, test)}, "runs": []}
         result["archs"][arch] = res
         save()
-        print(f"{arch}: dense perplexity {res['dense']['perplexity']:.2f} ({res['train_s']:.0f} s training)", flush=True)
-        curv = trainer.retained_curvature()
+        print(f"{arch}: dense perplexity SpaM {res['dense']['perplexity']:.2f}, plain "
+              f"{res['dense_plain']['perplexity']:.2f}", flush=True)
         for method in a.methods.split(","):
-            score_method = "opd" if method == "spam-opd" else method
-            scores = group_scores(model, trainer.specs, score_method, prior=trainer.prior,
-                                  curvature=None if score_method in ("magnitude", "random") else curv, seed=a.seed)
+            trainer = spam if method == "spam-opd" else posthoc
+            model = trainer.model
+            score_method = "opd" if method.endswith("-opd") else method
+            curv = None if score_method in ("magnitude", "random") else trainer.retained_curvature()
+            scores = group_scores(model, trainer.specs, score_method, prior=trainer.prior, curvature=curv, seed=a.seed)
             for s in map(float, a.sparsities.split(",")):
                 pruned = copy.deepcopy(model)
                 sel = select_groups(pruned, trainer.specs, scores, s, budget="params", seq_len=a.block)
@@ -153,8 +169,8 @@ def main() -> None:
                        "perplexity": perplexity(pruned, test), **model_costs(pruned, a.block)}
                 res["runs"].append(run)
                 save()
-                print(f"{arch} {method:>9} {s:.0%}: perplexity {run['perplexity']:.2f}", flush=True)
-    result["wall_s"] = sum(r["train_s"] for r in result["archs"].values())
+                print(f"{arch} {method:>11} {s:.0%}: perplexity {run['perplexity']:.2f}", flush=True)
+    result["wall_s"] = sum(sum(r["train_s"].values()) for r in result["archs"].values())
     save()
     plot(result, os.path.splitext(a.out)[0] + ".png")
 
@@ -171,8 +187,8 @@ def plot(result: dict, path: str) -> None:
         res = result["archs"][arch]
         for method in dict.fromkeys(r["method"] for r in res["runs"]):
             pts = sorted((r["sparsity"], r["perplexity"]) for r in res["runs"] if r["method"] == method)
-            ax.plot([0] + [p[0] for p in pts], [res["dense"]["perplexity"]] + [p[1] for p in pts], marker="o",
-                    label=method)
+            dense = res["dense" if method == "spam-opd" else "dense_plain"]["perplexity"]
+            ax.plot([0] + [p[0] for p in pts], [dense] + [p[1] for p in pts], marker="o", label=method)
         ax.set_yscale("log")
         ax.set_xlabel("sparsity (prunable block parameters removed)")
         ax.set_ylabel("test perplexity (log scale)")

@@ -74,10 +74,24 @@ def test_decoder_perplexity_smoke(tmp_path):
     out = str(tmp_path / "dp.json")
     run("decoder_perplexity.py", "--train-file", str(text), "--test-file", str(text), "--hidden", "32", "--layers",
         "2", "--intermediate", "48", "--vocab", "300", "--block", "32", "--epochs", "1", "--eval-blocks", "10",
-        "--marglik-frequency", "5", "--sparsities", "0.5", "--work-dir", str(tmp_path / "w"), "--out", out)
+        "--marglik-frequency", "5", "--sparsities", "0.5", "--posthoc-batches", "3", "--work-dir", str(tmp_path / "w"),
+        "--out", out)
     r = json.load(open(out))
     assert set(r["archs"]) == {"llama", "gpt2"}
     for res in r["archs"].values():
-        assert {x["method"] for x in res["runs"]} == {"spam-opd", "fisher", "magnitude", "random"}
+        assert {x["method"] for x in res["runs"]} == {"spam-opd", "posthoc-opd", "fisher", "magnitude", "random"}
         assert all(x["achieved"] >= 0.5 and x["perplexity"] > 1 for x in res["runs"])
     assert os.path.exists(str(tmp_path / "dp.png"))
+
+
+def test_lora_sst2_smoke(tiny_setup, tmp_path):
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp_path / "lora.json")
+    run("lora_sst2.py", "--model", model_dir, "--train-file", train, "--dev-file", dev, "--max-train-samples", "32",
+        "--max-seq-length", "16", "--epochs", "1", "--batch-size", "8", "--recovery-steps", "1",
+        "--marglik-frequency", "2", "--work-dir", str(tmp_path / "w"), "--out", out)
+    r = json.load(open(out))
+    sizes = {x["method"]: x["adapter_size"] for x in r["runs"]}
+    assert set(sizes) == {"spam-hf", "adalora", "lora"}
+    assert sizes["spam-hf"] <= r["lora_size_at_r_final"]  # spam-hf is pruned to at most the small LoRA's size
+    assert "accuracy_recovered" in r["runs"][0]

@@ -1,0 +1,164 @@
+"""LoRA on MiniLM / SST-2 at equal final adapter size: spam-hf rank pruning vs AdaLoRA vs plain LoRA.
+
+* ``spam-hf``: LoRA at rank ``--r-start`` trained with SpamTrainer (a unit prior per rank), then OPD
+  removes ranks until the adapter has the target size; measured without and with ``--recovery-steps``.
+* ``adalora``: peft's AdaLoRA from ``init_r = --r-start`` to ``target_r = --r-final`` (its budget is the
+  same average rank), with ``update_and_allocate`` after every optimiser step.
+* ``lora``: plain LoRA at rank ``--r-final`` (the target size from the start).
+
+All adapt the same modules, train the same epochs with the same seed and learning rate, and train the
+classifier head. Adapter size counts the LoRA weights of the ranks that are left (for AdaLoRA, ranks
+with a non-zero singular value): ``Σ_ranks (in + out)``. Accuracy on the SST-2 dev set.
+
+    python benchmarks/lora_sst2.py --train-file ../shared/data/sst2/train.tsv \\
+        --dev-file ../shared/data/sst2/dev.tsv --max-train-samples 4000 --out benchmarks/results/lora_sst2_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
+from sst2_accuracy import accuracy, load_model, model_path, read_sst2  # noqa: E402
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--train-file", required=True)
+    p.add_argument("--dev-file", required=True)
+    p.add_argument("--max-train-samples", type=int, default=4000)
+    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--targets", default="query,key,value,attention.output.dense,intermediate.dense,output.dense")
+    p.add_argument("--r-start", type=int, default=8)
+    p.add_argument("--r-final", type=int, default=2)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--recovery-steps", type=int, default=40)
+    p.add_argument("--marglik-frequency", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="spam-hf,adalora,lora")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work-dir", default=os.path.join("benchmarks", "_work", "lora"))
+    return p.parse_args()
+
+
+def adapter_size(model) -> int:
+    """``Σ (in + out)`` over live ranks of every adapted module (AdaLoRA: non-zero ``lora_E`` entries)."""
+    total = 0
+    for name, mod in model.named_modules():
+        a = getattr(mod, "lora_A", None)
+        if a is None or not hasattr(a, "keys"):
+            continue
+        for key in a.keys():
+            A = a[key].weight if hasattr(a[key], "weight") else a[key]
+            B = mod.lora_B[key].weight if hasattr(mod.lora_B[key], "weight") else mod.lora_B[key]
+            live = A.shape[0]
+            if hasattr(mod, "lora_E"):
+                live = int((mod.lora_E[key].detach().abs() > 0).sum())
+            total += live * (A.shape[1] + B.shape[0])
+    return total
+
+
+class AdaLoraAllocate(TrainerCallback):
+    """AdaLoRA's rank allocation after every optimiser step (gradients still present)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+def main() -> None:
+    a = parse()
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    path = model_path(a.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    train = read_sst2(a.train_file, tok, a.max_seq_length, a.max_train_samples, a.seed)
+    dev = read_sst2(a.dev_file, tok, a.max_seq_length)
+    col = DataCollatorWithPadding(tok)
+    targets = a.targets.split(",")
+    steps = int(len(train) / a.batch_size * a.epochs + 0.999)
+    result = {"date": datetime.date.today().isoformat(), "device": f"CPU, {torch.get_num_threads()} threads"
+              if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+              "command": "python " + " ".join(sys.argv), "args": vars(a), "train_rows": len(train), "runs": []}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    def targs(cls, out, **kw):
+        d = dict(output_dir=os.path.join(a.work_dir, out), per_device_train_batch_size=a.batch_size,
+                 num_train_epochs=a.epochs, learning_rate=a.lr, seed=a.seed, report_to=[], save_strategy="no",
+                 logging_steps=50, disable_tqdm=True, warmup_steps=10, use_cpu=not torch.cuda.is_available())
+        d.update(kw)
+        return cls(**d)
+
+    lora_size = None
+    for method in a.methods.split(","):
+        torch.manual_seed(a.seed)
+        base = load_model(path)
+        t0 = time.time()
+        run = {"method": method}
+        if method == "spam-hf":
+            model = get_peft_model(base, LoraConfig(r=a.r_start, lora_alpha=2 * a.r_start, target_modules=targets,
+                                                    lora_dropout=0.05, task_type="SEQ_CLS"))
+            full = adapter_size(model)
+            target = full * a.r_final / a.r_start
+            trainer = SpamTrainer(model=model, data_collator=col, train_dataset=train,
+                                  args=targs(SpamTrainingArguments, method, marglik_frequency=a.marglik_frequency,
+                                             marglik_burn_in=a.marglik_frequency, curvature_every=2))
+            trainer.train()
+            run["accuracy_before_pruning"] = accuracy(model, dev, col)
+            sel = trainer.prune(1.0 - target / full)
+            run["accuracy"] = accuracy(model, dev, col)
+            run["ranks_kept"] = [r.ranks_kept for r in sel.layers]
+            if a.recovery_steps:
+                rec = Trainer(model=model, data_collator=col, train_dataset=train,
+                              args=targs(TrainingArguments, method + "-rec", max_steps=a.recovery_steps,
+                                         learning_rate=a.lr / 2))
+                rec.train()
+                run["accuracy_recovered"] = accuracy(model, dev, col)
+        elif method == "adalora":
+            model = get_peft_model(base, AdaLoraConfig(init_r=a.r_start, target_r=a.r_final, lora_alpha=2 * a.r_final,
+                                                       target_modules=targets, lora_dropout=0.05, tinit=steps // 10,
+                                                       tfinal=steps // 5, deltaT=5, total_step=steps,
+                                                       task_type="SEQ_CLS"))
+            trainer = Trainer(model=model, data_collator=col, train_dataset=train, args=targs(TrainingArguments, method),
+                              callbacks=[AdaLoraAllocate(model)])
+            trainer.train()
+            run["accuracy"] = accuracy(model, dev, col)
+        elif method == "lora":
+            model = get_peft_model(base, LoraConfig(r=a.r_final, lora_alpha=2 * a.r_final, target_modules=targets,
+                                                    lora_dropout=0.05, task_type="SEQ_CLS"))
+            lora_size = adapter_size(model)
+            Trainer(model=model, data_collator=col, train_dataset=train, args=targs(TrainingArguments, method)).train()
+            run["accuracy"] = accuracy(model, dev, col)
+        else:
+            raise SystemExit(f"unknown method {method!r}")
+        run["adapter_size"] = adapter_size(model)
+        run["wall_s"] = time.time() - t0
+        result["runs"].append(run)
+        save()
+        print(json.dumps(run), flush=True)
+    result["lora_size_at_r_final"] = lora_size
+    save()
+
+
+if __name__ == "__main__":
+    main()
