@@ -95,3 +95,13 @@ def test_lora_sst2_smoke(tiny_setup, tmp_path):
     assert set(sizes) == {"spam-hf", "adalora", "lora"}
     assert sizes["spam-hf"] <= r["lora_size_at_r_final"]  # spam-hf is pruned to at most the small LoRA's size
     assert "accuracy_recovered" in r["runs"][0]
+
+
+def test_scaling_smoke(tmp_path):
+    out = str(tmp_path / "sc.json")
+    run("scaling.py", "--grid", "1x64", "--batch-size", "2", "--seq-len", "8", "--repeats", "1", "--out", out)
+    r = json.load(open(out))
+    assert {x["kind"] for x in r["runs"]} == {"kfac", "diag"}
+    for x in r["runs"]:
+        assert x["state_bytes_formula"] == x["state_bytes_allocated"] > 0 and x["peak_rss_growth_bytes"] >= 0
+    assert os.path.exists(str(tmp_path / "sc.png"))
