@@ -105,3 +105,9 @@ def test_scaling_smoke(tmp_path):
     for x in r["runs"]:
         assert x["state_bytes_formula"] == x["state_bytes_allocated"] > 0 and x["peak_rss_growth_bytes"] >= 0
     assert os.path.exists(str(tmp_path / "sc.png"))
+
+
+def test_plot_speed_smoke(tmp_path):
+    res = os.path.join(BENCH, "results", "export_speed_minilm_cpu.json")
+    run("plot_speed.py", res, "--out", str(tmp_path / "speed.png"))
+    assert os.path.getsize(str(tmp_path / "speed.png")) > 1000
