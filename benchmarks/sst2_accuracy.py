@@ -51,7 +51,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="spam-opd,posthoc-opd,fisher,magnitude,random")
+    p.add_argument("--methods", default="spam-opd,posthoc-opd,fisher,magnitude,random",
+                   help="also: spam-diag-opd (SpamTrainer with diagonal curvature)")
     p.add_argument("--sparsities", default="0.3,0.5,0.6,0.7,0.8,0.9,0.95")
     p.add_argument("--recovery-sparsities", default="0.5,0.7,0.8,0.9")
     p.add_argument("--min-keep", type=float, default=0.0, help="per-layer floor of kept heads / neurons")
@@ -148,22 +149,27 @@ def main() -> None:
     rec_sparsities = {float(s) for s in a.recovery_sparsities.split(",") if s}
     sources = {}  # name -> (trainer holding model + priors + curvature)
 
-    if any(m.startswith("spam") for m in methods):
+    spam_sources = {}  # source name -> curvature kind
+    if any(m.startswith("spam") and m != "spam-diag-opd" for m in methods):
+        spam_sources["spam"] = a.curvature
+    if "spam-diag-opd" in methods:
+        spam_sources["spam-diag"] = "diag"
+    for name, curvature in spam_sources.items():
         t0 = time.time()
         torch.manual_seed(a.seed)
         model = load_model(a.model)
-        args = SpamTrainingArguments(**train_args(a, os.path.join(a.work_dir, "spam")), curvature=a.curvature,
+        args = SpamTrainingArguments(**train_args(a, os.path.join(a.work_dir, name)), curvature=curvature,
                                      marglik_frequency=a.marglik_frequency, marglik_burn_in=a.marglik_frequency,
                                      n_hypersteps=a.n_hypersteps, temperature=a.temperature,
                                      kfac_reduction=a.kfac_reduction)
         tr = SpamTrainer(model=model, args=args, train_dataset=data["train"], data_collator=collator)
         tr.train()
-        results["timings"]["spam_train_s"] = time.time() - t0
-        results["timings"]["spam_breakdown_s"] = dict(tr.timings)
-        results["dense"]["spam"] = accuracy(tr.model, data["validation"], collator)
-        results["marglik_history"] = tr.marglik_history
-        sources["spam"] = tr
-        print(f"[{time.time() - START:.0f}s] SpaM dense accuracy {results['dense']['spam']:.4f}", flush=True)
+        results["timings"][f"{name}_train_s"] = time.time() - t0
+        results["timings"][f"{name}_breakdown_s"] = dict(tr.timings)
+        results["dense"][name] = accuracy(tr.model, data["validation"], collator)
+        results.setdefault("marglik_history", {})[name] = tr.marglik_history
+        sources[name] = tr
+        print(f"[{time.time() - START:.0f}s] {name} dense accuracy {results['dense'][name]:.4f}", flush=True)
         save()
     if any(not m.startswith("spam") for m in methods):
         t0 = time.time()
@@ -188,7 +194,7 @@ def main() -> None:
 
     results["dense_costs"] = model_costs(next(iter(sources.values())).model, a.max_seq_length)
     for method in methods:
-        src = sources["spam" if method.startswith("spam") else "plain"]
+        src = sources["spam-diag" if method == "spam-diag-opd" else "spam" if method.startswith("spam") else "plain"]
         score_kind = method.split("-")[-1]  # opd, fisher, magnitude, random
         curv = None if score_kind in ("magnitude", "random") else src.retained_curvature()
         scores = group_scores(src.model, src.specs, score_kind, prior=src.prior, curvature=curv,

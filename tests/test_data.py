@@ -51,3 +51,37 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="could not be loaded.*offline"):
         load_raw_data(DataArguments(task="sst2"))
     assert "mnli" in TASKS and TASKS["mnli"].pair == "hypothesis"
+
+
+def test_text_files_are_language_modelling_and_pack_into_blocks(tmp_path):
+    from spam_hf.data import tokenize
+
+    from conftest import tiny_tokenizer, write_text
+
+    train, valid = write_text(tmp_path / "t.txt", 50, 0), write_text(tmp_path / "v.txt", 20, 1)
+    args = DataArguments(train_file=train, validation_file=valid, max_seq_length=16)
+    assert args.is_causal_lm and args.metric == "perplexity"
+    raw, text, pair, label = load_raw_data(args)
+    assert (text, pair, label) == ("text", None, None)
+    tok = tiny_tokenizer(str(tmp_path / "tok"))
+    data = tokenize(raw, tok, text, pair, label, 16)
+    assert data.num_labels is None
+    # every block is 16 tokens, labels == input_ids, and the blocks are the concatenated text in order
+    ids = [t for line in raw["train"]["text"] for t in tok(line, add_special_tokens=False)["input_ids"]]
+    blocks = data["train"]["input_ids"]
+    assert all(len(b) == 16 for b in blocks) and data["train"]["labels"] == blocks
+    assert [t for b in blocks for t in b] == ids[: len(blocks) * 16]
+    assert len(ids) - len(blocks) * 16 < 16  # only the remainder is dropped (one 1,000-line batch here)
+    with pytest.raises(ValueError, match="fewer than 4096 tokens"):
+        tokenize(raw, tok, text, pair, label, 4096)
+
+
+def test_wikitext_preset_is_causal_lm_and_checks_file_type(tmp_path):
+    assert TASKS["wikitext"].kind == "causal_lm" and DataArguments(task="wikitext").is_causal_lm
+    bad = tmp_path / "x.tsv"
+    bad.write_text("sentence\tlabel\na\t0\n")
+    with pytest.raises(ValueError, match="language modelling: --train-file must be .txt"):
+        DataArguments(task="wikitext", train_file=str(bad))
+    wiki = os.path.join(SHARED_DATA, "wikitext2", "valid.txt")
+    raw, text, _, label = load_raw_data(DataArguments(task="wikitext", train_file=wiki, max_train_samples=200))
+    assert label is None and len(raw["train"]) == 200 and len(raw["validation"]) > 0

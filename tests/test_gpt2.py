@@ -97,3 +97,19 @@ def test_cross_attention_is_rejected():
     model = tiny_causal_lm("gpt2", add_cross_attention=True)
     with pytest.raises(ValueError, match="cross-attention is not supported"):
         group_specs(model)
+
+
+def test_zeroing_neuron_equals_zeroing_activation():
+    batch = tiny_lm_batch()
+    model, ref = tiny_causal_lm("gpt2"), tiny_causal_lm("gpt2")
+    zero_group(model, group_specs(model)[1], 11)
+
+    def pre_hook(module, args):
+        x = args[0].clone()
+        x[..., 11] = 0
+        return (x,)
+
+    ref.get_submodule("transformer.h.0.mlp.c_proj").register_forward_pre_hook(pre_hook)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["input_ids"]).logits, ref(batch["input_ids"]).logits,
+                                   atol=1e-6, rtol=1e-5)
