@@ -174,10 +174,6 @@ def _data_description(data_args: DataArguments) -> Tuple[str, str]:
     return ("/".join(preset.hub) + f" [{preset.train_split}]", "/".join(preset.hub) + f" [{preset.eval_split}]")
 
 
-def _metric_name(data_args: DataArguments) -> str:
-    return data_args.metric
-
-
 def collator_for(data, tokenizer):
     """Packed LM blocks have equal length (stack them); classification inputs are padded per batch."""
     return default_data_collator if getattr(data, "num_labels", None) is None else DataCollatorWithPadding(tokenizer)
@@ -279,7 +275,8 @@ def wrap_lora(model, lora_args: LoraArguments):
         names = [n for n, _ in model.named_modules()]
         missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
-            linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            linear = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
             raise ValueError(f"LoRA: target module(s) {', '.join(missing)} not found in {type(model).__name__}; "
                              f"its Linear layers are named {', '.join(linear)}")
     try:
@@ -301,11 +298,13 @@ def load_run_model(model_dir: str, data, base_path: Optional[str] = None):
 
     with open(adapter_cfg) as f:
         base = base_path or json.load(f).get("base_model_name_or_path")
-    if not base or not os.path.exists(base):
-        raise ValueError(f"{model_dir} is a LoRA adapter whose base model {base!r} is not available locally")
-    with open(os.path.join(base, "config.json")) as f:
-        pruned_base = SPAM_PRUNING_KEY in json.load(f)
-    base_model = from_pretrained(base) if pruned_base else load_model(base, data)
+    if not base:
+        raise ValueError(f"{model_dir} is a LoRA adapter whose config names no base model")
+    pruned_base = False
+    if os.path.isdir(base):  # a local base: maybe the smaller base written by --prune-base
+        with open(os.path.join(base, "config.json")) as f:
+            pruned_base = SPAM_PRUNING_KEY in json.load(f)
+    base_model = from_pretrained(base) if pruned_base else load_model(resolve_model(base), data)
     return PeftModel.from_pretrained(base_model, model_dir, is_trainable=True)
 
 
@@ -320,7 +319,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     out_dir = train_args.output_dir
     _check_output_dir(out_dir, args.overwrite_output_dir)
     path, config, tokenizer, data = prepare(model_args, data_args, train_args)
-    metric = _metric_name(data_args)
+    metric = data_args.metric
     os.makedirs(out_dir, exist_ok=True)
     model = load_model(path, data, tokenizer)
     if lora_args.enabled:
@@ -499,7 +498,7 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     raw, text, pair, label = load_raw_data(data_args)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
-    metric = _metric_name(data_args)
+    metric = data_args.metric
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
@@ -534,7 +533,7 @@ def evaluate_checkpoint(model_dir: str, data_args: DataArguments, seq_len: int =
     data = tokenize(raw, tokenizer, text, pair, label, data_args.max_seq_length)
     model = load_run_model(model_dir, data)
     get_family(model)
-    metric = _metric_name(data_args)
+    metric = data_args.metric
     args = TrainingArguments(output_dir=os.path.join(model_dir, ".eval_tmp"), report_to=[], per_device_eval_batch_size=64)
     trainer = Trainer(model=model, args=args, data_collator=collator_for(data, tokenizer),
                       processing_class=tokenizer, compute_metrics=_metrics_for(metric))
