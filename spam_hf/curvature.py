@@ -98,13 +98,16 @@ class CurvatureAccumulator:
         acc.accumulate(out.logits, batch["labels"])   # extra backward of the sampled loss
         out.loss.backward()                           # the ordinary training backward
 
-    State (``state_dict``) holds plain tensors: ``A``/``G`` (or ``D``) sums in float64 and the row
-    count ``n``, so it can be saved, loaded and all-reduced.
+    State (``state_dict``) holds plain tensors: ``A``/``G`` (or ``D``) sums and the row count ``n``,
+    so it can be saved, loaded and all-reduced. Sums are float32 for float32/bf16/fp16 models
+    (half the memory of float64; the eigendecompositions and log-determinants are float64 regardless)
+    and float64 for float64 models; ``accumulate_dtype`` overrides.
     """
 
     def __init__(self, model: nn.Module, module_names: Iterable[str], kind: str = "kfac",
                  reduction: str = "reduce", fisher: str = "mc", likelihood: str = "classification",
-                 max_rows_per_batch: Optional[int] = None, seed: int = 0) -> None:
+                 max_rows_per_batch: Optional[int] = None, seed: int = 0,
+                 accumulate_dtype: Optional[torch.dtype] = None) -> None:
         _check_choice("curvature", kind, CURVATURE_KINDS)
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("fisher type", fisher, FISHER_TYPES)
@@ -119,6 +122,10 @@ class CurvatureAccumulator:
         for name in self.module_names:
             fan_in, fan_out, has_bias = lookup_linear(mods, name, "curvature")
             self.shapes[name] = (fan_out, fan_in + int(has_bias))
+        if accumulate_dtype is None:
+            w = weight_out_in(mods[self.module_names[0]])
+            accumulate_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        self.dtype = accumulate_dtype
         self.generator = torch.Generator().manual_seed(seed)
         self._captures: Dict[str, _Capture] = {}
         self._mask: Optional[torch.Tensor] = None
@@ -131,10 +138,10 @@ class CurvatureAccumulator:
         self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
         for name, (out, inp) in self.shapes.items():
             if self.kind == "kfac":
-                self.sums[name] = {"A": torch.zeros(inp, inp, dtype=torch.float64),
-                                   "G": torch.zeros(out, out, dtype=torch.float64)}
+                self.sums[name] = {"A": torch.zeros(inp, inp, dtype=self.dtype),
+                                   "G": torch.zeros(out, out, dtype=self.dtype)}
             else:
-                self.sums[name] = {"D": torch.zeros(out, inp, dtype=torch.float64)}
+                self.sums[name] = {"D": torch.zeros(out, inp, dtype=self.dtype)}
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
@@ -154,7 +161,7 @@ class CurvatureAccumulator:
                 if tuple(state[key].shape) != tuple(v.shape):
                     raise ValueError(f"curvature factor {key!r} has shape {tuple(state[key].shape)}, "
                                      f"the model needs {tuple(v.shape)}")
-                d[k] = state[key].to(torch.float64).clone()
+                d[k] = state[key].to(self.dtype).clone()
         self.n = state["n"].to(torch.float64).reshape(())
 
     def all_reduce(self) -> None:
@@ -271,14 +278,14 @@ class CurvatureAccumulator:
                                  "all tracked modules must see the same tokens")
             n_rows = a.shape[0]
             s = self.sums[name]
-            for k in s:  # sums live (in float64) on the device that produces the rows
+            for k in s:  # sums live on the device that produces the rows
                 if s[k].device != a.device:
                     s[k] = s[k].to(a.device)
             if self.kind == "kfac":
-                s["A"] += (a.T @ a).to(torch.float64)
-                s["G"] += (g.T @ g).to(torch.float64)
+                s["A"] += (a.T @ a).to(self.dtype)
+                s["G"] += (g.T @ g).to(self.dtype)
             else:
-                s["D"] += (g.square().T @ a.square()).to(torch.float64)
+                s["D"] += (g.square().T @ a.square()).to(self.dtype)
         self.n += float(n_rows or 0)
         self._captures = {}
         self._mask = None
@@ -300,11 +307,36 @@ class CurvatureAccumulator:
     def diagonal(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``diag H`` per module as ``out × (in+1)`` (from the KFAC factors' diagonals when ``kind='kfac'``)."""
         self._check_ready()
-        n = float(self.n)
-        if self.kind == "kfac":
-            return {m: torch.outer(s["G"].diagonal().cpu() * (n_data / n), s["A"].diagonal().cpu() / n)
-                    for m, s in self.sums.items()}
-        return {m: s["D"].cpu() * (n_data / n) for m, s in self.sums.items()}
+        return diagonal_from_state(self.diagonal_state(), n_data)
+
+    def diagonal_state(self) -> Dict[str, torch.Tensor]:
+        """What :meth:`diagonal` needs, compactly (CPU, float64): ``"<m>.Gdiag"``/``"<m>.Adiag"`` (the
+        factors' diagonals, ``out + in + 1`` numbers per module) for KFAC, ``"<m>.D"`` for the diagonal
+        kind, and ``"n"``. Kept after a prior update instead of the full factors."""
+        state: Dict[str, torch.Tensor] = {"n": self.n.reshape(1).clone()}
+        for m, s in self.sums.items():
+            if self.kind == "kfac":
+                state[f"{m}.Gdiag"] = s["G"].diagonal().to("cpu", torch.float64)
+                state[f"{m}.Adiag"] = s["A"].diagonal().to("cpu", torch.float64)
+            else:
+                state[f"{m}.D"] = s["D"].to("cpu", torch.float64)
+        return state
+
+
+def diagonal_from_state(state: Dict[str, torch.Tensor], n_data: float) -> Dict[str, torch.Tensor]:
+    """``diag H`` per module (``out × (in+1)``) from :meth:`CurvatureAccumulator.diagonal_state`:
+    ``diag(G)·(N/n) ⊗ diag(A)/n`` for KFAC, ``D·N/n`` for the diagonal kind."""
+    n = float(state["n"].reshape(()))
+    if n <= 0:
+        raise RuntimeError("no curvature accumulated yet")
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".Gdiag"):
+            m = key[: -len(".Gdiag")]
+            out[m] = torch.outer(value * (n_data / n), state[f"{m}.Adiag"] / n)
+        elif key.endswith(".D"):
+            out[key[: -len(".D")]] = value * (n_data / n)
+    return out
 
 
 def weight_aug(module: nn.Module) -> torch.Tensor:

@@ -60,21 +60,30 @@ class KronEigen:
 
     def __init__(self, G: torch.Tensor, A: torch.Tensor, keep_vectors: bool = False) -> None:
         """``keep_vectors``: keep ``Q_G``/``Q_A`` themselves (only :meth:`dense` needs them); by default only
-        their elementwise squares are kept, which halves the memory of a decomposed layer."""
+        their elementwise squares are kept, which halves the memory of a decomposed layer.
+
+        The eigendecomposition is float64 whatever the factors' dtype; the squared eigenvectors are
+        stored in the factors' dtype (float32 factors: half the memory; the projection sums
+        non-negative terms, so float32 costs ~1e-7 relative) and every result is float64."""
         if G.dim() != 2 or A.dim() != 2 or G.shape[0] != G.shape[1] or A.shape[0] != A.shape[1]:
             raise ValueError(f"Kronecker factors must be square matrices, got G {tuple(G.shape)} and A {tuple(A.shape)}")
         # eigendecomposed where the factors live (a GPU when training there), kept on the CPU
-        G = G.detach().to(torch.float64)
-        A = A.detach().to(torch.float64)
-        g, Q_G = torch.linalg.eigh(0.5 * (G + G.T))
-        a, Q_A = torch.linalg.eigh(0.5 * (A + A.T))
-        self.g = g.clamp_min(0.0).cpu()  # PSD up to round-off
-        self.a = a.clamp_min(0.0).cpu()
-        self._QG2 = Q_G.square().cpu()
-        self._QA2 = Q_A.square().cpu()
-        self.Q_G, self.Q_A = (Q_G.cpu(), Q_A.cpu()) if keep_vectors else (None, None)
-        self.diag_G = G.diagonal().cpu()
-        self.diag_A = A.diagonal().cpu()
+        store = G.dtype if G.dtype in (torch.float32, torch.float64) else torch.float32
+        self.g, self._QG2, Q_G, self.diag_G = self._eigh(G, store, keep_vectors)
+        self.a, self._QA2, Q_A, self.diag_A = self._eigh(A, store, keep_vectors)
+        self.Q_G, self.Q_A = Q_G, Q_A
+
+    @staticmethod
+    def _eigh(F: torch.Tensor, store: torch.dtype, keep_vectors: bool):
+        """``(eigenvalues ≥ 0, squared eigenvectors in store dtype, eigenvectors or None, diagonal)``, on the CPU."""
+        F = F.detach().to(torch.float64)
+        diag = F.diagonal().cpu()
+        F = 0.5 * (F + F.T)
+        vals, Q = torch.linalg.eigh(F)
+        del F
+        Q_kept = Q.to("cpu", copy=True) if keep_vectors else None
+        Q2 = Q.square_().to("cpu", store)  # in place: no second float64 copy
+        return vals.clamp_min(0.0).cpu(), Q2, Q_kept, diag
 
     @property
     def shape(self) -> tuple:
@@ -90,9 +99,10 @@ class KronEigen:
 
     def project(self, precision: Precision) -> torch.Tensor:
         """``δ̃ = (Q_G∘Q_G)ᵀ Δ (Q_A∘Q_A)`` (``out × (in+1)``); ``O(out² + in²)`` when Δ is rank one."""
+        dt = self._QG2.dtype
         if precision.is_rank_one:
-            return torch.outer(self._QG2.T @ precision.u, self._QA2.T @ precision.v)
-        return self._QG2.T @ precision.dense @ self._QA2
+            return torch.outer((self._QG2.T @ precision.u.to(dt)).double(), (self._QA2.T @ precision.v.to(dt)).double())
+        return (self._QG2.T @ precision.dense.to(dt) @ self._QA2).double()
 
     def logdet(self, precision: Precision, temperature: float = 1.0) -> torch.Tensor:
         """``Σ_ij log(g_i a_j / T + δ̃_ij)``: exact for constant Δ, an upper bound otherwise."""

@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .architectures import get_family, group_specs, is_peft_model, prunable_modules
 from .arguments import SpamTrainingArguments
-from .curvature import CurvatureAccumulator
+from .curvature import CurvatureAccumulator, diagonal_from_state
 from .export.save import save_pruned
 from .marglik import optimize_prior
 from .priors import PriorPrecision, params_aug
@@ -39,6 +39,7 @@ logger = logging.get_logger(__name__)
 PRIOR_FILE = "spam_prior.safetensors"
 CURVATURE_FILE = "spam_curvature.safetensors"
 STATE_FILE = "spam_state.json"
+RETAINED_PREFIX = "retained."
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -219,7 +220,8 @@ class SpamTrainer(Trainer):
         logs = {"log_marglik": res.final / N, **self.prior.summary()}
         self.marglik_history.append({"step": self.state.global_step, "log_marglik": res.final})
         self.log(logs)
-        self._retained = self.curvature.state_dict()  # kept for pruning / saving after the reset
+        # what pruning needs of this curvature (its diagonal), kept compactly after the reset
+        self._retained = self.curvature.diagonal_state()
         self.curvature.reset()
         self._loss_sum, self._loss_count, self._steps_since_update = 0.0, 0, 0
         return res.final
@@ -266,10 +268,7 @@ class SpamTrainer(Trainer):
         if float(self.curvature.n) > 0 and float(self.curvature.n) >= self._last_curvature_rows:
             return self.curvature.diagonal(N)
         if self._retained is not None:
-            tmp = CurvatureAccumulator(_unwrap(self.model), self.modules, kind=self.curvature.kind,
-                                       reduction=self.curvature.reduction)
-            tmp.load_state_dict(self._retained)
-            return tmp.diagonal(N)
+            return diagonal_from_state(self._retained, N)
         raise RuntimeError("no curvature yet: train with SpamTrainer or call fit_priors_posthoc() before pruning")
 
     def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
@@ -346,8 +345,10 @@ class SpamTrainer(Trainer):
         """Write priors, curvature sums and hyper-optimiser bookkeeping into ``output_dir``."""
         os.makedirs(output_dir, exist_ok=True)
         self.prior.save(os.path.join(output_dir, PRIOR_FILE))
-        curv = self.curvature.state_dict() if float(self.curvature.n) > 0 else self._retained
-        if curv is not None:
+        # live sums (for resuming the next prior update) and the retained diagonal (for pruning), one file
+        curv = self.curvature.state_dict() if float(self.curvature.n) > 0 else {}
+        curv.update({f"{RETAINED_PREFIX}{k}": v for k, v in (self._retained or {}).items()})
+        if curv:
             save_file({k: v.contiguous() for k, v in curv.items()}, os.path.join(output_dir, CURVATURE_FILE),
                       metadata={"kind": self.curvature.kind, "reduction": self.curvature.reduction,
                                 "fisher": self.curvature.fisher})
@@ -372,13 +373,17 @@ class SpamTrainer(Trainer):
         curv_path = os.path.join(directory, CURVATURE_FILE)
         if os.path.exists(curv_path):
             state = load_file(curv_path)
-            if meta.get("live_curvature", True):
-                self.curvature.load_state_dict(state)
-            else:
-                CurvatureAccumulator(_unwrap(self.model), self.modules, kind=self.curvature.kind,
-                                     reduction=self.curvature.reduction).load_state_dict(state)  # shape checks
-                self._retained = state
-                self._last_curvature_rows = float(state["n"].reshape(()))
+            retained = {k[len(RETAINED_PREFIX):]: v for k, v in state.items() if k.startswith(RETAINED_PREFIX)}
+            live = {k: v for k, v in state.items() if not k.startswith(RETAINED_PREFIX)}
+            if live:
+                self.curvature.load_state_dict(live)
+            if retained:
+                expected = set(self.curvature.diagonal_state())
+                if set(retained) != expected:
+                    raise ValueError(f"{curv_path}: the retained curvature does not match this model's prunable "
+                                     f"modules ({len(retained)} entries, expected {len(expected)})")
+                self._retained = retained
+                self._last_curvature_rows = float(retained["n"].reshape(()))
         self._loss_sum = float(meta.get("loss_sum", 0.0))
         self._loss_count = int(meta.get("loss_count", 0))
         self.marglik_history = list(meta.get("marglik_history", []))
