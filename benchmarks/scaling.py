@@ -12,12 +12,13 @@ peak memory is this configuration's alone), with batch ``--batch-size`` × ``--s
 * memory: curvature state bytes from the formula and as allocated, and the process's peak-RSS
   growth while accumulating and eigendecomposing (``ru_maxrss`` after minus before).
 
-Memory formula (float64, per prunable Linear ``out × in`` with bias): KFAC stores
-``A`` ``(in+1)²`` and ``G`` ``out²`` → ``8·Σ[(in+1)² + out²]`` bytes; the diagonal stores ``out·(in+1)``
-→ ``8·Σ out·(in+1)``. For a BERT layer of width ``h`` (Q, K, V, O: ``h×h``; up ``4h×h``; down ``h×4h``)
-that is ``≈ 8·42h²`` (KFAC) vs ``8·12h²`` (diag) bytes per layer, against ``4·12h²`` bytes of float32
-weights: 7× vs 2× the layer's weights. The eigendecomposition at a prior update temporarily adds the
-eigenvectors and their squares (up to 2× the KFAC state again).
+Memory formula (per prunable Linear ``out × in`` with bias; sums in the model's float32): KFAC stores
+``A`` ``(in+1)²`` and ``G`` ``out²`` → ``4·Σ[(in+1)² + out²]`` bytes; the diagonal stores ``out·(in+1)``
+→ ``4·Σ out·(in+1)``. For a BERT layer of width ``h`` (Q, K, V, O: ``h×h``; up ``4h×h``; down ``h×4h``)
+that is ``≈ 4·42h²`` (KFAC) vs ``4·12h²`` (diag) bytes per layer, against ``4·12h²`` bytes of float32
+weights: 3.5× vs 1× the layer's weights. A prior update adds the squared eigenvectors (float32, the
+size of the KFAC state again) plus float64 temporaries of one factor at a time; after it, only the
+factors' diagonals are kept for pruning.
 
     python benchmarks/scaling.py --out benchmarks/results/scaling_cpu.json
 """
@@ -50,7 +51,7 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def formula_bytes(model, names, kind: str) -> int:
+def formula_bytes(model, names, kind: str, itemsize: int = 4) -> int:
     from spam_hf.architectures.base import lookup_linear
 
     mods = dict(model.named_modules())
@@ -58,7 +59,7 @@ def formula_bytes(model, names, kind: str) -> int:
     for n in names:
         fan_in, fan_out, bias = lookup_linear(mods, n, "scaling")
         total += ((fan_in + bias) ** 2 + fan_out**2) if kind == "kfac" else fan_out * (fan_in + bias)
-    return 8 * total
+    return itemsize * total
 
 
 def measure_one(layers: int, hidden: int, kind: str, a) -> dict:
@@ -109,7 +110,7 @@ def measure_one(layers: int, hidden: int, kind: str, a) -> dict:
         o.loss.backward()
 
     out["step_s"] = timed(step)
-    out["state_bytes_formula"] = formula_bytes(model, names, kind)
+    out["state_bytes_formula"] = formula_bytes(model, names, kind, torch.empty((), dtype=acc.dtype).element_size())
     out["state_bytes_allocated"] = sum(v.numel() * v.element_size() for d in acc.sums.values() for v in d.values())
     t0 = time.perf_counter()
     curv = acc.kron(n_data=67349) if kind == "kfac" else acc.diagonal(n_data=67349)
