@@ -235,3 +235,14 @@ def test_lora_unknown_target_module_is_a_clear_error(tiny_setup, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("spam-hf: error: LoRA:") and "qkv_proj" in err[-1]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_causal_lm_with_lora(tiny_lm_setup):
+    model_dir, train, valid, tmp = tiny_lm_setup("llama")
+    out = str(tmp / "lm-lora")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", valid, "--sparsity", "0.5",
+               "--lora-r", "4", "--lora-target-modules", "q_proj,v_proj,down_proj", "--output-dir", out, *FAST])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["metric"] == "perplexity" and report["export"]["format"] == "peft_adapter"
+    assert json.load(open(os.path.join(out, "model", "adapter_config.json")))["task_type"] == "CAUSAL_LM"
