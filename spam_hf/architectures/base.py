@@ -316,6 +316,29 @@ def shrink_linear(module: nn.Module, rows: Optional[torch.Tensor] = None, cols: 
     return new
 
 
+def shrink_slices(model: nn.Module, specs: Iterable[GroupSpec],
+                  keep: Dict[str, torch.Tensor]) -> List[Tuple[GroupSpec, torch.Tensor]]:
+    """Keep only groups ``keep[spec.name]`` of each spec: every row module loses the other groups' rows,
+    every column module their columns (:func:`shrink_linear`), in place.
+
+    Returns ``[(spec, kept indices)]`` for the specs that lost groups, for family-specific follow-up
+    (head counts, empty attention modules).
+    """
+    changed = []
+    for spec in specs:
+        if spec.name not in keep:
+            continue
+        kept = torch.as_tensor(keep[spec.name], dtype=torch.long).sort().values
+        if kept.numel() == spec.count:
+            continue
+        for m, idx in spec.row_index.items():
+            set_module(model, m, shrink_linear(model.get_submodule(m), rows=idx[kept].reshape(-1)))
+        for m, idx in spec.col_index.items():
+            set_module(model, m, shrink_linear(model.get_submodule(m), cols=idx[kept].reshape(-1)))
+        changed.append((spec, kept))
+    return changed
+
+
 def prunable_modules(specs: Iterable[GroupSpec]) -> List[str]:
     """Names of every module that some group touches, in first-seen order."""
     out: Dict[str, None] = {}

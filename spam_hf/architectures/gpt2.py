@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..export.modeling_spam import ZeroHeadAttention
-from .base import ArchitectureFamily, GroupSpec, base_prefix, contiguous_blocks, register, set_module, shrink_linear
+from .base import ArchitectureFamily, GroupSpec, base_prefix, contiguous_blocks, register, set_module, shrink_slices
 
 
 @register
@@ -66,16 +66,7 @@ class GPT2Family(ArchitectureFamily):
 
     def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
         d = self._head_dim(model)
-        for spec in self.group_specs(model):
-            if spec.name not in keep:
-                continue
-            kept = torch.as_tensor(keep[spec.name], dtype=torch.long).sort().values
-            if kept.numel() == spec.count:
-                continue
-            for m, idx in spec.row_index.items():
-                set_module(model, m, shrink_linear(model.get_submodule(m), rows=idx[kept].reshape(-1)))
-            for m, idx in spec.col_index.items():
-                set_module(model, m, shrink_linear(model.get_submodule(m), cols=idx[kept].reshape(-1)))
+        for spec, kept in shrink_slices(model, self.group_specs(model), keep):
             if spec.kind != "head":
                 continue
             path = f"{self._layer_name(model, spec.layer)}.attn"

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, set_module, shrink_linear
+from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, shrink_slices
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -86,16 +86,8 @@ class LoraFamily(ArchitectureFamily):
         """Keep ranks ``keep[spec.name]``; ``r`` and ``α`` follow so that ``s = α / r`` is unchanged."""
         adapter = active_adapter(model)
         layers = dict(lora_layers(model))
-        for spec in self.group_specs(model):
-            if spec.name not in keep:
-                continue
-            kept = torch.as_tensor(keep[spec.name], dtype=torch.long).sort().values
-            if kept.numel() == spec.count:
-                continue
+        for spec, kept in shrink_slices(model, self.group_specs(model), keep):
             layer = layers[spec.name[: -len(".lora_rank")]]
-            a_name, b_name = next(iter(spec.row_index)), next(iter(spec.col_index))
-            set_module(model, a_name, shrink_linear(model.get_submodule(a_name), rows=kept))
-            set_module(model, b_name, shrink_linear(model.get_submodule(b_name), cols=kept))
             scaling = layer.scaling[adapter]
             layer.r[adapter] = int(kept.numel())
             layer.lora_alpha[adapter] = scaling * int(kept.numel())
