@@ -33,27 +33,55 @@ def log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature, params:
         loss_sum: ``Σ_n ℓ_n`` at θ (constant in δ; only shifts the value).
         temperature: ``T``.
     """
+    _check_inputs(prior, curvature, params, temperature)
+    total = torch.tensor(-float(loss_sum) / temperature, dtype=torch.float64)
+    for m in prior.modules:
+        total = total + module_term(prior, curvature, params, m, temperature)
+    return total
+
+
+def _check_inputs(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor], temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     missing = [m for m in prior.modules if m not in curvature or m not in params]
     if missing:
         raise ValueError(f"marginal likelihood: no curvature or parameters for {len(missing)} module(s), e.g. {missing[:3]}")
-    total = torch.tensor(-float(loss_sum) / temperature, dtype=torch.float64)
+
+
+def module_term(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor], m: str,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Module ``m``'s share of ``log Z``: ``−½ θᵀΔθ + ½ Σ log δ − ½ log det(H_m / T + Δ)``."""
+    prec = prior.precision(m)
+    w2 = params[m].to(torch.float64).square()
+    if tuple(w2.shape) != prior.shapes[m]:
+        raise ValueError(f"parameters of {m!r} have shape {tuple(w2.shape)}, prior expects {prior.shapes[m]}")
+    term = -0.5 * prec.quadratic(w2) + 0.5 * prec.log_sum()
+    curv = curvature[m]
+    if isinstance(curv, KronEigen):
+        if curv.shape != prior.shapes[m]:
+            raise ValueError(f"KFAC factors of {m!r} are {curv.shape}, prior expects {prior.shapes[m]}")
+        return term - 0.5 * curv.logdet(prec, temperature)
+    if tuple(curv.shape) != prior.shapes[m]:
+        raise ValueError(f"diagonal curvature of {m!r} is {tuple(curv.shape)}, prior expects {prior.shapes[m]}")
+    return term - 0.5 * torch.log(curv.to(torch.float64) / temperature + prec.matrix()).sum()
+
+
+def backward_log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor],
+                                     loss_sum: float = 0.0, temperature: float = 1.0) -> float:
+    """Accumulate ``−∂ log Z / ∂ log δ`` into the prior's ``.grad`` one module at a time; returns ``log Z``.
+
+    Same value and gradient as ``(-log_marginal_likelihood(...)).backward()``, but only one module's
+    autograd graph (its ``out × (in+1)`` float64 intermediates) is alive at a time.
+    """
+    _check_inputs(prior, curvature, params, temperature)
+    total = -float(loss_sum) / temperature
     for m in prior.modules:
-        prec = prior.precision(m)
-        w2 = params[m].to(torch.float64).square()
-        if tuple(w2.shape) != prior.shapes[m]:
-            raise ValueError(f"parameters of {m!r} have shape {tuple(w2.shape)}, prior expects {prior.shapes[m]}")
-        total = total - 0.5 * prec.quadratic(w2) + 0.5 * prec.log_sum()
-        curv = curvature[m]
-        if isinstance(curv, KronEigen):
-            if curv.shape != prior.shapes[m]:
-                raise ValueError(f"KFAC factors of {m!r} are {curv.shape}, prior expects {prior.shapes[m]}")
-            total = total - 0.5 * curv.logdet(prec, temperature)
-        else:
-            if tuple(curv.shape) != prior.shapes[m]:
-                raise ValueError(f"diagonal curvature of {m!r} is {tuple(curv.shape)}, prior expects {prior.shapes[m]}")
-            total = total - 0.5 * torch.log(curv.to(torch.float64) / temperature + prec.matrix()).sum()
+        term = module_term(prior, curvature, params, m, temperature)
+        if not torch.isfinite(term):
+            raise FloatingPointError(f"log marginal likelihood term of {m!r} is {float(term)}; "
+                                     "check curvature and weights for NaN")
+        (-term).backward()
+        total += float(term.detach())
     return total
 
 
@@ -84,16 +112,13 @@ def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str
     history: List[float] = []
     for _ in range(n_steps):
         opt.zero_grad(set_to_none=True)
-        value = log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"log marginal likelihood is {float(value)}; check curvature and weights for NaN")
-        (-value).backward()
+        value = backward_log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)
         for p in prior.parameters():
             if p.grad is not None:
                 p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         opt.step()
         prior.clamp_()
-        history.append(float(value.detach()))
+        history.append(value)
     with torch.no_grad():
         history.append(float(log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)))
     if optimizer_state is not None:
