@@ -97,8 +97,8 @@ def save_lora_adapter(model: nn.Module, output_dir: str, tokenizer=None, merged_
         base_dir = os.path.join(output_dir, BASE_SUBDIR)
         save_pruned(copy.deepcopy(model).unload(), base_dir, tokenizer=tokenizer)
         config.base_model_name_or_path = os.path.abspath(base_dir)
-    dropped = [name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-               for name, layer in lora_layers(model) if layer.lora_A[adapter].out_features == 0]
+    base_names = _base_names(model)
+    dropped = [base_names[name] for name, layer in lora_layers(model) if layer.lora_A[adapter].out_features == 0]
     with warnings.catch_warnings():  # peft warns about the zero-size tensors of emptied modules, dropped below
         warnings.simplefilter("ignore")
         state = get_peft_model_state_dict(model, adapter_name=adapter)
