@@ -22,12 +22,14 @@ def seeds_plot(paths, out: str) -> None:
     """Mean and min–max over seed files, per method and sparsity; PNG plus a Markdown table."""
     runs = [json.load(open(p)) for p in paths]
     acc = defaultdict(list)  # (method, sparsity, key) -> values
+    achieved = defaultdict(list)  # target sparsity -> achieved (a per-layer floor can stop short)
     dense = defaultdict(list)
     for r in runs:
         for k, v in r["dense"].items():
             dense[k].append(v)
         for row in r["runs"]:
             acc[(row["method"], row["sparsity"], "accuracy")].append(row["accuracy"])
+            achieved[row["sparsity"]].append(row["achieved"])
             if "accuracy_recovered" in row:
                 acc[(row["method"], row["sparsity"], "accuracy_recovered")].append(row["accuracy_recovered"])
     methods = list(dict.fromkeys(k[0] for k in acc))
@@ -61,10 +63,11 @@ def seeds_plot(paths, out: str) -> None:
         if not values:
             return ""
         m = 100 * sum(values) / len(values)
-        return f"{m:.1f} ± {50 * (max(values) - min(values)):.1f}"
+        return f"{m:.1f}" if len(values) == 1 else f"{m:.1f} ± {50 * (max(values) - min(values)):.1f}"
 
-    lines = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
-             "|---|" + "---|" * len(sparsities)]
+    lines = ["| target removed | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+             "|---|" + "---|" * len(sparsities),
+             "| achieved (min) | " + " | ".join(f"{min(achieved[s]):.1%}" for s in sparsities) + " |"]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(cell(acc.get((method, s, "accuracy"), [])) for s in sparsities) + " |")
         if any(acc.get((method, s, "accuracy_recovered")) for s in sparsities):

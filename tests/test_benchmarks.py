@@ -38,6 +38,9 @@ def test_sst2_accuracy_smoke(tiny_setup, tmp_path):
     assert {x["method"] for x in r["runs"]} == {"spam-opd", "posthoc-opd", "fisher", "magnitude", "random"}
     assert all("accuracy_recovered" in x for x in r["runs"])
     run("plot_sst2.py", out, "--out", str(tmp_path / "acc.png"))
+    run("plot_sst2.py", out, out, "--seeds", "--out", str(tmp_path / "seeds.png"))  # two "seeds": mean ± spread
+    table = open(str(tmp_path / "seeds.md")).read()
+    assert "| achieved (min) |" in table and "| spam-opd + recovery |" in table
     assert os.path.getsize(tmp_path / "acc.png") > 1000
 
 
