@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .architectures.base import GroupSpec, in_out_features
+from .architectures.lora import adapted_module, base_name
 from .arguments import BUDGETS, validate_sparsity
 
 
@@ -126,7 +127,7 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
             rep.neurons_kept, rep.neurons_total = int(keep[s.name].numel()), s.count
         else:
             rep.ranks_kept, rep.ranks_total = int(keep[s.name].numel()), s.count
-            rep.module = s.name.removeprefix("base_model.model.").removesuffix(".lora_rank")
+            rep.module = base_name(adapted_module(s))
     return Selection(keep=keep, budget=budget, sparsity_target=float(sparsity), total_cost=total,
                      removed_cost=removed, layers=[layers[k] for k in sorted(layers)])
 

@@ -163,9 +163,17 @@ class ArchitectureFamily:
 
     #: ``config.model_type`` values this family handles
     model_types: Tuple[str, ...] = ()
+    #: dotted path of the block list inside the base model (e.g. ``encoder.layer``)
+    layers_path: str = ""
 
     def layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        raise NotImplementedError
+        """The transformer blocks, in order."""
+        if not self.layers_path:
+            raise NotImplementedError
+        return model.get_submodule(base_prefix(model) + self.layers_path)
+
+    def _layer_name(self, model: nn.Module, i: int) -> str:
+        return f"{base_prefix(model)}{self.layers_path}.{i}"
 
     def group_specs(self, model: nn.Module) -> List[GroupSpec]:
         """Every prunable group spec of ``model`` (heads, neurons), in layer order."""

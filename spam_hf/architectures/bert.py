@@ -12,28 +12,21 @@ DistilBERT layer ``i`` (under ``distilbert.transformer.layer.i``): ``attention.{
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 from torch import nn
 
 from ..export.modeling_spam import ZeroHeadAttention
-from .base import ArchitectureFamily, GroupSpec, base_prefix, contiguous_blocks, register, set_module, shrink_slices
+from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
 
 
 class _EncoderFamily(ArchitectureFamily):
     # module names relative to a layer
-    layers_path: str = ""
     q = k = v = o = up = down = ""
     attention_path: str = ""  # module replaced when a layer loses all heads
     attention_out_child: str | None = None  # child of attention_path kept as output projection
     intermediate_key: str = "intermediate_size"  # config key of the MLP width
-
-    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.get_submodule(base_prefix(model) + self.layers_path)
-
-    def _layer_name(self, model: nn.Module, i: int) -> str:
-        return f"{base_prefix(model)}{self.layers_path}.{i}"
 
     def _head_dim(self, model: nn.Module) -> int:
         raise NotImplementedError

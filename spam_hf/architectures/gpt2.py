@@ -14,24 +14,19 @@ records them in ``spam_pruning.module_attrs``.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..export.modeling_spam import ZeroHeadAttention
-from .base import ArchitectureFamily, GroupSpec, base_prefix, contiguous_blocks, register, set_module, shrink_slices
+from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
 
 
 @register
 class GPT2Family(ArchitectureFamily):
     model_types = ("gpt2",)
-
-    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.get_submodule(base_prefix(model) + "h")
-
-    def _layer_name(self, model: nn.Module, i: int) -> str:
-        return f"{base_prefix(model)}h.{i}"
+    layers_path = "h"
 
     @staticmethod
     def _head_dim(model: nn.Module) -> int:

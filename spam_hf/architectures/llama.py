@@ -15,24 +15,19 @@ with no group left gets a :class:`ZeroHeadAttention` that still advances the KV 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..export.modeling_spam import ZeroHeadAttention
-from .base import ArchitectureFamily, GroupSpec, base_prefix, contiguous_blocks, register, set_module, shrink_slices
+from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
 
 
 @register
 class LlamaFamily(ArchitectureFamily):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
-
-    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.get_submodule(base_prefix(model) + "layers")
-
-    def _layer_name(self, model: nn.Module, i: int) -> str:
-        return f"{base_prefix(model)}layers.{i}"
+    layers_path = "layers"
 
     @staticmethod
     def _dims(model: nn.Module) -> tuple:

@@ -21,6 +21,20 @@ from torch import nn
 from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, shrink_slices
 
 
+PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the wrapped model's modules
+RANK_SUFFIX = ".lora_rank"  # spec name = adapted module + RANK_SUFFIX
+
+
+def base_name(name: str) -> str:
+    """A PeftModel module name as the base model names it (what peft's target matching sees)."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def adapted_module(spec: GroupSpec) -> str:
+    """The PeftModel name of the LoRA layer whose ranks ``spec`` holds."""
+    return spec.name[: -len(RANK_SUFFIX)]
+
+
 def is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -77,7 +91,7 @@ class LoraFamily(ArchitectureFamily):
             if r == 0:
                 continue
             ranks = contiguous_blocks(r, 1)
-            specs.append(GroupSpec(kind="lora_rank", layer=i, count=r, name=f"{name}.lora_rank",
+            specs.append(GroupSpec(kind="lora_rank", layer=i, count=r, name=f"{name}{RANK_SUFFIX}",
                                    row_index={f"{name}.lora_A.{adapter}": ranks},
                                    col_index={f"{name}.lora_B.{adapter}": ranks}))
         return specs
@@ -87,7 +101,7 @@ class LoraFamily(ArchitectureFamily):
         adapter = active_adapter(model)
         layers = dict(lora_layers(model))
         for spec, kept in shrink_slices(model, self.group_specs(model), keep):
-            layer = layers[spec.name[: -len(".lora_rank")]]
+            layer = layers[adapted_module(spec)]
             scaling = layer.scaling[adapter]
             layer.r[adapter] = int(kept.numel())
             layer.lora_alpha[adapter] = scaling * int(kept.numel())

@@ -15,13 +15,13 @@ import copy
 import os
 import re
 import warnings
-from typing import Dict, Optional
+from typing import Optional
 
 from safetensors.torch import save_file
 from torch import nn
 
 from ..architectures.base import in_out_features
-from ..architectures.lora import active_adapter, lora_layers
+from ..architectures.lora import active_adapter, base_name, lora_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -30,13 +30,12 @@ def pruned_lora_config(model: nn.Module):
     """A copy of the active ``LoraConfig`` describing the pruned ranks (full module names, escaped as regexes)."""
     adapter = active_adapter(model)
     config = copy.deepcopy(model.peft_config[adapter])
-    base_names = _base_names(model)
     targets, ranks, alphas = [], {}, {}
     for name, layer in lora_layers(model):
         r = layer.lora_A[adapter].out_features
         if r == 0:
             continue
-        key = base_names[name]
+        key = base_name(name)
         targets.append(key)
         ranks[re.escape(key)] = int(r)
         alphas[re.escape(key)] = float(layer.scaling[adapter]) * int(r)
@@ -49,12 +48,6 @@ def pruned_lora_config(model: nn.Module):
     config.lora_alpha = alphas[re.escape(targets[0])]
     config.inference_mode = True
     return config
-
-
-def _base_names(model: nn.Module) -> Dict[str, str]:
-    """PeftModel module name -> name inside the base model (what peft's target matching sees)."""
-    prefix = "base_model.model."
-    return {name: name[len(prefix):] if name.startswith(prefix) else name for name, _ in lora_layers(model)}
 
 
 BASE_SUBDIR = "base"
@@ -97,8 +90,7 @@ def save_lora_adapter(model: nn.Module, output_dir: str, tokenizer=None, merged_
         base_dir = os.path.join(output_dir, BASE_SUBDIR)
         save_pruned(copy.deepcopy(model).unload(), base_dir, tokenizer=tokenizer)
         config.base_model_name_or_path = os.path.abspath(base_dir)
-    base_names = _base_names(model)
-    dropped = [base_names[name] for name, layer in lora_layers(model) if layer.lora_A[adapter].out_features == 0]
+    dropped = [base_name(name) for name, layer in lora_layers(model) if layer.lora_A[adapter].out_features == 0]
     with warnings.catch_warnings():  # peft warns about the zero-size tensors of emptied modules, dropped below
         warnings.simplefilter("ignore")
         state = get_peft_model_state_dict(model, adapter_name=adapter)
