@@ -13,15 +13,16 @@ from spam_hf.priors import PriorPrecision, params_aug
 from conftest import tiny_batch, tiny_classifier
 
 
-def tiny_setup(kind="kfac", hidden=16, inter=12):
+def tiny_setup(kind="kfac", hidden=16, inter=12, reduction="reduce", n_batches=3, batch_size=4, seq=6,
+               pad_last=2):
     model = tiny_classifier("bert", hidden_size=hidden, intermediate_size=inter, num_attention_heads=2,
                             num_hidden_layers=1)
     specs = group_specs(model)
     # float64 sums: these tests compare against dense float64 references and finite differences
-    acc = CurvatureAccumulator(model, prunable_modules(specs), kind=kind, fisher="mc", seed=0,
+    acc = CurvatureAccumulator(model, prunable_modules(specs), kind=kind, reduction=reduction, fisher="mc", seed=0,
                                accumulate_dtype=torch.float64)
-    for s in range(3):
-        batch = tiny_batch(batch=4, seq=6, pad_last=2, seed=s)
+    for s in range(n_batches):
+        batch = tiny_batch(batch=batch_size, seq=seq, pad_last=pad_last, seed=s)
         with acc.capture(model, batch["attention_mask"]):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         acc.accumulate(out.logits, batch["labels"])
@@ -192,16 +193,8 @@ def test_float32_curvature_state_changes_marglik_by_less_than_1e5():
     Token-level rows (many more rows than factor dimensions): with rank-deficient factors the
     eigenbasis inside their null space is arbitrary and so is the projected bound, in any precision.
     """
-    model = tiny_classifier("bert", hidden_size=16, intermediate_size=12, num_attention_heads=2, num_hidden_layers=1)
-    specs = group_specs(model)
-    names = prunable_modules(specs)
-    acc64 = CurvatureAccumulator(model, names, reduction="expand", accumulate_dtype=torch.float64)
-    for s in range(4):
-        batch = tiny_batch(batch=8, seq=10, pad_last=0, seed=s)
-        with acc64.capture(model, batch["attention_mask"]):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        acc64.accumulate(out.logits, batch["labels"])
-    acc32 = CurvatureAccumulator(model, names, reduction="expand")
+    model, specs, acc64 = tiny_setup("kfac", reduction="expand", n_batches=4, batch_size=8, seq=10, pad_last=0)
+    acc32 = CurvatureAccumulator(model, acc64.module_names, reduction="expand")
     assert acc32.dtype == torch.float32
     acc32.load_state_dict(acc64.state_dict())
     params = params_aug(model, acc64.module_names)
