@@ -3,7 +3,9 @@
 * ``spam-hf``: LoRA at rank ``--r-start`` trained with SpamTrainer (a unit prior per rank), then OPD
   removes ranks until the adapter has the target size; measured without and with ``--recovery-steps``.
 * ``adalora``: peft's AdaLoRA from ``init_r = --r-start`` to ``target_r = --r-final`` (its budget is the
-  same average rank), with ``update_and_allocate`` after every optimiser step.
+  same average rank), with ``update_and_allocate`` after every optimiser step; one run per learning
+  rate in ``--adalora-lrs`` (its singular values start at zero, so it needs a larger rate or more
+  steps than LoRA; every run is reported, the best is AdaLoRA's number).
 * ``lora``: plain LoRA at rank ``--r-final`` (the target size from the start).
 
 All adapt the same modules, train the same epochs with the same seed and learning rate, and train the
@@ -46,7 +48,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--recovery-steps", type=int, default=40)
+    p.add_argument("--adalora-lrs", default="", help="comma-separated learning rates for AdaLoRA (default: --lr)")
+    p.add_argument("--recovery-steps", default="40",
+                   help="comma-separated cumulative recovery step counts; accuracy is measured at each")
+    p.add_argument("--curvature", default="kfac", choices=["kfac", "diag"], help="spam-hf's curvature")
     p.add_argument("--marglik-frequency", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="spam-hf,adalora,lora")
@@ -110,11 +115,15 @@ def main() -> None:
         return cls(**d)
 
     lora_size = None
+    methods = []
     for method in a.methods.split(","):
+        lrs = [float(x) for x in a.adalora_lrs.split(",") if x] if method == "adalora" else []
+        methods += [(method, lr) for lr in lrs] or [(method, a.lr)]
+    for method, lr in methods:
         torch.manual_seed(a.seed)
         base = load_model(path)
         t0 = time.time()
-        run = {"method": method}
+        run = {"method": method, "lr": lr}
         if method == "spam-hf":
             model = get_peft_model(base, LoraConfig(r=a.r_start, lora_alpha=2 * a.r_start, target_modules=targets,
                                                     lora_dropout=0.05, task_type="SEQ_CLS"))
@@ -122,24 +131,29 @@ def main() -> None:
             target = full * a.r_final / a.r_start
             trainer = SpamTrainer(model=model, data_collator=col, train_dataset=train,
                                   args=targs(SpamTrainingArguments, method, marglik_frequency=a.marglik_frequency,
-                                             marglik_burn_in=a.marglik_frequency, curvature_every=2))
+                                             marglik_burn_in=a.marglik_frequency, curvature_every=2,
+                                             curvature=a.curvature))
             trainer.train()
             run["accuracy_before_pruning"] = accuracy(model, dev, col)
             sel = trainer.prune(1.0 - target / full)
             run["accuracy"] = accuracy(model, dev, col)
             run["ranks_kept"] = [r.ranks_kept for r in sel.layers]
-            if a.recovery_steps:
+            done, run["recovery"] = 0, {}
+            for total in [int(x) for x in a.recovery_steps.split(",") if int(x) > 0]:
                 rec = Trainer(model=model, data_collator=col, train_dataset=train,
-                              args=targs(TrainingArguments, method + "-rec", max_steps=a.recovery_steps,
-                                         learning_rate=a.lr / 2))
+                              args=targs(TrainingArguments, method + "-rec", max_steps=total - done,
+                                         learning_rate=a.lr / 2, seed=a.seed + done))
                 rec.train()
-                run["accuracy_recovered"] = accuracy(model, dev, col)
+                done = total
+                run["recovery"][str(total)] = run["accuracy_recovered"] = accuracy(model, dev, col)
         elif method == "adalora":
-            model = get_peft_model(base, AdaLoraConfig(init_r=a.r_start, target_r=a.r_final, lora_alpha=2 * a.r_final,
+            # AdaLoRA scales by alpha / init_r: 2·r_start gives the same scale 2 as the LoRA runs
+            model = get_peft_model(base, AdaLoraConfig(init_r=a.r_start, target_r=a.r_final, lora_alpha=2 * a.r_start,
                                                        target_modules=targets, lora_dropout=0.05, tinit=steps // 10,
                                                        tfinal=steps // 5, deltaT=5, total_step=steps,
                                                        task_type="SEQ_CLS"))
-            trainer = Trainer(model=model, data_collator=col, train_dataset=train, args=targs(TrainingArguments, method),
+            trainer = Trainer(model=model, data_collator=col, train_dataset=train,
+                              args=targs(TrainingArguments, f"{method}-{lr:g}", learning_rate=lr),
                               callbacks=[AdaLoraAllocate(model)])
             trainer.train()
             run["accuracy"] = accuracy(model, dev, col)
