@@ -1,4 +1,4 @@
-"""Decoder pruning: perplexity before/after removing heads (KV groups) and neurons, SpaM + OPD vs baselines.
+"""Decoder pruning: perplexity before/after removing heads and neurons, SpaM + OPD vs baselines.
 
 A small LLaMA-shaped (GQA) and a GPT-2-shaped model are trained from random weights on WikiText-2
 ``valid.txt`` (byte-level BPE tokenizer trained on the same file) twice, with the same steps and seed:
@@ -8,6 +8,10 @@ with SpamTrainer (unit priors, KFAC with token-level "expand" curvature) and wit
 a copy to each sparsity (fraction of prunable block parameters, global) and perplexity is measured
 on the first ``--eval-blocks`` blocks of ``test.txt``. No recovery fine-tune. Results go to a JSON
 file (rewritten after every measurement) and a PNG plot.
+
+LLaMA (GQA) is pruned at two granularities from the same scores: query heads and KV heads as
+separate groups (the default; method names as above) and whole KV groups (``<method>/kv-groups``,
+``kv_groups_only=True``). The SpaM model's priors are learned on the default groups either way.
 
     python benchmarks/decoder_perplexity.py --out benchmarks/results/decoder_perplexity_cpu.json
 """
@@ -30,6 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerF
                           TrainingArguments, default_data_collator)
 
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
+from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.costs import model_costs  # noqa: E402
 from spam_hf.scoring import group_scores  # noqa: E402
 from spam_hf.selection import select_groups  # noqa: E402
@@ -160,16 +165,19 @@ def main() -> None:
             model = trainer.model
             score_method = "opd" if method.endswith("-opd") else method
             curv = None if score_method in ("magnitude", "random") else trainer.retained_curvature()
-            scores = group_scores(model, trainer.specs, score_method, prior=trainer.prior, curvature=curv, seed=a.seed)
-            for s in map(float, a.sparsities.split(",")):
-                pruned = copy.deepcopy(model)
-                sel = select_groups(pruned, trainer.specs, scores, s, budget="params", seq_len=a.block)
-                prune_groups(pruned, sel.keep)
-                run = {"method": method, "sparsity": s, "achieved": sel.achieved,
-                       "perplexity": perplexity(pruned, test), **model_costs(pruned, a.block)}
-                res["runs"].append(run)
-                save()
-                print(f"{arch} {method:>11} {s:.0%}: perplexity {run['perplexity']:.2f}", flush=True)
+            granularities = [("", False), ("/kv-groups", True)] if arch == "llama" else [("", False)]
+            for suffix, kv_only in granularities:
+                specs = group_specs(model, kv_groups_only=kv_only)
+                scores = group_scores(model, specs, score_method, prior=trainer.prior, curvature=curv, seed=a.seed)
+                for s in map(float, a.sparsities.split(",")):
+                    pruned = copy.deepcopy(model)
+                    sel = select_groups(pruned, specs, scores, s, budget="params", seq_len=a.block)
+                    prune_groups(pruned, sel.keep, kv_groups_only=kv_only)
+                    run = {"method": method + suffix, "sparsity": s, "achieved": sel.achieved,
+                           "perplexity": perplexity(pruned, test), **model_costs(pruned, a.block)}
+                    res["runs"].append(run)
+                    save()
+                    print(f"{arch} {method + suffix:>21} {s:.0%}: perplexity {run['perplexity']:.2f}", flush=True)
     result["wall_s"] = sum(sum(r["train_s"].values()) for r in result["archs"].values())
     save()
     plot(result, os.path.splitext(a.out)[0] + ".png")
@@ -187,8 +195,9 @@ def plot(result: dict, path: str) -> None:
         res = result["archs"][arch]
         for method in dict.fromkeys(r["method"] for r in res["runs"]):
             pts = sorted((r["sparsity"], r["perplexity"]) for r in res["runs"] if r["method"] == method)
-            dense = res["dense" if method == "spam-opd" else "dense_plain"]["perplexity"]
-            ax.plot([0] + [p[0] for p in pts], [dense] + [p[1] for p in pts], marker="o", label=method)
+            dense = res["dense" if method.startswith("spam-opd") else "dense_plain"]["perplexity"]
+            ax.plot([0] + [p[0] for p in pts], [dense] + [p[1] for p in pts], marker="o", label=method,
+                    linestyle="--" if method.endswith("/kv-groups") else "-")
         ax.set_yscale("log")
         ax.set_xlabel("sparsity (prunable block parameters removed)")
         ax.set_ylabel("test perplexity (log scale)")

@@ -44,6 +44,10 @@ class SpamTrainingArguments(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Likelihood temperature T in the Laplace marglik."})
     n_data: Optional[int] = field(default=None, metadata={"help": "N in the prior term and the curvature "
                                                                   "(default: training examples, or tokens for LM)."})
+    kv_groups_only: bool = field(default=False, metadata={
+        "help": "Grouped-query attention (LLaMA layout): prune whole KV groups only (a KV head with all the query "
+                "heads reading it; every layer stays stock-shaped). Default: query heads are groups of their own "
+                "and a KV head goes with its last query head."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -3,14 +3,17 @@
 Groups are removed in increasing order of ``score / cost`` (cost = parameters, or FLOPs at a
 sequence length), across all layers and kinds, until the removed cost reaches
 ``sparsity × total``, where *total* is the cost of every prunable module (all of Q/K/V/O and the
-MLP weights and biases, including the O / down biases that no group owns).
+MLP weights and biases, including the O / down biases that no group owns). Query heads of
+grouped-query attention depend on their KV head: a KV head is removed together with its last query
+head, so every kept KV head keeps at least one (:func:`_greedy_drop`).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Set, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +30,8 @@ class LayerReport:
     heads_total: int = 0
     neurons_kept: int = 0
     neurons_total: int = 0
+    kv_heads_kept: int = 0  # grouped-query attention: KV heads (heads_* then count query heads)
+    kv_heads_total: int = 0
     ranks_kept: int = 0  # LoRA: ranks of one adapted module (``layer`` = its index, ``module`` = its name)
     ranks_total: int = 0
     module: str = ""
@@ -93,29 +98,20 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     if missing:
         raise ValueError(f"no scores for group spec(s) {missing[:3]}")
     total = prunable_cost(model, specs, budget, seq_len)
-    entries = []  # (score per cost, cost, spec index, group index)
-    for si, s in enumerate(specs):
-        cost = group_costs(model, s, budget, seq_len)
+    index = {s.name: si for si, s in enumerate(specs)}
+    ratio, cost = [], []
+    for s in specs:
+        c = group_costs(model, s, budget, seq_len)
         sc = scores[s.name].to(torch.float64)
         if sc.shape != (s.count,):
             raise ValueError(f"scores of {s.name} have shape {tuple(sc.shape)}, expected ({s.count},)")
         if not torch.isfinite(sc).all():
             raise ValueError(f"scores of {s.name} contain NaN or inf")
-        ratio = sc / cost.clamp_min(1e-12)
-        for g in range(s.count):
-            entries.append((float(ratio[g]), float(cost[g]), si, g))
-    entries.sort(key=lambda e: (e[0], e[2], e[3]))
-    target = sparsity * total
-    removed = 0.0
-    drop = [set() for _ in specs]
-    floor = [math.ceil(min_keep * s.count) for s in specs]
-    for _, cost, si, g in entries:
-        if removed >= target:
-            break
-        if specs[si].count - len(drop[si]) <= floor[si]:
-            continue
-        drop[si].add(g)
-        removed += cost
+        ratio.append(sc / c.clamp_min(1e-12))
+        cost.append(c)
+    drop = _greedy_drop(specs, index, [scores[s.name].to(torch.float64) for s in specs], ratio, cost,
+                        sparsity * total, [math.ceil(min_keep * s.count) for s in specs])
+    removed = float(sum(float(cost[si][g]) for si in range(len(specs)) for g in drop[si]))
     keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)
             for si, s in enumerate(specs)}
     layers: Dict[int, LayerReport] = {}
@@ -123,6 +119,8 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
         rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
         if s.kind == "head":
             rep.heads_kept, rep.heads_total = int(keep[s.name].numel()), s.count
+        elif s.kind == "kv_head":
+            rep.kv_heads_kept, rep.kv_heads_total = int(keep[s.name].numel()), s.count
         elif s.kind == "neuron":
             rep.neurons_kept, rep.neurons_total = int(keep[s.name].numel()), s.count
         else:
@@ -130,6 +128,70 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
             rep.module = base_name(adapted_module(s))
     return Selection(keep=keep, budget=budget, sparsity_target=float(sparsity), total_cost=total,
                      removed_cost=removed, layers=[layers[k] for k in sorted(layers)])
+
+
+def _greedy_drop(specs: List[GroupSpec], index: Dict[str, int], scores: List[torch.Tensor], ratio: List[torch.Tensor],
+                 cost: List[torch.Tensor], target: float, floor: List[int]) -> List[Set[int]]:
+    """Greedy removal, cheapest ``score / cost`` first, until ``target`` cost is removed; ``drop[spec][group]``.
+
+    A group of a spec with a ``parent`` (a query head) is removed alone only while its parent (KV
+    head) keeps another child; the parent itself is a candidate together with all its remaining
+    children, at ``(Σ scores) / (Σ costs)`` of that bundle (re-queued whenever a child leaves).
+    Specs at their ``floor`` (groups kept) are passed over.
+    """
+    drop: List[Set[int]] = [set() for _ in specs]
+    children: Dict[Tuple[int, int], Set[Tuple[int, int]]] = {}  # (parent spec, group) -> {(spec, group)}
+    for si, s in enumerate(specs):
+        if s.parent:
+            for g, p in enumerate(s.parent_index.tolist()):
+                children.setdefault((index[s.parent], p), set()).add((si, g))
+    version: Dict[Tuple[int, int], int] = {key: 0 for key in children}
+
+    def bundle(key):
+        members = [key, *children[key]]
+        c = sum(float(cost[si][g]) for si, g in members)
+        return sum(float(scores[si][g]) for si, g in members) / max(c, 1e-12)
+
+    heap = [(float(ratio[si][g]), si, g, -1) for si in range(len(specs)) for g in range(specs[si].count)
+            if (si, g) not in children]
+    heap += [(bundle(key), key[0], key[1], 0) for key in children]
+    heapq.heapify(heap)
+
+    def room(si: int, n: int) -> bool:
+        return specs[si].count - len(drop[si]) - n >= floor[si]
+
+    removed = 0.0
+    while heap and removed < target:
+        _, si, g, ver = heapq.heappop(heap)
+        if ver >= 0:  # a parent with its remaining children
+            key = (si, g)
+            if ver != version[key] or g in drop[si]:
+                continue
+            kids = children[key]
+            by_spec: Dict[int, int] = {}
+            for ci, _ in kids:
+                by_spec[ci] = by_spec.get(ci, 0) + 1
+            if not room(si, 1) or not all(room(ci, n) for ci, n in by_spec.items()):
+                continue
+            for ci, cg in kids:
+                drop[ci].add(cg)
+                removed += float(cost[ci][cg])
+            drop[si].add(g)
+            removed += float(cost[si][g])
+            continue
+        if g in drop[si] or not room(si, 1):
+            continue
+        s = specs[si]
+        if s.parent:
+            key = (index[s.parent], int(s.parent_index[g]))
+            if len(children[key]) <= 1:  # the last child leaves only with its parent
+                continue
+            children[key].discard((si, g))
+            version[key] += 1
+            heapq.heappush(heap, (bundle(key), key[0], key[1], version[key]))
+        drop[si].add(g)
+        removed += float(cost[si][g])
+    return drop
 
 
 def plot_selection(selection: Selection, path: str, title: str = "") -> None:

@@ -10,13 +10,15 @@ from torch import nn
 from .architectures.base import GroupSpec, get_family, weight_out_in
 
 
-def prune_groups(model: nn.Module, keep: Dict[str, torch.Tensor]) -> nn.Module:
+def prune_groups(model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> nn.Module:
     """Shrink every Linear so that only groups ``keep[spec.name]`` remain; returns ``model``.
+
+    ``keep`` names the specs of ``group_specs(model, kv_groups_only)``.
 
     Layers may lose every head (their attention becomes a ``ZeroHeadAttention``: the block keeps its
     residual path and output bias) or every neuron (zero-width MLP, output = down bias).
     """
-    get_family(model).shrink(model, keep)
+    get_family(model).shrink(model, keep, kv_groups_only=kv_groups_only)
     return model
 
 

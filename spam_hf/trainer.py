@@ -106,7 +106,7 @@ class SpamTrainer(Trainer):
     # ------------------------------------------------------------------ set-up
     def _setup_spam_state(self) -> None:
         model = _unwrap(self.model)
-        self.specs = group_specs(model)
+        self.specs = group_specs(model, kv_groups_only=self.args.kv_groups_only)
         self.modules = prunable_modules(self.specs)
         self.likelihood = likelihood_of(model)
         reduction = self.args.kfac_reduction
@@ -285,7 +285,7 @@ class SpamTrainer(Trainer):
         selection = select_groups(model, self.specs, scores, sparsity, budget=budget, seq_len=seq_len,
                                   min_keep=min_keep)
         old_prior, old_specs = self.prior, self.specs
-        prune_groups(model, selection.keep)
+        prune_groups(model, selection.keep, kv_groups_only=self.args.kv_groups_only)
         self._pruned = True
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None
@@ -309,14 +309,15 @@ class SpamTrainer(Trainer):
         merged = copy.deepcopy(model).merge_and_unload()
         merged.requires_grad_(True)  # peft froze the base; curvature hooks need gradients w.r.t. its outputs
         args = copy.deepcopy(self.args)
-        args.marglik_frequency, args.prior = 0, "unit"
+        # whole KV groups: uneven query heads per KV head would wrap the adapted k/v projections
+        args.marglik_frequency, args.prior, args.kv_groups_only = 0, "unit", True
         args.output_dir = tempfile.mkdtemp(prefix="spam-hf-base-")
         helper = SpamTrainer(model=merged, args=args, train_dataset=self.train_dataset,
                              data_collator=self.data_collator)
         helper.fit_priors_posthoc(max_batches=max_batches)
         selection = helper.prune(sparsity, budget=budget, method="opd", seq_len=seq_len, min_keep=min_keep)
         base = model.get_base_model()
-        get_family(base).shrink(base, selection.keep)
+        get_family(base).shrink(base, selection.keep, kv_groups_only=True)
         old_prior = self.prior
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None

@@ -87,8 +87,10 @@ def test_decoder_perplexity_smoke(tmp_path):
         "--out", out)
     r = json.load(open(out))
     assert set(r["archs"]) == {"llama", "gpt2"}
-    for res in r["archs"].values():
-        assert {x["method"] for x in res["runs"]} == {"spam-opd", "posthoc-opd", "fisher", "magnitude", "random"}
+    methods = {"spam-opd", "posthoc-opd", "fisher", "magnitude", "random"}
+    for arch, res in r["archs"].items():
+        both = methods | {m + "/kv-groups" for m in methods}  # LLaMA: query heads and whole KV groups
+        assert {x["method"] for x in res["runs"]} == (both if arch == "llama" else methods)
         assert all(x["achieved"] >= 0.5 and x["perplexity"] > 1 for x in res["runs"])
     assert os.path.exists(str(tmp_path / "dp.png"))
 

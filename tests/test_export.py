@@ -14,7 +14,7 @@ from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.surgery import prune_groups
 
 from conftest import DECODER_TYPES, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch, tiny_tokenizer
-from test_surgery import random_keep
+from test_surgery import close_parents, random_keep
 
 
 def logits(model, batch):
@@ -42,22 +42,26 @@ def test_export_round_trip(tmp_path, model_type):
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
 def test_remote_code_loads_without_spam_hf(tmp_path, model_type):
     """AutoModelFor*.from_pretrained(..., trust_remote_code=True) in a Python where importing spam_hf fails
-    (GPT-2: Conv1D shapes, head counts and a zero-neuron MLP rebuilt by the remote code; generate() too)."""
+    (GPT-2: Conv1D shapes, head counts and a zero-neuron MLP rebuilt by the remote code; LLaMA: uneven
+    query heads per KV head through gathered K/V projections; generate() too)."""
     if model_type == "bert":
         model, auto, batch = tiny_classifier("bert"), "AutoModelForSequenceClassification", tiny_batch()
     else:
-        model, auto, batch = tiny_causal_lm("gpt2"), "AutoModelForCausalLM", tiny_lm_batch()
+        model, auto, batch = tiny_causal_lm(model_type), "AutoModelForCausalLM", tiny_lm_batch()
     specs = group_specs(model)
     keep = random_keep(specs, seed=5, drop_all_layer=0)
     if model_type == "gpt2":
         keep[specs[-1].name] = torch.tensor([], dtype=torch.long)  # last MLP loses every neuron
+    if model_type == "llama":
+        keep["layer1.head"] = torch.tensor([0, 1, 3])  # KV head 0 read twice, KV head 1 once
+        close_parents(specs, keep)
     prune_groups(model, keep)
     expected = logits(model, batch)
     ids = batch["input_ids"]
-    gen = greedy(model, ids) if model_type == "gpt2" else None
+    gen = greedy(model, ids) if model_type != "bert" else None
     out = str(tmp_path / "export")
     save_pruned(model, out)
     torch.save({"batch": batch, "expected": expected, "gen": gen}, str(tmp_path / "io.pt"))
@@ -137,7 +141,9 @@ def test_uniform_decoder_result_exports_as_stock(tmp_path, model_type):
     for s in group_specs(model):
         if s.kind == "neuron":
             keep[s.name] = torch.arange(0, s.count, 2)  # every other neuron
-        elif model_type != "gpt2":  # GPT-2 derives head_dim from n_embd / n_head: heads stay
+        elif s.kind == "head" and model_type != "gpt2":  # GPT-2 derives head_dim from n_embd / n_head
+            keep[s.name] = torch.tensor([2, 3])  # both query heads of KV head 1
+        elif s.kind == "kv_head":
             keep[s.name] = torch.tensor([1])
     prune_groups(model, keep)
     ids = tiny_lm_batch()["input_ids"]

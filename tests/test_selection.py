@@ -52,3 +52,54 @@ def test_bad_selection_input(bert):
     bad[specs[0].name] = torch.full((specs[0].count,), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match="NaN"):
         select_groups(bert, specs, bad, 0.5)
+
+
+def _tiny_llama():
+    from conftest import tiny_causal_lm
+
+    return tiny_causal_lm("llama")  # per layer: 4 query heads on 2 KV heads (0, 1 -> 0; 2, 3 -> 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gqa_selection_keeps_a_query_head_for_every_kept_kv_head(seed):
+    from spam_hf.surgery import prune_groups
+
+    model = _tiny_llama()
+    specs = group_specs(model)
+    scores = group_scores(model, specs, "random", seed=seed)
+    for sparsity in (0.1, 0.3, 0.5, 0.7, 0.9):
+        sel = select_groups(model, specs, scores, sparsity)
+        assert sel.achieved >= sparsity
+        for s in specs:
+            if s.parent:  # exactly the KV heads that some kept query head reads
+                assert sel.keep[s.parent].tolist() == s.parent_index[sel.keep[s.name]].unique().tolist()
+        rep = sel.layers[0]
+        assert (rep.heads_total, rep.kv_heads_total) == (4, 2)
+    prune_groups(model, sel.keep)  # a consistent selection is accepted by surgery
+
+
+def test_kv_head_leaves_only_with_its_last_query_head():
+    model = _tiny_llama()
+    specs = group_specs(model)
+    costs = {s.name: s.params_per_group(model).double() for s in specs}
+    q_cost = float(costs["layer0.head"][0])
+    total = prunable_cost(model, specs, "params", 128)
+    scores = {s.name: torch.full((s.count,), 1e6, dtype=torch.float64) for s in specs}
+    scores["layer0.head"][:2] = 0.0  # query heads 0 and 1 are free to remove ...
+    scores["layer0.kv_head"][0] = 1e12  # ... but the KV head they read is not
+    sel = select_groups(model, specs, scores, 2 * q_cost / total)
+    assert 0 not in sel.keep["layer0.head"] and 1 in sel.keep["layer0.head"]  # one goes, the last one stays
+    assert sel.keep["layer0.kv_head"].tolist() == [0, 1]
+    scores["layer0.kv_head"][0] = 0.0  # now the whole group is cheapest
+    kv_cost = float(costs["layer0.kv_head"][0])
+    sel = select_groups(model, specs, scores, (2 * q_cost + kv_cost - 1) / total)
+    assert sel.keep["layer0.head"].tolist() == [2, 3] and sel.keep["layer0.kv_head"].tolist() == [1]
+    assert sel.removed_cost == pytest.approx(2 * q_cost + kv_cost)
+
+
+def test_gqa_min_keep_floor_counts_query_heads():
+    model = _tiny_llama()
+    specs = group_specs(model)
+    scores = {s.name: torch.full((s.count,), 1.0 if s.layer == 0 else 1e6, dtype=torch.float64) for s in specs}
+    sel = select_groups(model, specs, scores, 0.45, min_keep=0.5)
+    assert sel.keep["layer0.head"].numel() >= 2 and sel.keep["layer0.kv_head"].numel() >= 1

@@ -10,6 +10,7 @@ from conftest import DECODER_TYPES, ENCODER_TYPES, tiny_batch, tiny_causal_lm, t
 
 
 def random_keep(specs, seed, drop_all_layer=None):
+    """Random kept groups per spec; a KV head is kept exactly when some kept query head reads it."""
     g = torch.Generator().manual_seed(seed)
     keep = {}
     for s in specs:
@@ -18,6 +19,14 @@ def random_keep(specs, seed, drop_all_layer=None):
             continue
         n = int(torch.randint(0, s.count + 1, (1,), generator=g))
         keep[s.name] = torch.randperm(s.count, generator=g)[:n].sort().values
+    return close_parents(specs, keep)
+
+
+def close_parents(specs, keep):
+    """``keep`` with every parent spec (KV heads) set to the groups its kept children read."""
+    for s in specs:
+        if s.parent:
+            keep[s.parent] = s.parent_index[keep[s.name]].unique()
     return keep
 
 
@@ -63,6 +72,7 @@ def test_decoder_pruned_logits_and_greedy_generation_equal_masked(model_type):
     specs = group_specs(masked)
     keep = random_keep(specs, seed=4)
     keep[specs[0].name] = torch.tensor([], dtype=torch.long)
+    close_parents(specs, keep)
     mask_groups(masked, specs, keep)
     prune_groups(pruned, keep)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in masked.parameters())

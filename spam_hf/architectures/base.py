@@ -27,7 +27,7 @@ try:  # transformers' GPT-2 style layer (weights stored in × out)
 except Exception:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
-GROUP_KINDS = ("head", "neuron", "lora_rank")
+GROUP_KINDS = ("head", "kv_head", "neuron", "lora_rank")
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -65,13 +65,18 @@ class GroupSpec:
     """All groups of one kind in one layer.
 
     Attributes:
-        kind: ``"head"``, ``"neuron"`` or ``"lora_rank"``.
+        kind: ``"head"``, ``"kv_head"`` (grouped-query attention: the K/V rows one KV head owns),
+            ``"neuron"`` or ``"lora_rank"``.
         layer: transformer block index (or adapted-module index for LoRA).
         count: number of groups ``G``.
         row_index: module name -> ``LongTensor[G, r]``: output rows owned by each group.
         col_index: module name -> ``LongTensor[G, c]``: input columns owned by each group.
         attn_dim: per-group width of the attention score computation (head_dim for heads, else 0);
             used for the ``T²`` FLOPs of attention.
+        parent: name of the spec whose groups this spec's groups depend on ("" when none): query heads
+            on the KV head they read. A parent group is removed exactly when every child is removed,
+            so selection keeps at least one child of every kept parent.
+        parent_index: ``LongTensor[G]``: the parent group of each group (with ``parent``).
     """
 
     kind: str
@@ -81,6 +86,8 @@ class GroupSpec:
     col_index: Dict[str, torch.Tensor] = field(default_factory=dict)
     attn_dim: int = 0
     name: str = ""
+    parent: str = ""
+    parent_index: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.kind not in GROUP_KINDS:
@@ -96,6 +103,11 @@ class GroupSpec:
             raise ValueError(f"{self.kind} spec of layer {self.layer} owns no slices")
         if not self.name:
             self.name = f"layer{self.layer}.{self.kind}"
+        if bool(self.parent) != (self.parent_index is not None):
+            raise ValueError(f"spec {self.name}: parent and parent_index go together")
+        if self.parent_index is not None and tuple(self.parent_index.shape) != (self.count,):
+            raise ValueError(f"spec {self.name}: parent_index has shape {tuple(self.parent_index.shape)}, "
+                             f"expected ({self.count},)")
 
     @property
     def modules(self) -> List[str]:
@@ -175,12 +187,19 @@ class ArchitectureFamily:
     def _layer_name(self, model: nn.Module, i: int) -> str:
         return f"{base_prefix(model)}{self.layers_path}.{i}"
 
-    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
-        """Every prunable group spec of ``model`` (heads, neurons), in layer order."""
+    def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
+        """Every prunable group spec of ``model`` (heads, neurons), in layer order.
+
+        ``kv_groups_only``: grouped-query attention is pruned in whole KV groups (a KV head with every
+        query head that reads it) instead of query heads plus KV heads; families without GQA ignore it.
+        """
         raise NotImplementedError
 
-    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
-        """Physically keep only groups ``keep[spec.name]`` (sorted LongTensor) of each spec, in place."""
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
+        """Physically keep only groups ``keep[spec.name]`` (sorted LongTensor) of each spec, in place.
+
+        ``keep`` names the specs of ``group_specs(model, kv_groups_only)``.
+        """
         raise NotImplementedError
 
     def stock_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
@@ -231,9 +250,9 @@ def get_family(model_or_type) -> ArchitectureFamily:
     return _REGISTRY[mt]
 
 
-def group_specs(model: nn.Module) -> List[GroupSpec]:
+def group_specs(model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
     """Group specs of ``model`` via its registered family, checked against the model's modules."""
-    specs = get_family(model).group_specs(model)
+    specs = get_family(model).group_specs(model, kv_groups_only=kv_groups_only)
     validate_specs(model, specs)
     return specs
 
@@ -244,6 +263,7 @@ def validate_specs(model: nn.Module, specs: Iterable[GroupSpec]) -> None:
     Raises:
         ValueError: naming the spec, the module and what is wrong.
     """
+    specs = list(specs)
     mods = dict(model.named_modules())
     owned_rows: Dict[str, torch.Tensor] = {}
     owned_cols: Dict[str, torch.Tensor] = {}
@@ -259,6 +279,13 @@ def validate_specs(model: nn.Module, specs: Iterable[GroupSpec]) -> None:
                 if mask[flat].any() or flat.unique().numel() != flat.numel():
                     raise ValueError(f"group spec {spec.name}: {where} of {m!r} are owned by more than one group")
                 mask[flat] = True
+    counts = {s.name: s.count for s in specs}
+    for spec in specs:
+        if spec.parent and spec.parent not in counts:
+            raise ValueError(f"group spec {spec.name}: parent spec {spec.parent!r} is not among the specs")
+        if spec.parent and spec.count and (int(spec.parent_index.min()) < 0
+                                           or int(spec.parent_index.max()) >= counts[spec.parent]):
+            raise ValueError(f"group spec {spec.name}: parent_index out of range [0, {counts[spec.parent]})")
     both = set(owned_rows) & set(owned_cols)
     if both:
         raise ValueError(f"modules {sorted(both)} have both rows and columns owned by groups; a weight must have one owner")

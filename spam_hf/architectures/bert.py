@@ -31,7 +31,7 @@ class _EncoderFamily(ArchitectureFamily):
     def _head_dim(self, model: nn.Module) -> int:
         raise NotImplementedError
 
-    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
+    def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
         d = self._head_dim(model)
         specs: List[GroupSpec] = []
         for i, layer in enumerate(self.layers(model)):
@@ -56,7 +56,7 @@ class _EncoderFamily(ArchitectureFamily):
                 ))
         return specs
 
-    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
         d = self._head_dim(model)
         for spec, kept in shrink_slices(model, self.group_specs(model), keep):
             if spec.kind == "head":

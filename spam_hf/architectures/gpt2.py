@@ -35,7 +35,7 @@ class GPT2Family(ArchitectureFamily):
             raise ValueError("GPT-2 with cross-attention is not supported (its crossattention layers are not grouped)")
         return int(c.n_embd // c.n_head)
 
-    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
+    def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
         d = self._head_dim(model)
         specs: List[GroupSpec] = []
         for i, block in enumerate(self.layers(model)):
@@ -59,7 +59,7 @@ class GPT2Family(ArchitectureFamily):
                 ))
         return specs
 
-    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
         d = self._head_dim(model)
         for spec, kept in shrink_slices(model, self.group_specs(model), keep):
             if spec.kind != "head":

@@ -1,16 +1,24 @@
 """LLaMA-layout decoders (llama, mistral, qwen2, qwen3): gated MLP and grouped-query attention.
 
-Layer ``i`` (under ``model.layers.i``), with ``K`` key/value heads, ``r = H / K`` query heads per KV
-head (``repeat_kv`` gives query head ``h`` the KV head ``h // r``) and head width ``d``:
+Layer ``i`` (under ``model.layers.i``) with head width ``d``, ``H`` query heads and ``K`` key/value
+heads; query head ``h`` reads KV head ``kv(h)`` (stock: ``h // r`` with ``r = H / K``, what
+``repeat_kv`` does):
 
-* KV group ``g`` (kind ``"head"``): rows ``g·d:(g+1)·d`` of ``self_attn.k_proj`` and ``v_proj``,
-  rows ``g·r·d:(g+1)·r·d`` of ``self_attn.q_proj`` (the ``r`` query heads sharing it) and the same
-  columns of ``self_attn.o_proj``. Without GQA (``r = 1``) a group is one attention head.
+* query head ``h`` (kind ``"head"``): rows ``h·d:(h+1)·d`` of ``self_attn.q_proj`` and the same
+  columns of ``self_attn.o_proj``; its ``parent`` is KV head ``kv(h)``;
+* KV head ``g`` (kind ``"kv_head"``): rows ``g·d:(g+1)·d`` of ``self_attn.k_proj`` and ``v_proj``.
+  It is removed exactly when its last query head is (selection keeps ≥ 1 query head per kept KV head);
+* without GQA (``r = 1``) one ``"head"`` group owns its Q, K, V rows and O columns;
+* with ``kv_groups_only`` a ``"head"`` group is a whole KV group: its K/V rows and the Q rows / O
+  columns of the ``r`` query heads that read it;
 * neuron ``j``: row ``j`` of ``mlp.gate_proj`` and ``mlp.up_proj``, column ``j`` of ``mlp.down_proj``.
 
-Pruning whole KV groups keeps ``r``, ``head_dim`` and the rotary embedding unchanged, so the stock
-attention runs on the smaller projections (it infers the head count from their width). A layer
-with no group left gets a :class:`ZeroHeadAttention` that still advances the KV cache.
+After pruning, ``head_dim`` and the rotary embedding are unchanged and the stock attention runs on
+the narrower projections (it infers the head counts from their widths). When every kept KV head of
+a layer keeps the same number ``q`` of query heads, the layer's ``num_key_value_groups`` becomes
+``q``; otherwise ``k_proj``/``v_proj`` become :class:`HeadGatherLinear` (weights stored once, output
+repeated per query head) and ``num_key_value_groups`` is 1. A layer with no head left gets a
+:class:`ZeroHeadAttention` that still advances the KV cache.
 """
 
 from __future__ import annotations
@@ -20,8 +28,16 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..export.modeling_spam import ZeroHeadAttention
+from ..export.modeling_spam import HeadGatherLinear, ZeroHeadAttention
 from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
+
+
+def _query_heads_per_kv(kv_of: torch.Tensor, kv_count: int) -> Optional[int]:
+    """``q`` when ``kv_of`` is ``[0]*q + [1]*q + ...`` (what ``repeat_kv`` computes), else ``None``."""
+    if kv_count == 0 or kv_of.numel() % kv_count:
+        return None
+    q = kv_of.numel() // kv_count
+    return q if torch.equal(kv_of, torch.arange(kv_count).repeat_interleave(q)) else None
 
 
 @register
@@ -30,32 +46,34 @@ class LlamaFamily(ArchitectureFamily):
     layers_path = "layers"
 
     @staticmethod
-    def _dims(model: nn.Module) -> tuple:
-        """``(head_dim d, query heads per KV head r)`` from the config."""
+    def head_dim(model: nn.Module) -> int:
+        """``d`` from the config (checked: the query heads split evenly over the KV heads)."""
         c = model.config
-        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         if c.num_attention_heads % kv:
             raise ValueError(f"num_attention_heads={c.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={kv}")
-        return int(d), int(c.num_attention_heads // kv)
+        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
-    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
-        d, r = self._dims(model)
+    @staticmethod
+    def kv_of_queries(attn: nn.Module, d: int) -> torch.Tensor:
+        """``LongTensor[H]``: the KV head each query head of ``attn`` reads."""
+        if isinstance(attn.k_proj, HeadGatherLinear):
+            return torch.tensor(attn.k_proj.kv_heads, dtype=torch.long)
+        return torch.arange(attn.q_proj.out_features // d) // int(attn.num_key_value_groups)
+
+    @staticmethod
+    def _kv_linear(attn: nn.Module, path: str, child: str) -> str:
+        return f"{path}.{child}.linear" if isinstance(getattr(attn, child), HeadGatherLinear) else f"{path}.{child}"
+
+    def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
+        d = self.head_dim(model)
         specs: List[GroupSpec] = []
         for i, layer in enumerate(self.layers(model)):
             ln = self._layer_name(model, i)
-            attn = layer.self_attn
-            if not isinstance(attn, ZeroHeadAttention):
-                groups = attn.k_proj.out_features // d
-                if groups:
-                    kv, q = contiguous_blocks(groups, d), contiguous_blocks(groups, r * d)
-                    specs.append(GroupSpec(
-                        kind="head", layer=i, count=groups, attn_dim=r * d,
-                        row_index={f"{ln}.self_attn.q_proj": q, f"{ln}.self_attn.k_proj": kv,
-                                   f"{ln}.self_attn.v_proj": kv},
-                        col_index={f"{ln}.self_attn.o_proj": q},
-                    ))
+            attn, path = layer.self_attn, f"{ln}.self_attn"
+            if not isinstance(attn, ZeroHeadAttention) and attn.q_proj.out_features:
+                specs += self._attention_specs(attn, path, i, d, kv_groups_only)
             neurons = layer.mlp.up_proj.out_features
             if neurons:
                 one = contiguous_blocks(neurons, 1)
@@ -66,22 +84,78 @@ class LlamaFamily(ArchitectureFamily):
                 ))
         return specs
 
-    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
-        d, _ = self._dims(model)
-        for spec, kept in shrink_slices(model, self.group_specs(model), keep):
+    def _attention_specs(self, attn: nn.Module, path: str, i: int, d: int, kv_groups_only: bool) -> List[GroupSpec]:
+        kv_of = self.kv_of_queries(attn, d)
+        k_proj = attn.k_proj.linear if isinstance(attn.k_proj, HeadGatherLinear) else attn.k_proj
+        heads, kv_heads = kv_of.numel(), k_proj.out_features // d
+        q_name, o_name = f"{path}.q_proj", f"{path}.o_proj"
+        k_name, v_name = self._kv_linear(attn, path, "k_proj"), self._kv_linear(attn, path, "v_proj")
+        kv_rows = contiguous_blocks(kv_heads, d)
+        q = _query_heads_per_kv(kv_of, kv_heads)
+        if q == 1 or kv_groups_only:  # a group = one KV head and every query head reading it
+            if q is None:
+                counts = torch.bincount(kv_of, minlength=kv_heads).tolist()
+                raise ValueError(f"layer {i} has {counts} query heads per KV head; whole KV groups need equal "
+                                 f"numbers: prune this model with kv_groups_only=False")
+            q_rows = contiguous_blocks(kv_heads, q * d)
+            return [GroupSpec(kind="head", layer=i, count=kv_heads, attn_dim=q * d,
+                              row_index={q_name: q_rows, k_name: kv_rows, v_name: kv_rows},
+                              col_index={o_name: q_rows})]
+        q_rows = contiguous_blocks(heads, d)
+        kv_spec = GroupSpec(kind="kv_head", layer=i, count=kv_heads, row_index={k_name: kv_rows, v_name: kv_rows})
+        return [GroupSpec(kind="head", layer=i, count=heads, attn_dim=d, row_index={q_name: q_rows},
+                          col_index={o_name: q_rows}, parent=kv_spec.name, parent_index=kv_of), kv_spec]
+
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
+        d = self.head_dim(model)
+        specs = self.group_specs(model, kv_groups_only)
+        counts = {s.name: s.count for s in specs}
+        kv_after: Dict[int, torch.Tensor] = {}  # layer -> KV head (new numbering) of each kept query head
+        for s in specs:
+            if not s.parent:
+                continue
+            kept_q = torch.as_tensor(keep.get(s.name, range(s.count)), dtype=torch.long).sort().values
+            kept_kv = torch.as_tensor(keep.get(s.parent, range(counts[s.parent])), dtype=torch.long).sort().values
+            read = s.parent_index[kept_q]
+            if not torch.equal(read.unique(), kept_kv):
+                raise ValueError(f"layer {s.layer}: kept KV heads {kept_kv.tolist()} must be exactly those the kept "
+                                 f"query heads read ({read.unique().tolist()}); a KV head goes with its last query head")
+            kv_after[s.layer] = torch.searchsorted(kept_kv, read)
+        changed = shrink_slices(model, specs, keep)
+        for i, kv_of in kv_after.items():
+            if kv_of.numel():
+                self._set_kv_heads(model, f"{self._layer_name(model, i)}.self_attn", kv_of, d)
+        for spec, kept in changed:
             if spec.kind == "head" and kept.numel() == 0:
                 path = f"{self._layer_name(model, spec.layer)}.self_attn"
                 attn = model.get_submodule(path)
                 set_module(model, path, ZeroHeadAttention(attn.o_proj, "o_proj", attn.layer_idx, d))
 
+    @staticmethod
+    def _set_kv_heads(model: nn.Module, path: str, kv_of: torch.Tensor, d: int) -> None:
+        """Make query head ``h`` of ``path`` read KV head ``kv_of[h]``: via ``num_key_value_groups`` when
+        the pattern is ``repeat_kv``'s, else through :class:`HeadGatherLinear` K/V projections."""
+        attn = model.get_submodule(path)
+        inner = {c: getattr(attn, c).linear if isinstance(getattr(attn, c), HeadGatherLinear) else getattr(attn, c)
+                 for c in ("k_proj", "v_proj")}
+        q = _query_heads_per_kv(kv_of, int(kv_of.max()) + 1)
+        for child, linear in inner.items():
+            setattr(attn, child, linear if q else HeadGatherLinear(linear, kv_of.tolist(), d))
+        attn.num_key_value_groups = q or 1
+
     def stock_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
         """Head counts, ``head_dim`` and ``intermediate_size`` when every layer kept the same numbers."""
-        d, r = self._dims(model)
-        specs = self.group_specs(model)
-        groups = [s.count for s in specs if s.kind == "head"]
-        neurons = [s.count for s in specs if s.kind == "neuron"]
-        n = len(self.layers(model))
-        if len(groups) != n or len(neurons) != n or len(set(groups)) != 1 or len(set(neurons)) != 1:
+        d = self.head_dim(model)
+        shapes = set()
+        for layer in self.layers(model):
+            attn = layer.self_attn
+            if isinstance(attn, ZeroHeadAttention) or isinstance(attn.k_proj, HeadGatherLinear):
+                return None
+            kv = attn.k_proj.out_features // d
+            shapes.add((kv, kv * int(attn.num_key_value_groups), layer.mlp.up_proj.out_features))
+        if len(shapes) != 1:
             return None
-        return {"num_attention_heads": groups[0] * r, "num_key_value_heads": groups[0], "head_dim": d,
-                "intermediate_size": neurons[0]}
+        kv, heads, neurons = shapes.pop()
+        if not kv or not neurons:
+            return None
+        return {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d, "intermediate_size": neurons}

@@ -83,7 +83,7 @@ class LoraFamily(ArchitectureFamily):
     def layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return [m for _, m in lora_layers(model)]
 
-    def group_specs(self, model: nn.Module) -> List[GroupSpec]:
+    def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
         adapter = active_adapter(model)
         specs = []
         for i, (name, layer) in enumerate(lora_layers(model)):
@@ -96,7 +96,7 @@ class LoraFamily(ArchitectureFamily):
                                    col_index={f"{name}.lora_B.{adapter}": ranks}))
         return specs
 
-    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
         """Keep ranks ``keep[spec.name]``; ``r`` and ``α`` follow so that ``s = α / r`` is unchanged."""
         adapter = active_adapter(model)
         layers = dict(lora_layers(model))

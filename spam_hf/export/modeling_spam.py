@@ -11,12 +11,15 @@ installed. ``spam_hf.from_pretrained`` uses the same functions without remote co
 * ``module_attrs``: ``{module name: {attribute: int}}`` head counts and split sizes that attention
   modules read at run time (GPT-2's ``num_heads``/``split_size``);
 * ``empty_attention``: ``{module name: {"out_child": child or null, "layer_idx": i, "head_dim": d}}``
-  for attention modules that lost every head and are replaced by :class:`ZeroHeadAttention`.
+  for attention modules that lost every head and are replaced by :class:`ZeroHeadAttention`;
+* ``kv_gather``: ``{module name: {"kv_heads": [...], "head_dim": d, "in_features", "out_features",
+  "bias"}}`` for key/value projections replaced by :class:`HeadGatherLinear` (grouped-query
+  attention with different numbers of query heads per KV head).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -85,6 +88,37 @@ class ZeroHeadAttention(nn.Module):
         return {"out_child": self.out_child, "layer_idx": self.layer_idx, "head_dim": self.head_dim}
 
 
+class HeadGatherLinear(nn.Module):
+    """A key or value projection whose KV heads are repeated, one per query head.
+
+    ``linear`` computes the ``K`` KV heads (``K·d`` outputs, weights stored once); output head ``h``
+    is KV head ``kv_heads[h]``, so the stock attention runs with ``num_key_value_groups = 1`` when
+    the query heads per KV head differ. The KV cache of such a layer holds ``len(kv_heads)`` heads.
+
+    Shapes: ``(..., in) -> (..., len(kv_heads)·d)``.
+    """
+
+    def __init__(self, linear: nn.Module, kv_heads: List[int], head_dim: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.kv_heads = [int(k) for k in kv_heads]
+        self.head_dim = int(head_dim)
+        self._index: dict = {}  # device -> LongTensor of kv_heads (not a buffer: config.spam_pruning holds it)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        index = self._index.get(y.device)
+        if index is None:
+            index = self._index[y.device] = torch.tensor(self.kv_heads, dtype=torch.long, device=y.device)
+        return y.unflatten(-1, (-1, self.head_dim)).index_select(-2, index).flatten(-2)
+
+    def spec(self) -> dict:
+        """This module's ``kv_gather`` entry."""
+        w = self.linear.weight
+        return {"kv_heads": self.kv_heads, "head_dim": self.head_dim, "in_features": int(w.shape[1]),
+                "out_features": int(w.shape[0]), "bias": getattr(self.linear, "bias", None) is not None}
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -105,6 +139,11 @@ def apply_spam_pruning(model: nn.Module, spec: Optional[dict] = None) -> nn.Modu
         old = model.get_submodule(name)
         out_proj = getattr(old, out_child) if out_child else None
         _set_module(model, name, ZeroHeadAttention(out_proj, out_child, entry.get("layer_idx"), entry.get("head_dim")))
+    for name, entry in spec.get("kv_gather", {}).items():
+        w = model.get_submodule(name).weight
+        linear = nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"], device=w.device,
+                           dtype=w.dtype)
+        _set_module(model, name, HeadGatherLinear(linear, entry["kv_heads"], entry["head_dim"]))
     for name, (fan_in, fan_out) in spec.get("linear_shapes", {}).items():
         old = model.get_submodule(name)
         w = old.weight

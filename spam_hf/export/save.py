@@ -19,7 +19,7 @@ from torch import nn
 from ..architectures.base import get_family, in_out_features
 from ..architectures.lora import is_peft_model
 from . import modeling_spam
-from .modeling_spam import SPAM_PRUNING_KEY, SpamPrunedMixin, ZeroHeadAttention, apply_spam_pruning
+from .modeling_spam import SPAM_PRUNING_KEY, HeadGatherLinear, SpamPrunedMixin, ZeroHeadAttention, apply_spam_pruning
 
 REMOTE_CODE_FILE = "modeling_spam.py"
 
@@ -42,19 +42,24 @@ def _reference(model: nn.Module, overrides: Optional[dict] = None) -> nn.Module:
 
 
 def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dict:
-    """``{"linear_shapes", "module_attrs", "empty_attention"}``: how ``model`` differs from ``reference``.
+    """``{"linear_shapes", "module_attrs", "empty_attention", "kv_gather"}``: how ``model`` differs from
+    ``reference``.
 
     ``reference`` is a stock model built from the same config (built here on the meta device when
     not given). Shapes are recorded for every Linear/Conv1D whose shape differs, attributes from
-    :data:`RUNTIME_ATTRS` whose value differs, and every :class:`ZeroHeadAttention`.
+    :data:`RUNTIME_ATTRS` whose value differs, every :class:`ZeroHeadAttention` and every
+    :class:`HeadGatherLinear`.
     """
     reference = _reference(model) if reference is None else reference
     ref_mods = dict(reference.named_modules())
-    shapes, attrs, empty = {}, {}, {}
+    shapes, attrs, empty, gather = {}, {}, {}, {}
     for name, mod in model.named_modules():
         ref = ref_mods.get(name)
         if isinstance(mod, ZeroHeadAttention):
             empty[name] = mod.spec()
+            continue
+        if isinstance(mod, HeadGatherLinear):
+            gather[name] = mod.spec()
             continue
         if ref is None:
             continue
@@ -68,7 +73,7 @@ def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dic
                    if isinstance(getattr(mod, a, None), int) and getattr(mod, a) != getattr(ref, a, None)}
         if changed:
             attrs[name] = changed
-    return {"linear_shapes": shapes, "module_attrs": attrs, "empty_attention": empty}
+    return {"linear_shapes": shapes, "module_attrs": attrs, "empty_attention": empty, "kv_gather": gather}
 
 
 def is_stock(spec: dict) -> bool:
