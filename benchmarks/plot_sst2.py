@@ -36,6 +36,7 @@ def seeds_plot(paths, out: str) -> None:
     sparsities = sorted({k[1] for k in acc})
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in methods:
+        color = None  # the recovered curve takes the colour of the method's retraining-free curve
         for key, style in (("accuracy", "--"), ("accuracy_recovered", "o-")):
             pts = [(s, acc[(method, s, key)]) for s in sparsities if acc.get((method, s, key))]
             if not pts:
@@ -45,11 +46,9 @@ def seeds_plot(paths, out: str) -> None:
             lo = [m - 100 * min(v) for m, (_, v) in zip(mean, pts)]
             hi = [100 * max(v) - m for m, (_, v) in zip(mean, pts)]
             label = f"{method} (+{runs[0]['args']['recovery_steps']} steps)" if key == "accuracy_recovered" else None
-            color = None if key == "accuracy" else line.get_color()
             cont = ax.errorbar(xs, mean, yerr=[lo, hi], fmt=style, capsize=2, alpha=0.5 if key == "accuracy" else 1,
                                color=color, label=label)
-            if key == "accuracy":
-                line = cont.lines[0]
+            color = cont.lines[0].get_color()
     for v in dense.values():
         ax.axhline(100 * sum(v) / len(v), color="grey", lw=0.6, ls=":")
     ax.set_xlabel("fraction of prunable block parameters removed")
