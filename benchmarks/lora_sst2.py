@@ -2,6 +2,7 @@
 
 * ``spam-hf``: LoRA at rank ``--r-start`` trained with SpamTrainer (a unit prior per rank), then OPD
   removes ranks until the adapter has the target size; measured without and with ``--recovery-steps``.
+  ``--score-methods opd,fisher,...`` prunes copies of the same trained adapter with other scores.
 * ``adalora``: peft's AdaLoRA from ``init_r = --r-start`` to ``target_r = --r-final`` (its budget is the
   same average rank), with ``update_and_allocate`` after every optimiser step; one run per learning
   rate in ``--adalora-lrs`` (its singular values start at zero, so it needs a larger rate or more
@@ -19,6 +20,7 @@ with a non-zero singular value): ``Σ_ranks (in + out)``. Accuracy on the SST-2 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -32,6 +34,9 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
+from spam_hf.scoring import group_scores  # noqa: E402
+from spam_hf.selection import select_groups  # noqa: E402
+from spam_hf.surgery import prune_groups  # noqa: E402
 from sst2_accuracy import accuracy, load_model, model_path, read_sst2  # noqa: E402
 
 
@@ -52,6 +57,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--recovery-steps", default="40",
                    help="comma-separated cumulative recovery step counts; accuracy is measured at each")
     p.add_argument("--curvature", default="kfac", choices=["kfac", "diag"], help="spam-hf's curvature")
+    p.add_argument("--score-methods", default="opd",
+                   help="spam-hf: comma-separated group scores (opd, fisher, magnitude, random), each pruning a "
+                        "copy of the same trained adapter; runs after the first are named spam-hf/<score>")
     p.add_argument("--marglik-frequency", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="spam-hf,adalora,lora")
@@ -134,18 +142,29 @@ def main() -> None:
                                              marglik_burn_in=a.marglik_frequency, curvature_every=2,
                                              curvature=a.curvature))
             trainer.train()
-            run["accuracy_before_pruning"] = accuracy(model, dev, col)
-            sel = trainer.prune(1.0 - target / full)
-            run["accuracy"] = accuracy(model, dev, col)
-            run["ranks_kept"] = [r.ranks_kept for r in sel.layers]
-            done, run["recovery"] = 0, {}
-            for total in [int(x) for x in a.recovery_steps.split(",") if int(x) > 0]:
-                rec = Trainer(model=model, data_collator=col, train_dataset=train,
-                              args=targs(TrainingArguments, method + "-rec", max_steps=total - done,
-                                         learning_rate=a.lr / 2, seed=a.seed + done))
-                rec.train()
-                done = total
-                run["recovery"][str(total)] = run["accuracy_recovered"] = accuracy(model, dev, col)
+            before = accuracy(model, dev, col)
+            curv = trainer.retained_curvature()
+            for k, score in enumerate(a.score_methods.split(",")):
+                if k:  # one run per scoring method, each on a copy of the trained adapter
+                    result["runs"].append(run)
+                    run = {"method": f"spam-hf/{score}", "lr": lr}
+                pruned = copy.deepcopy(model)
+                scores = group_scores(pruned, trainer.specs, score, prior=trainer.prior, curvature=curv, seed=a.seed)
+                sel = select_groups(pruned, trainer.specs, scores, 1.0 - target / full)
+                prune_groups(pruned, sel.keep)
+                run["accuracy_before_pruning"] = before
+                run["accuracy"] = accuracy(pruned, dev, col)
+                run["ranks_kept"] = [r.ranks_kept for r in sel.layers]
+                done, run["recovery"] = 0, {}
+                for total in [int(x) for x in a.recovery_steps.split(",") if int(x) > 0]:
+                    rec = Trainer(model=pruned, data_collator=col, train_dataset=train,
+                                  args=targs(TrainingArguments, method + "-rec", max_steps=total - done,
+                                             learning_rate=a.lr / 2, seed=a.seed + done))
+                    rec.train()
+                    done = total
+                    run["recovery"][str(total)] = run["accuracy_recovered"] = accuracy(pruned, dev, col)
+                run["adapter_size"] = adapter_size(pruned)
+            model = pruned
         elif method == "adalora":
             # AdaLoRA scales by alpha / init_r: 2·r_start gives the same scale 2 as the LoRA runs
             model = get_peft_model(base, AdaLoraConfig(init_r=a.r_start, target_r=a.r_final, lora_alpha=2 * a.r_start,

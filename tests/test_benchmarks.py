@@ -99,13 +99,16 @@ def test_lora_sst2_smoke(tiny_setup, tmp_path):
     model_dir, train, dev, tmp = tiny_setup
     out = str(tmp_path / "lora.json")
     run("lora_sst2.py", "--model", model_dir, "--train-file", train, "--dev-file", dev, "--max-train-samples", "32",
-        "--max-seq-length", "16", "--epochs", "1", "--batch-size", "8", "--recovery-steps", "1",
-        "--marglik-frequency", "2", "--work-dir", str(tmp_path / "w"), "--out", out)
+        "--max-seq-length", "16", "--epochs", "1", "--batch-size", "8", "--recovery-steps", "1,2",
+        "--marglik-frequency", "2", "--score-methods", "opd,magnitude", "--adalora-lrs", "1e-3,3e-3",
+        "--work-dir", str(tmp_path / "w"), "--out", out)
     r = json.load(open(out))
-    sizes = {x["method"]: x["adapter_size"] for x in r["runs"]}
-    assert set(sizes) == {"spam-hf", "adalora", "lora"}
-    assert sizes["spam-hf"] <= r["lora_size_at_r_final"]  # spam-hf is pruned to at most the small LoRA's size
-    assert "accuracy_recovered" in r["runs"][0]
+    sizes = {(x["method"], x["lr"]): x["adapter_size"] for x in r["runs"]}
+    assert set(sizes) == {("spam-hf", 1e-3), ("spam-hf/magnitude", 1e-3), ("adalora", 1e-3), ("adalora", 3e-3),
+                          ("lora", 1e-3)}
+    for score in ("spam-hf", "spam-hf/magnitude"):  # pruned to at most the small LoRA's size
+        assert sizes[(score, 1e-3)] <= r["lora_size_at_r_final"]
+    assert set(r["runs"][0]["recovery"]) == {"1", "2"} and "accuracy_recovered" in r["runs"][1]
 
 
 def test_scaling_smoke(tmp_path):
