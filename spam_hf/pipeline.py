@@ -31,7 +31,7 @@ from .costs import measure_latency, model_costs
 from .data import DataArguments, TASKS, load_raw_data, tokenize
 from .export.card import render_model_card
 from .export.hub import push_folder
-from .export.modeling_spam import SPAM_PRUNING_KEY
+from .export.modeling_spam import SPAM_PRUNING_KEY, HeadGatherLinear
 from .export.save import from_pretrained, save_pruned
 from .metrics import compute_metrics_fn
 from .selection import plot_selection
@@ -279,6 +279,12 @@ def wrap_lora(model, lora_args: LoraArguments):
                              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
             raise ValueError(f"LoRA: target module(s) {', '.join(missing)} not found in {type(model).__name__}; "
                              f"its Linear layers are named {', '.join(linear)}")
+        gathered = [n for n, m in model.named_modules() if isinstance(m, HeadGatherLinear)
+                    and any(n == t or n.endswith("." + t) for t in config.target_modules)]
+        if gathered:
+            raise ValueError(f"LoRA: {gathered[0]} repeats KV heads (a GQA layer pruned to uneven query heads per "
+                             f"KV head) and peft cannot wrap it; target its inner Linear ('linear') instead of "
+                             f"k_proj/v_proj, or prune with --kv-groups-only True")
     try:
         model = get_peft_model(model, config)
     except (ValueError, KeyError) as e:

@@ -163,16 +163,19 @@ def test_plain_training_then_posthoc_priors(tiny_setup):
     assert report["method"] == "opd" and report["selection"]["sparsity_achieved"] >= 0.4
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_causal_lm_compress_end_to_end(tiny_lm_setup, model_type):
+@pytest.mark.parametrize("model_type,extra", [("llama", []), ("llama", ["--kv-groups-only", "True"]), ("gpt2", [])])
+def test_causal_lm_compress_end_to_end(tiny_lm_setup, model_type, extra):
     """Text files -> packed blocks -> SpamTrainer (token-level curvature) -> prune -> perplexity -> export."""
     model_dir, train, valid, tmp = tiny_lm_setup(model_type)
     out = str(tmp / "run")
     rc = main(["compress", model_dir, "--train-file", train, "--validation-file", valid, "--sparsity", "0.5",
-               "--output-dir", out, *FAST])
+               "--output-dir", out, *FAST, *extra])
     assert rc == 0
     report = json.load(open(os.path.join(out, "pruning_report.json")))
     assert report["metric"] == "perplexity"
+    layer = report["selection"]["layers"][0]
+    if model_type == "llama":  # GQA: 4 query heads on 2 KV heads, or 2 whole KV groups
+        assert (layer["heads_total"], layer["kv_heads_total"]) == ((2, 0) if extra else (4, 2))
     assert 1.0 < report["dense"]["perplexity"] < 100 and report["pruned"]["perplexity"] > 1.0
     assert report["selection"]["sparsity_achieved"] >= 0.5
     state = json.load(open(os.path.join(out, "dense", "spam_state.json")))
@@ -241,8 +244,11 @@ def test_causal_lm_with_lora(tiny_lm_setup):
     model_dir, train, valid, tmp = tiny_lm_setup("llama")
     out = str(tmp / "lm-lora")
     rc = main(["compress", model_dir, "--train-file", train, "--validation-file", valid, "--sparsity", "0.5",
-               "--lora-r", "4", "--lora-target-modules", "q_proj,v_proj,down_proj", "--output-dir", out, *FAST])
+               "--lora-r", "4", "--lora-target-modules", "q_proj,v_proj,down_proj", "--prune-base", "True",
+               "--base-sparsity", "0.3", "--output-dir", out, *FAST])
     assert rc == 0
     report = json.load(open(os.path.join(out, "pruning_report.json")))
     assert report["metric"] == "perplexity" and report["export"]["format"] == "peft_adapter"
+    base_layers = report["base_selection"]["layers"]  # GQA base: whole KV groups (peft cannot wrap gathered K/V)
+    assert all(r["kv_heads_total"] == 0 and r["heads_total"] in (0, 1, 2) for r in base_layers)
     assert json.load(open(os.path.join(out, "model", "adapter_config.json")))["task_type"] == "CAUSAL_LM"

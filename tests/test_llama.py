@@ -207,3 +207,18 @@ def test_same_query_heads_per_kv_head_in_every_layer_exports_as_stock(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(logits(loaded, {"input_ids": ids}), logits(model, {"input_ids": ids}),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_gathered_projection_is_a_clear_error():
+    from spam_hf.arguments import LoraArguments
+    from spam_hf.pipeline import wrap_lora
+
+    model = tiny_causal_lm("llama")
+    prune_groups(model, keep_heads(model, {0: [0, 1, 3]})[1])
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj repeats KV heads .* \('linear'\)"):
+        wrap_lora(model, LoraArguments(lora_r=2, lora_target_modules="q_proj,k_proj"))
+    ids = tiny_lm_batch()["input_ids"]
+    expected = logits(model, {"input_ids": ids})
+    peft_model = wrap_lora(model, LoraArguments(lora_r=2, lora_target_modules="q_proj,linear"))
+    assert hasattr(peft_model.get_submodule("base_model.model.model.layers.0.self_attn.k_proj.linear"), "lora_A")
+    torch.testing.assert_close(logits(peft_model, {"input_ids": ids}), expected)  # B = 0 at init
