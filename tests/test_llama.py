@@ -160,12 +160,15 @@ def test_gathered_layer_prunes_again_and_rejects_whole_groups():
         group_specs(model, kv_groups_only=True)
 
 
-def test_inconsistent_kv_keep_is_a_clear_error():
+def test_inconsistent_kv_keep_is_a_clear_error_and_a_missing_one_is_derived():
     model = tiny_causal_lm("llama")
     specs, keep = keep_heads(model, {0: [0, 1]})
     keep["layer0.kv_head"] = torch.tensor([0, 1])  # KV head 1 has no query head left
     with pytest.raises(ValueError, match="a KV head goes with its last query head"):
         prune_groups(model, keep)
+    prune_groups(model, {"layer0.head": torch.tensor([0, 1])})  # KV heads not given: KV head 0 only
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (D, 32)
+    assert model.model.layers[0].self_attn.num_key_value_groups == 2
 
 
 def test_kfac_through_gathered_kv_projection_equals_exact_ggn():

@@ -109,14 +109,16 @@ class LlamaFamily(ArchitectureFamily):
     def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
         d = self.head_dim(model)
         specs = self.group_specs(model, kv_groups_only)
-        counts = {s.name: s.count for s in specs}
+        keep = dict(keep)
         kv_after: Dict[int, torch.Tensor] = {}  # layer -> KV head (new numbering) of each kept query head
         for s in specs:
             if not s.parent:
                 continue
             kept_q = torch.as_tensor(keep.get(s.name, range(s.count)), dtype=torch.long).sort().values
-            kept_kv = torch.as_tensor(keep.get(s.parent, range(counts[s.parent])), dtype=torch.long).sort().values
             read = s.parent_index[kept_q]
+            if s.parent not in keep:  # not given: the KV heads the kept query heads read
+                keep[s.parent] = read.unique()
+            kept_kv = torch.as_tensor(keep[s.parent], dtype=torch.long).sort().values
             if not torch.equal(read.unique(), kept_kv):
                 raise ValueError(f"layer {s.layer}: kept KV heads {kept_kv.tolist()} must be exactly those the kept "
                                  f"query heads read ({read.unique().tolist()}); a KV head goes with its last query head")
