@@ -12,6 +12,8 @@ file (rewritten after every measurement) and a PNG plot.
 LLaMA (GQA) is pruned at two granularities from the same scores: query heads and KV heads as
 separate groups (the default; method names as above) and whole KV groups (``<method>/kv-groups``,
 ``kv_groups_only=True``). The SpaM model's priors are learned on the default groups either way.
+``--temperature T`` tempers SpaM's likelihood (``T < 1`` weakens the priors' pull); with
+``--methods spam-opd`` no plain model is trained.
 
     python benchmarks/decoder_perplexity.py --out benchmarks/results/decoder_perplexity_cpu.json
 """
@@ -64,6 +66,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--posthoc-batches", type=int, default=100)
     p.add_argument("--sparsities", default="0.3,0.5,0.7")
     p.add_argument("--marglik-frequency", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="SpaM's likelihood temperature T")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", default=os.path.join("benchmarks", "_work", "decoder"))
@@ -142,24 +145,28 @@ def main() -> None:
         spam = SpamTrainer(model=spam_model, train_dataset=train, data_collator=default_data_collator,
                            args=SpamTrainingArguments(output_dir=os.path.join(a.work_dir, arch), **common,
                                                       marglik_frequency=a.marglik_frequency,
-                                                      marglik_burn_in=a.marglik_frequency, curvature_max_rows=512))
+                                                      marglik_burn_in=a.marglik_frequency, curvature_max_rows=512,
+                                                      temperature=a.temperature))
         t0 = time.time()
         spam.train()
         t1 = time.time()
-        Trainer(model=plain_model, train_dataset=train, data_collator=default_data_collator,
-                args=TrainingArguments(output_dir=os.path.join(a.work_dir, arch + "-plain"), **common)).train()
+        need_plain = a.methods.split(",") != ["spam-opd"]  # the baselines prune a plain model
+        if need_plain:
+            Trainer(model=plain_model, train_dataset=train, data_collator=default_data_collator,
+                    args=TrainingArguments(output_dir=os.path.join(a.work_dir, arch + "-plain"), **common)).train()
         t2 = time.time()
-        posthoc = SpamTrainer(model=plain_model, train_dataset=train, data_collator=default_data_collator,
-                              args=SpamTrainingArguments(output_dir=os.path.join(a.work_dir, arch + "-ph"), **common,
-                                                         marglik_frequency=0, curvature_max_rows=512))
-        posthoc.fit_priors_posthoc(max_batches=a.posthoc_batches)
+        if need_plain:
+            posthoc = SpamTrainer(model=plain_model, train_dataset=train, data_collator=default_data_collator,
+                                  args=SpamTrainingArguments(output_dir=os.path.join(a.work_dir, arch + "-ph"),
+                                                             **common, marglik_frequency=0, curvature_max_rows=512))
+            posthoc.fit_priors_posthoc(max_batches=a.posthoc_batches)
         res = {"train_s": {"spam": t1 - t0, "plain": t2 - t1},
                "dense": {"perplexity": perplexity(spam_model, test), **model_costs(spam_model, a.block)},
-               "dense_plain": {"perplexity": perplexity(plain_model, test)}, "runs": []}
+               "dense_plain": {"perplexity": perplexity(plain_model, test) if need_plain else None}, "runs": []}
         result["archs"][arch] = res
         save()
         print(f"{arch}: dense perplexity SpaM {res['dense']['perplexity']:.2f}, plain "
-              f"{res['dense_plain']['perplexity']:.2f}", flush=True)
+              f"{res['dense_plain']['perplexity'] or float('nan'):.2f}", flush=True)
         for method in a.methods.split(","):
             trainer = spam if method == "spam-opd" else posthoc
             model = trainer.model

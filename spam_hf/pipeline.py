@@ -284,7 +284,7 @@ def wrap_lora(model, lora_args: LoraArguments):
         if gathered:
             raise ValueError(f"LoRA: {gathered[0]} repeats KV heads (a GQA layer pruned to uneven query heads per "
                              f"KV head) and peft cannot wrap it; target its inner Linear ('linear') instead of "
-                             f"k_proj/v_proj, or prune with --kv-groups-only True")
+                             f"k_proj/v_proj, or prune with --kv_groups_only True")
     try:
         model = get_peft_model(model, config)
     except (ValueError, KeyError) as e:

@@ -93,6 +93,14 @@ def test_decoder_perplexity_smoke(tmp_path):
         assert {x["method"] for x in res["runs"]} == (both if arch == "llama" else methods)
         assert all(x["achieved"] >= 0.5 and x["perplexity"] > 1 for x in res["runs"])
     assert os.path.exists(str(tmp_path / "dp.png"))
+    out = str(tmp_path / "spam_only.json")  # SpaM alone (no plain model trained), tempered likelihood
+    run("decoder_perplexity.py", "--train-file", str(text), "--test-file", str(text), "--archs", "gpt2", "--hidden",
+        "32", "--layers", "2", "--intermediate", "48", "--vocab", "300", "--block", "32", "--epochs", "1",
+        "--eval-blocks", "10", "--marglik-frequency", "5", "--sparsities", "0.5", "--methods", "spam-opd",
+        "--temperature", "0.1", "--work-dir", str(tmp_path / "w2"), "--out", out)
+    r = json.load(open(out))
+    assert r["args"]["temperature"] == 0.1 and r["archs"]["gpt2"]["dense_plain"]["perplexity"] is None
+    assert [x["method"] for x in r["archs"]["gpt2"]["runs"]] == ["spam-opd"]
 
 
 def test_lora_sst2_smoke(tiny_setup, tmp_path):
