@@ -146,18 +146,16 @@ def test_uneven_query_heads_per_kv_head_prune_exactly(model_type):
 
 def test_gathered_layer_prunes_again_and_rejects_whole_groups():
     batch = tiny_lm_batch()
-    model = tiny_causal_lm("llama")
-    prune_groups(model, keep_heads(model, {0: [0, 1, 3]})[1])
     masked, pruned = tiny_causal_lm("llama"), tiny_causal_lm("llama")
-    for m in (masked, pruned):
+    for m in (masked, pruned):  # both gathered: layer 0 keeps query heads 0, 1, 3
         prune_groups(m, keep_heads(m, {0: [0, 1, 3]})[1])
     specs, keep = keep_heads(pruned, {0: [1, 2]})  # of [0, 1, 3]: heads 1 (KV 0) and 3 (KV 1) remain
     mask_groups(masked, specs, keep)
     prune_groups(pruned, keep)
     assert not isinstance(pruned.model.layers[0].self_attn.k_proj, HeadGatherLinear)
     torch.testing.assert_close(logits(pruned, batch), logits(masked, batch), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="query heads per KV head"):
-        group_specs(model, kv_groups_only=True)
+    with pytest.raises(ValueError, match="query heads per KV head"):  # still gathered: no equal groups
+        group_specs(masked, kv_groups_only=True)
 
 
 def test_inconsistent_kv_keep_is_a_clear_error_and_a_missing_one_is_derived():
