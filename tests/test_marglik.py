@@ -29,6 +29,15 @@ def tiny_setup(kind="kfac", hidden=16, inter=12, reduction="reduce", n_batches=3
     return model, specs, acc
 
 
+def random_prior(model, specs, kind="unit", spread=1.0):
+    """A prior of ``kind`` whose log precisions are drawn uniformly from ``[-spread, spread]``."""
+    prior = PriorPrecision(model, specs, kind=kind)
+    with torch.no_grad():
+        for v in prior.parameters():
+            v.uniform_(-spread, spread)
+    return prior
+
+
 def dense_laplace(prior, blocks, params, loss_sum, T):
     """By hand: −L/T − ½θᵀΔθ + ½Σlog δ − ½ log det(H/T + Δ), H block-diagonal, dense logdet."""
     theta = torch.cat([params[m].reshape(-1) for m in prior.modules])
@@ -59,10 +68,7 @@ def test_diag_marglik_equals_dense_laplace_with_unit_prior():
     N = 500.0
     diag = acc.diagonal(N)
     params = params_aug(model, acc.module_names)
-    prior = PriorPrecision(model, specs, kind="unit")
-    with torch.no_grad():
-        for v in prior.parameters():
-            v.uniform_(-2, 2)
+    prior = random_prior(model, specs, spread=2)
     ours = log_marginal_likelihood(prior, diag, params, loss_sum=5.0)
     ref = dense_laplace(prior, {m: torch.diag(d.reshape(-1)) for m, d in diag.items()}, params, 5.0, 1.0)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
@@ -72,10 +78,7 @@ def test_unit_prior_kfac_marglik_is_bounded_by_dense():
     model, specs, acc = tiny_setup("kfac")
     kron = acc.kron(1000.0, keep_vectors=True)
     params = params_aug(model, acc.module_names)
-    prior = PriorPrecision(model, specs, kind="unit")
-    with torch.no_grad():
-        for v in prior.parameters():
-            v.uniform_(-2, 2)
+    prior = random_prior(model, specs, spread=2)
     ours = log_marginal_likelihood(prior, kron, params)
     ref = dense_laplace(prior, {m: k.dense() for m, k in kron.items()}, params, 0.0, 1.0)
     print(f"unit prior: projected log Z {float(ours):.3f}, dense {float(ref):.3f}")
@@ -87,10 +90,7 @@ def test_gradient_matches_finite_differences(prior_kind, kind):
     model, specs, acc = tiny_setup(kind)
     curv = acc.kron(200.0) if kind == "kfac" else acc.diagonal(200.0)
     params = params_aug(model, acc.module_names)
-    prior = PriorPrecision(model, specs, kind=prior_kind)
-    with torch.no_grad():
-        for v in prior.parameters():
-            v.uniform_(-1, 1)
+    prior = random_prior(model, specs, kind=prior_kind)
     value = log_marginal_likelihood(prior, curv, params)
     value.backward()
     key = next(iter(prior.log_delta))
@@ -198,10 +198,7 @@ def test_float32_curvature_state_changes_marglik_by_less_than_1e5():
     assert acc32.dtype == torch.float32
     acc32.load_state_dict(acc64.state_dict())
     params = params_aug(model, acc64.module_names)
-    prior = PriorPrecision(model, specs, kind="unit")
-    with torch.no_grad():
-        for v in prior.parameters():
-            v.uniform_(-1, 1)
+    prior = random_prior(model, specs)
     z64 = log_marginal_likelihood(prior, acc64.kron(200.0), params)
     z32 = log_marginal_likelihood(prior, acc32.kron(200.0), params)
     assert z32.dtype == torch.float64
@@ -216,10 +213,7 @@ def test_streamed_backward_equals_full_backward(kind):
     model, specs, acc = tiny_setup(kind)
     curv = acc.kron(200.0) if kind == "kfac" else acc.diagonal(200.0)
     params = params_aug(model, acc.module_names)
-    prior = PriorPrecision(model, specs, kind="unit")
-    with torch.no_grad():
-        for v in prior.parameters():
-            v.uniform_(-1, 1)
+    prior = random_prior(model, specs)
     full = log_marginal_likelihood(prior, curv, params, loss_sum=3.0)
     (-full).backward()
     grads = {k: v.grad.clone() for k, v in prior.log_delta.items()}
