@@ -98,20 +98,16 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     if missing:
         raise ValueError(f"no scores for group spec(s) {missing[:3]}")
     total = prunable_cost(model, specs, budget, seq_len)
-    index = {s.name: si for si, s in enumerate(specs)}
-    ratio, cost = [], []
+    score, cost = [], []
     for s in specs:
-        c = group_costs(model, s, budget, seq_len)
         sc = scores[s.name].to(torch.float64)
         if sc.shape != (s.count,):
             raise ValueError(f"scores of {s.name} have shape {tuple(sc.shape)}, expected ({s.count},)")
         if not torch.isfinite(sc).all():
             raise ValueError(f"scores of {s.name} contain NaN or inf")
-        ratio.append(sc / c.clamp_min(1e-12))
-        cost.append(c)
-    drop = _greedy_drop(specs, index, [scores[s.name].to(torch.float64) for s in specs], ratio, cost,
-                        sparsity * total, [math.ceil(min_keep * s.count) for s in specs])
-    removed = float(sum(float(cost[si][g]) for si in range(len(specs)) for g in drop[si]))
+        score.append(sc)
+        cost.append(group_costs(model, s, budget, seq_len))
+    drop, removed = _greedy_drop(specs, score, cost, sparsity * total, [math.ceil(min_keep * s.count) for s in specs])
     keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)
             for si, s in enumerate(specs)}
     layers: Dict[int, LayerReport] = {}
@@ -130,15 +126,19 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
                      removed_cost=removed, layers=[layers[k] for k in sorted(layers)])
 
 
-def _greedy_drop(specs: List[GroupSpec], index: Dict[str, int], scores: List[torch.Tensor], ratio: List[torch.Tensor],
-                 cost: List[torch.Tensor], target: float, floor: List[int]) -> List[Set[int]]:
-    """Greedy removal, cheapest ``score / cost`` first, until ``target`` cost is removed; ``drop[spec][group]``.
+def _greedy_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List[torch.Tensor], target: float,
+                 floor: List[int]) -> Tuple[List[Set[int]], float]:
+    """Greedy removal, cheapest ``score / cost`` first, until ``target`` cost is removed.
+
+    Returns ``(drop, removed)``: the removed groups per spec (``drop[spec index]``) and their total cost.
 
     A group of a spec with a ``parent`` (a query head) is removed alone only while its parent (KV
     head) keeps another child; the parent itself is a candidate together with all its remaining
     children, at ``(Σ scores) / (Σ costs)`` of that bundle (re-queued whenever a child leaves).
     Specs at their ``floor`` (groups kept) are passed over.
     """
+    index = {s.name: si for si, s in enumerate(specs)}
+    ratio = [sc / c.clamp_min(1e-12) for sc, c in zip(scores, cost)]
     drop: List[Set[int]] = [set() for _ in specs]
     children: Dict[Tuple[int, int], Set[Tuple[int, int]]] = {}  # (parent spec, group) -> {(spec, group)}
     for si, s in enumerate(specs):
@@ -191,7 +191,7 @@ def _greedy_drop(specs: List[GroupSpec], index: Dict[str, int], scores: List[tor
             heapq.heappush(heap, (bundle(key), key[0], key[1], version[key]))
         drop[si].add(g)
         removed += float(cost[si][g])
-    return drop
+    return drop, removed
 
 
 def plot_selection(selection: Selection, path: str, title: str = "") -> None:
