@@ -32,6 +32,11 @@ from ..export.modeling_spam import HeadGatherLinear, ZeroHeadAttention
 from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
 
 
+def _stored(proj: nn.Module) -> nn.Module:
+    """The Linear holding a K/V projection's weights (inside a :class:`HeadGatherLinear`, or itself)."""
+    return proj.linear if isinstance(proj, HeadGatherLinear) else proj
+
+
 def _query_heads_per_kv(kv_of: torch.Tensor, kv_count: int) -> Optional[int]:
     """``q`` when ``kv_of`` is ``[0]*q + [1]*q + ...`` (what ``repeat_kv`` computes), else ``None``."""
     if kv_count == 0 or kv_of.numel() % kv_count:
@@ -86,8 +91,7 @@ class LlamaFamily(ArchitectureFamily):
 
     def _attention_specs(self, attn: nn.Module, path: str, i: int, d: int, kv_groups_only: bool) -> List[GroupSpec]:
         kv_of = self.kv_of_queries(attn, d)
-        k_proj = attn.k_proj.linear if isinstance(attn.k_proj, HeadGatherLinear) else attn.k_proj
-        heads, kv_heads = kv_of.numel(), k_proj.out_features // d
+        heads, kv_heads = kv_of.numel(), _stored(attn.k_proj).out_features // d
         q_name, o_name = f"{path}.q_proj", f"{path}.o_proj"
         k_name, v_name = self._kv_linear(attn, path, "k_proj"), self._kv_linear(attn, path, "v_proj")
         kv_rows = contiguous_blocks(kv_heads, d)
@@ -138,10 +142,9 @@ class LlamaFamily(ArchitectureFamily):
         """Make query head ``h`` of ``path`` read KV head ``kv_of[h]``: via ``num_key_value_groups`` when
         the pattern is ``repeat_kv``'s, else through :class:`HeadGatherLinear` K/V projections."""
         attn = model.get_submodule(path)
-        inner = {c: getattr(attn, c).linear if isinstance(getattr(attn, c), HeadGatherLinear) else getattr(attn, c)
-                 for c in ("k_proj", "v_proj")}
         q = _query_heads_per_kv(kv_of, int(kv_of.max()) + 1)
-        for child, linear in inner.items():
+        for child in ("k_proj", "v_proj"):
+            linear = _stored(getattr(attn, child))
             setattr(attn, child, linear if q else HeadGatherLinear(linear, kv_of.tolist(), d))
         attn.num_key_value_groups = q or 1
 
