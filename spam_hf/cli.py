@@ -152,12 +152,14 @@ def cmd_prune(argv: List[str]) -> int:
     class RunArguments:
         run_dir: str = field(default=None, metadata={"help": "A finished `spam-hf compress` output directory."})
         output_dir: Optional[str] = field(default=None, metadata={"help": "Where to write (default RUN_DIR/pruned-S)."})
+        overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
 
     parser = HfArgumentParser((RunArguments, PruneArguments), prog="spam-hf prune", description=SUBCOMMANDS["prune"])
     run, args = _parse(parser, argv)
     if not run.run_dir:
         raise CliError("spam-hf prune needs RUN_DIR")
-    reprune(run.run_dir, args, output_dir=run.output_dir, command=command)
+    reprune(run.run_dir, args, output_dir=run.output_dir, command=command,
+            overwrite_output_dir=run.overwrite_output_dir)
     return 0
 
 

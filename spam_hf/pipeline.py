@@ -486,12 +486,28 @@ def _write_run_config(out_dir: str, model_args, data_args, args, train_args, pat
         json.dump(cfg, f, indent=2, default=str)
 
 
-def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None, command: str = "") -> dict:
-    """Re-prune a finished ``compress`` run at another sparsity from its saved weights, priors and curvature."""
+def _check_reprune_output(run_dir: str, out: str, overwrite: bool) -> None:
+    """``out`` may not be the run itself or a folder holding it (its export and report would be replaced), and
+    must be empty unless ``overwrite``: a re-prune never deletes what it did not write in this call."""
+    run, target = os.path.realpath(run_dir), os.path.realpath(out)
+    if target == run or run.startswith(target + os.sep):
+        raise ValueError(f"output dir {out!r} holds the run {run_dir!r} itself; re-pruning there would replace its "
+                         "export and report: choose another --output-dir")
+    _check_output_dir(out, overwrite)
+
+
+def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None, command: str = "",
+            overwrite_output_dir: bool = False) -> dict:
+    """Re-prune a finished ``compress`` run at another sparsity from its saved weights, priors and curvature.
+
+    The output directory (default ``RUN_DIR/pruned-S``) must be new or empty unless ``overwrite_output_dir``.
+    """
     cfg_path = os.path.join(run_dir, RUN_CONFIG)
     dense_dir = os.path.join(run_dir, "dense")
     if not os.path.exists(cfg_path) or not os.path.exists(os.path.join(dense_dir, STATE_FILE)):
         raise ValueError(f"{run_dir!r} is not a spam-hf compress run (no {RUN_CONFIG} or dense/{STATE_FILE})")
+    out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
+    _check_reprune_output(run_dir, out, overwrite_output_dir)
     with open(cfg_path) as f:
         cfg = json.load(f)
     data_args = DataArguments(**cfg["data"])
@@ -520,7 +536,6 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     if dense is None:
         dense = _snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
                           args.measure_latency)
-    out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
     os.makedirs(out, exist_ok=True)
     base = display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"])
     lora_args = LoraArguments(**cfg.get("lora", {}))

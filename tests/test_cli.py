@@ -35,6 +35,21 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     assert rc == 0
     rep2 = json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json")))
     assert rep2["selection"]["sparsity_achieved"] >= 0.8
+    # a re-prune never deletes what it did not write: not the run itself, not a non-empty folder
+    before = {f: open(os.path.join(out, f), "rb").read() for f in ("pruning_report.json", "model/model.safetensors")}
+    for target, message in ((out, "holds the run"), (os.path.dirname(out), "holds the run"),
+                            (os.path.join(out, "pruned-0.8"), "not empty; pass --overwrite-output-dir")):
+        capsys.readouterr()
+        rc = main(["prune", out, "--sparsity", "0.6", "--output-dir", target, "--measure-latency", "False"])
+        assert rc == 2 and message in capsys.readouterr().err
+    assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before
+    assert json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json"))) == rep2
+    busy = tmp / "busy"
+    busy.mkdir()
+    (busy / "model").mkdir()
+    (busy / "model" / "mine.txt").write_text("x")
+    assert main(["prune", out, "--sparsity", "0.6", "--output-dir", str(busy), "--measure-latency", "False"]) == 2
+    assert (busy / "model" / "mine.txt").read_text() == "x"
     # evaluate any checkpoint
     rc = main(["evaluate", os.path.join(out, "pruned-0.8", "model"), "--train-file", train, "--validation-file", dev,
                "--max_seq_length", "16", "--seq-len", "16", "--batch-size", "2"])
