@@ -32,8 +32,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 from spam_hf.architectures import group_specs, prunable_modules  # noqa: E402
 from spam_hf.arguments import SpamTrainingArguments  # noqa: E402
 from spam_hf.curvature import CurvatureAccumulator  # noqa: E402
-from spam_hf.marglik import log_marginal_likelihood  # noqa: E402
-from spam_hf.priors import PriorPrecision, params_aug  # noqa: E402
+from spam_hf.posterior import SpamLaplace  # noqa: E402
 
 
 def batches(n: int, bs: int, T: int, vocab: int, seed: int = 0):
@@ -94,7 +93,8 @@ def main() -> None:
             for cap in (0, defaults.curvature_max_rows):
                 if reduction != "expand" and cap:
                     continue  # a sequence-level reduction has one row per sequence: nothing to cap
-                acc = CurvatureAccumulator(model, names, kind=kind, reduction=reduction, max_rows_per_batch=cap or None)
+                acc = SpamLaplace(model, prior="unit", curvature=kind, reduction=reduction,
+                                  max_rows_per_batch=cap or None, n_data=67349)
 
                 def step(acc=acc):
                     model.zero_grad()
@@ -108,17 +108,15 @@ def main() -> None:
                 accs[key] = acc
                 print(f"{key:28s} {res['step_s'][key]:.3f} s  ({res['step_s'][key] / res['step_s']['plain']:.2f}x plain)",
                       flush=True)
-    acc = accs["kfac/reduce"]
+    la = accs["kfac/reduce"]
     t0 = time.perf_counter()
-    kron = acc.kron(n_data=67349)
+    kron = la.curvature_estimate()
     res["eigh_all_factors_s"] = time.perf_counter() - t0
-    prior = PriorPrecision(model, specs, kind="unit")
-    params = params_aug(model, names)
 
     def hyper():
-        for v in prior.parameters():
+        for v in la.prior.parameters():
             v.grad = None
-        (-log_marginal_likelihood(prior, kron, params)).backward()
+        (-la.log_marginal_likelihood(kron)).backward()
 
     res["hyperstep_s"] = median_time(hyper, a.repeats)
     d = res["defaults"]

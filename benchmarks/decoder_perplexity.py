@@ -38,9 +38,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerF
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
 from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.costs import model_costs  # noqa: E402
-from spam_hf.scoring import group_scores  # noqa: E402
-from spam_hf.selection import select_groups  # noqa: E402
-from spam_hf.surgery import prune_groups  # noqa: E402
+from spam_hf import apply, plan  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2")
 
@@ -171,15 +169,14 @@ def main() -> None:
             trainer = spam if method == "spam-opd" else posthoc
             model = trainer.model
             score_method = "opd" if method.endswith("-opd") else method
-            curv = None if score_method in ("magnitude", "random") else trainer.retained_curvature()
             granularities = [("", False), ("/kv-groups", True)] if arch == "llama" else [("", False)]
             for suffix, kv_only in granularities:
                 specs = group_specs(model, kv_groups_only=kv_only)
-                scores = group_scores(model, specs, score_method, prior=trainer.prior, curvature=curv, seed=a.seed)
                 for s in map(float, a.sparsities.split(",")):
-                    pruned = copy.deepcopy(model)
-                    sel = select_groups(pruned, specs, scores, s, budget="params", seq_len=a.block)
-                    prune_groups(pruned, sel.keep, kv_groups_only=kv_only)
+                    p = plan(model, trainer.posterior, s, method=score_method, budget="params", seq_len=a.block,
+                             seed=a.seed, kv_groups_only=kv_only, specs=specs)
+                    sel = p.selection
+                    pruned = apply(copy.deepcopy(model), p)
                     run = {"method": method + suffix, "sparsity": s, "achieved": sel.achieved,
                            "perplexity": perplexity(pruned, test), **model_costs(pruned, a.block)}
                     res["runs"].append(run)

@@ -26,36 +26,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.costs import measure_latency, model_costs  # noqa: E402
 from spam_hf.export import from_pretrained, save_pruned  # noqa: E402
-from spam_hf.scoring import group_scores  # noqa: E402
-from spam_hf.selection import select_groups  # noqa: E402
-from spam_hf.surgery import prune_groups  # noqa: E402
+from spam_hf import SpamLaplace, apply, plan  # noqa: E402
 
 
 def load_source(a):
-    """(dense model, scores per spec, description)."""
+    """(dense model, its posterior or None, score method, description)."""
     if a.run_dir:
-        from spam_hf import SpamTrainer, SpamTrainingArguments
-
         dense_dir = os.path.join(a.run_dir, "dense")
         state = json.load(open(os.path.join(dense_dir, "spam_state.json")))
         model = from_pretrained(dense_dir)
-        args = SpamTrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], n_data=int(state["n_data"]),
-                                     marglik_frequency=0)
-        tr = SpamTrainer(model=model, args=args)
-        tr.load_spam_state(dense_dir)
-        scores = group_scores(model, tr.specs, "opd", prior=tr.prior, curvature=tr.retained_curvature())
-        return model, scores, f"OPD from {a.run_dir}"
+        posterior = SpamLaplace(model, n_data=int(state["n_data"]))
+        posterior.load(dense_dir)
+        return model, posterior, "opd", f"OPD from {a.run_dir}"
     if a.model_dir:
         model = from_pretrained(a.model_dir).eval()
-        return model, group_scores(model, group_specs(model), "magnitude"), f"{a.model_dir}, magnitude selection"
+        return model, None, "magnitude", f"{a.model_dir}, magnitude selection"
     cfg = BertConfig(num_labels=2)  # bert-base-uncased shape: 12 layers, hidden 768, 12 heads, FFN 3072
     torch.manual_seed(0)
     model = BertForSequenceClassification(cfg).eval()
-    scores = group_scores(model, group_specs(model), "magnitude")
-    return model, scores, "BERT-base-shaped, random weights, magnitude selection"
+    return model, None, "magnitude", "BERT-base-shaped, random weights, magnitude selection"
 
 
 def main() -> None:
@@ -72,8 +63,7 @@ def main() -> None:
     a = p.parse_args()
     if not (a.run_dir or a.bert_base or a.model_dir):
         p.error("give --run-dir, --model-dir or --bert-base")
-    model, scores, source = load_source(a)
-    specs = group_specs(model)
+    model, posterior, method, source = load_source(a)
     res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine":
            f"CPU, {a.threads} threads", "torch": torch.__version__, "source": source, "seq_len": a.seq_len, "rows": []}
     bss = [int(b) for b in a.batch_sizes.split(",")]
@@ -81,16 +71,16 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     try:
         for s in [float(x) for x in a.sparsities.split(",")]:
-            pruned = copy.deepcopy(model)
-            sel = select_groups(pruned, specs, scores, s)
-            prune_groups(pruned, sel.keep)
+            p = plan(model, posterior, s, method=method)
+            sel = p.selection
+            pruned = apply(copy.deepcopy(model), p)
             out = os.path.join(tmp, f"s{s}")
             save_pruned(pruned, out)
             reloaded = from_pretrained(out).eval()
             costs = model_costs(reloaded, a.seq_len)
             row = {"sparsity": s, "achieved": sel.achieved, "params": costs["params"],
                    "block_flops_ratio": dense_costs["block_flops"] / costs["block_flops"],
-                   "layers": [vars(x) for x in sel.layers]}
+                   "layers": [x.to_dict() for x in sel.layers]}
             for bs in bss:  # dense timed right before each pruned model: ratios within the same minute
                 d = measure_latency(model, bs, a.seq_len, a.repeats, threads=a.threads)["latency_s"]
                 q = measure_latency(reloaded, bs, a.seq_len, a.repeats, threads=a.threads)["latency_s"]

@@ -34,9 +34,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
-from spam_hf.scoring import group_scores  # noqa: E402
-from spam_hf.selection import select_groups  # noqa: E402
-from spam_hf.surgery import prune_groups  # noqa: E402
+from spam_hf import apply, plan  # noqa: E402
 from sst2_accuracy import accuracy, load_model, model_path, read_sst2  # noqa: E402
 
 
@@ -143,18 +141,16 @@ def main() -> None:
                                              curvature=a.curvature))
             trainer.train()
             before = accuracy(model, dev, col)
-            curv = trainer.retained_curvature()
             for k, score in enumerate(a.score_methods.split(",")):
                 if k:  # one run per scoring method, each on a copy of the trained adapter
                     result["runs"].append(run)
                     run = {"method": f"spam-hf/{score}", "lr": lr}
-                pruned = copy.deepcopy(model)
-                scores = group_scores(pruned, trainer.specs, score, prior=trainer.prior, curvature=curv, seed=a.seed)
-                sel = select_groups(pruned, trainer.specs, scores, 1.0 - target / full)
-                prune_groups(pruned, sel.keep)
+                p = plan(model, trainer.posterior, 1.0 - target / full, method=score, seed=a.seed)
+                sel = p.selection
+                pruned = apply(copy.deepcopy(model), p)
                 run["accuracy_before_pruning"] = before
                 run["accuracy"] = accuracy(pruned, dev, col)
-                run["ranks_kept"] = [r.ranks_kept for r in sel.layers]
+                run["ranks_kept"] = [r.kept.get("ranks", 0) for r in sel.layers]
                 done, run["recovery"] = 0, {}
                 for total in [int(x) for x in a.recovery_steps.split(",") if int(x) > 0]:
                     rec = Trainer(model=pruned, data_collator=col, train_dataset=train,

@@ -18,19 +18,16 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoTokenizer, DataCollatorWithPadding  # noqa: E402
 
 from sst2_accuracy import accuracy, read_sst2  # noqa: E402
-from spam_hf import SpamTrainer, SpamTrainingArguments, from_pretrained  # noqa: E402
-from spam_hf.scoring import group_scores  # noqa: E402
-from spam_hf.selection import select_groups  # noqa: E402
-from spam_hf.surgery import prune_groups  # noqa: E402
+from spam_hf import SpamLaplace, apply, from_pretrained, plan  # noqa: E402
 
 
 def main() -> None:
@@ -56,29 +53,24 @@ def main() -> None:
         if not a.train_file:
             p.error("--posthoc-reduction needs --train-file")
         train = read_sst2(a.train_file, tok, a.max_seq_length)
-        args = SpamTrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], marglik_frequency=0,
-                                     kfac_reduction=a.posthoc_reduction, per_device_train_batch_size=32,
-                                     curvature_max_rows=4096)
-        tr = SpamTrainer(model=model, args=args, train_dataset=train, data_collator=col)
-        tr.fit_priors_posthoc(max_batches=a.posthoc_batches, n_steps=100)
+        loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=col,
+                            generator=torch.Generator().manual_seed(0))
+        posterior = SpamLaplace(model, reduction=a.posthoc_reduction, max_rows_per_batch=4096)
+        posterior.fit(loader, max_batches=a.posthoc_batches, n_steps=100)
     else:
-        args = SpamTrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], n_data=int(state["n_data"]),
-                                     marglik_frequency=0)
-        tr = SpamTrainer(model=model, args=args)
-        tr.load_spam_state(dense_dir)
-    curv = tr.retained_curvature()
+        posterior = SpamLaplace(model, n_data=int(state["n_data"]))
+        posterior.load(dense_dir)
     res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine":
            f"CPU, {torch.get_num_threads()} threads", "dense_accuracy": accuracy(model, dev, col), "rows": []}
     print(f"dense {res['dense_accuracy']:.4f}", flush=True)
     for method in a.methods.split(","):
-        scores = group_scores(model, tr.specs, method, prior=tr.prior, curvature=curv)
         for mk in [float(x) for x in a.min_keep.split(",")]:
             for s in [float(x) for x in a.sparsities.split(",")]:
-                m = copy.deepcopy(model)
-                sel = select_groups(m, tr.specs, scores, s, min_keep=mk)
-                prune_groups(m, sel.keep)
+                p = plan(model, posterior, s, method=method, min_keep=mk)
+                sel = p.selection
+                m = apply(copy.deepcopy(model), p)
                 row = {"method": method, "min_keep": mk, "sparsity": s, "achieved": sel.achieved,
-                       "accuracy": accuracy(m, dev, col), "layers": [vars(x) for x in sel.layers]}
+                       "accuracy": accuracy(m, dev, col), "layers": [x.to_dict() for x in sel.layers]}
                 res["rows"].append(row)
                 print(f"{method:10s} min_keep={mk:.2f} s={s:.2f} acc={row['accuracy']:.4f}", flush=True)
                 with open(a.out, "w") as f:

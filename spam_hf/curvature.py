@@ -28,17 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures.base import lookup_linear, weight_out_in
+from .checks import check_choice
 from .kron import KronEigen
 
 CURVATURE_KINDS = ("kfac", "diag")
 REDUCTIONS = ("reduce", "expand", "reduce-gw")
 FISHER_TYPES = ("mc", "empirical")
 LIKELIHOODS = ("classification", "regression", "causal_lm")
-
-
-def _check_choice(name: str, value: str, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; supported: {', '.join(allowed)}")
 
 
 def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihood: str, fisher: str = "mc",
@@ -55,8 +51,8 @@ def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihoo
     Returns:
         ``Σ_n -log p(y_n | f_n)`` over non-ignored rows (a scalar).
     """
-    _check_choice("likelihood", likelihood, LIKELIHOODS)
-    _check_choice("fisher type", fisher, FISHER_TYPES)
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    check_choice("fisher_type", fisher, FISHER_TYPES)
     logits = logits.float()
     if likelihood == "causal_lm":
         if labels is None:
@@ -108,10 +104,10 @@ class CurvatureAccumulator:
                  reduction: str = "reduce", fisher: str = "mc", likelihood: str = "classification",
                  max_rows_per_batch: Optional[int] = None, seed: int = 0,
                  accumulate_dtype: Optional[torch.dtype] = None) -> None:
-        _check_choice("curvature", kind, CURVATURE_KINDS)
-        _check_choice("reduction", reduction, REDUCTIONS)
-        _check_choice("fisher type", fisher, FISHER_TYPES)
-        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_choice("curvature", kind, CURVATURE_KINDS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("fisher_type", fisher, FISHER_TYPES)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
         self.kind, self.reduction, self.fisher, self.likelihood = kind, reduction, fisher, likelihood
         self.max_rows_per_batch = max_rows_per_batch
         self.module_names: List[str] = list(dict.fromkeys(module_names))

@@ -10,10 +10,13 @@ inputs: padded-later sequences with labels, or packed blocks of ``max_seq_length
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from datasets import ClassLabel, DatasetDict, load_dataset
+
+if TYPE_CHECKING:  # the dataclass lives with the other arguments
+    from .arguments import DataArguments
 
 PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "sample_data")
 
@@ -42,57 +45,6 @@ TASKS: Dict[str, TaskPreset] = {
                            kind="causal_lm"),
 }
 LM_EXTENSIONS = (".txt",)
-
-
-@dataclass
-class DataArguments:
-    """Where the data comes from and how it is tokenised."""
-
-    task: Optional[str] = field(default=None, metadata={"help": f"Task preset: {', '.join(TASKS)}. Without a task "
-                                                                "and without files, the packaged SST-2 sample."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl; "
-                                                                      ".txt = plain text for language modelling)."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation file."})
-    text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: the task's, or 'sentence'/'text')."})
-    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence pairs."})
-    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default 'label')."})
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens (language "
-                                                                       "modelling: the packed block length)."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use a random subset of this many training rows."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first this many validation rows."})
-    subset_seed: int = field(default=0, metadata={"help": "Seed for the training subset."})
-
-    def __post_init__(self) -> None:
-        if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; supported: {', '.join(TASKS)} (or --train-file)")
-        if self.validation_file and not self.train_file:
-            raise ValueError("--validation-file needs --train-file")
-        for f in (self.train_file, self.validation_file):
-            if f and not os.path.exists(f):
-                raise ValueError(f"data file {f!r} does not exist")
-        if self.max_seq_length < 2:
-            raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
-
-        if self.task and TASKS[self.task].kind == "causal_lm" and self.train_file and \
-                os.path.splitext(self.train_file)[1].lower() not in LM_EXTENSIONS + (".json", ".jsonl"):
-            raise ValueError(f"task {self.task!r} is language modelling: --train-file must be .txt, .json or .jsonl")
-
-    @property
-    def uses_packaged_sample(self) -> bool:
-        return self.task is None and self.train_file is None
-
-    @property
-    def is_causal_lm(self) -> bool:
-        """Language modelling: a causal-LM task preset, or plain-text (``.txt``) files."""
-        if self.task:
-            return TASKS[self.task].kind == "causal_lm"
-        return bool(self.train_file) and os.path.splitext(self.train_file)[1].lower() in LM_EXTENSIONS
-
-    @property
-    def metric(self) -> str:
-        if self.task:
-            return TASKS[self.task].metric
-        return "perplexity" if self.is_causal_lm else "accuracy"
 
 
 def packaged_sst2_files() -> Tuple[str, str]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .architectures.base import GroupSpec, lookup_linear, weight_out_in
 from .curvature import weight_aug
+from .checks import check_choice
 from .kron import Precision
 
 PRIOR_KINDS = ("scalar", "layer", "unit", "parameter")
@@ -42,8 +43,7 @@ class PriorPrecision:
     """
 
     def __init__(self, model: nn.Module, specs: Iterable[GroupSpec], kind: str = "unit", init: float = 1.0) -> None:
-        if kind not in PRIOR_KINDS:
-            raise ValueError(f"unknown prior kind {kind!r}; supported: {', '.join(PRIOR_KINDS)}")
+        check_choice("prior", kind, PRIOR_KINDS)
         if not (init > 0 and init < float("inf")):
             raise ValueError(f"prior precision init must be a positive finite number, got {init}")
         self.kind = kind

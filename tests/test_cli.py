@@ -65,8 +65,8 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     (["--sparsity", "0"], "sparsity must be in (0, 1)"),
     (["--label-column", "lable"], "no label column 'lable'; available columns: sentence, label"),
     (["--text-column", "text"], "no text column 'text'; available columns: sentence, label"),
-    (["--prior", "group"], "prior must be one of"),
-    (["--method", "taylor"], "method must be one of"),
+    (["--prior", "group"], "argument --prior: invalid choice: 'group'"),
+    (["--method", "taylor"], "argument --method: invalid choice: 'taylor'"),
 ])
 def test_bad_input_exits_2_without_writing(tiny_setup, capsys, extra, message):
     model_dir, train, dev, tmp = tiny_setup
@@ -146,26 +146,60 @@ def test_help_and_unknown_command(capsys):
     assert main([]) == 2
 
 
-def test_recipe_expands_to_the_same_dataclasses(tmp_path):
-    """recipes/*.yaml are the CLI's own fields: the shipped recipe parses, and flags after it win."""
-    from transformers import HfArgumentParser
+def _shipped_recipe(tmp_path, name="minilm-sst2.yaml"):
+    """A shipped recipe with its ../shared data paths pointed at small files that exist here."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "recipes", name)).read()
+    text = text.replace("../shared/data/sst2/train.tsv", write_tsv(tmp_path / "t.tsv", 4, 0)) \
+        .replace("../shared/data/sst2/dev.tsv", write_tsv(tmp_path / "d.tsv", 4, 1))
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
 
-    from spam_hf.arguments import SpamTrainingArguments
-    from spam_hf.cli import _argv_with_recipe, _positional
-    from spam_hf.data import DataArguments
-    from spam_hf.pipeline import CompressArguments, ModelArguments
 
-    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "minilm-sst2.yaml")
-    argv = _positional(_argv_with_recipe(["--recipe", recipe, "--sparsity", "0.8"]), "--model_name_or_path")
-    parser = HfArgumentParser((ModelArguments, DataArguments, CompressArguments, SpamTrainingArguments))
-    # the recipe names ../shared data files; point them at files that exist here
-    argv = [a.replace("../shared/data/sst2/train.tsv", write_tsv(tmp_path / "t.tsv", 4, 0))
-             .replace("../shared/data/sst2/dev.tsv", write_tsv(tmp_path / "d.tsv", 4, 1)) for a in argv]
-    m, d, c, t = parser.parse_args_into_dataclasses(args=argv + ["--report_to", "none"])
-    assert m.model_name_or_path == "minilm"
-    assert c.sparsity == 0.8 and c.recovery_steps == 200
-    assert t.prior == "unit" and t.marglik_frequency == 200 and t.learning_rate == 1e-4
-    assert d.max_seq_length == 64
+def test_recipe_is_typed_parser_defaults_and_flags_win(tmp_path):
+    """recipes/*.yaml hold the CLI's own fields as typed defaults: the shipped recipe parses to its values,
+    a flag after it wins, and the offline demo's defaults do not leak in when the recipe names a model."""
+    from spam_hf.cli import DEMO_DEFAULTS, parse_compress
+
+    recipe = _shipped_recipe(tmp_path)
+    m, d, c, lora, t = parse_compress(["--recipe", recipe, "--sparsity", "0.8"])
+    assert m.model_name_or_path == "minilm" and d.train_file.endswith("t.tsv")
+    assert c.sparsity == 0.8 and c.recovery_steps == 200 and c.recovery_lr == 5e-5
+    assert t.prior == "unit" and t.marglik_frequency == 200 and t.n_hypersteps == 30
+    assert t.learning_rate == 1e-4 and t.num_train_epochs == 2 and t.output_dir == "runs/minilm-sst2-60"
+    assert d.max_seq_length == 64 and lora.lora_r == 0
+    assert c.recovery_steps != DEMO_DEFAULTS["recovery_steps"]
+    # without a recipe or model, the demo's defaults; a flag still wins over them
+    m, d, c, lora, t = parse_compress(["--sparsity", "0.7"])
+    assert c.sparsity == 0.7 and c.recovery_steps == DEMO_DEFAULTS["recovery_steps"]
+    assert t.marglik_frequency == DEMO_DEFAULTS["marglik_frequency"] and t.output_dir == os.path.join("runs", "spam-demo")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("learning_rat: 0.1\n", "unknown option 'learning_rat'; valid options: "),
+    ("a: [1\n", "is not valid YAML"),
+    ("- 1\n- 2\n", "must be a mapping"),
+    ("prior: group\n", "prior must be one of scalar, layer, unit, parameter"),
+])
+def test_bad_recipes_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(content)
+    assert main(["compress", "--recipe", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["compress", "--recipe", str(tmp_path)]) == 2  # a directory
+    assert "is not a file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_allowed_values_are_argparse_choices(capsys):
+    """--help lists the allowed values, and argparse refuses others before any work."""
+    assert main(["compress", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "{opd,magnitude,fisher,random}" in out and "{scalar,layer,unit,parameter}" in out
+    assert "{spam,plain,none}" in out and "{params,flops}" in out
+    assert main(["compress", "--method", "taylor"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'taylor'" in err and "--help lists the options" in err
 
 
 def test_plain_training_then_posthoc_priors(tiny_setup):

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from spam_hf.data import TASKS, DataArguments, load_raw_data, packaged_sst2_files
+from spam_hf.arguments import DataArguments
+from spam_hf.data import TASKS, load_raw_data, packaged_sst2_files
 
 from conftest import SHARED_DATA
 
@@ -40,7 +41,7 @@ def test_json_lines(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown task 'sst3'; supported: sst2"):
+    with pytest.raises(ValueError, match="task must be one of sst2, .*; got 'sst3'"):
         DataArguments(task="sst3")
     with pytest.raises(ValueError, match="does not exist"):
         DataArguments(train_file=str(tmp_path / "nope.csv"))

@@ -11,7 +11,7 @@ import torch
 
 from spam_hf.architectures import group_specs
 from spam_hf.export import from_pretrained, save_pruned
-from spam_hf.surgery import prune_groups
+from spam_hf.pruning import prune_groups
 
 from conftest import DECODER_TYPES, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch, tiny_tokenizer
 from test_surgery import close_parents, random_keep

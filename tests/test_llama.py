@@ -9,9 +9,9 @@ from torch import nn
 
 from spam_hf.architectures import group_specs, supported_model_types
 from spam_hf.export import from_pretrained
-from spam_hf.export.modeling_spam import HeadGatherLinear
-from spam_hf.export.save import save_pruned
-from spam_hf.surgery import mask_groups, prune_groups
+from spam_hf.architectures.llama import HeadGatherLinear
+from spam_hf.export import save_pruned
+from spam_hf.pruning import mask_groups, prune_groups
 
 from conftest import tiny_causal_lm, tiny_lm_batch
 from test_architectures import zero_group
@@ -212,7 +212,7 @@ def test_same_query_heads_per_kv_head_in_every_layer_exports_as_stock(tmp_path):
 
 def test_lora_on_gathered_projection_is_a_clear_error():
     from spam_hf.arguments import LoraArguments
-    from spam_hf.pipeline import wrap_lora
+    from spam_hf.jobs.loading import wrap_lora
 
     model = tiny_causal_lm("llama")
     prune_groups(model, keep_heads(model, {0: [0, 1, 3]})[1])

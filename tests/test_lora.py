@@ -12,7 +12,7 @@ import torch
 from spam_hf.architectures import group_specs, prunable_modules
 from spam_hf.curvature import CurvatureAccumulator
 from spam_hf.export import save_pruned
-from spam_hf.surgery import mask_groups, prune_groups
+from spam_hf.pruning import mask_groups, prune_groups
 
 from conftest import tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 from test_surgery import random_keep

@@ -98,7 +98,7 @@ def test_round_trip_to_disk_and_errors(bert, tmp_path):
         assert torch.equal(prior.log_delta[k], other.log_delta[k])
     with pytest.raises(ValueError, match="has no entry"):
         PriorPrecision(bert, specs, kind="layer").load(path)
-    with pytest.raises(ValueError, match="unknown prior kind 'group'"):
+    with pytest.raises(ValueError, match="prior must be one of scalar, layer, unit, parameter; got 'group'"):
         PriorPrecision(bert, specs, kind="group")
     with pytest.raises(ValueError, match="positive"):
         PriorPrecision(bert, specs, init=0.0)

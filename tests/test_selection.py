@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from spam_hf.architectures import group_specs
-from spam_hf.scoring import group_scores
-from spam_hf.selection import prunable_cost, select_groups
+from spam_hf.pruning import group_scores
+from spam_hf.pruning.selection import prunable_cost, select_groups
 
 
 def test_budget_is_met_with_cheapest_score_per_cost_first(bert):
@@ -62,7 +62,7 @@ def _tiny_llama():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_gqa_selection_keeps_a_query_head_for_every_kept_kv_head(seed):
-    from spam_hf.surgery import prune_groups
+    from spam_hf.pruning import prune_groups
 
     model = _tiny_llama()
     specs = group_specs(model)
@@ -74,7 +74,7 @@ def test_gqa_selection_keeps_a_query_head_for_every_kept_kv_head(seed):
             if s.parent:  # exactly the KV heads that some kept query head reads
                 assert sel.keep[s.parent].tolist() == s.parent_index[sel.keep[s.name]].unique().tolist()
         rep = sel.layers[0]
-        assert (rep.heads_total, rep.kv_heads_total) == (4, 2)
+        assert (rep.total["heads"], rep.total["kv_heads"]) == (4, 2)
     prune_groups(model, sel.keep)  # a consistent selection is accepted by surgery
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spam_hf.architectures import group_specs
-from spam_hf.surgery import mask_groups, prune_groups
+from spam_hf.pruning import mask_groups, prune_groups
 
 from conftest import DECODER_TYPES, ENCODER_TYPES, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 

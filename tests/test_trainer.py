@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from spam_hf import SpamTrainer, SpamTrainingArguments
-from spam_hf.trainer import PRIOR_FILE, CURVATURE_FILE
+from spam_hf.posterior import CURVATURE_FILE, HYPER_FILE, PRIOR_FILE
 
 from conftest import tiny_classifier
 
@@ -111,7 +111,7 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
         tr = make_trainer(tmp_path / f"ga{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
                           fisher_type="empirical", num_train_epochs=1, marglik_frequency=0)
         tr.train()
-        res.append((tr.curvature.state_dict(), tr.state.log_history[0]["loss"]))
+        res.append((tr.posterior.curvature.state_dict(), tr.state.log_history[0]["loss"]))
         tr2 = make_trainer(tmp_path / f"gb{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
                            fisher_type="empirical", num_train_epochs=1)
         tr2.train()
@@ -124,21 +124,24 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
     assert res[0][2] == pytest.approx(res[1][2], rel=1e-2)
 
 
-def test_checkpoint_holds_spam_state_and_resume_restores_it(tmp_path):
-    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=6, num_train_epochs=2)
-    trainer.train()
-    ckpt = os.path.join(tmp_path, "run", "checkpoint-6")
-    assert os.path.exists(os.path.join(ckpt, PRIOR_FILE))
-    assert os.path.exists(os.path.join(ckpt, CURVATURE_FILE))
-    final = {k: v.detach().clone() for k, v in trainer.prior.log_delta.items()}
-    resumed = make_trainer(tmp_path, save_strategy="steps", save_steps=6, num_train_epochs=2)
-    resumed.load_spam_state(ckpt)
-    saved = {k: v.detach().clone() for k, v in resumed.prior.log_delta.items()}
-    resumed2 = make_trainer(tmp_path, save_strategy="steps", save_steps=6, num_train_epochs=2)
-    resumed2.train(resume_from_checkpoint=True)
-    for k in final:
-        assert torch.isfinite(resumed2.prior.log_delta[k]).all()
-    assert any(not torch.equal(saved[k], final[k]) for k in final)  # checkpoint is mid-training state
+def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """A run resumed from a mid-training checkpoint ends with the uninterrupted run's weights, priors and
+    pruning decision: the checkpoint holds the priors, live curvature sums, retained diagonal, the
+    hyper-optimiser's Adam moments and the Monte-Carlo label generator."""
+    full = make_trainer(tmp_path / "a", save_strategy="steps", save_steps=6, num_train_epochs=2)
+    full.train()
+    ckpt = os.path.join(tmp_path, "a", "run", "checkpoint-6")
+    for f in (PRIOR_FILE, CURVATURE_FILE, HYPER_FILE):
+        assert os.path.exists(os.path.join(ckpt, f)), f
+    resumed = make_trainer(tmp_path / "b", save_strategy="steps", save_steps=6, num_train_epochs=2)
+    resumed.train(resume_from_checkpoint=ckpt)
+    for k, v in full.prior.log_delta.items():
+        torch.testing.assert_close(resumed.prior.log_delta[k], v, rtol=1e-6, atol=1e-9)
+    weights = dict(full.model.named_parameters())
+    for n, p in resumed.model.named_parameters():
+        torch.testing.assert_close(p, weights[n], rtol=1e-6, atol=1e-8)
+    keep_full, keep_resumed = full.plan(0.5).keep, resumed.plan(0.5).keep
+    assert {k: v.tolist() for k, v in keep_full.items()} == {k: v.tolist() for k, v in keep_resumed.items()}
 
 
 def test_posthoc_fit_without_weight_updates(tmp_path):

@@ -17,10 +17,12 @@ scoring, selection, surgery) works on the :class:`GroupSpec` objects a family re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
+
+from .runtime import new_linear, set_module
 
 try:  # transformers' GPT-2 style layer (weights stored in × out)
     from transformers.pytorch_utils import Conv1D
@@ -177,6 +179,14 @@ class ArchitectureFamily:
     model_types: Tuple[str, ...] = ()
     #: dotted path of the block list inside the base model (e.g. ``encoder.layer``)
     layers_path: str = ""
+    #: :class:`~spam_hf.architectures.runtime.RuntimeModule` classes that pruned models of this family may
+    #: contain beyond the core ones; export copies their source into remote-code checkpoints
+    runtime_modules: Tuple[type, ...] = ()
+    #: integer attributes that ``shrink`` changes on modules and ``forward`` reads (export records them)
+    runtime_attrs: Tuple[str, ...] = ()
+    #: pruning-report name of each group kind this family produces (``<name>_kept`` / ``<name>_total``)
+    report_fields: Dict[str, str] = {"head": "heads", "kv_head": "kv_heads", "neuron": "neurons",
+                                     "lora_rank": "ranks"}
 
     def layers(self, model: nn.Module) -> Sequence[nn.Module]:
         """The transformer blocks, in order."""
@@ -212,6 +222,8 @@ class ArchitectureFamily:
 
 
 _REGISTRY: Dict[str, ArchitectureFamily] = {}
+#: (predicate, family) for model wrappers that bring their own groups (peft adapters), checked first
+_WRAPPERS: List[Tuple[Callable[[nn.Module], bool], ArchitectureFamily]] = []
 
 
 def register(family_cls: Type[ArchitectureFamily]) -> Type[ArchitectureFamily]:
@@ -220,6 +232,11 @@ def register(family_cls: Type[ArchitectureFamily]) -> Type[ArchitectureFamily]:
     for mt in family_cls.model_types:
         _REGISTRY[mt] = inst
     return family_cls
+
+
+def register_wrapper(predicate: Callable[[nn.Module], bool], family: ArchitectureFamily) -> None:
+    """Register a family for wrapped models (``predicate(model)`` true), e.g. peft LoRA models."""
+    _WRAPPERS.append((predicate, family))
 
 
 def supported_model_types() -> List[str]:
@@ -237,13 +254,13 @@ def model_type_of(model: nn.Module) -> str:
 def get_family(model_or_type) -> ArchitectureFamily:
     """The family for a model (or a ``model_type`` string); a clear error when unsupported.
 
-    A peft model gets the LoRA family (its groups are adapter ranks), whatever its base model.
+    A wrapped model (a peft LoRA model, see :func:`register_wrapper`) gets the wrapper's family (its
+    groups are adapter ranks), whatever its base model.
     """
     if not isinstance(model_or_type, str):
-        from .lora import LoraFamily, is_peft_model  # lora imports this module
-
-        if is_peft_model(model_or_type):
-            return LoraFamily()
+        for predicate, family in _WRAPPERS:
+            if predicate(model_or_type):
+                return family
     mt = model_or_type if isinstance(model_or_type, str) else model_type_of(model_or_type)
     if mt not in _REGISTRY:
         raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(supported_model_types())}")
@@ -298,13 +315,6 @@ def find_linear(model: nn.Module, name: str) -> nn.Module:
     return mods[name]
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace submodule ``name`` (dotted path) of ``model`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def base_prefix(model: nn.Module) -> str:
     """Dotted path of the base model inside ``model`` plus a dot ('' when ``model`` is the base model)."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -336,12 +346,7 @@ def shrink_linear(module: nn.Module, rows: Optional[torch.Tensor] = None, cols: 
         w = w.index_select(0, rows.to(w.device))
     if cols is not None:
         w = w.index_select(1, cols.to(w.device))
-    if isinstance(module, nn.Linear):
-        new = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device=w.device, dtype=w.dtype)
-    else:  # Conv1D(nf=out, nx=in), weight stored in × out; one that accepts zero input features
-        from ..export.modeling_spam import conv1d  # export imports this module: import at use
-
-        new = conv1d(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
+    new = new_linear(module, fan_in=w.shape[1], fan_out=w.shape[0])
     with torch.no_grad():
         weight_out_in(new).copy_(w)
         if module.bias is not None:

@@ -17,8 +17,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..export.modeling_spam import ZeroHeadAttention
 from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
+from .runtime import ZeroHeadAttention
 
 
 class _EncoderFamily(ArchitectureFamily):
@@ -27,6 +27,7 @@ class _EncoderFamily(ArchitectureFamily):
     attention_path: str = ""  # module replaced when a layer loses all heads
     attention_out_child: str | None = None  # child of attention_path kept as output projection
     intermediate_key: str = "intermediate_size"  # config key of the MLP width
+    runtime_attrs = ("num_attention_heads", "n_heads", "all_head_size")  # what shrink() sets on attention
 
     def _head_dim(self, model: nn.Module) -> int:
         raise NotImplementedError

@@ -19,14 +19,38 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..export.modeling_spam import ZeroHeadAttention
+from transformers.pytorch_utils import Conv1D
+
 from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
+from .runtime import RuntimeModule, ZeroHeadAttention
+
+
+class EmptyInputConv1D(Conv1D, RuntimeModule):
+    """A ``Conv1D`` with no input features (an MLP that lost every neuron): outputs its bias.
+
+    The stock ``Conv1D.forward`` cannot reshape a zero-width input; the parameters (``weight``
+    ``0 × nf``, ``bias`` ``nf``) are those of a stock ``Conv1D(nf, 0)``. Also the resizer of every
+    ``Conv1D`` (:func:`spam_hf.architectures.runtime.new_linear`).
+    """
+
+    resizes = Conv1D
+    imports = ("from transformers.pytorch_utils import Conv1D",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype))
+
+    @classmethod
+    def resized(cls, like: nn.Module, fan_in: int, fan_out: int) -> nn.Module:
+        """``Conv1D(nf=fan_out, nx=fan_in)``, or an empty-input one when ``fan_in == 0``."""
+        return cls(fan_out, 0) if fan_in == 0 else Conv1D(fan_out, fan_in)
 
 
 @register
 class GPT2Family(ArchitectureFamily):
     model_types = ("gpt2",)
     layers_path = "h"
+    runtime_modules = (EmptyInputConv1D,)
+    runtime_attrs = ("num_heads", "split_size")
 
     @staticmethod
     def _head_dim(model: nn.Module) -> int:

@@ -28,8 +28,48 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..export.modeling_spam import HeadGatherLinear, ZeroHeadAttention
 from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
+from .runtime import RuntimeModule, ZeroHeadAttention
+
+
+class HeadGatherLinear(nn.Module, RuntimeModule):
+    """A key or value projection whose KV heads are repeated, one per query head.
+
+    ``linear`` computes the ``K`` KV heads (``K·d`` outputs, weights stored once); output head ``h``
+    is KV head ``kv_heads[h]``, so the stock attention runs with ``num_key_value_groups = 1`` when
+    the query heads per KV head differ. The KV cache of such a layer holds ``len(kv_heads)`` heads.
+
+    Shapes: ``(..., in) -> (..., len(kv_heads)·d)``. Recorded in ``spam_pruning["kv_gather"]``.
+    """
+
+    spec_key = "kv_gather"
+
+    def __init__(self, linear: nn.Module, kv_heads: List[int], head_dim: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.kv_heads = [int(k) for k in kv_heads]
+        self.head_dim = int(head_dim)
+        self._index: dict = {}  # device -> LongTensor of kv_heads (not a buffer: config.spam_pruning holds it)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        index = self._index.get(y.device)
+        if index is None:
+            index = self._index[y.device] = torch.tensor(self.kv_heads, dtype=torch.long, device=y.device)
+        return y.unflatten(-1, (-1, self.head_dim)).index_select(-2, index).flatten(-2)
+
+    def spec(self) -> dict:
+        """This module's ``kv_gather`` entry."""
+        w = self.linear.weight
+        return {"kv_heads": self.kv_heads, "head_dim": self.head_dim, "in_features": int(w.shape[1]),
+                "out_features": int(w.shape[0]), "bias": getattr(self.linear, "bias", None) is not None}
+
+    @classmethod
+    def rebuild(cls, old: nn.Module, entry: dict) -> nn.Module:
+        w = old.weight
+        linear = nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"], device=w.device,
+                           dtype=w.dtype)
+        return cls(linear, entry["kv_heads"], entry["head_dim"])
 
 
 def _stored(proj: nn.Module) -> nn.Module:
@@ -49,6 +89,8 @@ def _query_heads_per_kv(kv_of: torch.Tensor, kv_count: int) -> Optional[int]:
 class LlamaFamily(ArchitectureFamily):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     layers_path = "layers"
+    runtime_modules = (HeadGatherLinear,)
+    runtime_attrs = ("num_key_value_groups",)
 
     @staticmethod
     def head_dim(model: nn.Module) -> int:

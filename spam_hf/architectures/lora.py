@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, shrink_slices
+from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register_wrapper, shrink_slices
 
 
 PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the wrapped model's modules
@@ -106,3 +106,6 @@ class LoraFamily(ArchitectureFamily):
             layer.r[adapter] = int(kept.numel())
             layer.lora_alpha[adapter] = scaling * int(kept.numel())
             layer.scaling[adapter] = scaling
+
+
+register_wrapper(is_peft_model, LoraFamily())

@@ -22,6 +22,8 @@ from torch import nn
 
 from ..architectures.base import in_out_features
 from ..architectures.lora import active_adapter, base_name, lora_layers
+from ..architectures.runtime import ZeroHeadAttention
+from .save import reference_model, save_pruned_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -55,11 +57,8 @@ BASE_SUBDIR = "base"
 
 def base_is_pruned(model: nn.Module) -> bool:
     """Whether any base layer of the peft ``model`` is smaller than its config says (or lost all heads)."""
-    from .modeling_spam import ZeroHeadAttention
-    from .save import _reference
-
     base = model.get_base_model()
-    ref = dict(_reference(base).named_modules())
+    ref = dict(reference_model(base).named_modules())
     for name, mod in base.named_modules():
         if isinstance(mod, ZeroHeadAttention):
             return True
@@ -81,14 +80,12 @@ def save_lora_adapter(model: nn.Module, output_dir: str, tokenizer=None, merged_
     """
     from peft.utils import get_peft_model_state_dict
 
-    from .save import save_pruned
-
     adapter = active_adapter(model)
     config = pruned_lora_config(model)
     os.makedirs(output_dir, exist_ok=True)
     if base_is_pruned(model):
         base_dir = os.path.join(output_dir, BASE_SUBDIR)
-        save_pruned(copy.deepcopy(model).unload(), base_dir, tokenizer=tokenizer)
+        save_pruned_model(copy.deepcopy(model).unload(), base_dir, tokenizer=tokenizer)
         config.base_model_name_or_path = os.path.abspath(base_dir)
     dropped = [base_name(name) for name, layer in lora_layers(model) if layer.lora_A[adapter].out_features == 0]
     with warnings.catch_warnings():  # peft warns about the zero-size tensors of emptied modules, dropped below
@@ -101,5 +98,5 @@ def save_lora_adapter(model: nn.Module, output_dir: str, tokenizer=None, merged_
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     if merged_dir:
-        save_pruned(copy.deepcopy(model).merge_and_unload(), merged_dir, tokenizer=tokenizer)
+        save_pruned_model(copy.deepcopy(model).merge_and_unload(), merged_dir, tokenizer=tokenizer)
     return "peft_adapter"

@@ -1,32 +1,26 @@
-"""Save a structurally pruned model so that it loads with ``from_pretrained`` anywhere.
+"""Save a structurally pruned (plain, non-peft) model so that it loads with ``from_pretrained`` anywhere.
 
-The per-layer sizes go into ``config.json`` (``spam_pruning``); ``modeling_spam.py`` (this package's
-:mod:`spam_hf.export.modeling_spam`, copied verbatim, plus one generated class) is registered in
-``auto_map``. When nothing was resized (or the result fits the stock config) a stock checkpoint
-is written with no custom code.
+The per-layer sizes go into ``config.json`` (``spam_pruning``); ``modeling_spam.py`` (the source of
+:mod:`spam_hf.architectures.runtime`, the family's runtime module classes and one generated class)
+is registered in ``auto_map``. When nothing was resized (or the result fits the stock config) a
+stock checkpoint is written with no custom code.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import transformers
 from torch import nn
 
+from ..architectures import runtime
 from ..architectures.base import get_family, in_out_features
-from ..architectures.lora import is_peft_model
-from . import modeling_spam
-from .modeling_spam import SPAM_PRUNING_KEY, HeadGatherLinear, SpamPrunedMixin, ZeroHeadAttention, apply_spam_pruning
+from ..architectures.runtime import SPAM_PRUNING_KEY, RuntimeModule, SpamPrunedMixin, replacement_kinds
 
 REMOTE_CODE_FILE = "modeling_spam.py"
-
-
-#: integer attributes attention modules read in ``forward`` (recorded when pruning changed them)
-RUNTIME_ATTRS = ("num_heads", "split_size", "num_attention_heads", "all_head_size", "n_heads",
-                 "num_key_value_groups")
 
 
 def _stock_config(model: nn.Module, overrides: Optional[dict] = None):
@@ -36,30 +30,28 @@ def _stock_config(model: nn.Module, overrides: Optional[dict] = None):
     return model.config.__class__.from_dict(d)
 
 
-def _reference(model: nn.Module, overrides: Optional[dict] = None) -> nn.Module:
-    with torch.device("meta"):  # shapes only, no memory
+def reference_model(model: nn.Module, overrides: Optional[dict] = None) -> nn.Module:
+    """The stock model ``model``'s config builds (with ``overrides``), on the meta device: shapes only."""
+    with torch.device("meta"):
         return _stock_class(model)(_stock_config(model, overrides))
 
 
 def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dict:
-    """``{"linear_shapes", "module_attrs", "empty_attention", "kv_gather"}``: how ``model`` differs from
-    ``reference``.
+    """How ``model`` differs from ``reference``: ``linear_shapes``, ``module_attrs`` and, per runtime module
+    kind, ``{name: module.spec()}`` for every module replaced by it (``empty_attention``, ``kv_gather``, ...).
 
     ``reference`` is a stock model built from the same config (built here on the meta device when
-    not given). Shapes are recorded for every Linear/Conv1D whose shape differs, attributes from
-    :data:`RUNTIME_ATTRS` whose value differs, every :class:`ZeroHeadAttention` and every
-    :class:`HeadGatherLinear`.
+    not given). Shapes are recorded for every Linear/Conv1D whose shape differs, and the family's
+    ``runtime_attrs`` whose value differs.
     """
-    reference = _reference(model) if reference is None else reference
+    reference = reference_model(model) if reference is None else reference
     ref_mods = dict(reference.named_modules())
-    shapes, attrs, empty, gather = {}, {}, {}, {}
+    attr_names = get_family(model).runtime_attrs
+    spec: dict = {"linear_shapes": {}, "module_attrs": {}, **{c.spec_key: {} for c in replacement_kinds()}}
     for name, mod in model.named_modules():
         ref = ref_mods.get(name)
-        if isinstance(mod, ZeroHeadAttention):
-            empty[name] = mod.spec()
-            continue
-        if isinstance(mod, HeadGatherLinear):
-            gather[name] = mod.spec()
+        if isinstance(mod, RuntimeModule) and mod.spec_key:
+            spec[mod.spec_key][name] = mod.spec()
             continue
         if ref is None:
             continue
@@ -68,12 +60,12 @@ def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dic
         except TypeError:
             got = want = None
         if got != want:
-            shapes[name] = list(got)
-        changed = {a: int(getattr(mod, a)) for a in RUNTIME_ATTRS
+            spec["linear_shapes"][name] = list(got)
+        changed = {a: int(getattr(mod, a)) for a in attr_names
                    if isinstance(getattr(mod, a, None), int) and getattr(mod, a) != getattr(ref, a, None)}
         if changed:
-            attrs[name] = changed
-    return {"linear_shapes": shapes, "module_attrs": attrs, "empty_attention": empty, "kv_gather": gather}
+            spec["module_attrs"][name] = changed
+    return spec
 
 
 def is_stock(spec: dict) -> bool:
@@ -88,13 +80,18 @@ def _stock_class(model: nn.Module) -> type:
     raise ValueError(f"{type(model).__name__} is not a transformers model class")
 
 
-def remote_code_source(base_class_name: str) -> str:
-    """The self-contained modeling file written next to the weights."""
-    src = inspect.getsource(modeling_spam)
-    cls = f"Spam{base_class_name}"
-    return (src + f"\n\nfrom transformers import {base_class_name} as _SpamBase\n\n\n"
-            f"class {cls}(SpamPrunedMixin, _SpamBase):\n"
-            f"    \"\"\"{base_class_name} with per-layer sizes from ``config.spam_pruning``.\"\"\"\n")
+def remote_code_source(base_class_name: str, runtime_modules: tuple = ()) -> str:
+    """The self-contained modeling file written next to the weights: the runtime core, the source of each
+    of ``runtime_modules`` (with its ``imports``) and ``Spam<base_class_name>``."""
+    parts: List[str] = [inspect.getsource(runtime)]
+    for cls in runtime_modules:
+        imports = "".join(f"{line}\n" for line in cls.imports)
+        parts.append(f"\n\n{imports}\n\n{inspect.getsource(cls)}")
+    cls_name = f"Spam{base_class_name}"
+    parts.append(f"\n\nfrom transformers import {base_class_name} as _SpamBase\n\n\n"
+                 f"class {cls_name}(SpamPrunedMixin, _SpamBase):\n"
+                 f"    \"\"\"{base_class_name} with per-layer sizes from ``config.spam_pruning``.\"\"\"\n")
+    return "".join(parts)
 
 
 def _auto_class_for(cls: type) -> str:
@@ -114,22 +111,15 @@ def _auto_class_for(cls: type) -> str:
     raise ValueError(f"no AutoModel class maps to {cls.__name__}")
 
 
-def save_pruned(model: nn.Module, output_dir: str, tokenizer=None, extra_config: Optional[dict] = None) -> str:
-    """Save weights (safetensors), config with ``spam_pruning`` and, when needed, the remote code.
-
-    A peft LoRA model is saved as a stock peft adapter (:func:`spam_hf.export.lora.save_lora_adapter`).
-
-    Returns ``"stock"``, ``"remote_code"`` or ``"peft_adapter"``.
-    """
-    if is_peft_model(model):
-        from .lora import save_lora_adapter
-
-        return save_lora_adapter(model, output_dir, tokenizer=tokenizer)
+def save_pruned_model(model: nn.Module, output_dir: str, tokenizer=None, extra_config: Optional[dict] = None) -> str:
+    """Save a plain (non-peft) model: weights (safetensors), config with ``spam_pruning`` and, when needed,
+    the remote code. Returns ``"stock"`` or ``"remote_code"``."""
     os.makedirs(output_dir, exist_ok=True)
+    family = get_family(model)
     spec = pruning_spec(model)
-    overrides = get_family(model).stock_config(model) if not is_stock(spec) else None
+    overrides = family.stock_config(model) if not is_stock(spec) else None
     if overrides:
-        spec_with = pruning_spec(model, _reference(model, overrides))
+        spec_with = pruning_spec(model, reference_model(model, overrides))
         if is_stock(spec_with):  # expressible in the stock class: a uniform result
             spec = spec_with
             for key, value in overrides.items():
@@ -143,10 +133,10 @@ def save_pruned(model: nn.Module, output_dir: str, tokenizer=None, extra_config:
     kind = "stock"
     if not is_stock(spec):
         kind = "remote_code"
-        setattr(config, SPAM_PRUNING_KEY, {**spec, **(extra_config or {})})
+        setattr(config, SPAM_PRUNING_KEY, {**{k: v for k, v in spec.items() if v}, **(extra_config or {})})
         config.auto_map = {_auto_class_for(base): f"modeling_spam.Spam{base.__name__}"}
         with open(os.path.join(output_dir, REMOTE_CODE_FILE), "w") as f:
-            f.write(remote_code_source(base.__name__))
+            f.write(remote_code_source(base.__name__, family.runtime_modules))
     model.save_pretrained(output_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
@@ -166,4 +156,4 @@ def from_pretrained(path: str, **kwargs) -> nn.Module:
     return cls.from_pretrained(path, config=config, **kwargs)
 
 
-__all__ = ["apply_spam_pruning", "from_pretrained", "pruning_spec", "save_pruned"]
+__all__ = ["from_pretrained", "pruning_spec", "save_pruned_model"]

@@ -7,7 +7,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .architectures.base import GroupSpec, get_family, weight_out_in
+from ..architectures.base import GroupSpec, get_family, weight_out_in
 
 
 def prune_groups(model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> nn.Module:

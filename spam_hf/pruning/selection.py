@@ -12,29 +12,38 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Set, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from .architectures.base import GroupSpec, in_out_features
-from .architectures.lora import adapted_module, base_name
-from .arguments import BUDGETS, validate_sparsity
+from ..architectures.base import ArchitectureFamily, GroupSpec, in_out_features
+from ..architectures.lora import adapted_module, base_name
+from ..checks import check_choice, validate_sparsity
+
+BUDGETS = ("params", "flops")
+DEFAULT_REPORT_FIELDS = ArchitectureFamily.report_fields
 
 
 @dataclass
 class LayerReport:
+    """Groups kept / in total per report field (the family's ``report_fields``: ``heads``, ``kv_heads``,
+    ``neurons``, ``ranks``) of one layer; for LoRA ``layer`` is the adapted module's index, ``module`` its name.
+    With grouped-query attention ``heads`` counts query heads and ``kv_heads`` KV heads."""
+
     layer: int
-    heads_kept: int = 0
-    heads_total: int = 0
-    neurons_kept: int = 0
-    neurons_total: int = 0
-    kv_heads_kept: int = 0  # grouped-query attention: KV heads (heads_* then count query heads)
-    kv_heads_total: int = 0
-    ranks_kept: int = 0  # LoRA: ranks of one adapted module (``layer`` = its index, ``module`` = its name)
-    ranks_total: int = 0
+    kept: Dict[str, int] = field(default_factory=dict)
+    total: Dict[str, int] = field(default_factory=dict)
     module: str = ""
+
+    def to_dict(self, fields: Tuple[str, ...] = tuple(DEFAULT_REPORT_FIELDS.values())) -> dict:
+        """Flat ``{"layer", "module", "<field>_kept", "<field>_total"}`` (0 for fields this layer lacks)."""
+        out: Dict[str, object] = {"layer": self.layer}
+        for f in dict.fromkeys([*fields, *self.total]):
+            out[f"{f}_kept"], out[f"{f}_total"] = self.kept.get(f, 0), self.total.get(f, 0)
+        out["module"] = self.module
+        return out
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Selection:
             "total_cost": self.total_cost,
             "removed_cost": self.removed_cost,
             "keep": {k: v.tolist() for k, v in self.keep.items()},
-            "layers": [asdict(layer) for layer in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
 
 
@@ -82,18 +91,19 @@ def group_costs(model: nn.Module, spec: GroupSpec, budget: str, seq_len: int) ->
 
 
 def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torch.Tensor], sparsity: float,
-                  budget: str = "params", seq_len: int = 128, min_keep: float = 0.0) -> Selection:
+                  budget: str = "params", seq_len: int = 128, min_keep: float = 0.0,
+                  report_fields: Optional[Dict[str, str]] = None) -> Selection:
     """Greedy global selection: cheapest ``score / cost`` first until ``sparsity`` of the cost is removed.
 
     ``min_keep`` in [0, 1): every spec (the heads, or the neurons, of one layer) keeps at least
     ``ceil(min_keep · count)`` groups; groups at that floor are passed over. If the floors make the
-    target unreachable, the selection stops short and ``achieved`` says so.
+    target unreachable, the selection stops short and ``achieved`` says so. ``report_fields`` names each
+    group kind in the per-layer report (default: :data:`DEFAULT_REPORT_FIELDS`).
     """
     validate_sparsity(sparsity)
     if not 0.0 <= min_keep < 1.0:
         raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+    check_choice("budget", budget, BUDGETS)
     missing = [s.name for s in specs if s.name not in scores]
     if missing:
         raise ValueError(f"no scores for group spec(s) {missing[:3]}")
@@ -110,17 +120,12 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     drop, removed = _greedy_drop(specs, score, cost, sparsity * total, [math.ceil(min_keep * s.count) for s in specs])
     keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)
             for si, s in enumerate(specs)}
+    names = {**DEFAULT_REPORT_FIELDS, **(report_fields or {})}
     layers: Dict[int, LayerReport] = {}
     for s in specs:
         rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
-        if s.kind == "head":
-            rep.heads_kept, rep.heads_total = int(keep[s.name].numel()), s.count
-        elif s.kind == "kv_head":
-            rep.kv_heads_kept, rep.kv_heads_total = int(keep[s.name].numel()), s.count
-        elif s.kind == "neuron":
-            rep.neurons_kept, rep.neurons_total = int(keep[s.name].numel()), s.count
-        else:
-            rep.ranks_kept, rep.ranks_total = int(keep[s.name].numel()), s.count
+        rep.kept[names[s.kind]], rep.total[names[s.kind]] = int(keep[s.name].numel()), s.count
+        if s.kind == "lora_rank":
             rep.module = base_name(adapted_module(s))
     return Selection(keep=keep, budget=budget, sparsity_target=float(sparsity), total_cost=total,
                      removed_cost=removed, layers=[layers[k] for k in sorted(layers)])
@@ -201,18 +206,20 @@ def plot_selection(selection: Selection, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = [r.layer for r in selection.layers]
+    rows = [r.to_dict() for r in selection.layers]
+    layers = [r["layer"] for r in rows]
+
+    def frac(r: dict, f: str) -> float:
+        return r[f"{f}_kept"] / r[f"{f}_total"] if r[f"{f}_total"] else 0.0
+
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    if any(r.ranks_total for r in selection.layers):
-        ax.bar(layers, [r.ranks_kept / r.ranks_total if r.ranks_total else 0.0 for r in selection.layers], 0.8,
-               label="LoRA ranks kept")
+    if any(r["ranks_total"] for r in rows):
+        ax.bar(layers, [frac(r, "ranks") for r in rows], 0.8, label="LoRA ranks kept")
         ax.set_xlabel("adapted module")
     else:
-        heads = [r.heads_kept / r.heads_total if r.heads_total else 0.0 for r in selection.layers]
-        neurons = [r.neurons_kept / r.neurons_total if r.neurons_total else 0.0 for r in selection.layers]
         w = 0.4
-        ax.bar([x - w / 2 for x in layers], heads, w, label="heads kept")
-        ax.bar([x + w / 2 for x in layers], neurons, w, label="neurons kept")
+        ax.bar([x - w / 2 for x in layers], [frac(r, "heads") for r in rows], w, label="heads kept")
+        ax.bar([x + w / 2 for x in layers], [frac(r, "neurons") for r in rows], w, label="neurons kept")
         ax.set_xlabel("layer")
     ax.set_ylabel("fraction kept")
     ax.set_ylim(0, 1.05)

@@ -7,7 +7,7 @@ from spam_hf.architectures import group_specs, prunable_modules
 from spam_hf.architectures.base import weight_out_in
 from spam_hf.curvature import CurvatureAccumulator
 from spam_hf.priors import PriorPrecision
-from spam_hf.scoring import group_scores
+from spam_hf.pruning import group_scores
 
 from conftest import tiny_batch
 
@@ -69,7 +69,7 @@ def test_random_scores_are_seeded_and_bad_input(bert):
     a = group_scores(bert, specs, "random", seed=1)
     b = group_scores(bert, specs, "random", seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="unknown scoring method"):
+    with pytest.raises(ValueError, match="method must be one of opd, magnitude, fisher, random; got .taylor."):
         group_scores(bert, specs, "taylor")
     with pytest.raises(ValueError, match="needs curvature"):
         group_scores(bert, specs, "opd")

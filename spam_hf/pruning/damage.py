@@ -19,9 +19,10 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from .architectures.base import GroupSpec
-from .kron import KronEigen
-from .priors import PriorPrecision, params_aug
+from ..architectures.base import GroupSpec
+from ..checks import check_choice
+from ..kron import KronEigen
+from ..priors import PriorPrecision, params_aug
 
 SCORE_METHODS = ("opd", "magnitude", "fisher", "random")
 
@@ -64,8 +65,7 @@ def group_scores(model: nn.Module, specs: Iterable[GroupSpec], method: str = "op
                  prior: Optional[PriorPrecision] = None, curvature: Optional[Dict[str, object]] = None,
                  temperature: float = 1.0, seed: int = 0) -> Dict[str, torch.Tensor]:
     """``{spec.name: FloatTensor[G]}``: the score of every group (higher = more important)."""
-    if method not in SCORE_METHODS:
-        raise ValueError(f"unknown scoring method {method!r}; supported: {', '.join(SCORE_METHODS)}")
+    check_choice("method", method, SCORE_METHODS)
     specs = list(specs)
     if method == "random":
         g = torch.Generator().manual_seed(seed)

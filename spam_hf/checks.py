@@ -1,0 +1,18 @@
+"""Input checks shared by the library, the arguments and the CLI, with one wording each."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def check_choice(name: str, value, allowed: Iterable) -> None:
+    """``ValueError("<name> must be one of a, b, c; got 'x'")`` unless ``value`` is in ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def validate_sparsity(sparsity: float) -> None:
+    """``ValueError`` unless ``0 < sparsity < 1``."""
+    if not (0.0 < float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")

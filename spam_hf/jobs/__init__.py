@@ -1,0 +1,12 @@
+"""The ``compress`` / ``prune`` / ``evaluate`` jobs behind the CLI, callable from Python.
+
+One module per job (:mod:`.compress`, :mod:`.reprune`, :mod:`.evaluate`) and per concern they share:
+:mod:`.resolve` (model names), :mod:`.loading` (data and models), :mod:`.outputs` (output directories,
+run files), :mod:`.reporting` (snapshots, table, card, report) and :mod:`.finish` (the pruning stage).
+"""
+
+from .compress import compress
+from .evaluate import evaluate_checkpoint
+from .reprune import reprune
+
+__all__ = ["compress", "evaluate_checkpoint", "reprune"]

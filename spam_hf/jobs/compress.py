@@ -1,0 +1,66 @@
+"""``compress``: resolve → load data → fine-tune with SpamTrainer → evaluate dense → save the run → prune →
+(recovery) → evaluate → export (→ push). All inputs are validated before anything is written."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional
+
+from transformers import Trainer, TrainingArguments
+
+from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
+    SpamTrainingArguments
+from ..trainer import SpamTrainer
+from .finish import RunContext, plain_args, prune_and_export
+from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
+from .outputs import check_output_dir, write_run_config
+from .reporting import snapshot
+from .resolve import display_name
+
+
+def base_sparsity(lora_args: LoraArguments, args: PruneArguments) -> Optional[float]:
+    """How much of a LoRA run's frozen base to prune (``None``: the base is kept)."""
+    if not lora_args.prune_base:
+        return None
+    return lora_args.base_sparsity if lora_args.base_sparsity is not None else args.sparsity
+
+
+def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
+             train_args: SpamTrainingArguments, command: str = "", lora_args: Optional[LoraArguments] = None) -> dict:
+    """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``).
+
+    With ``lora_args.lora_r > 0`` the model is wrapped in a peft LoRA adapter: the base stays frozen,
+    priors sit on the adapter ranks, and the export is a stock peft adapter.
+    """
+    lora_args = lora_args or LoraArguments()
+    out_dir = train_args.output_dir
+    check_output_dir(out_dir, args.overwrite_output_dir)
+    path, config, tokenizer, data = prepare(model_args, data_args)
+    metric = data_args.metric
+    os.makedirs(out_dir, exist_ok=True)
+    model = load_model(path, data, tokenizer)
+    if lora_args.enabled:
+        model = wrap_lora(model, lora_args)
+    collator = collator_for(data, tokenizer)
+    train_args = copy.deepcopy(train_args)
+    if args.training in ("plain", "none"):
+        train_args.marglik_frequency = 0
+    trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
+                          data_collator=collator, processing_class=tokenizer, compute_metrics=metrics_for(metric))
+    if args.training == "spam":
+        trainer.train()
+    elif args.training == "plain":
+        plain = Trainer(model=model, args=TrainingArguments(**plain_args(train_args)), train_dataset=data["train"],
+                        data_collator=collator, processing_class=tokenizer)
+        plain.train()
+    if args.method in ("opd", "fisher") and (args.training != "spam" or not trainer.has_curvature()):
+        trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
+    dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
+                     args.measure_latency)
+    trainer.save_model(os.path.join(out_dir, "dense"))
+    write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
+    ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
+                     base_name=display_name(model_args, path), command=command, merged=lora_args.lora_merge,
+                     base_sparsity=base_sparsity(lora_args, args))
+    return prune_and_export(trainer, ctx, args, out_dir)

@@ -1,0 +1,104 @@
+"""The end of every job that prunes: plan + apply, optional recovery fine-tune, export, report, push."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+from transformers import Trainer, TrainingArguments
+
+from ..architectures import is_peft_model
+from ..arguments import DataArguments, PruneArguments
+from ..export import save_pruned
+from ..export.hub import push_folder
+from ..trainer import SpamTrainer
+from .loading import collator_for, metrics_for
+from .outputs import write_json
+from .reporting import device_name, evaluate_metric, report_path, snapshot, write_report
+
+
+@dataclass
+class RunContext:
+    """What a job knows when it reaches the pruning stage."""
+
+    data: object  # the tokenised DatasetDict (train / validation)
+    tokenizer: object
+    data_args: DataArguments
+    train_args: TrainingArguments
+    dense: dict  # the snapshot of the model before pruning
+    base_name: str  # the model name a model card shows
+    command: str = ""
+    merged: bool = False  # LoRA: also export the base with the adapter merged in
+    base_sparsity: Optional[float] = None  # LoRA: also prune the frozen base (prune_base)
+
+    @property
+    def metric(self) -> str:
+        return self.data_args.metric
+
+
+def plain_args(train_args: TrainingArguments) -> dict:
+    """The plain ``TrainingArguments`` fields of ``train_args`` (SpaM fields dropped)."""
+    return {f.name: getattr(train_args, f.name) for f in dataclasses.fields(TrainingArguments)
+            if f.init and not f.name.startswith("_")}
+
+
+def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str) -> float:
+    """Fine-tune the pruned ``model`` with a plain Trainer (``recovery_steps`` or ``recovery_epochs``); returns the metric."""
+    rec_args = plain_args(ctx.train_args)
+    rec_args.update(output_dir=os.path.join(out_dir, "recovery"), learning_rate=args.recovery_lr,
+                    num_train_epochs=args.recovery_epochs or 1, max_steps=args.recovery_steps or -1,
+                    save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
+    rec = Trainer(model=model, args=TrainingArguments(**rec_args), train_dataset=ctx.data["train"],
+                  eval_dataset=ctx.data["validation"], data_collator=collator_for(ctx.data, ctx.tokenizer),
+                  processing_class=ctx.tokenizer, compute_metrics=metrics_for(ctx.metric))
+    rec.train()
+    return evaluate_metric(rec, ctx.data["validation"], ctx.metric)
+
+
+def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments, out_dir: str) -> dict:
+    """Prune ``trainer.model`` (and a LoRA base), recover, export to ``out_dir/model``, write the report.
+
+    Returns the report dict (also ``out_dir/pruning_report.json``).
+    """
+    selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
+                              seed=args.prune_seed, min_keep=args.min_keep)
+    base_selection = None
+    if ctx.base_sparsity:
+        base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
+                                            min_keep=args.min_keep, max_batches=getattr(args, "posthoc_batches", None))
+    model = trainer.model
+    pruned = snapshot(trainer, ctx.data["validation"], ctx.metric, args.flops_seq_len, args.latency_batch_size,
+                      args.measure_latency)
+    if args.recovery_steps or args.recovery_epochs:
+        pruned[f"{ctx.metric}_before_recovery"] = pruned[ctx.metric]
+        pruned[ctx.metric] = recover(model, ctx, args, out_dir)
+    export_dir = os.path.join(out_dir, "model")
+    merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
+    for d in (export_dir, merged_dir):  # this job's own folders (compress, or prune into a new/empty folder)
+        if d and os.path.exists(d):
+            shutil.rmtree(d)
+    kind = save_pruned(model, export_dir, tokenizer=ctx.tokenizer, merged_dir=merged_dir)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": ctx.command,
+        "base_model": ctx.base_name,
+        "device": device_name(),
+        "metric": ctx.metric,
+        "dense": ctx.dense,
+        "pruned": pruned,
+        "selection": selection.to_dict(),
+        **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
+        "method": args.method,
+        "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
+    }
+    write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args)
+    repo = getattr(args, "push_to_hub_repo", None)
+    if repo:
+        report["hub_commit"] = push_folder(export_dir, repo)
+        print(f"pushed to {repo}: {report['hub_commit']}")
+        write_json(report_path(export_dir), report)
+    return report

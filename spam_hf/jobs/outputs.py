@@ -1,0 +1,62 @@
+"""Output directories: checked before any work, and the run files written into them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Optional
+
+RUN_CONFIG = "run_config.json"
+REPORT_FILE = "pruning_report.json"
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Fail before any work when ``path`` is a non-empty directory (without ``overwrite``) or cannot be written.
+
+    Writability is probed for real (a temporary folder created and removed in the nearest existing
+    ancestor), so read-only mounts and files in the way are caught as well as permission bits.
+    """
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"output dir {path!r} exists and is not a directory")
+        if os.listdir(path) and not overwrite:
+            raise ValueError(f"output dir {path!r} is not empty; pass --overwrite-output-dir to reuse it")
+        probe_in = path
+    else:
+        probe_in = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(probe_in):
+            probe_in = os.path.dirname(probe_in)
+        if not os.path.isdir(probe_in):
+            raise ValueError(f"output dir {path!r} cannot be created: {probe_in!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".spam-hf-probe-", dir=probe_in))
+    except OSError as e:
+        raise ValueError(f"output dir {path!r} is not writable ({probe_in!r}: {e.strerror})") from None
+
+
+def check_reprune_output(run_dir: str, out: str, overwrite: bool) -> None:
+    """``out`` may not be the run itself or a folder holding it (its export and report would be replaced), and
+    must be empty unless ``overwrite``: a re-prune never deletes what it did not write in this call."""
+    run, target = os.path.realpath(run_dir), os.path.realpath(out)
+    if target == run or run.startswith(target + os.sep):
+        raise ValueError(f"output dir {out!r} holds the run {run_dir!r} itself; re-pruning there would replace its "
+                         "export and report: choose another --output-dir")
+    check_output_dir(out, overwrite)
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+def write_run_config(out_dir: str, model_args, data_args, args, train_args, path: str, command: str,
+                     lora_args: Optional[object] = None) -> None:
+    """``run_config.json``: every argument of a ``compress`` run (what ``spam-hf prune`` rebuilds it from)."""
+    write_json(os.path.join(out_dir, RUN_CONFIG), {
+        "model": dataclasses.asdict(model_args), "resolved_model": path,
+        "lora": dataclasses.asdict(lora_args) if lora_args is not None else {},
+        "data": dataclasses.asdict(data_args), "compress": dataclasses.asdict(args),
+        "training": dict(train_args.to_dict()), "command": command,
+    })

@@ -1,0 +1,72 @@
+"""``prune``: re-prune a finished ``compress`` run at another sparsity, without retraining."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Optional
+
+from transformers import AutoTokenizer
+
+from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments, SpamTrainingArguments
+from ..posterior import STATE_FILE
+from ..trainer import SpamTrainer
+from .compress import base_sparsity
+from .finish import RunContext, prune_and_export
+from .loading import collator_for, load_data_for, load_run_model, metrics_for
+from .outputs import REPORT_FILE, RUN_CONFIG, check_reprune_output
+from .reporting import snapshot
+from .resolve import display_name
+
+
+def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None, command: str = "",
+            overwrite_output_dir: bool = False) -> dict:
+    """Re-prune a finished ``compress`` run at another sparsity from its saved weights, priors and curvature.
+
+    The output directory (default ``RUN_DIR/pruned-S``) must be new or empty unless ``overwrite_output_dir``.
+    """
+    cfg_path = os.path.join(run_dir, RUN_CONFIG)
+    dense_dir = os.path.join(run_dir, "dense")
+    if not os.path.exists(cfg_path) or not os.path.exists(os.path.join(dense_dir, STATE_FILE)):
+        raise ValueError(f"{run_dir!r} is not a spam-hf compress run (no {RUN_CONFIG} or dense/{STATE_FILE})")
+    out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
+    check_reprune_output(run_dir, out, overwrite_output_dir)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    data_args = DataArguments(**cfg["data"])
+    with open(os.path.join(dense_dir, STATE_FILE)) as f:
+        state = json.load(f)
+    os.makedirs(out, exist_ok=True)
+    scratch = os.path.join(out, "trainer_tmp")  # the Trainer's own output dir; removed when done
+    known = {f.name for f in dataclasses.fields(SpamTrainingArguments) if f.init}
+    tr = {k: v for k, v in cfg["training"].items() if k in known}
+    tr.update(output_dir=scratch, n_data=int(state["n_data"]), report_to=[], marglik_frequency=0)
+    train_args = SpamTrainingArguments(**tr)
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    data = load_data_for(tokenizer, data_args)
+    metric = data_args.metric
+    model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
+    trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
+                          data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
+                          compute_metrics=metrics_for(metric))
+    trainer.load_spam_state(dense_dir)
+    dense = None
+    saved_report = os.path.join(run_dir, REPORT_FILE)
+    if os.path.exists(saved_report):  # the dense numbers measured by `compress`, when they match this request
+        with open(saved_report) as f:
+            saved = json.load(f)["dense"]
+        if saved.get("seq_len") == args.flops_seq_len and (not args.measure_latency or "latency_s" in saved):
+            dense = saved
+    if dense is None:
+        dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
+                         args.measure_latency)
+    lora_args = LoraArguments(**cfg.get("lora", {}))
+    ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
+                     base_name=display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"]), command=command,
+                     merged=lora_args.lora_merge, base_sparsity=base_sparsity(lora_args, args))
+    try:
+        return prune_and_export(trainer, ctx, args, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
