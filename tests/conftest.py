@@ -6,6 +6,9 @@ import random
 import pytest
 import torch
 
+from spam_hf.architectures.base import weight_out_in
+from spam_hf.curvature import CurvatureAccumulator
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -153,3 +156,131 @@ def tiny_lm_setup(tmp_path):
         return (model_dir, write_text(tmp_path / "train.txt", 120, 0), write_text(tmp_path / "valid.txt", 40, 1),
                 tmp_path)
     return make
+
+
+# ---------------------------------------------------------------- helpers shared by several test files
+#: CLI flags that make a compress run on the tiny models take seconds
+FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--marglik_frequency", "2",
+        "--marglik_burn_in", "2", "--n_hypersteps", "3", "--curvature_every", "1", "--use_cpu", "True",
+        "--measure_latency", "False", "--max_seq_length", "16", "--disable_tqdm", "True", "--flops_seq_len", "16"]
+
+
+def zero_group(model, spec, g):
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for m, idx in spec.row_index.items():
+            weight_out_in(mods[m])[idx[g]] = 0
+            if mods[m].bias is not None:
+                mods[m].bias[idx[g]] = 0
+        for m, idx in spec.col_index.items():
+            weight_out_in(mods[m])[:, idx[g]] = 0
+
+
+def dense_ggn_block(model, layer_name, x):
+    """Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n for the augmented [W | b] of one layer (row-major)."""
+    layer = model.get_submodule(layer_name)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    w_key, b_key = f"{layer_name}.weight", f"{layer_name}.bias"
+
+    def f(wb):
+        p = dict(params)
+        p[w_key] = wb[:, :-1]
+        p[b_key] = wb[:, -1]
+        return torch.func.functional_call(model, p, (x,))
+
+    wb = torch.cat([layer.weight.detach(), layer.bias.detach().unsqueeze(1)], 1)
+    J = torch.func.jacrev(f)(wb).reshape(x.shape[0], -1, wb.numel())  # [N, C, P]
+    probs = f(wb).softmax(-1)
+    lam = torch.diag_embed(probs) - probs.unsqueeze(2) * probs.unsqueeze(1)
+    return torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
+
+
+def expected_kfac(model, layer_name, x):
+    """KFAC of the exact GGN of one example: Σ_c p_c (g_c g_cᵀ ⊗ a aᵀ), via the empirical accumulator per label."""
+    probs = model(x).softmax(-1)[0].detach()
+    total = 0
+    for c in range(probs.numel()):
+        acc = CurvatureAccumulator(model, [layer_name], fisher="empirical")
+        with acc.capture(model):
+            out = model(x)
+        acc.accumulate(out, torch.tensor([c]))
+        kron = acc.kron(n_data=1, keep_vectors=True)[layer_name]
+        total = total + probs[c] * kron.dense()
+    return total
+
+
+def random_keep(specs, seed, drop_all_layer=None):
+    """Random kept groups per spec; a KV head is kept exactly when some kept query head reads it."""
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for s in specs:
+        if drop_all_layer is not None and s.layer == drop_all_layer:
+            keep[s.name] = torch.tensor([], dtype=torch.long)
+            continue
+        n = int(torch.randint(0, s.count + 1, (1,), generator=g))
+        keep[s.name] = torch.randperm(s.count, generator=g)[:n].sort().values
+    return close_parents(specs, keep)
+
+
+def close_parents(specs, keep):
+    """``keep`` with every parent spec (KV heads) set to the groups its kept children read."""
+    for s in specs:
+        if s.parent:
+            keep[s.parent] = s.parent_index[keep[s.name]].unique()
+    return keep
+
+
+def direct_accuracy(model, tokenizer, tsv_path, max_length, limit=None):
+    """Accuracy of ``model`` on a ``sentence<TAB>label`` file by a plain loop (the reference the jobs'
+    reported numbers are checked against): one sentence at a time, argmax of the logits."""
+    with open(tsv_path) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    rows = rows[:limit] if limit else rows
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for sentence, label in rows:
+            enc = tokenizer(sentence, truncation=True, max_length=max_length, return_tensors="pt")
+            correct += int(model(**enc).logits.argmax(-1).item() == int(label))
+    return correct / len(rows)
+
+
+def assert_remote_load(out, auto, batch, expected, tmp_path, gen=None):
+    """Load the export at ``out`` with ``transformers.<auto>.from_pretrained(trust_remote_code=True)`` in a
+    fresh Python where spam_hf cannot be imported; its logits must equal ``expected`` (and greedy
+    generation ``gen`` when given). Returns the loaded class name."""
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.save({"batch": batch, "expected": expected, "gen": gen}, str(tmp_path / "io.pt"))
+    script = textwrap.dedent(f"""
+        import sys, types
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "spam_hf" or name.startswith("spam_hf."):
+                    raise ImportError("spam_hf is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        try:
+            import spam_hf
+            raise SystemExit("spam_hf was importable")
+        except ImportError:
+            pass
+        import torch
+        from transformers import {auto}
+        m = {auto}.from_pretrained({out!r}, trust_remote_code=True).eval()
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        b = io["batch"]
+        with torch.no_grad():
+            got = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        torch.testing.assert_close(got, io["expected"], atol=1e-5, rtol=1e-5)
+        if io["gen"] is not None:
+            ids = b["input_ids"]
+            g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert torch.equal(g, io["gen"])
+        print("REMOTE_OK", type(m).__name__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert "REMOTE_OK" in res.stdout, res.stderr[-3000:]
+    return res.stdout.split("REMOTE_OK")[1].split()[0]

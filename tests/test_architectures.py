@@ -4,20 +4,9 @@ import pytest
 import torch
 
 from spam_hf.architectures import get_family, group_specs, supported_model_types, validate_specs
-from spam_hf.architectures.base import GroupSpec, weight_out_in
+from spam_hf.architectures.base import GroupSpec
 
-from conftest import ENCODER_TYPES, tiny_batch, tiny_classifier
-
-
-def zero_group(model, spec, g):
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for m, idx in spec.row_index.items():
-            weight_out_in(mods[m])[idx[g]] = 0
-            if mods[m].bias is not None:
-                mods[m].bias[idx[g]] = 0
-        for m, idx in spec.col_index.items():
-            weight_out_in(mods[m])[:, idx[g]] = 0
+from conftest import ENCODER_TYPES, tiny_batch, tiny_classifier, zero_group
 
 
 def logits(model, batch):

@@ -7,11 +7,8 @@ import pytest
 
 from spam_hf.cli import main
 
-from conftest import tiny_classifier, write_tsv
+from conftest import FAST, direct_accuracy, tiny_classifier, write_tsv
 
-FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--marglik_frequency", "2",
-        "--marglik_burn_in", "2", "--n_hypersteps", "3", "--curvature_every", "1", "--use_cpu", "True",
-        "--measure_latency", "False", "--max_seq_length", "16", "--disable_tqdm", "True", "--flops_seq_len", "16"]
 
 
 def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
@@ -50,14 +47,24 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     (busy / "model" / "mine.txt").write_text("x")
     assert main(["prune", out, "--sparsity", "0.6", "--output-dir", str(busy), "--measure-latency", "False"]) == 2
     assert (busy / "model" / "mine.txt").read_text() == "x"
-    # evaluate any checkpoint
-    rc = main(["evaluate", os.path.join(out, "pruned-0.8", "model"), "--train-file", train, "--validation-file", dev,
-               "--max_seq_length", "16", "--seq-len", "16", "--batch-size", "2"])
-    assert rc == 0
+    # evaluate any checkpoint: its numbers against a direct computation on the reloaded model
+    from transformers import AutoTokenizer
+
     from spam_hf.export import from_pretrained
 
-    m = from_pretrained(os.path.join(out, "pruned-0.8", "model"))
-    assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in tiny_classifier("bert", num_labels=2).parameters())
+    pruned_dir = os.path.join(out, "pruned-0.8", "model")
+    m = from_pretrained(pruned_dir)
+    acc = direct_accuracy(m, AutoTokenizer.from_pretrained(pruned_dir), dev, 16)
+    assert rep2["pruned"]["accuracy"] == pytest.approx(acc, abs=1e-9)  # prune's report: the same model
+    capsys.readouterr()
+    rc = main(["evaluate", pruned_dir, "--train-file", train, "--validation-file", dev,
+               "--max_seq_length", "16", "--seq-len", "16", "--batch-size", "2"])
+    assert rc == 0
+    rows = {line.split("  ")[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines() if "  " in line}
+    n_params = sum(p.numel() for p in m.parameters())
+    assert n_params < sum(p.numel() for p in tiny_classifier("bert", num_labels=2).parameters())
+    assert rows["accuracy"] == f"{acc:.4f}" and rows["parameters"] == f"{n_params:,}"
+    assert not os.path.exists(os.path.join(pruned_dir, ".eval_tmp"))  # evaluate writes nothing into the checkpoint
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -95,14 +102,13 @@ def test_empty_dataset_and_labels_out_of_range(tiny_setup, capsys):
 
 
 def test_unsupported_architecture_and_uncached_hub_model(tmp_path, capsys):
-    from transformers import OPTConfig, OPTForSequenceClassification
+    from transformers import BloomConfig, BloomForSequenceClassification
 
-    d = str(tmp_path / "opt")
-    OPTForSequenceClassification(OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32,
-                                           word_embed_proj_dim=16, vocab_size=50)).save_pretrained(d)
+    d = str(tmp_path / "bloom")
+    BloomForSequenceClassification(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50)).save_pretrained(d)
     rc = main(["compress", d, "--train-file", write_tsv(tmp_path / "t.tsv", 8, 0), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "unknown model_type 'opt'; supported: bert" in err
+    assert rc == 2 and "unknown model_type 'bloom'; supported: bert" in err
     rc = main(["compress", "someone/not-cached-model", "--train-file", str(tmp_path / "t.tsv"),
                "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -248,9 +254,16 @@ def test_decoder_sequence_classification(tiny_lm_setup):
                "--output-dir", out, *FAST])
     assert rc == 0
     report = json.load(open(os.path.join(out, "pruning_report.json")))
-    assert report["metric"] == "accuracy" and 0.0 <= report["pruned"]["accuracy"] <= 1.0
     cfg = json.load(open(os.path.join(out, "model", "config.json")))
     assert cfg["architectures"] == ["GPT2ForSequenceClassification"]
+    # the reported accuracy (batched, EOS-padded) is the exported model's, one unpadded sentence at a time
+    from transformers import AutoTokenizer
+
+    from spam_hf.export import from_pretrained
+
+    model = from_pretrained(os.path.join(out, "model"))
+    acc = direct_accuracy(model, AutoTokenizer.from_pretrained(os.path.join(out, "model")), dev, 16)
+    assert report["metric"] == "accuracy" and report["pruned"]["accuracy"] == pytest.approx(acc, abs=1e-9)
 
 
 def test_lora_compress_prunes_ranks_and_base_and_exports_a_peft_adapter(tiny_setup):

@@ -7,45 +7,12 @@ from torch import nn
 from spam_hf.architectures import group_specs, prunable_modules
 from spam_hf.curvature import CurvatureAccumulator, sampled_loss
 
-from conftest import tiny_batch, tiny_classifier
+from conftest import dense_ggn_block, expected_kfac, tiny_batch, tiny_classifier
 
 
 def tiny_mlp(d_in=4, d_hidden=5, n_classes=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, n_classes)).double()
-
-
-def dense_ggn_block(model, layer_name, x):
-    """Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n for the augmented [W | b] of one layer (row-major)."""
-    layer = model.get_submodule(layer_name)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    w_key, b_key = f"{layer_name}.weight", f"{layer_name}.bias"
-
-    def f(wb):
-        p = dict(params)
-        p[w_key] = wb[:, :-1]
-        p[b_key] = wb[:, -1]
-        return torch.func.functional_call(model, p, (x,))
-
-    wb = torch.cat([layer.weight.detach(), layer.bias.detach().unsqueeze(1)], 1)
-    J = torch.func.jacrev(f)(wb).reshape(x.shape[0], -1, wb.numel())  # [N, C, P]
-    probs = f(wb).softmax(-1)
-    lam = torch.diag_embed(probs) - probs.unsqueeze(2) * probs.unsqueeze(1)
-    return torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
-
-
-def expected_kfac(model, layer_name, x):
-    """KFAC of the exact GGN of one example: Σ_c p_c (g_c g_cᵀ ⊗ a aᵀ), via the empirical accumulator per label."""
-    probs = model(x).softmax(-1)[0].detach()
-    total = 0
-    for c in range(probs.numel()):
-        acc = CurvatureAccumulator(model, [layer_name], fisher="empirical")
-        with acc.capture(model):
-            out = model(x)
-        acc.accumulate(out, torch.tensor([c]))
-        kron = acc.kron(n_data=1, keep_vectors=True)[layer_name]
-        total = total + probs[c] * kron.dense()
-    return total
 
 
 @pytest.mark.parametrize("layer", ["0", "2"])

@@ -2,9 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.pruning import prune_groups
 
 from conftest import DECODER_TYPES, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch, tiny_tokenizer
-from test_surgery import close_parents, random_keep
+from conftest import assert_remote_load, close_parents, random_keep
 
 
 def logits(model, batch):
@@ -64,36 +61,7 @@ def test_remote_code_loads_without_spam_hf(tmp_path, model_type):
     gen = greedy(model, ids) if model_type != "bert" else None
     out = str(tmp_path / "export")
     save_pruned(model, out)
-    torch.save({"batch": batch, "expected": expected, "gen": gen}, str(tmp_path / "io.pt"))
-    script = textwrap.dedent(f"""
-        import sys, types
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "spam_hf" or name.startswith("spam_hf."):
-                    raise ImportError("spam_hf is blocked in this test")
-        sys.meta_path.insert(0, Block())
-        try:
-            import spam_hf
-            raise SystemExit("spam_hf was importable")
-        except ImportError:
-            pass
-        import torch
-        from transformers import {auto}
-        m = {auto}.from_pretrained({out!r}, trust_remote_code=True).eval()
-        io = torch.load({str(tmp_path / 'io.pt')!r})
-        b = io["batch"]
-        with torch.no_grad():
-            got = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        torch.testing.assert_close(got, io["expected"], atol=1e-5, rtol=1e-5)
-        if io["gen"] is not None:
-            ids = b["input_ids"]
-            g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
-            assert torch.equal(g, io["gen"])
-        print("REMOTE_OK", type(m).__name__)
-    """)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(tmp_path))
-    assert f"REMOTE_OK Spam{type(model).__name__}" in res.stdout, res.stderr[-3000:]
+    assert assert_remote_load(out, auto, batch, expected, tmp_path, gen=gen) == f"Spam{type(model).__name__}"
 
 
 def test_unpruned_export_is_stock(tmp_path):

@@ -9,7 +9,7 @@ from spam_hf.architectures import group_specs, prunable_modules
 from spam_hf.curvature import CurvatureAccumulator
 
 from conftest import tiny_causal_lm, tiny_lm_batch
-from test_architectures import zero_group
+from conftest import zero_group
 
 
 def test_head_group_owns_its_thirds_of_c_attn():

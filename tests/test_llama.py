@@ -14,9 +14,9 @@ from spam_hf.export import save_pruned
 from spam_hf.pruning import mask_groups, prune_groups
 
 from conftest import tiny_causal_lm, tiny_lm_batch
-from test_architectures import zero_group
-from test_curvature import dense_ggn_block, expected_kfac
-from test_surgery import close_parents
+from conftest import zero_group
+from conftest import dense_ggn_block, expected_kfac
+from conftest import close_parents
 
 LLAMA_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
 D = 8  # head_dim of the tiny configs: 4 query heads read 2 KV heads (query heads 0, 1 -> KV 0; 2, 3 -> KV 1)

@@ -15,7 +15,7 @@ from spam_hf.export import save_pruned
 from spam_hf.pruning import mask_groups, prune_groups
 
 from conftest import tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
-from test_surgery import random_keep
+from conftest import random_keep
 
 TARGETS = ["query", "value", "intermediate.dense"]
 

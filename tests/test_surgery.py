@@ -6,28 +6,7 @@ import torch
 from spam_hf.architectures import group_specs
 from spam_hf.pruning import mask_groups, prune_groups
 
-from conftest import DECODER_TYPES, ENCODER_TYPES, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
-
-
-def random_keep(specs, seed, drop_all_layer=None):
-    """Random kept groups per spec; a KV head is kept exactly when some kept query head reads it."""
-    g = torch.Generator().manual_seed(seed)
-    keep = {}
-    for s in specs:
-        if drop_all_layer is not None and s.layer == drop_all_layer:
-            keep[s.name] = torch.tensor([], dtype=torch.long)
-            continue
-        n = int(torch.randint(0, s.count + 1, (1,), generator=g))
-        keep[s.name] = torch.randperm(s.count, generator=g)[:n].sort().values
-    return close_parents(specs, keep)
-
-
-def close_parents(specs, keep):
-    """``keep`` with every parent spec (KV heads) set to the groups its kept children read."""
-    for s in specs:
-        if s.parent:
-            keep[s.parent] = s.parent_index[keep[s.name]].unique()
-    return keep
+from conftest import DECODER_TYPES, ENCODER_TYPES, close_parents, random_keep, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 
 
 @pytest.mark.parametrize("model_type", ENCODER_TYPES)

@@ -1,0 +1,72 @@
+"""The jobs' shared pieces on their own: model resolution, output-dir checks, run files, reporting."""
+
+import json
+import os
+
+import pytest
+
+from spam_hf.arguments import DataArguments, ModelArguments, SpamTrainingArguments
+from spam_hf.jobs.finish import plain_args
+from spam_hf.jobs.outputs import RUN_CONFIG, check_output_dir, check_reprune_output, write_run_config
+from spam_hf.jobs.reporting import data_description, fmt_flops, fmt_int, print_table
+from spam_hf.jobs.resolve import ALIASES, display_name, resolve_model
+
+from conftest import write_tsv
+
+
+def test_resolution_local_alias_and_offline(tmp_path, monkeypatch):
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="'google-bert/bert-base-uncased' is not in the local Hugging Face cache"):
+        resolve_model("bert-base")  # the alias resolves first, then fails at once offline
+    assert ALIASES["bert-base"] == "google-bert/bert-base-uncased"
+    assert display_name(ModelArguments("bert-base"), "/x") == "google-bert/bert-base-uncased"
+    assert display_name(ModelArguments(None), "/x") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert display_name(ModelArguments(str(tmp_path)), str(tmp_path)) == str(tmp_path)
+
+
+def test_output_dir_checks(tmp_path):
+    check_output_dir(str(tmp_path / "new" / "deeper"), overwrite=False)  # may be created
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "f").write_text("x")
+    with pytest.raises(ValueError, match="not empty; pass --overwrite-output-dir"):
+        check_output_dir(str(busy), overwrite=False)
+    check_output_dir(str(busy), overwrite=True)
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        check_output_dir(str(busy / "f"), overwrite=True)
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    for target in (run, run.parent, tmp_path):
+        with pytest.raises(ValueError, match="holds the run"):
+            check_reprune_output(str(run), str(target), overwrite=True)
+    check_reprune_output(str(run), str(run / "pruned-0.5"), overwrite=False)
+    assert os.listdir(busy) == ["f"]
+
+
+def test_run_config_holds_every_argument(tmp_path):
+    train = write_tsv(tmp_path / "t.tsv", 4, 0)
+    data = DataArguments(train_file=train, max_seq_length=32)
+    targs = SpamTrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], prior="layer", temperature=0.5)
+    from spam_hf.arguments import CompressArguments, LoraArguments
+
+    write_run_config(str(tmp_path), ModelArguments("m"), data, CompressArguments(sparsity=0.7), targs, "/m", "cmd",
+                     LoraArguments(lora_r=4))
+    cfg = json.load(open(tmp_path / RUN_CONFIG))
+    assert cfg["data"]["train_file"] == train and cfg["compress"]["sparsity"] == 0.7 and cfg["lora"]["lora_r"] == 4
+    assert cfg["training"]["prior"] == "layer" and cfg["training"]["temperature"] == 0.5
+    assert DataArguments(**cfg["data"]) == data
+
+
+def test_plain_args_drop_the_spam_fields(tmp_path):
+    targs = SpamTrainingArguments(output_dir=str(tmp_path), report_to=[], learning_rate=3e-4, prior="scalar")
+    plain = plain_args(targs)
+    assert plain["learning_rate"] == 3e-4 and "prior" not in plain and "marglik_frequency" not in plain
+
+
+def test_reporting_helpers(capsys, tmp_path):
+    text = print_table([("", "dense", "pruned"), ("parameters", "1,000", "500")])
+    assert capsys.readouterr().out == text + "\n" and text.splitlines()[1] == "parameters  1,000  500"
+    assert fmt_int(22_700_000) == "22.70M" and fmt_int(83_000) == "83,000" and fmt_flops(2.5e9) == "2.50 GFLOP"
+    assert data_description(DataArguments())[0] == "packaged SST-2 sample (2,000 GLUE train rows)"
+    assert data_description(DataArguments(task="sst2")) == ("nyu-mll/glue/sst2 [train]", "nyu-mll/glue/sst2 [validation]")
