@@ -7,7 +7,7 @@ import pytest
 
 from spam_hf.cli import main
 
-from conftest import FAST, direct_accuracy, tiny_classifier, write_tsv
+from conftest import FAST, direct_accuracy, tiny_classifier, tiny_tokenizer, write_tsv
 
 
 
@@ -113,6 +113,24 @@ def test_unsupported_architecture_and_uncached_hub_model(tmp_path, capsys):
                "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "not in the local Hugging Face cache and the Hub is offline" in err
+
+
+@pytest.mark.slow
+def test_compress_is_reproducible_with_a_new_head(tmp_path):
+    """A checkpoint whose head does not fit the data (3 labels, data with 2) gets a new head: seeded, so two
+    runs of the same command give the same model and the same pruning decision."""
+    model_dir = str(tmp_path / "three-labels")
+    tiny_classifier("bert", num_labels=3).save_pretrained(model_dir)
+    tiny_tokenizer(model_dir).save_pretrained(model_dir)
+    train, dev = write_tsv(tmp_path / "t.tsv", 32, 0), write_tsv(tmp_path / "d.tsv", 8, 1)
+    reports = []
+    for run in ("a", "b"):
+        out = str(tmp_path / run)
+        assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+                     "--output-dir", out, *FAST]) == 0
+        reports.append(json.load(open(os.path.join(out, "pruning_report.json"))))
+    assert reports[0]["selection"]["keep"] == reports[1]["selection"]["keep"]
+    assert reports[0]["pruned"]["accuracy"] == reports[1]["pruned"]["accuracy"]
 
 
 def test_output_dir_not_empty_needs_overwrite(tiny_setup, capsys):

@@ -7,7 +7,7 @@ import copy
 import os
 from typing import Optional
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
     SpamTrainingArguments
@@ -39,6 +39,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     path, config, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
     os.makedirs(out_dir, exist_ok=True)
+    set_seed(train_args.seed)  # a newly initialised head (the packaged MiniLM has none) is the same every run
     model = load_model(path, data, tokenizer)
     if lora_args.enabled:
         model = wrap_lora(model, lora_args)
