@@ -11,6 +11,8 @@ from spam_hf.cli import main
 
 from conftest import FAST
 
+pytestmark = pytest.mark.slow  # every test here runs a benchmark script end to end
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 

@@ -11,6 +11,7 @@ from conftest import FAST, direct_accuracy, tiny_classifier, tiny_tokenizer, wri
 
 
 
+@pytest.mark.slow
 def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     model_dir, train, dev, tmp = tiny_setup
     out = str(tmp / "run")
@@ -226,6 +227,7 @@ def test_allowed_values_are_argparse_choices(capsys):
     assert err.count("\n") == 1 and "invalid choice: 'taylor'" in err and "--help lists the options" in err
 
 
+@pytest.mark.slow
 def test_plain_training_then_posthoc_priors(tiny_setup):
     model_dir, train, dev, tmp = tiny_setup
     out = str(tmp / "plain")
@@ -236,6 +238,7 @@ def test_plain_training_then_posthoc_priors(tiny_setup):
     assert report["method"] == "opd" and report["selection"]["sparsity_achieved"] >= 0.4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,extra", [("llama", []), ("llama", ["--kv-groups-only", "True"]), ("gpt2", [])])
 def test_causal_lm_compress_end_to_end(tiny_lm_setup, model_type, extra):
     """Text files -> packed blocks -> SpamTrainer (token-level curvature) -> prune -> perplexity -> export."""
@@ -263,6 +266,7 @@ def test_causal_lm_compress_end_to_end(tiny_lm_setup, model_type, extra):
     assert m.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
 
 
+@pytest.mark.slow
 def test_decoder_sequence_classification(tiny_lm_setup):
     """A decoder checkpoint with classification data: *ForSequenceClassification, padded with EOS."""
     model_dir, _, _, tmp = tiny_lm_setup("gpt2")
@@ -284,6 +288,7 @@ def test_decoder_sequence_classification(tiny_lm_setup):
     assert report["metric"] == "accuracy" and report["pruned"]["accuracy"] == pytest.approx(acc, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_lora_compress_prunes_ranks_and_base_and_exports_a_peft_adapter(tiny_setup):
     model_dir, train, dev, tmp = tiny_setup
     out = str(tmp / "lora")
@@ -320,6 +325,7 @@ def test_lora_unknown_target_module_is_a_clear_error(tiny_setup, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_causal_lm_with_lora(tiny_lm_setup):
     model_dir, train, valid, tmp = tiny_lm_setup("llama")
     out = str(tmp / "lm-lora")

@@ -22,6 +22,7 @@ def test_kfac_equals_exact_ggn_for_one_example(layer):
     torch.testing.assert_close(expected_kfac(model, layer, x), dense_ggn_block(model, layer, x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_mc_fisher_approaches_exact_ggn():
     """Averaged over 4000 label draws, the MC Fisher's diagonal and KFAC match the dense GGN (one example: KFAC exact)."""
     model = tiny_mlp()
@@ -113,6 +114,7 @@ def test_every_prunable_weight_gets_curvature_and_state_round_trips(tmp_path):
     assert float(other.n) == 0
 
 
+@pytest.mark.slow
 def test_row_subsampling_is_unbiased_estimate():
     model = tiny_classifier("bert")
     batch = tiny_batch(batch=4, seq=12, pad_last=0)

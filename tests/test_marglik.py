@@ -142,6 +142,7 @@ class TwoLayerMLP(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
+@pytest.mark.slow
 def test_occam_units_without_signal_get_large_precision():
     """SpaM on a tiny MLP: 8 hidden units, data from a 3-unit teacher, N=256, full-batch MAP steps with
     the unit prior alternating with marginal-likelihood hyper-steps (KFAC, MC Fisher).
