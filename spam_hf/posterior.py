@@ -171,6 +171,19 @@ class SpamLaplace:
             return diagonal_from_state(self.retained, self._n())
         raise RuntimeError("no curvature yet: train with SpamTrainer or call SpamLaplace.fit() before pruning")
 
+    def factors(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (A, G)}`` from the live KFAC sums, float64, extrapolated to ``N`` as :meth:`curvature_estimate`
+        does: ``A = Σ a aᵀ / n`` (``(in+1)²``, bias column last) and ``G = (N / n) Σ g gᵀ`` (``out²``).
+        Group damage and compensation need these (the retained state keeps only diagonals)."""
+        if self.curvature.kind != "kfac":
+            raise ValueError("group damage and compensation need curvature='kfac' (full Kronecker factors)")
+        if self.live_rows <= 0:
+            raise RuntimeError("no live curvature: collect() some batches first (the retained state keeps only "
+                               "the factors' diagonals)")
+        n, N = self.live_rows, self._n()
+        return {m: (s["A"].to(torch.float64).cpu() / n, s["G"].to(torch.float64).cpu() * (N / n))
+                for m, s in self.curvature.sums.items()}
+
     def mean_loss(self) -> float:
         return float(self.loss_sum) / max(self.loss_count, 1)
 
@@ -203,14 +216,11 @@ class SpamLaplace:
         self.loss_sum, self.loss_count = 0.0, 0
         return res.final
 
-    def fit(self, dataloader: Iterable[Dict[str, torch.Tensor]], max_batches: Optional[int] = None,
-            n_steps: int = 200, progress: bool = True) -> float:
-        """Post hoc: curvature and loss from one pass over ``dataloader`` (no weight updates), then
-        :meth:`optimize_prior_precision` with ``n_steps``. Returns ``log Z``.
-
-        The model runs in eval mode (deterministic curvature) and is put back in the mode it was in.
-        Batches are moved to the model's device. ``N`` defaults to ``len(dataloader.dataset)``.
-        """
+    def collect(self, dataloader: Iterable[Dict[str, torch.Tensor]], max_batches: Optional[int] = None,
+                progress: bool = True) -> None:
+        """Reset, then accumulate curvature and loss over ``dataloader`` (up to ``max_batches``) in eval mode,
+        without touching the priors: calibration statistics for :meth:`factors`, group damage and
+        compensation. Batches are moved to the model's device; ``N`` defaults to ``len(dataloader.dataset)``."""
         from tqdm.auto import tqdm
 
         if not self.n_data:
@@ -223,7 +233,7 @@ class SpamLaplace:
         self.loss_sum, self.loss_count = 0.0, 0
         try:
             total = len(dataloader) if max_batches is None else min(max_batches, len(dataloader))
-            for i, batch in enumerate(tqdm(dataloader, total=total, desc="post-hoc curvature", disable=not progress)):
+            for i, batch in enumerate(tqdm(dataloader, total=total, desc="curvature", disable=not progress)):
                 if max_batches is not None and i >= max_batches:
                     break
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -233,6 +243,15 @@ class SpamLaplace:
                 self.add_loss(float(out.loss.detach()) if out.loss is not None else 0.0)
         finally:
             model.train(was_training)
+
+    def fit(self, dataloader: Iterable[Dict[str, torch.Tensor]], max_batches: Optional[int] = None,
+            n_steps: int = 200, progress: bool = True) -> float:
+        """Post hoc: :meth:`collect` over ``dataloader`` (no weight updates), then
+        :meth:`optimize_prior_precision` with ``n_steps``. Returns ``log Z``.
+
+        The model runs in eval mode (deterministic curvature) and is put back in the mode it was in.
+        """
+        self.collect(dataloader, max_batches=max_batches, progress=progress)
         return self.optimize_prior_precision(n_steps=n_steps)
 
     def carry_over(self, old: "SpamLaplace", keep: Dict[str, torch.Tensor], same_groups: bool = False) -> None:

@@ -10,11 +10,19 @@ Per parameter (augmented ``[W | b]`` layout, ``out × (in+1)``):
 
 A group's score is the sum over the slices it owns (its rows, with their bias entries, in row
 modules; its columns in column modules).
+
+Group damage (:func:`group_damage`, methods ``damage`` and ``damage-out``) scores a whole group by the
+increase of the Laplace objective when the group is set to zero, *with* the correlations inside the
+group: ``½ Δθᵀ (H / T) Δθ + ½ Σ_{i∈g} δ_i θ_i²`` with ``Δθ = −θ_g`` and KFAC ``H = G ⊗ A`` per module, i.e.
+``½ tr(G_RR · W_R A W_Rᵀ) / T`` for its rows ``R`` of a module and ``½ tr(W_Cᵀ G W_C · A_CC) / T`` for its
+columns ``C``. ``damage-out`` counts only the consuming slices (the columns of O for a head, of down
+for a neuron): removing a group *is* removing those, so their function-space damage is the other
+candidate estimate.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +32,9 @@ from ..checks import check_choice
 from ..kron import KronEigen
 from ..priors import PriorPrecision, params_aug
 
-SCORE_METHODS = ("opd", "magnitude", "fisher", "random")
+SCORE_METHODS = ("opd", "magnitude", "fisher", "random", "damage", "damage-out")
+DAMAGE_METHODS = ("damage", "damage-out")
+Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _diag(curv) -> torch.Tensor:
@@ -61,12 +71,69 @@ def parameter_scores(model: nn.Module, modules: Iterable[str], method: str, prio
     return out
 
 
+def _block_sums(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``[G]``: ``Σ_{i,j ∈ idx[g]} X_ij`` for each row ``idx[g]`` of ``idx`` (``LongTensor[G, r]``)."""
+    return X[idx.unsqueeze(2), idx.unsqueeze(1)].sum(dim=(1, 2))
+
+
+def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
+                 prior: Optional[PriorPrecision] = None, temperature: float = 1.0,
+                 consuming_only: bool = False) -> Dict[str, torch.Tensor]:
+    """``{spec.name: FloatTensor[G]}``: the increase of the Laplace objective when each group alone is zeroed.
+
+    Args:
+        factors: ``{module: (A, G)}`` float64 KFAC factors (``A`` over ``[x | 1]``, ``G`` extrapolated to
+            ``N``), e.g. :meth:`spam_hf.posterior.SpamLaplace.factors`.
+        prior: adds the exact prior term ``½ Σ δ_i θ_i²`` over the removed slices (none when ``None``).
+        consuming_only: count only the column slices (``damage-out``).
+
+    Per module (``W`` the ``out × (in+1)`` augmented weight): rows ``R`` cost ``tr(G_RR W_R A W_Rᵀ)``,
+    i.e. the block sum of ``G ∘ (W A Wᵀ)`` over ``R × R``; columns ``C`` cost the block sum of
+    ``(Wᵀ G W) ∘ A`` over ``C × C``. Cross-module terms are zero under block-diagonal KFAC.
+    """
+    specs = list(specs)
+    modules = list(dict.fromkeys(m for s in specs for m in s.modules))
+    params = params_aug(model, modules)
+    out: Dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for s in specs:
+            curv = torch.zeros(s.count, dtype=torch.float64)
+            prior_term = torch.zeros(s.count, dtype=torch.float64)
+            slices = [(m, idx, "rows") for m, idx in s.row_index.items() if not consuming_only]
+            slices += [(m, idx, "cols") for m, idx in s.col_index.items()]
+            for m, idx, where in slices:
+                if m not in factors:
+                    raise ValueError(f"no Kronecker factors for module {m!r}")
+                A, G = factors[m]
+                W = params[m]
+                if tuple(A.shape) != (W.shape[1],) * 2 or tuple(G.shape) != (W.shape[0],) * 2:
+                    raise ValueError(f"factors of {m!r} have shapes {tuple(A.shape)}, {tuple(G.shape)}; weights "
+                                     f"{tuple(W.shape)}")
+                w2 = W.square() * (prior.precision(m).matrix() if prior is not None else 0.0)
+                if where == "rows":
+                    curv += _block_sums(G * (W @ A @ W.T), idx)
+                    prior_term += w2[idx].sum(dim=(1, 2))
+                else:
+                    curv += _block_sums((W.T @ G @ W) * A, idx)
+                    prior_term += w2[:, idx].sum(dim=(0, 2))
+            out[s.name] = 0.5 * curv / temperature + 0.5 * prior_term
+    return out
+
+
 def group_scores(model: nn.Module, specs: Iterable[GroupSpec], method: str = "opd",
                  prior: Optional[PriorPrecision] = None, curvature: Optional[Dict[str, object]] = None,
-                 temperature: float = 1.0, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """``{spec.name: FloatTensor[G]}``: the score of every group (higher = more important)."""
+                 temperature: float = 1.0, seed: int = 0, factors: Optional[Factors] = None) -> Dict[str, torch.Tensor]:
+    """``{spec.name: FloatTensor[G]}``: the score of every group (higher = more important).
+
+    ``damage`` / ``damage-out`` need ``factors`` (full KFAC factors) and use ``prior`` when given.
+    """
     check_choice("method", method, SCORE_METHODS)
     specs = list(specs)
+    if method in DAMAGE_METHODS:
+        if factors is None:
+            raise ValueError(f"method {method!r} needs Kronecker factors (SpamLaplace.collect() then factors())")
+        return group_damage(model, specs, factors, prior=prior, temperature=temperature,
+                            consuming_only=method == "damage-out")
     if method == "random":
         g = torch.Generator().manual_seed(seed)
         return {s.name: torch.rand(s.count, generator=g, dtype=torch.float64) for s in specs}

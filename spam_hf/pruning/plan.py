@@ -21,11 +21,12 @@ from torch import nn
 from ..architectures import get_family, group_specs
 from ..architectures.base import GroupSpec
 from ..checks import check_choice
-from .damage import SCORE_METHODS, group_scores
+from .damage import DAMAGE_METHODS, SCORE_METHODS, group_scores
 from .selection import LayerReport, Selection, select_groups
 from .surgery import prune_groups
 
-CURVATURE_METHODS = ("opd", "fisher")
+CURVATURE_METHODS = ("opd", "fisher")  # the diagonal of the curvature
+POSTERIOR_METHODS = CURVATURE_METHODS + DAMAGE_METHODS  # need a posterior
 
 
 @dataclass
@@ -93,7 +94,9 @@ def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = 
 
     Args:
         posterior: a :class:`~spam_hf.posterior.SpamLaplace` (its specs, priors, curvature and
-            temperature); needed by ``opd`` and ``fisher``, optional for ``magnitude`` / ``random``.
+            temperature); needed by ``opd`` and ``fisher`` (curvature diagonal) and by ``damage`` /
+            ``damage-out`` (live KFAC factors, e.g. after :meth:`SpamLaplace.collect`), optional for
+            ``magnitude`` / ``random``.
         sparsity: fraction in (0, 1) of the prunable ``budget`` (``params`` or ``flops``) to remove.
         method: one of :data:`~spam_hf.pruning.damage.SCORE_METHODS`.
         seq_len: sequence length of FLOP budgets.
@@ -103,16 +106,17 @@ def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = 
         specs: the group specs (default: the posterior's, else the family's for ``model``).
     """
     check_choice("method", method, SCORE_METHODS)
-    if method in CURVATURE_METHODS and posterior is None:
+    if method in POSTERIOR_METHODS and posterior is None:
         raise ValueError(f"method {method!r} needs a posterior (SpamLaplace) with curvature")
     if kv_groups_only is None:
         kv_groups_only = posterior.kv_groups_only if posterior is not None else False
     if specs is None:
         specs = posterior.specs if posterior is not None else group_specs(model, kv_groups_only=kv_groups_only)
     curvature = posterior.diagonal() if method in CURVATURE_METHODS else None
+    factors = posterior.factors() if method in DAMAGE_METHODS else None
     scores = group_scores(model, specs, method, prior=posterior.prior if posterior is not None else None,
                           curvature=curvature, temperature=posterior.temperature if posterior is not None else 1.0,
-                          seed=seed)
+                          seed=seed, factors=factors)
     selection = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=seq_len, min_keep=min_keep,
                               report_fields=get_family(model).report_fields)
     return PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},

@@ -1,0 +1,91 @@
+"""Posterior compensation: move the remaining weights of a consuming layer to the posterior mean given that
+the removed block is zero.
+
+A head is consumed by the columns of O it owns, a neuron by its column of down (a LoRA rank by its
+column of B). Removing input columns ``S`` of a layer with KFAC precision ``G ⊗ A / T`` (``A`` over the
+inputs ``[x | 1]``) and the remaining columns ``R`` (the bias column included) gives the conditional mean
+
+    W_R ← W_R + W_S A_SR (A_RR + λ I)⁻¹
+
+(least squares / OBS on the layer's input statistics). The prior enters as the damping
+``λ = T · mean(δ) / mean(diag G)``: with ``G = g·I`` and a uniform ``δ`` this is exactly the conditional
+mean under ``G ⊗ A / T + δ I``. Rows of the other modules of a group need no update: they only feed
+the removed columns.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..architectures.base import GroupSpec, weight_out_in
+from ..priors import PriorPrecision
+from .damage import Factors
+
+
+def conditional_mean(W: torch.Tensor, A: torch.Tensor, removed: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """``W`` (``out × k``, float64) with columns ``removed`` zeroed and the others moved by
+    ``W_S A_SR (A_RR + damping·I)⁻¹`` (``A``: ``k × k`` second moment of the inputs)."""
+    k = W.shape[1]
+    mask = torch.ones(k, dtype=torch.bool)
+    mask[removed] = False
+    R, S = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    out = W.clone()
+    if S.numel() and R.numel():
+        A_RR = A[R][:, R] + damping * torch.eye(R.numel(), dtype=A.dtype)
+        jitter = 1e-10 * float(A_RR.diagonal().mean().clamp_min(1e-30))
+        A_RR = A_RR + jitter * torch.eye(R.numel(), dtype=A.dtype)
+        out[:, R] += torch.linalg.solve(A_RR, (W[:, S] @ A[S][:, R]).T).T
+    out[:, S] = 0
+    return out
+
+
+def prior_damping(prior: Optional[PriorPrecision], module: str, G: torch.Tensor, temperature: float = 1.0) -> float:
+    """``λ = T · mean(δ over the module) / mean(diag G)`` (0 without a prior)."""
+    if prior is None:
+        return 0.0
+    with torch.no_grad():
+        delta = float(prior.precision(module).matrix().mean())
+    g = float(G.diagonal().mean())
+    return temperature * delta / g if g > 0 else float("inf")
+
+
+def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor], factors: Factors,
+               prior: Optional[PriorPrecision] = None, temperature: float = 1.0) -> Dict[str, int]:
+    """Before surgery: for every column module of a spec that loses groups, set the removed columns to zero
+    and move the others (bias included) to the conditional mean. In place; returns ``{module: columns removed}``.
+
+    ``keep`` names the groups kept per spec (as a plan's ``keep``); ``factors`` are the KFAC factors of
+    the current model (:meth:`spam_hf.posterior.SpamLaplace.factors`).
+    """
+    removed: Dict[str, list] = {}
+    for s in specs:
+        kept = set(torch.as_tensor(keep.get(s.name, range(s.count))).tolist())
+        dropped = [g for g in range(s.count) if g not in kept]
+        for m, idx in s.col_index.items():
+            removed.setdefault(m, []).extend(idx[dropped].reshape(-1).tolist() if dropped else [])
+    mods = dict(model.named_modules())
+    done: Dict[str, int] = {}
+    with torch.no_grad():
+        for m, cols in removed.items():
+            if not cols:
+                continue
+            A, G = factors[m]
+            module = mods[m]
+            w = weight_out_in(module)
+            bias = getattr(module, "bias", None)
+            W = torch.cat([w.detach().double().cpu(), bias.detach().double().cpu().unsqueeze(1)], 1) \
+                if bias is not None else w.detach().double().cpu()
+            if tuple(A.shape) != (W.shape[1], W.shape[1]):
+                raise ValueError(f"input factor of {m!r} has shape {tuple(A.shape)}, the layer has {W.shape[1]} inputs")
+            lam = prior_damping(prior, m, G, temperature)
+            if lam == float("inf"):
+                continue  # no curvature: the posterior is the prior, whose conditional mean keeps W_R
+            new = conditional_mean(W, A, torch.tensor(sorted(set(cols))), damping=lam)
+            w.copy_(new[:, : w.shape[1]].to(w.dtype))
+            if bias is not None:
+                bias.copy_(new[:, -1].to(bias.dtype))
+            done[m] = len(set(cols))
+    return done

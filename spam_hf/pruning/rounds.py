@@ -1,0 +1,79 @@
+"""Pruning in rounds: a large removal split into steps, each with fresh statistics and compensation.
+
+Large removals interact: a group that is cheap to remove while its layer is intact may not be once
+half the layer is gone. Round ``k`` removes groups until ``targets[k]`` of the *original* prunable
+cost is gone, after re-collecting the curvature of the current model on a few calibration batches;
+only the groups removed in that round are compensated, from statistics taken just before their removal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence
+
+from torch import nn
+
+from ..architectures import group_specs
+from ..checks import validate_sparsity
+from .compensation import compensate as compensate_groups
+from .plan import DAMAGE_METHODS, PruningPlan, apply, plan
+from .selection import prunable_cost
+
+
+def geometric_targets(sparsity: float, rounds: int) -> List[float]:
+    """``rounds`` cumulative targets ending at ``sparsity`` whose *kept* fractions fall geometrically,
+    ``1 − (1 − s)^(k / K)``: each round removes the same share of what is left."""
+    validate_sparsity(sparsity)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    return [1.0 - (1.0 - sparsity) ** (k / rounds) for k in range(1, rounds + 1)]
+
+
+@dataclass
+class RoundsResult:
+    plans: List[PruningPlan]
+    achieved: float  # fraction of the original prunable cost removed
+    compensated: List[dict]
+
+
+def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], object],
+                    calibration: Iterable, targets: Sequence[float], method: str = "damage", budget: str = "params",
+                    seq_len: int = 128, min_keep: float = 0.0, compensate: bool = True,
+                    max_batches: Optional[int] = None, progress: bool = False) -> RoundsResult:
+    """Prune ``model`` in place through cumulative ``targets`` (fractions of the original prunable cost).
+
+    Args:
+        make_posterior: builds a :class:`~spam_hf.posterior.SpamLaplace` for the current model (called
+            every round; the previous round's unit precisions of kept groups are carried over).
+        calibration: batches for the curvature of each round (``max_batches`` of them).
+        method: any score; ``damage`` / ``damage-out`` and compensation use the round's KFAC factors.
+        compensate: move the consuming layers' remaining weights to the conditional mean (needs KFAC).
+    """
+    if list(targets) != sorted(targets) or not targets:
+        raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
+    for t in targets:
+        validate_sparsity(t)
+    total0 = prunable_cost(model, group_specs(model), budget, seq_len)
+    plans, compensated, previous = [], [], None
+    for target in targets:
+        specs = group_specs(model)
+        current = prunable_cost(model, specs, budget, seq_len)
+        relative = (current - (1.0 - target) * total0) / current
+        if relative <= 0:
+            continue
+        posterior = make_posterior(model)
+        if previous is not None:
+            posterior.carry_over(previous[0], previous[1].keep)
+        needs_factors = compensate or method in DAMAGE_METHODS
+        if needs_factors or method in ("opd", "fisher"):
+            posterior.collect(calibration, max_batches=max_batches, progress=progress)
+        p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
+                 min_keep=min_keep)
+        if compensate:
+            compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(),
+                                                 posterior.prior, posterior.temperature))
+        apply(model, p)
+        plans.append(p)
+        previous = (posterior, p)
+    achieved = 1.0 - prunable_cost(model, group_specs(model), budget, seq_len) / total0
+    return RoundsResult(plans=plans, achieved=achieved, compensated=compensated)

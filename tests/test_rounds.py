@@ -1,0 +1,46 @@
+"""Pruning in rounds: cumulative targets of the original cost, fresh statistics per round, compensation."""
+
+import pytest
+import torch
+
+from spam_hf import SpamLaplace
+from spam_hf.architectures import group_specs
+from spam_hf.pruning import geometric_targets, prune_in_rounds
+from spam_hf.pruning.selection import prunable_cost
+
+from conftest import tiny_batch, tiny_classifier
+
+
+class Loader(list):
+    @property
+    def dataset(self):
+        return range(sum(len(b["labels"]) for b in self))
+
+
+def test_geometric_targets():
+    t = geometric_targets(0.75, 2)
+    assert t == pytest.approx([0.5, 0.75])
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        geometric_targets(0.5, 0)
+
+
+@pytest.mark.parametrize("method,compensate", [("damage", True), ("damage-out", False), ("magnitude", True)])
+def test_rounds_reach_the_target_of_the_original_cost(method, compensate):
+    model = tiny_classifier("bert", num_labels=3)
+    total0 = prunable_cost(model, group_specs(model), "params", 128)
+    calib = Loader([tiny_batch(batch=8, seed=s) for s in range(2)])
+    calls = []
+
+    def make(m):
+        calls.append(sum(p.numel() for p in m.parameters()))
+        return SpamLaplace(m, reduction="expand", n_data=16)
+
+    res = prune_in_rounds(model, make, calib, geometric_targets(0.7, 3), method=method, compensate=compensate)
+    assert len(res.plans) == 3 and calls == sorted(calls, reverse=True) and len(set(calls)) == 3
+    assert res.achieved >= 0.7
+    assert res.achieved == pytest.approx(1 - prunable_cost(model, group_specs(model), "params", 128) / total0)
+    assert bool(res.compensated) == compensate and all(res.compensated)
+    with torch.no_grad():
+        assert torch.isfinite(model(**tiny_batch()).logits).all()
+    with pytest.raises(ValueError, match="increasing"):
+        prune_in_rounds(model, make, calib, [0.9, 0.8])
