@@ -82,6 +82,7 @@ def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihoo
 class _Capture:
     inputs: torch.Tensor
     output: torch.Tensor
+    weight: Optional[torch.Tensor] = None  # out × in, for the group-mask Fisher of consuming modules
 
 
 class CurvatureAccumulator:
@@ -103,7 +104,7 @@ class CurvatureAccumulator:
     def __init__(self, model: nn.Module, module_names: Iterable[str], kind: str = "kfac",
                  reduction: str = "reduce", fisher: str = "mc", likelihood: str = "classification",
                  max_rows_per_batch: Optional[int] = None, seed: int = 0,
-                 accumulate_dtype: Optional[torch.dtype] = None) -> None:
+                 accumulate_dtype: Optional[torch.dtype] = None, mask_modules: Iterable[str] = ()) -> None:
         check_choice("curvature", kind, CURVATURE_KINDS)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("fisher_type", fisher, FISHER_TYPES)
@@ -111,13 +112,18 @@ class CurvatureAccumulator:
         self.kind, self.reduction, self.fisher, self.likelihood = kind, reduction, fisher, likelihood
         self.max_rows_per_batch = max_rows_per_batch
         self.module_names: List[str] = list(dict.fromkeys(module_names))
+        # consuming modules whose input-column mask Fisher M = Σ_n m_n m_nᵀ, m_n = Σ_t x_t ⊙ (Wᵀ g_t), is kept
+        self.mask_modules: List[str] = [m for m in dict.fromkeys(mask_modules) if m in self.module_names]
         if not self.module_names:
             raise ValueError("no modules to collect curvature for")
         mods = dict(model.named_modules())
         self.shapes: Dict[str, tuple] = {}
+        self._biased = set()
         for name in self.module_names:
             fan_in, fan_out, has_bias = lookup_linear(mods, name, "curvature")
             self.shapes[name] = (fan_out, fan_in + int(has_bias))
+            if has_bias:
+                self._biased.add(name)
         if accumulate_dtype is None:
             w = weight_out_in(mods[self.module_names[0]])
             accumulate_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -131,6 +137,7 @@ class CurvatureAccumulator:
     def reset(self) -> None:
         """Drop all accumulated sums."""
         self.n = torch.zeros((), dtype=torch.float64)
+        self.n_units = torch.zeros((), dtype=torch.float64)  # loss terms behind the mask Fisher (examples or tokens)
         self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
         for name, (out, inp) in self.shapes.items():
             if self.kind == "kfac":
@@ -138,11 +145,16 @@ class CurvatureAccumulator:
                                    "G": torch.zeros(out, out, dtype=self.dtype)}
             else:
                 self.sums[name] = {"D": torch.zeros(out, inp, dtype=self.dtype)}
+            if name in self.mask_modules:
+                self.sums[name]["M"] = torch.zeros(inp - int(name in self._biased), inp - int(name in self._biased),
+                                                   dtype=self.dtype)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
         state = {f"{m}.{k}": v.cpu() for m, d in self.sums.items() for k, v in d.items()}
         state["n"] = self.n.reshape(1)
+        if self.mask_modules:
+            state["n_units"] = self.n_units.reshape(1)
         return state
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
@@ -159,6 +171,8 @@ class CurvatureAccumulator:
                                      f"the model needs {tuple(v.shape)}")
                 d[k] = state[key].to(self.dtype).clone()
         self.n = state["n"].to(torch.float64).reshape(())
+        if "n_units" in state:
+            self.n_units = state["n_units"].to(torch.float64).reshape(())
 
     def all_reduce(self) -> None:
         """Sum factors and counts over processes (``torch.distributed``), in place. No-op when single-process."""
@@ -173,9 +187,9 @@ class CurvatureAccumulator:
                 t = v.to(device)
                 torch.distributed.all_reduce(t)
                 d[k] = t
-        n = self.n.reshape(1).to(device)
-        torch.distributed.all_reduce(n)
-        self.n = n.cpu().reshape(())
+        counts = torch.stack([self.n, self.n_units]).to(device)
+        torch.distributed.all_reduce(counts)
+        self.n, self.n_units = counts[0].cpu(), counts[1].cpu()
 
     # ------------------------------------------------------------------ capture
     @contextlib.contextmanager
@@ -194,7 +208,8 @@ class CurvatureAccumulator:
             def hook(module, inputs, output):
                 if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                     return
-                self._captures[name] = _Capture(inputs[0].detach(), output)
+                weight = weight_out_in(module).detach() if name in self.mask_modules else None
+                self._captures[name] = _Capture(inputs[0].detach(), output, weight)
             return hook
 
         for name in self.module_names:
@@ -282,10 +297,32 @@ class CurvatureAccumulator:
                 s["G"] += (g.T @ g).to(self.dtype)
             else:
                 s["D"] += (g.square().T @ a.square()).to(self.dtype)
+            if cap.weight is not None:
+                m = self._mask_gradients(cap.inputs, grad, cap.weight)
+                s["M"] += (m.T @ m).to(self.dtype)
         self.n += float(n_rows or 0)
+        if self.mask_modules:
+            self.n_units += self._loss_units(logits, labels)
         self._captures = {}
         self._mask = None
         return loss.detach()
+
+    def _mask_gradients(self, x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``[B, in]``: per example, the gradient of the loss w.r.t. a multiplicative mask on each input column,
+        ``m_bc = Σ_t x_btc (Wᵀ g_bt)_c`` (padding masked)."""
+        x, grad = x.float(), grad.float()
+        if x.dim() == 2:
+            x, grad = x.unsqueeze(1), grad.unsqueeze(1)
+        dx = grad @ weight.float().to(grad.device)
+        if self._mask is not None and self._mask.shape == x.shape[:2]:
+            dx = dx * self._mask.to(dx.device, dx.dtype).unsqueeze(-1)
+        return torch.einsum("bti,bti->bi", x, dx)
+
+    def _loss_units(self, logits: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
+        """Loss terms of this batch: examples, or predicted tokens for causal LM."""
+        if self.likelihood == "causal_lm" and labels is not None:
+            return float((labels[:, 1:] != -100).sum())
+        return float(logits.shape[0])
 
     # ------------------------------------------------------------------ results
     def _check_ready(self) -> None:
@@ -299,6 +336,15 @@ class CurvatureAccumulator:
         self._check_ready()
         n = float(self.n)
         return {m: KronEigen(s["G"] * (n_data / n), s["A"] / n, keep_vectors) for m, s in self.sums.items()}
+
+    def mask_fisher(self, n_data: float) -> Dict[str, torch.Tensor]:
+        """``{module: M · N / units}`` (float64, ``in × in``): the Fisher of multiplicative masks on the input
+        columns of each consuming module, extrapolated to ``n_data`` loss terms. ``1_Cᵀ M 1_C`` is the
+        exact (not Kronecker) ``Δθᵀ F Δθ`` of zeroing columns ``C``."""
+        if float(self.n_units) <= 0:
+            raise RuntimeError("no mask Fisher accumulated (mask_modules empty or no batch seen)")
+        scale = n_data / float(self.n_units)
+        return {m: self.sums[m]["M"].to(torch.float64).cpu() * scale for m in self.mask_modules}
 
     def diagonal(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``diag H`` per module as ``out × (in+1)`` (from the KFAC factors' diagonals when ``kind='kfac'``)."""

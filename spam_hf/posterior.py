@@ -76,13 +76,15 @@ class SpamLaplace:
         kv_groups_only: grouped-query attention in whole KV groups (see ``SpamTrainingArguments``).
         hyper_lr, n_hypersteps: Adam on ``log δ`` per :meth:`optimize_prior_precision`.
         specs: the group specs (default: from the model's family).
+        mask_fisher: also accumulate the exact Fisher of masks on the consuming modules' input columns
+            (for ``damage-exact`` scores; memory like the KFAC input factors of those modules).
     """
 
     def __init__(self, model: nn.Module, prior: str = "unit", prior_init: float = 1.0, curvature: str = "kfac",
                  reduction: str = "auto", fisher: str = "mc", n_data: Optional[float] = None,
                  temperature: float = 1.0, max_rows_per_batch: Optional[int] = None, seed: int = 0,
                  kv_groups_only: bool = False, hyper_lr: float = 0.1, n_hypersteps: int = 20,
-                 specs: Optional[List[GroupSpec]] = None) -> None:
+                 specs: Optional[List[GroupSpec]] = None, mask_fisher: bool = False) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         model = unwrap(model)
@@ -102,7 +104,8 @@ class SpamLaplace:
         self.prior = PriorPrecision(model, self.specs, kind=prior, init=prior_init)
         self.curvature = CurvatureAccumulator(model, self.modules, kind=curvature, reduction=reduction, fisher=fisher,
                                               likelihood=self.likelihood, max_rows_per_batch=max_rows_per_batch,
-                                              seed=seed)
+                                              seed=seed, mask_modules=[m for sp in self.specs for m in sp.col_index]
+                                              if mask_fisher else ())
         self.n_data: Optional[float] = float(n_data) if n_data else None
         self.temperature = float(temperature)
         self.hyper_lr, self.n_hypersteps = float(hyper_lr), int(n_hypersteps)
@@ -183,6 +186,11 @@ class SpamLaplace:
         n, N = self.live_rows, self._n()
         return {m: (s["A"].to(torch.float64).cpu() / n, s["G"].to(torch.float64).cpu() * (N / n))
                 for m, s in self.curvature.sums.items()}
+
+    def group_fisher(self) -> Dict[str, torch.Tensor]:
+        """``{consuming module: M}`` (``in × in``, float64, extrapolated to ``N``): the exact Fisher of masks on
+        its input columns from the live sums (needs ``mask_fisher=True``); see ``damage-exact``."""
+        return self.curvature.mask_fisher(self._n())
 
     def mean_loss(self) -> float:
         return float(self.loss_sum) / max(self.loss_count, 1)

@@ -7,7 +7,7 @@ from spam_hf.architectures import group_specs, prunable_modules
 from spam_hf.architectures.base import weight_out_in
 from spam_hf.curvature import CurvatureAccumulator
 from spam_hf.priors import PriorPrecision, params_aug
-from spam_hf.pruning import group_damage, group_scores
+from spam_hf.pruning import group_damage, group_damage_exact, group_scores
 
 from conftest import tiny_batch, tiny_classifier
 
@@ -69,7 +69,7 @@ def test_random_scores_are_seeded_and_bad_input(bert):
     a = group_scores(bert, specs, "random", seed=1)
     b = group_scores(bert, specs, "random", seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="method must be one of opd, magnitude, fisher, random, damage, damage-out; got .taylor."):
+    with pytest.raises(ValueError, match="method must be one of opd, magnitude, fisher, random, damage, damage-out, damage-exact; got .taylor."):
         group_scores(bert, specs, "taylor")
     with pytest.raises(ValueError, match="needs curvature"):
         group_scores(bert, specs, "opd")
@@ -136,3 +136,33 @@ def test_damage_through_plan_needs_live_factors():
     la.accumulate(out.logits, b["labels"])
     p = plan(model, la, 0.5, method="damage")
     assert p.achieved >= 0.5 and p.method == "damage"
+
+
+def test_damage_exact_is_the_per_example_fisher_of_the_group():
+    """``damage-exact`` = ½ Σ_n (θ_Cᵀ ∇ℓ_n)² / T over a group's consuming columns (plus the prior), with the
+    per-example gradients taken one example at a time by autograd (empirical Fisher: true labels)."""
+    from spam_hf import SpamLaplace
+
+    model = tiny_classifier("bert").double()
+    batch = tiny_batch(batch=3)
+    la = SpamLaplace(model, fisher="empirical", mask_fisher=True, n_data=3)
+    with la.capture(model, batch["attention_mask"]):
+        out = model(**batch)
+    la.accumulate(out.logits, batch["labels"])
+    T = 0.5
+    got = group_damage_exact(model, la.specs, la.group_fisher(), prior=la.prior, temperature=T)
+    for s in la.specs[:2]:  # layer 0: heads (columns of O), neurons (columns of down)
+        (m, idx), = s.col_index.items()
+        W = model.get_submodule(m).weight
+        per_example = []
+        for n in range(3):
+            model.zero_grad()
+            one = {k: v[n:n + 1] for k, v in batch.items()}
+            logits = model(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).logits
+            torch.nn.functional.cross_entropy(logits, one["labels"], reduction="sum").backward()
+            per_example.append((W.detach() * W.grad)[:, idx].sum(dim=(0, 2)))  # θ_Cᵀ ∇ℓ_n per group
+        fisher = torch.stack(per_example).square().sum(0)
+        with torch.no_grad():
+            w2 = W.detach().square() * la.prior.precision(m).matrix()[:, :-1]
+        expected = 0.5 * fisher / T + 0.5 * w2[:, idx].sum(dim=(0, 2))
+        torch.testing.assert_close(got[s.name], expected, rtol=1e-8, atol=1e-12)

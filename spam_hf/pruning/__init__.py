@@ -5,13 +5,14 @@
 """
 
 from .compensation import compensate, conditional_mean
-from .damage import DAMAGE_METHODS, SCORE_METHODS, group_damage, group_scores, parameter_scores
+from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_damage, group_damage_exact, group_scores, \
+    parameter_scores
 from .plan import PruningPlan, apply, plan
 from .rounds import RoundsResult, geometric_targets, prune_in_rounds
 from .selection import BUDGETS, LayerReport, Selection, plot_selection, select_groups, validate_sparsity
 from .surgery import mask_groups, prune_groups
 
-__all__ = ["BUDGETS", "DAMAGE_METHODS", "LayerReport", "PruningPlan", "RoundsResult", "SCORE_METHODS", "Selection",
+__all__ = ["BUDGETS", "DAMAGE_METHODS", "EXACT_METHODS", "group_damage_exact", "LayerReport", "PruningPlan", "RoundsResult", "SCORE_METHODS", "Selection",
            "apply", "compensate", "conditional_mean", "geometric_targets", "group_damage", "group_scores",
            "mask_groups", "parameter_scores", "plan", "plot_selection", "prune_groups", "prune_in_rounds",
            "select_groups", "validate_sparsity"]

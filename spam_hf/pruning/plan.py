@@ -21,12 +21,12 @@ from torch import nn
 from ..architectures import get_family, group_specs
 from ..architectures.base import GroupSpec
 from ..checks import check_choice
-from .damage import DAMAGE_METHODS, SCORE_METHODS, group_scores
+from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_scores
 from .selection import LayerReport, Selection, select_groups
 from .surgery import prune_groups
 
 CURVATURE_METHODS = ("opd", "fisher")  # the diagonal of the curvature
-POSTERIOR_METHODS = CURVATURE_METHODS + DAMAGE_METHODS  # need a posterior
+POSTERIOR_METHODS = CURVATURE_METHODS + DAMAGE_METHODS + EXACT_METHODS  # need a posterior
 
 
 @dataclass
@@ -89,7 +89,7 @@ class PruningPlan:
 
 def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = "opd", budget: str = "params",
          seq_len: int = 128, min_keep: float = 0.0, seed: int = 0, kv_groups_only: Optional[bool] = None,
-         specs: Optional[List[GroupSpec]] = None) -> PruningPlan:
+         specs: Optional[List[GroupSpec]] = None, scores: Optional[Dict[str, torch.Tensor]] = None) -> PruningPlan:
     """Score every group of ``model`` and choose which to remove; the model is not changed.
 
     Args:
@@ -104,19 +104,24 @@ def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = 
         seed: seed of the ``random`` baseline.
         kv_groups_only: group granularity of grouped-query attention (default: the posterior's, else False).
         specs: the group specs (default: the posterior's, else the family's for ``model``).
+        scores: precomputed ``{spec name: FloatTensor[G]}`` (a score spam-hf does not compute, e.g. a
+            peer's); ``method`` then only names them in the plan.
     """
-    check_choice("method", method, SCORE_METHODS)
-    if method in POSTERIOR_METHODS and posterior is None:
+    if scores is None:
+        check_choice("method", method, SCORE_METHODS)
+    if scores is None and method in POSTERIOR_METHODS and posterior is None:
         raise ValueError(f"method {method!r} needs a posterior (SpamLaplace) with curvature")
     if kv_groups_only is None:
         kv_groups_only = posterior.kv_groups_only if posterior is not None else False
     if specs is None:
         specs = posterior.specs if posterior is not None else group_specs(model, kv_groups_only=kv_groups_only)
-    curvature = posterior.diagonal() if method in CURVATURE_METHODS else None
-    factors = posterior.factors() if method in DAMAGE_METHODS else None
-    scores = group_scores(model, specs, method, prior=posterior.prior if posterior is not None else None,
-                          curvature=curvature, temperature=posterior.temperature if posterior is not None else 1.0,
-                          seed=seed, factors=factors)
+    if scores is None:
+        curvature = posterior.diagonal() if method in CURVATURE_METHODS else None
+        factors = posterior.factors() if method in DAMAGE_METHODS else None
+        mask_fisher = posterior.group_fisher() if method in EXACT_METHODS else None
+        scores = group_scores(model, specs, method, prior=posterior.prior if posterior is not None else None,
+                              curvature=curvature, temperature=posterior.temperature if posterior is not None else 1.0,
+                              seed=seed, factors=factors, mask_fisher=mask_fisher)
     selection = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=seq_len, min_keep=min_keep,
                               report_fields=get_family(model).report_fields)
     return PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},

@@ -16,7 +16,7 @@ from torch import nn
 from ..architectures import group_specs
 from ..checks import validate_sparsity
 from .compensation import compensate as compensate_groups
-from .plan import DAMAGE_METHODS, PruningPlan, apply, plan
+from .plan import POSTERIOR_METHODS, PruningPlan, apply, plan
 from .selection import prunable_cost
 
 
@@ -39,7 +39,8 @@ class RoundsResult:
 def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], object],
                     calibration: Iterable, targets: Sequence[float], method: str = "damage", budget: str = "params",
                     seq_len: int = 128, min_keep: float = 0.0, compensate: bool = True,
-                    max_batches: Optional[int] = None, progress: bool = False) -> RoundsResult:
+                    max_batches: Optional[int] = None, progress: bool = False,
+                    scores_fn: Optional[Callable[[nn.Module, object], dict]] = None) -> RoundsResult:
     """Prune ``model`` in place through cumulative ``targets`` (fractions of the original prunable cost).
 
     Args:
@@ -48,6 +49,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         calibration: batches for the curvature of each round (``max_batches`` of them).
         method: any score; ``damage`` / ``damage-out`` and compensation use the round's KFAC factors.
         compensate: move the consuming layers' remaining weights to the conditional mean (needs KFAC).
+        scores_fn: ``(model, posterior) -> {spec name: scores}`` for a score spam-hf does not compute (a
+            peer's); ``method`` then only names it.
     """
     if list(targets) != sorted(targets) or not targets:
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
@@ -64,11 +67,10 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         posterior = make_posterior(model)
         if previous is not None:
             posterior.carry_over(previous[0], previous[1].keep)
-        needs_factors = compensate or method in DAMAGE_METHODS
-        if needs_factors or method in ("opd", "fisher"):
+        if compensate or scores_fn is not None or method in POSTERIOR_METHODS:
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
         p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
-                 min_keep=min_keep)
+                 min_keep=min_keep, scores=scores_fn(model, posterior) if scores_fn is not None else None)
         if compensate:
             compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(),
                                                  posterior.prior, posterior.temperature))
