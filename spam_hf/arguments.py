@@ -191,6 +191,12 @@ class PruneArguments:
     min_keep: float = field(default=0.0, metadata={"help": "Keep at least this fraction of the heads and of the "
                                                             "neurons of every layer (0 = a layer may lose all)."})
     method: str = choice("opd", SCORE_METHODS, "Group scores: OPD (the posterior precision) or a baseline.")
+    rounds: int = field(default=1, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
+                                                     "statistics on --calibration-batches training batches each round."})
+    compensate: bool = field(default=False, metadata={"help": "Move the remaining weights of O / down to the posterior "
+                                                              "mean given the removed heads / neurons are zero."})
+    calibration_batches: int = field(default=8, metadata={"help": "Training batches per round for the statistics of "
+                                                                  "damage scores, rounds and compensation."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the recovery fine-tune."})
@@ -203,6 +209,8 @@ class PruneArguments:
         check_fields(self)
         if not 0.0 <= self.min_keep < 1.0:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
+        if self.rounds < 1 or self.calibration_batches < 1:
+            raise ValueError(f"rounds and calibration_batches must be >= 1, got {self.rounds}, {self.calibration_batches}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
 

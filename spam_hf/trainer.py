@@ -25,7 +25,8 @@ from .architectures import is_peft_model
 from .arguments import SpamTrainingArguments
 from .export import save_pruned
 from .posterior import PRIOR_FILE, SpamLaplace, unwrap
-from .pruning import PruningPlan, Selection, apply, plan
+from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, geometric_targets, plan,
+                      prune_in_rounds)
 
 logger = logging.get_logger(__name__)
 
@@ -202,19 +203,59 @@ class SpamTrainer(Trainer):
                     seq_len=seq_len, min_keep=min_keep, seed=seed)
 
     def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
-              seed: int = 0, min_keep: float = 0.0) -> Selection:
+              seed: int = 0, min_keep: float = 0.0, rounds: int = 1, compensate: bool = False,
+              calibration_batches: int = 8) -> Selection:
         """Plan (OPD scores by default, global selection under the budget), then remove the groups for real.
 
-        Returns the :class:`~spam_hf.pruning.Selection` (``to_dict()`` is the JSON report); the full
-        plan is ``trainer.last_plan``. The posterior is rebuilt for the smaller model (unit precisions
-        of kept groups carried over).
+        With ``rounds > 1``, ``compensate`` or a damage score, pruning goes through
+        :func:`spam_hf.pruning.prune_in_rounds`: each round re-collects token-level KFAC factors (and the
+        mask Fisher) of the current model on ``calibration_batches`` training batches, scores, removes
+        its share of the budget and, with ``compensate``, moves O / down to the conditional mean.
+
+        Returns the :class:`~spam_hf.pruning.Selection` (``to_dict()`` is the JSON report, indices of the
+        original groups); a one-shot plan is ``trainer.last_plan``. The posterior is rebuilt for the
+        smaller model (unit precisions of kept groups carried over).
         """
+        if rounds > 1 or compensate or method in DAMAGE_METHODS + EXACT_METHODS:
+            return self._prune_in_rounds(sparsity, budget, method, seq_len, min_keep, rounds, compensate,
+                                         calibration_batches)
         pruning_plan = self.plan(sparsity, budget=budget, method=method, seq_len=seq_len, seed=seed,
                                  min_keep=min_keep)
         self._apply(pruning_plan)
         self.last_plan = pruning_plan
         logger.info(f"pruned {pruning_plan.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method}")
         return pruning_plan.selection
+
+    def _prune_in_rounds(self, sparsity, budget, method, seq_len, min_keep, rounds, compensate,
+                         calibration_batches) -> Selection:
+        model = unwrap(self.model)
+        if is_peft_model(model):
+            raise ValueError("rounds, compensation and damage scores prune heads and neurons; for LoRA ranks use "
+                             "the one-shot scores (opd, fisher, magnitude, random)")
+        posterior = self._sync_n()
+        first = [posterior]
+
+        def make(m):
+            la = SpamLaplace(m, prior=self.args.prior, prior_init=self.args.prior_init, reduction="expand",
+                             fisher=self.args.fisher_type, n_data=posterior.n_data,
+                             temperature=self.args.temperature, seed=self.args.seed, mask_fisher=True)
+            if first:  # the unpruned model starts from the trained priors
+                la.carry_over(first.pop(), {})
+            return la
+
+        result = prune_in_rounds(model, make, self.get_train_dataloader(), geometric_targets(sparsity, rounds),
+                                 method=method, budget=budget, seq_len=seq_len, min_keep=min_keep,
+                                 compensate=compensate, max_batches=calibration_batches,
+                                 progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+        old = self.posterior
+        self.posterior = SpamLaplace.from_args(model, self.args, n_data=old.n_data)
+        self.posterior.carry_over(old, result.selection.keep)
+        self._pruned = True
+        self.model_wrapped = self.model
+        self.optimizer, self.lr_scheduler = None, None
+        logger.info(f"pruned {result.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method} in "
+                    f"{len(result.plans)} round(s){' with compensation' if compensate else ''}")
+        return result.selection
 
     def _apply(self, pruning_plan: PruningPlan, base_only: bool = False) -> None:
         model = unwrap(self.model)

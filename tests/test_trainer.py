@@ -220,3 +220,27 @@ def test_bf16_autocast_eval_strategy_and_best_model(tmp_path):
     saved = load_file(os.path.join(best, PRIOR_FILE))
     for k, v in trainer.prior.log_delta.items():
         torch.testing.assert_close(v.detach(), saved[k])
+
+
+def test_prune_in_rounds_with_compensation_reports_original_groups(tmp_path):
+    """trainer.prune(rounds, compensate, damage-exact): the selection names groups of the unpruned model,
+    matches the shrunk model, and the export reloads with the same logits."""
+    from spam_hf import from_pretrained
+    from spam_hf.architectures import group_specs
+
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    counts = {s.name: s.count for s in group_specs(trainer.model)}
+    sel = trainer.prune(0.6, method="damage-exact", rounds=3, compensate=True, calibration_batches=2)
+    assert sel.achieved >= 0.6
+    after = {s.name: s.count for s in group_specs(trainer.model)}
+    for name, kept in sel.keep.items():
+        assert after.get(name, 0) == kept.numel() and all(0 <= k < counts[name] for k in kept.tolist())
+    assert sum(r.to_dict()["heads_total"] for r in sel.layers) == sum(c for n, c in counts.items() if "head" in n)
+    out = str(tmp_path / "pruned")
+    trainer.save_model(out)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(out).eval()(**batch).logits, trainer.model(**batch).logits,
+                                   atol=1e-5, rtol=1e-5)

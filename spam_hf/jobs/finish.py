@@ -65,7 +65,8 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
-                              seed=args.prune_seed, min_keep=args.min_keep)
+                              seed=args.prune_seed, min_keep=args.min_keep, rounds=args.rounds,
+                              compensate=args.compensate, calibration_batches=args.calibration_batches)
     base_selection = None
     if ctx.base_sparsity:
         base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
+import torch
 from torch import nn
 
 from ..architectures import group_specs
 from ..checks import validate_sparsity
 from .compensation import compensate as compensate_groups
 from .plan import POSTERIOR_METHODS, PruningPlan, apply, plan
-from .selection import prunable_cost
+from .selection import DEFAULT_REPORT_FIELDS, LayerReport, Selection, prunable_cost
 
 
 def geometric_targets(sparsity: float, rounds: int) -> List[float]:
@@ -34,6 +35,7 @@ class RoundsResult:
     plans: List[PruningPlan]
     achieved: float  # fraction of the original prunable cost removed
     compensated: List[dict]
+    selection: Selection  # the rounds as one selection of the original model's groups (for reports)
 
 
 def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], object],
@@ -56,7 +58,9 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
     for t in targets:
         validate_sparsity(t)
-    total0 = prunable_cost(model, group_specs(model), budget, seq_len)
+    specs0 = group_specs(model)
+    total0 = prunable_cost(model, specs0, budget, seq_len)
+    original = {s.name: torch.arange(s.count) for s in specs0}  # original index of every remaining group
     plans, compensated, previous = [], [], None
     for target in targets:
         specs = group_specs(model)
@@ -77,5 +81,15 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         apply(model, p)
         plans.append(p)
         previous = (posterior, p)
-    achieved = 1.0 - prunable_cost(model, group_specs(model), budget, seq_len) / total0
-    return RoundsResult(plans=plans, achieved=achieved, compensated=compensated)
+        for name, kept in p.keep.items():
+            original[name] = original[name][kept]
+    total = prunable_cost(model, group_specs(model), budget, seq_len)
+    achieved = 1.0 - total / total0
+    layers: dict = {}
+    for s in specs0:
+        rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
+        field_name = DEFAULT_REPORT_FIELDS[s.kind]
+        rep.kept[field_name], rep.total[field_name] = int(original[s.name].numel()), s.count
+    selection = Selection(keep=original, budget=budget, sparsity_target=float(targets[-1]), total_cost=total0,
+                          removed_cost=total0 - total, layers=[layers[k] for k in sorted(layers)])
+    return RoundsResult(plans=plans, achieved=achieved, compensated=compensated, selection=selection)
