@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 
 import pytest
+import torch
 
 from spam_hf.cli import main
 
@@ -338,3 +340,31 @@ def test_causal_lm_with_lora(tiny_lm_setup):
     base_layers = report["base_selection"]["layers"]  # GQA base: whole KV groups (peft cannot wrap gathered K/V)
     assert all(r["kv_heads_total"] == 0 and r["heads_total"] in (0, 1, 2) for r in base_layers)
     assert json.load(open(os.path.join(out, "model", "adapter_config.json")))["task_type"] == "CAUSAL_LM"
+
+
+@pytest.mark.slow
+def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, capsys):
+    """`--resume_from_checkpoint` continues the run in place (no --overwrite-output-dir) from the checkpoint,
+    with the SpaM state: final weights, priors and pruning decision equal the uninterrupted run's."""
+    model_dir, train, dev, tmp = tiny_setup
+    common = ["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5", *FAST,
+              "--num_train_epochs", "2", "--save_strategy", "epoch", "--save_total_limit", "3"]
+    out = str(tmp / "full")
+    assert main(common + ["--output-dir", out]) == 0
+    first = os.path.join(out, "checkpoint-8")
+    assert os.path.exists(os.path.join(first, "spam_hyper.safetensors"))
+    resumed = str(tmp / "resumed")
+    shutil.copytree(out, resumed, ignore=lambda d, names: [n for n in names if d == out and (
+        n in ("checkpoint-16", "dense", "model", "recovery") or n.endswith((".json", ".png")))])  # as killed after epoch 1
+    assert main(common + ["--output-dir", resumed, "--resume_from_checkpoint", os.path.join(resumed, "checkpoint-8")]) == 0
+    from safetensors.torch import load_file
+
+    for f in ("spam_prior.safetensors", "model.safetensors"):
+        a, b = load_file(os.path.join(out, "dense", f)), load_file(os.path.join(resumed, "dense", f))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+    reports = [json.load(open(os.path.join(d, "pruning_report.json"))) for d in (out, resumed)]
+    assert reports[0]["selection"]["keep"] == reports[1]["selection"]["keep"]
+    capsys.readouterr()
+    assert main(common + ["--output-dir", str(tmp / "none"), "--resume_from_checkpoint", "last"]) == 2
+    assert "no checkpoint-* folder" in capsys.readouterr().err

@@ -26,6 +26,25 @@ def base_sparsity(lora_args: LoraArguments, args: PruneArguments) -> Optional[fl
     return lora_args.base_sparsity if lora_args.base_sparsity is not None else args.sparsity
 
 
+def resume_point(train_args: SpamTrainingArguments):
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``True`` for the last one in the output dir
+    (``true`` / ``last``); ``None`` when not resuming. A folder that does not exist is an error now, not
+    after loading the data."""
+    value = train_args.resume_from_checkpoint
+    if value in (None, "", False):
+        return None
+    if value is True or str(value).lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(train_args.output_dir) if os.path.isdir(train_args.output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint: no checkpoint-* folder in {train_args.output_dir!r}")
+        return last
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint: {value!r} is not a checkpoint folder")
+    return value
+
+
 def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
              train_args: SpamTrainingArguments, command: str = "", lora_args: Optional[LoraArguments] = None) -> dict:
     """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``).
@@ -35,7 +54,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     """
     lora_args = lora_args or LoraArguments()
     out_dir = train_args.output_dir
-    check_output_dir(out_dir, args.overwrite_output_dir)
+    resume = resume_point(train_args)
+    check_output_dir(out_dir, args.overwrite_output_dir or resume is not None)  # resuming continues this run
     path, config, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
     os.makedirs(out_dir, exist_ok=True)
@@ -50,7 +70,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator, processing_class=tokenizer, compute_metrics=metrics_for(metric))
     if args.training == "spam":
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
     elif args.training == "plain":
         plain = Trainer(model=model, args=TrainingArguments(**plain_args(train_args)), train_dataset=data["train"],
                         data_collator=collator, processing_class=tokenizer)
