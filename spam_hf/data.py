@@ -9,14 +9,18 @@ inputs: padded-later sequences with labels, or packed blocks of ``max_seq_length
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from datasets import ClassLabel, DatasetDict, load_dataset
+from transformers.utils import logging
 
 if TYPE_CHECKING:  # the dataclass lives with the other arguments
     from .arguments import DataArguments
+
+logger = logging.get_logger("spam_hf")
 
 PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "sample_data")
 
@@ -110,6 +114,12 @@ def load_raw_data(args: DataArguments) -> Tuple[DatasetDict, str, Optional[str],
                 raise ValueError(f"{split} data has no {role} column {col!r}; available columns: {', '.join(ds.column_names)}")
         if len(ds) == 0:
             raise ValueError(f"the {split} data set is empty")
+        if label is not None:  # before any split or subset, so that the line numbers are the file's
+            missing = [i for i, v in enumerate(ds[label]) if _missing(v)]
+            if missing:
+                rows = ", ".join(str(i + 2) for i in missing[:5])  # +2: the header line, 1-based lines
+                raise ValueError(f"{split}: {len(missing)} row(s) have no label in column {label!r} (lines {rows}"
+                                 f"{', ...' if len(missing) > 5 else ''}); fill or drop them")
     if "validation" not in dsd:
         split = dsd["train"].train_test_split(test_size=0.1, seed=args.subset_seed)
         dsd = DatasetDict(train=split["train"], validation=split["test"])
@@ -122,23 +132,45 @@ def load_raw_data(args: DataArguments) -> Tuple[DatasetDict, str, Optional[str],
     return dsd, text, pair, label
 
 
+def _missing(v) -> bool:
+    """An empty label cell: ``None``, NaN, ``""`` or the text ``nan`` (files are read without NA parsing)."""
+    if isinstance(v, str):
+        return not v.strip() or v.strip().lower() == "nan"
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _normalise_labels(dsd: DatasetDict, label: str) -> DatasetDict:
-    """Integer labels 0..K-1 (strings mapped by sorted training values); a clear error when out of range."""
+    """Integer labels 0..K-1: contiguous integers as they are; anything else (strings, integers with gaps
+    such as 0/1/7, integral floats) mapped by sorted training values, with a log line for integers. A clear
+    error for evaluation labels the training data does not have (empty cells are caught earlier)."""
     feat = dsd["train"].features[label]
     if isinstance(feat, ClassLabel):
         names: List = list(feat.names)
         k = len(names)
     else:
-        values = sorted(set(dsd["train"][label]))
-        if all(isinstance(v, int) for v in values):
-            if values[0] < 0:
-                raise ValueError(f"labels must be >= 0; found {values[0]} in column {label!r}")
-            k = values[-1] + 1
+        def as_int(v):
+            return int(v) if isinstance(v, float) and v.is_integer() else v
+
+        values = sorted({as_int(v) for v in dsd["train"][label]},
+                        key=lambda v: (not isinstance(v, int), v if isinstance(v, int) else 0, str(v)))
+        ints = all(isinstance(v, int) for v in values)
+        if ints and values[0] < 0:
+            raise ValueError(f"labels must be >= 0; found {values[0]} in column {label!r}")
+        if ints and values == list(range(len(values))) and all(isinstance(v, int) for v in dsd["train"][label]):
+            k = len(values)
             names = list(range(k))
         else:
+            if ints:
+                logger.warning(f"labels {values[:10]} are not 0..{len(values) - 1}: they become classes 0..{len(values) - 1} "
+                               "in that order (their names keep the original values)")
             mapping = {v: i for i, v in enumerate(values)}
+            for split, ds in dsd.items():
+                unknown = sorted({as_int(v) for v in ds[label]} - set(mapping), key=str)
+                if unknown:
+                    raise ValueError(f"{split} labels out of range: {unknown[:5]} (training labels define "
+                                     f"{len(values)} classes: {values[:10]})")
             names, k = values, len(values)
-            dsd = dsd.map(lambda b: {"__spam_label": [mapping.get(v, -1) for v in b[label]]}, batched=True,
+            dsd = dsd.map(lambda b: {"__spam_label": [mapping.get(as_int(v), -1) for v in b[label]]}, batched=True,
                           remove_columns=[label]).rename_column("__spam_label", label)
     for split, ds in dsd.items():
         vals = set(ds[label])

@@ -90,3 +90,32 @@ def test_wikitext_preset_is_causal_lm_and_checks_file_type(tmp_path):
         wiki = write_text(tmp_path / "wiki.txt", 400, 0)
     raw, text, _, label = load_raw_data(DataArguments(task="wikitext", train_file=wiki, max_train_samples=200))
     assert label is None and len(raw["train"]) == 200 and len(raw["validation"]) > 0
+
+
+def _tsv(path, rows):
+    path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    return str(path)
+
+
+def test_missing_labels_are_errors_not_classes(tmp_path):
+    """Empty and NaN label cells used to become extra classes and shift the real ones."""
+    for cell in ("", "nan", "NaN"):
+        train = _tsv(tmp_path / "t.tsv", [("a", 0), ("b", 1), ("c", cell), ("d", 1)])
+        with pytest.raises(ValueError, match=r"train: 1 row\(s\) have no label in column 'label' \(lines 4\)"):
+            load_raw_data(DataArguments(train_file=train, validation_file=_tsv(tmp_path / "v.tsv", [("e", 1)])))
+
+
+def test_labels_with_gaps_become_contiguous_classes(tmp_path):
+    """Labels 0/1/7 used to give an 8-class head (and 0% accuracy); now 3 classes named 0, 1, 7."""
+    train = _tsv(tmp_path / "t.tsv", [("a", 0), ("b", 7), ("c", 1), ("d", 7)])
+    dev = _tsv(tmp_path / "d.tsv", [("e", 7), ("f", 0)])
+    raw, _, _, label = load_raw_data(DataArguments(train_file=train, validation_file=dev))
+    assert raw.num_labels == 3 and raw.label_names == ["0", "1", "7"]
+    assert raw["train"][label] == [0, 2, 1, 2] and raw["validation"][label] == [2, 0]
+    bad_dev = _tsv(tmp_path / "b.tsv", [("e", 5)])
+    with pytest.raises(ValueError, match=r"validation labels out of range: \[5\]"):
+        load_raw_data(DataArguments(train_file=train, validation_file=bad_dev))
+    # contiguous integers stay as they are
+    raw, _, _, label = load_raw_data(DataArguments(train_file=_tsv(tmp_path / "c.tsv", [("a", 1), ("b", 0)]),
+                                                   validation_file=_tsv(tmp_path / "v.tsv", [("e", 0)])))
+    assert raw.num_labels == 2 and raw["train"][label] == [1, 0]
