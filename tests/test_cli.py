@@ -44,6 +44,8 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
         assert rc == 2 and message in capsys.readouterr().err
     assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before
     assert json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json"))) == rep2
+    assert main(["prune", out, "--sparsity", "0.999", "--output-dir", str(tmp / "p999")]) == 2
+    assert "would remove every head and neuron" in capsys.readouterr().err and not (tmp / "p999").exists()
     busy = tmp / "busy"
     busy.mkdir()
     (busy / "model").mkdir()
@@ -71,6 +73,7 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
+    (["--sparsity", "0.999"], "sparsity 0.999 would remove every head and neuron: at most 9"),
     (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
     (["--sparsity", "0"], "sparsity must be in (0, 1)"),
     (["--label-column", "lable"], "no label column 'lable'; available columns: sentence, label"),

@@ -7,6 +7,8 @@ from spam_hf.architectures import group_specs
 from spam_hf.pruning import group_scores
 from spam_hf.pruning.selection import prunable_cost, select_groups
 
+from conftest import tiny_classifier
+
 
 def test_budget_is_met_with_cheapest_score_per_cost_first(bert):
     specs = group_specs(bert)
@@ -103,3 +105,26 @@ def test_gqa_min_keep_floor_counts_query_heads():
     scores = {s.name: torch.full((s.count,), 1.0 if s.layer == 0 else 1e6, dtype=torch.float64) for s in specs}
     sel = select_groups(model, specs, scores, 0.45, min_keep=0.5)
     assert sel.keep["layer0.head"].numel() >= 2 and sel.keep["layer0.kv_head"].numel() >= 1
+
+
+def test_removable_fraction_and_reachability(caplog):
+    """The largest removable fraction is every group's cost over the prunable total (biases stay); a target at
+    or above it is refused, and a floor that caps the removal below the target is logged."""
+    from spam_hf.pruning import check_reachable, removable_fraction
+
+    model = tiny_classifier("bert")
+    specs = group_specs(model)
+    total = prunable_cost(model, specs, "params", 128)
+    groups = sum(float(s.params_per_group(model).sum()) for s in specs)
+    assert removable_fraction(model, specs) == pytest.approx(groups / total)
+    assert removable_fraction(model, specs, min_keep=0.5) < removable_fraction(model, specs)
+    with pytest.raises(ValueError, match="would remove every head and neuron"):
+        check_reachable(model, specs, 0.999)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        check_reachable(model, specs, 0.9, min_keep=0.5)
+    assert "caps the removal" in caplog.text
+    sel = select_groups(model, specs, {s.name: torch.rand(s.count) for s in specs}, 0.9, min_keep=0.5)
+    assert sel.achieved == pytest.approx(removable_fraction(model, specs, min_keep=0.5))

@@ -11,6 +11,8 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
     SpamTrainingArguments
+from ..architectures import group_specs
+from ..pruning import check_reachable
 from ..trainer import SpamTrainer
 from .finish import RunContext, plain_args, prune_and_export
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
@@ -58,11 +60,13 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     check_output_dir(out_dir, args.overwrite_output_dir or resume is not None)  # resuming continues this run
     path, config, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
-    os.makedirs(out_dir, exist_ok=True)
     set_seed(train_args.seed)  # a newly initialised head (the packaged MiniLM has none) is the same every run
     model = load_model(path, data, tokenizer)
     if lora_args.enabled:
         model = wrap_lora(model, lora_args)
+    check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
+                    args.flops_seq_len, args.min_keep)  # before training, not after it
+    os.makedirs(out_dir, exist_ok=True)
     collator = collator_for(data, tokenizer)
     train_args = copy.deepcopy(train_args)
     if args.training in ("plain", "none"):

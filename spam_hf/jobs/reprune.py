@@ -12,6 +12,8 @@ from transformers import AutoTokenizer
 
 from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments, SpamTrainingArguments
 from ..posterior import STATE_FILE
+from ..architectures import group_specs
+from ..pruning import check_reachable
 from ..trainer import SpamTrainer
 from .compress import base_sparsity
 from .finish import RunContext, prune_and_export
@@ -38,7 +40,6 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     data_args = DataArguments(**cfg["data"])
     with open(os.path.join(dense_dir, STATE_FILE)) as f:
         state = json.load(f)
-    os.makedirs(out, exist_ok=True)
     scratch = os.path.join(out, "trainer_tmp")  # the Trainer's own output dir; removed when done
     known = {f.name for f in dataclasses.fields(SpamTrainingArguments) if f.init}
     tr = {k: v for k, v in cfg["training"].items() if k in known}
@@ -48,6 +49,9 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     data = load_data_for(tokenizer, data_args)
     metric = data_args.metric
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
+    check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
+                    args.flops_seq_len, args.min_keep)
+    os.makedirs(out, exist_ok=True)  # only now: a refused request leaves no folder behind
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
                           compute_metrics=metrics_for(metric))

@@ -9,10 +9,11 @@ from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_damage, 
     parameter_scores
 from .plan import PruningPlan, apply, plan
 from .rounds import RoundsResult, geometric_targets, prune_in_rounds
-from .selection import BUDGETS, LayerReport, Selection, plot_selection, select_groups, validate_sparsity
+from .selection import (BUDGETS, LayerReport, Selection, check_reachable, plot_selection, removable_fraction,
+                        select_groups, validate_sparsity)
 from .surgery import mask_groups, prune_groups
 
 __all__ = ["BUDGETS", "DAMAGE_METHODS", "EXACT_METHODS", "group_damage_exact", "LayerReport", "PruningPlan", "RoundsResult", "SCORE_METHODS", "Selection",
-           "apply", "compensate", "conditional_mean", "geometric_targets", "group_damage", "group_scores",
-           "mask_groups", "parameter_scores", "plan", "plot_selection", "prune_groups", "prune_in_rounds",
+           "apply", "check_reachable", "compensate", "conditional_mean", "geometric_targets", "group_damage", "group_scores",
+           "mask_groups", "parameter_scores", "plan", "plot_selection", "prune_groups", "prune_in_rounds", "removable_fraction",
            "select_groups", "validate_sparsity"]

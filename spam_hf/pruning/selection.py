@@ -17,10 +17,13 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..architectures.base import ArchitectureFamily, GroupSpec, in_out_features
 from ..architectures.lora import adapted_module, base_name
 from ..checks import check_choice, validate_sparsity
+
+logger = logging.get_logger("spam_hf")
 
 BUDGETS = ("params", "flops")
 DEFAULT_REPORT_FIELDS = ArchitectureFamily.report_fields
@@ -88,6 +91,33 @@ def group_costs(model: nn.Module, spec: GroupSpec, budget: str, seq_len: int) ->
     if budget == "params":
         return spec.params_per_group(model).to(torch.float64)
     return spec.flops_per_group(model, seq_len)
+
+
+def removable_fraction(model: nn.Module, specs: List[GroupSpec], budget: str = "params", seq_len: int = 128,
+                       min_keep: float = 0.0) -> float:
+    """The largest fraction of the prunable cost that removing groups can reach: every group but the
+    ``ceil(min_keep · count)`` each spec keeps (biases no group owns always stay)."""
+    total = prunable_cost(model, specs, budget, seq_len)
+    removable = 0.0
+    for s in specs:
+        cost = group_costs(model, s, budget, seq_len).sort().values
+        removable += float(cost[: s.count - math.ceil(min_keep * s.count)].sum())
+    return removable / total if total else 0.0
+
+
+def check_reachable(model: nn.Module, specs: List[GroupSpec], sparsity: float, budget: str = "params",
+                    seq_len: int = 128, min_keep: float = 0.0) -> None:
+    """Before any work: a ``ValueError`` when ``sparsity`` would remove every head and neuron (nothing left
+    to prune or to place priors on), a warning when ``min_keep`` caps the removal below the target."""
+    reachable = removable_fraction(model, specs, budget, seq_len, 0.0)
+    if sparsity >= reachable - 1e-12:
+        raise ValueError(f"sparsity {sparsity:g} would remove every head and neuron: at most {reachable:.1%} of the "
+                         f"prunable {budget} can go (the biases of the output projections stay); choose less")
+    if min_keep:
+        capped = removable_fraction(model, specs, budget, seq_len, min_keep)
+        if sparsity > capped:
+            logger.warning(f"--min-keep {min_keep:g} caps the removal at {capped:.1%} of the prunable {budget}, "
+                           f"below the target {sparsity:.1%}")
 
 
 def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torch.Tensor], sparsity: float,
