@@ -157,3 +157,20 @@ def test_plot_speed_smoke(tmp_path):
     res = os.path.join(BENCH, "results", "export_speed_minilm_cpu.json")
     run("plot_speed.py", res, "--out", str(tmp_path / "speed.png"))
     assert os.path.getsize(str(tmp_path / "speed.png")) > 1000
+
+
+def test_group_damage_smoke(tiny_setup, tmp_path):
+    model_dir, train, dev, tmp = tiny_setup
+    run_dir = str(tmp / "run")
+    assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+                 "--output-dir", run_dir, *FAST]) == 0
+    out = str(tmp_path / "gd.json")
+    run("group_damage.py", "--run-dirs", run_dir, "--dev-file", dev, "--sparsities", "0.5",
+        "--methods", "opd,damage-exact,damage-exact+comp+rounds,mask-fisher", "--rounds", "2", "--calib-batches", "1",
+        "--batch-size", "8", "--max-seq-length", "16", "--fidelity", "--fidelity-neurons", "5", "--heldout-rows", "8",
+        "--recovery-methods", "damage-exact", "--recovery-steps", "1", "--work-dir", str(tmp_path / "w"), "--out", out)
+    r = json.load(open(out))["runs"][0]
+    assert [x["method"] for x in r["rows"]] == ["opd", "damage-exact", "damage-exact+comp+rounds", "mask-fisher"]
+    assert all(x["achieved"] >= 0.5 for x in r["rows"]) and "accuracy_recovered" in r["rows"][1]
+    assert r["fidelity"]["groups"] == 2 * 4 + 5 and r["fidelity"]["heads"] == 8
+    assert {"opd", "damage", "damage-out", "damage-exact", "mask-fisher", "magnitude"} <= set(r["fidelity"])
