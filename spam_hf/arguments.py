@@ -69,6 +69,8 @@ class DataArguments:
         for f in (self.train_file, self.validation_file):
             if f and not os.path.exists(f):
                 raise ValueError(f"data file {f!r} does not exist")
+            if f and not os.path.isfile(f):
+                raise ValueError(f"data file {f!r} is not a file")
         if self.max_seq_length < 2:
             raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
         if self.task and TASKS[self.task].kind == "causal_lm" and self.train_file and \

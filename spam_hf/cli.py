@@ -194,13 +194,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     handlers = {"compress": cmd_compress, "prune": cmd_prune, "evaluate": cmd_evaluate}
     if sub not in handlers:
         return _fail(f"unknown command {sub!r}; choose from {', '.join(handlers)}")
+    from safetensors import SafetensorError
+
     from .export.hub import PushError
 
     try:
         return handlers[sub](rest)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    except (CliError, ValueError, FileNotFoundError, FloatingPointError, PushError, PermissionError) as e:
+    except (CliError, ValueError, OSError, FloatingPointError, PushError, SafetensorError) as e:
+        # OSError: unreadable / corrupt files (transformers reports a bad config.json as one);
+        # SafetensorError: a truncated weights, prior or curvature file
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         return _fail("interrupted; checkpoints written so far are kept in the output directory")

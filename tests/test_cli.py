@@ -44,6 +44,12 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
         assert rc == 2 and message in capsys.readouterr().err
     assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before
     assert json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json"))) == rep2
+    for f in ("spam_prior.safetensors", "spam_curvature.safetensors"):  # truncated posterior files: exit 2
+        broken = tmp / f"broken-{f}"
+        shutil.copytree(out, broken)
+        (broken / "dense" / f).write_bytes((broken / "dense" / f).read_bytes()[:50])
+        assert main(["prune", str(broken), "--sparsity", "0.6", "--measure-latency", "False"]) == 2
+        assert "Traceback" not in capsys.readouterr().err
     assert main(["prune", out, "--sparsity", "0.999", "--output-dir", str(tmp / "p999")]) == 2
     assert "would remove every head and neuron" in capsys.readouterr().err and not (tmp / "p999").exists()
     busy = tmp / "busy"
@@ -371,3 +377,28 @@ def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, 
     capsys.readouterr()
     assert main(common + ["--output-dir", str(tmp / "none"), "--resume_from_checkpoint", "last"]) == 2
     assert "no checkpoint-* folder" in capsys.readouterr().err
+
+
+def test_corrupt_inputs_exit_2_with_one_line(tiny_setup, tmp_path, capsys):
+    """The exit-2 contract for broken inputs: a directory as train file, a corrupt config.json, truncated
+    weights (compress), truncated prior / curvature files (prune). Nothing is left in the output dir."""
+    model_dir, train, dev, tmp = tiny_setup
+    cases = []
+    cases.append((["compress", model_dir, "--train-file", str(tmp_path)], "is not a file"))
+    bad_cfg = tmp_path / "bad-config"
+    shutil.copytree(model_dir, bad_cfg)
+    (bad_cfg / "config.json").write_text("{ not json")
+    cases.append((["compress", str(bad_cfg), "--train-file", train], "config"))
+    bad_weights = tmp_path / "bad-weights"
+    shutil.copytree(model_dir, bad_weights)
+    w = bad_weights / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    cases.append((["compress", str(bad_weights), "--train-file", train], ""))
+    for argv, message in cases:
+        out = tmp_path / "out"
+        assert main(argv + ["--output-dir", str(out), *FAST]) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err[-2000:]
+        lines = [line for line in err.splitlines() if line.startswith("spam-hf: error: ")]
+        assert len(lines) == 1 and message in lines[0], err[-2000:]
+        assert not out.exists() or not os.listdir(out), argv
