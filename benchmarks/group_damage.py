@@ -127,12 +127,12 @@ class Run:
 
 
 def prune_one(run, method, sparsity, a):
-    """A pruned copy of ``run.model`` and the fraction of its prunable parameters removed."""
+    """A pruned copy of ``run.model``, the fraction of its prunable parameters removed, the per-layer report."""
     model = copy.deepcopy(run.model)
     base, _, extra = method.partition("+")
     if base in ("opd", "magnitude"):  # as `spam-hf prune` does: the saved posterior, one shot
         p = plan(model, run.posterior if base == "opd" else None, sparsity, method=base)
-        return apply(model, p), p.achieved
+        return apply(model, p), p.achieved, [r.to_dict() for r in p.selection.layers]
     first = [True]
 
     def make(m):
@@ -147,7 +147,7 @@ def prune_one(run, method, sparsity, a):
     targets = geometric_targets(sparsity, a.rounds) if "rounds" in extra else [sparsity]
     res = prune_in_rounds(model, make, run.calib_loader(a), targets, method=base, compensate="comp" in extra,
                           max_batches=a.calib_batches, scores_fn=scores_fn)
-    return model, res.achieved
+    return model, res.achieved, [r.to_dict() for r in res.selection.layers]
 
 
 def recover(model, run, a):
@@ -250,10 +250,10 @@ def main() -> None:
         for method in a.methods.split(","):
             for s in map(float, a.sparsities.split(",")):
                 t0 = time.time()
-                model, achieved = prune_one(run, method, s, a)
+                model, achieved, layers = prune_one(run, method, s, a)
                 with torch.no_grad():
                     row = {"method": method, "sparsity": s, "achieved": achieved, "accuracy": accuracy(model, dev, run.col),
-                           "prune_s": time.time() - t0}
+                           "prune_s": time.time() - t0, "layers": layers}
                 if method in recovery_methods:
                     row["accuracy_recovered"] = accuracy(recover(model, run, a), dev, run.col)
                 entry["rows"].append(row)
