@@ -98,9 +98,6 @@ class SpamLaplace:
         self.likelihood = likelihood_of(model)
         if reduction == "auto":
             reduction = "expand" if self.likelihood == "causal_lm" else "reduce"
-        self.options = dict(prior=prior, prior_init=prior_init, curvature=curvature, reduction=reduction,
-                            fisher=fisher, temperature=temperature, max_rows_per_batch=max_rows_per_batch,
-                            seed=seed, kv_groups_only=kv_groups_only, hyper_lr=hyper_lr, n_hypersteps=n_hypersteps)
         self.prior = PriorPrecision(model, self.specs, kind=prior, init=prior_init)
         self.curvature = CurvatureAccumulator(model, self.modules, kind=curvature, reduction=reduction, fisher=fisher,
                                               likelihood=self.likelihood, max_rows_per_batch=max_rows_per_batch,
