@@ -192,7 +192,10 @@ class PruneArguments:
     flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOP budgets and reports."})
     min_keep: float = field(default=0.0, metadata={"help": "Keep at least this fraction of the heads and of the "
                                                             "neurons of every layer (0 = a layer may lose all)."})
-    method: str = choice("opd", SCORE_METHODS, "Group scores: OPD (the posterior precision) or a baseline.")
+    method: str = choice("auto", ("auto",) + SCORE_METHODS,
+                         "Group scores. 'auto': damage-exact (the damage of removing each whole head / neuron) for "
+                         "a full model, opd for LoRA ranks. opd: the diagonal posterior precision; fisher, "
+                         "magnitude, random: baselines.")
     rounds: int = field(default=1, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
                                                      "statistics on --calibration-batches training batches each round."})
     compensate: bool = field(default=False, metadata={"help": "Move the remaining weights of O / down to the posterior "
@@ -215,6 +218,14 @@ class PruneArguments:
             raise ValueError(f"rounds and calibration_batches must be >= 1, got {self.rounds}, {self.calibration_batches}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
+
+
+def resolve_method(method: str, lora: bool) -> str:
+    """``auto`` → ``damage-exact`` for a full model (measured best without recovery, README "Group damage"),
+    ``opd`` for LoRA ranks (damage scores cover heads and neurons only)."""
+    if method != "auto":
+        return method
+    return "opd" if lora else "damage-exact"
 
 
 @dataclass

@@ -238,7 +238,8 @@ class SpamTrainer(Trainer):
         def make(m):
             la = SpamLaplace(m, prior=self.args.prior, prior_init=self.args.prior_init, reduction="expand",
                              fisher=self.args.fisher_type, n_data=posterior.n_data,
-                             temperature=self.args.temperature, seed=self.args.seed, mask_fisher=True)
+                             temperature=self.args.temperature, seed=self.args.seed, mask_fisher=True,
+                             kv_groups_only=self.args.kv_groups_only)
             if first:  # the unpruned model starts from the trained priors
                 la.carry_over(first.pop(), {})
             return la
@@ -246,7 +247,8 @@ class SpamTrainer(Trainer):
         result = prune_in_rounds(model, make, self.get_train_dataloader(), geometric_targets(sparsity, rounds),
                                  method=method, budget=budget, seq_len=seq_len, min_keep=min_keep,
                                  compensate=compensate, max_batches=calibration_batches,
-                                 progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+                                 progress=self.is_local_process_zero() and not self.args.disable_tqdm,
+                                 kv_groups_only=self.args.kv_groups_only)
         old = self.posterior
         self.posterior = SpamLaplace.from_args(model, self.args, n_data=old.n_data)
         self.posterior.carry_over(old, result.selection.keep)

@@ -231,7 +231,8 @@ def test_allowed_values_are_argparse_choices(capsys):
     """--help lists the allowed values, and argparse refuses others before any work."""
     assert main(["compress", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "{opd,magnitude,fisher,random}" in out and "{scalar,layer,unit,parameter}" in out
+    assert "{auto,opd,magnitude,fisher,random,damage,damage-out,damage-exact}" in out
+    assert "{scalar,layer,unit,parameter}" in out
     assert "{spam,plain,none}" in out and "{params,flops}" in out
     assert main(["compress", "--method", "taylor"]) == 2
     err = capsys.readouterr().err
@@ -243,7 +244,7 @@ def test_plain_training_then_posthoc_priors(tiny_setup):
     model_dir, train, dev, tmp = tiny_setup
     out = str(tmp / "plain")
     rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.4",
-               "--output-dir", out, "--training", "plain", "--posthoc_batches", "2", *FAST])
+               "--output-dir", out, "--training", "plain", "--posthoc_batches", "2", "--method", "opd", *FAST])
     assert rc == 0
     report = json.load(open(os.path.join(out, "pruning_report.json")))
     assert report["method"] == "opd" and report["selection"]["sparsity_achieved"] >= 0.4

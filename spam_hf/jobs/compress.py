@@ -10,7 +10,7 @@ from typing import Optional
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
-    SpamTrainingArguments
+    SpamTrainingArguments, resolve_method
 from ..architectures import group_specs
 from ..pruning import check_reachable
 from ..trainer import SpamTrainer
@@ -79,7 +79,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         plain = Trainer(model=model, args=TrainingArguments(**plain_args(train_args)), train_dataset=data["train"],
                         data_collator=collator, processing_class=tokenizer)
         plain.train()
-    if args.method in ("opd", "fisher") and (args.training != "spam" or not trainer.has_curvature()):
+    if resolve_method(args.method, lora_args.enabled) in ("opd", "fisher") and \
+            (args.training != "spam" or not trainer.has_curvature()):
         trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
     dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
                      args.measure_latency)

@@ -12,7 +12,7 @@ from typing import Optional
 from transformers import Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments
+from ..arguments import DataArguments, PruneArguments, resolve_method
 from ..export import save_pruned
 from ..export.hub import push_folder
 from ..trainer import SpamTrainer
@@ -64,7 +64,12 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
 
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
-    selection = trainer.prune(args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
+    lora = is_peft_model(trainer.model)
+    method = resolve_method(args.method, lora)
+    if lora and (args.rounds > 1 or args.compensate):
+        raise ValueError("--rounds and --compensate prune heads and neurons; a LoRA run prunes adapter ranks "
+                         "(drop them, or prune the base with --prune-base)")
+    selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep, rounds=args.rounds,
                               compensate=args.compensate, calibration_batches=args.calibration_batches)
     base_selection = None
@@ -93,10 +98,10 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         "pruned": pruned,
         "selection": selection.to_dict(),
         **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
-        "method": args.method,
+        "method": method,
         "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
     }
-    write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args)
+    write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args, method=method)
     repo = getattr(args, "push_to_hub_repo", None)
     if repo:
         report["hub_commit"] = push_folder(export_dir, repo)

@@ -77,7 +77,7 @@ def auto_class_name(model) -> str:
 
 
 def write_report(report: dict, selection: Selection, model, args: PruneArguments, export_dir: str, kind: str,
-                 data_args: DataArguments, train_args) -> dict:
+                 data_args: DataArguments, train_args, method: str = "") -> dict:
     """Model card (``export_dir/README.md``), selection plot, printed table and ``pruning_report.json``
     (next to ``export_dir``); returns ``report`` with the table added."""
     metric, dense, pruned = report["metric"], report["dense"], report["pruned"]
@@ -98,7 +98,7 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
         "sparsity_achieved": f"{selection.achieved:.1%}", "sparsity_target": f"{args.sparsity:.0%}",
         "budget": args.budget, "dataset": train_desc, "eval_dataset": eval_desc,
         "prior": getattr(train_args, "prior", "n/a"), "curvature": getattr(train_args, "curvature", "n/a"),
-        "method": args.method, "recovery": (f"{args.recovery_steps} steps" if args.recovery_steps else
+        "method": method or args.method, "recovery": (f"{args.recovery_steps} steps" if args.recovery_steps else
                                              f"{args.recovery_epochs} epochs" if args.recovery_epochs else "none"),
         "date": report["date"], "command": report["command"] or "(Python API)",
         "repo_or_path": getattr(args, "push_to_hub_repo", None) or export_dir,

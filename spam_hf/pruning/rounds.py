@@ -42,7 +42,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
                     calibration: Iterable, targets: Sequence[float], method: str = "damage", budget: str = "params",
                     seq_len: int = 128, min_keep: float = 0.0, compensate: bool = True,
                     max_batches: Optional[int] = None, progress: bool = False,
-                    scores_fn: Optional[Callable[[nn.Module, object], dict]] = None) -> RoundsResult:
+                    scores_fn: Optional[Callable[[nn.Module, object], dict]] = None,
+                    kv_groups_only: bool = False) -> RoundsResult:
     """Prune ``model`` in place through cumulative ``targets`` (fractions of the original prunable cost).
 
     Args:
@@ -53,17 +54,18 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         compensate: move the consuming layers' remaining weights to the conditional mean (needs KFAC).
         scores_fn: ``(model, posterior) -> {spec name: scores}`` for a score spam-hf does not compute (a
             peer's); ``method`` then only names it.
+        kv_groups_only: the grouped-query-attention granularity (must match ``make_posterior``'s).
     """
     if list(targets) != sorted(targets) or not targets:
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
     for t in targets:
         validate_sparsity(t)
-    specs0 = group_specs(model)
+    specs0 = group_specs(model, kv_groups_only)
     total0 = prunable_cost(model, specs0, budget, seq_len)
     original = {s.name: torch.arange(s.count) for s in specs0}  # original index of every remaining group
     plans, compensated, previous = [], [], None
     for target in targets:
-        specs = group_specs(model)
+        specs = group_specs(model, kv_groups_only)
         current = prunable_cost(model, specs, budget, seq_len)
         relative = (current - (1.0 - target) * total0) / current
         if relative <= 0:
@@ -83,7 +85,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         previous = (posterior, p)
         for name, kept in p.keep.items():
             original[name] = original[name][kept]
-    total = prunable_cost(model, group_specs(model), budget, seq_len)
+    total = prunable_cost(model, group_specs(model, kv_groups_only), budget, seq_len)
     achieved = 1.0 - total / total0
     layers: dict = {}
     for s in specs0:
