@@ -196,10 +196,12 @@ class PruneArguments:
                          "Group scores. 'auto': damage-exact (the damage of removing each whole head / neuron) for "
                          "a full model, opd for LoRA ranks. opd: the diagonal posterior precision; fisher, "
                          "magnitude, random: baselines.")
-    rounds: int = field(default=1, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
-                                                     "statistics on --calibration-batches training batches each round."})
-    compensate: bool = field(default=False, metadata={"help": "Move the remaining weights of O / down to the posterior "
-                                                              "mean given the removed heads / neurons are zero."})
+    rounds: int = field(default=0, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
+                                                     "statistics on --calibration-batches training batches each "
+                                                     "round. 0 = auto: 4 with a damage score on a full model, else 1."})
+    compensate: Optional[bool] = field(default=None, metadata={
+        "help": "Move the remaining weights of O / down to the posterior mean given the removed heads / neurons are "
+                "zero. Default: on with a damage score on a full model."})
     calibration_batches: int = field(default=8, metadata={"help": "Training batches per round for the statistics of "
                                                                   "damage scores, rounds and compensation."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
@@ -214,8 +216,9 @@ class PruneArguments:
         check_fields(self)
         if not 0.0 <= self.min_keep < 1.0:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
-        if self.rounds < 1 or self.calibration_batches < 1:
-            raise ValueError(f"rounds and calibration_batches must be >= 1, got {self.rounds}, {self.calibration_batches}")
+        if self.rounds < 0 or self.calibration_batches < 1:
+            raise ValueError(f"rounds must be >= 0 (0 = auto) and calibration_batches >= 1, got {self.rounds}, "
+                             f"{self.calibration_batches}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
 
@@ -226,6 +229,17 @@ def resolve_method(method: str, lora: bool) -> str:
     if method != "auto":
         return method
     return "opd" if lora else "damage-exact"
+
+
+def resolve_pruning(args: "PruneArguments", lora: bool):
+    """``(method, rounds, compensate)`` with the automatic defaults filled in: a damage score on a full model
+    is pruned in 4 rounds with compensation (the most robust combination measured, README "Group damage");
+    everything else in one shot without compensation, as chosen."""
+    method = resolve_method(args.method, lora)
+    damage = method.startswith("damage") and not lora
+    rounds = args.rounds or (4 if damage else 1)
+    compensate = args.compensate if args.compensate is not None else damage
+    return method, rounds, compensate
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Optional
 from transformers import Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments, resolve_method
+from ..arguments import DataArguments, PruneArguments, resolve_pruning
 from ..export import save_pruned
 from ..export.hub import push_folder
 from ..trainer import SpamTrainer
@@ -65,13 +65,13 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     lora = is_peft_model(trainer.model)
-    method = resolve_method(args.method, lora)
-    if lora and (args.rounds > 1 or args.compensate):
+    method, rounds, compensate = resolve_pruning(args, lora)
+    if lora and (rounds > 1 or compensate):
         raise ValueError("--rounds and --compensate prune heads and neurons; a LoRA run prunes adapter ranks "
                          "(drop them, or prune the base with --prune-base)")
     selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
-                              seed=args.prune_seed, min_keep=args.min_keep, rounds=args.rounds,
-                              compensate=args.compensate, calibration_batches=args.calibration_batches)
+                              seed=args.prune_seed, min_keep=args.min_keep, rounds=rounds,
+                              compensate=compensate, calibration_batches=args.calibration_batches)
     base_selection = None
     if ctx.base_sparsity:
         base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
@@ -98,7 +98,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         "pruned": pruned,
         "selection": selection.to_dict(),
         **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
-        "method": method,
+        "method": method, "rounds": rounds, "compensate": compensate,
         "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
     }
     write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args, method=method)
