@@ -82,7 +82,7 @@ def test_export_speed_and_reprune_lab_smoke(tiny_setup, tmp_path):
     from spam_hf.costs import model_costs
     from spam_hf.export import from_pretrained
 
-    assert main(["prune", run_dir, "--sparsity", "0.5", "--flops-seq-len", "16", "--measure-latency", "False",
+    assert main(["prune", run_dir, "--sparsity", "0.5", "--method", "opd", "--flops-seq-len", "16", "--measure-latency", "False",
                  "--output-dir", str(tmp_path / "p50")]) == 0
     dense = model_costs(from_pretrained(os.path.join(run_dir, "dense")), 16)["block_flops"]
     pruned = model_costs(from_pretrained(str(tmp_path / "p50" / "model")), 16)["block_flops"]
