@@ -121,7 +121,7 @@ class Run:
         return loader_of(self.calib, self.col, a.batch_size, a.seed)
 
     def make_posterior(self, model):
-        """Calibration posterior of a (pruned) model: token-level KFAC ("expand"), this run's N and priors."""
+        """Calibration posterior of a (pruned) model: token-level KFAC ("expand") and mask Fisher, this run's N."""
         return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.posterior.temperature,
                            mask_fisher=True)
 
@@ -133,20 +133,11 @@ def prune_one(run, method, sparsity, a):
     if base in ("opd", "magnitude"):  # as `spam-hf prune` does: the saved posterior, one shot
         p = plan(model, run.posterior if base == "opd" else None, sparsity, method=base)
         return apply(model, p), p.achieved, [r.to_dict() for r in p.selection.layers]
-    first = [True]
-
-    def make(m):
-        """The calibration posterior of the current model; the dense model starts from the run's priors."""
-        la = run.make_posterior(m)
-        if first[0]:
-            la.carry_over(run.posterior, {})
-            first[0] = False
-        return la
-
     scores_fn = (lambda m, la: mask_fisher(m, run.calib_loader(a), a.calib_batches)) if base == "mask-fisher" else None
     targets = geometric_targets(sparsity, a.rounds) if "rounds" in extra else [sparsity]
-    res = prune_in_rounds(model, make, run.calib_loader(a), targets, method=base, compensate="comp" in extra,
-                          max_batches=a.calib_batches, scores_fn=scores_fn)
+    res = prune_in_rounds(model, run.make_posterior, run.calib_loader(a), targets, method=base,
+                          compensate="comp" in extra, max_batches=a.calib_batches, scores_fn=scores_fn,
+                          start_from=run.posterior)
     return model, res.achieved, [r.to_dict() for r in res.selection.layers]
 
 

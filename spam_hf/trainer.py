@@ -233,28 +233,19 @@ class SpamTrainer(Trainer):
             raise ValueError("rounds, compensation and damage scores prune heads and neurons; for LoRA ranks use "
                              "the one-shot scores (opd, fisher, magnitude, random)")
         posterior = self._sync_n()
-        first = [posterior]
 
         def make(m):
-            la = SpamLaplace(m, prior=self.args.prior, prior_init=self.args.prior_init, reduction="expand",
-                             fisher=self.args.fisher_type, n_data=posterior.n_data,
-                             temperature=self.args.temperature, seed=self.args.seed, mask_fisher=True,
-                             kv_groups_only=self.args.kv_groups_only)
-            if first:  # the unpruned model starts from the trained priors
-                la.carry_over(first.pop(), {})
-            return la
+            return SpamLaplace(m, prior=self.args.prior, prior_init=self.args.prior_init, reduction="expand",
+                               fisher=self.args.fisher_type, n_data=posterior.n_data,
+                               temperature=self.args.temperature, seed=self.args.seed, mask_fisher=True,
+                               kv_groups_only=self.args.kv_groups_only)
 
         result = prune_in_rounds(model, make, self.get_train_dataloader(), geometric_targets(sparsity, rounds),
                                  method=method, budget=budget, seq_len=seq_len, min_keep=min_keep,
                                  compensate=compensate, max_batches=calibration_batches,
                                  progress=self.is_local_process_zero() and not self.args.disable_tqdm,
-                                 kv_groups_only=self.args.kv_groups_only)
-        old = self.posterior
-        self.posterior = SpamLaplace.from_args(model, self.args, n_data=old.n_data)
-        self.posterior.carry_over(old, result.selection.keep)
-        self._pruned = True
-        self.model_wrapped = self.model
-        self.optimizer, self.lr_scheduler = None, None
+                                 kv_groups_only=self.args.kv_groups_only, start_from=posterior)
+        self._after_surgery(result.selection.keep)
         logger.info(f"pruned {result.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method} in "
                     f"{len(result.plans)} round(s){' with compensation' if compensate else ''}")
         return result.selection
@@ -265,10 +256,15 @@ class SpamTrainer(Trainer):
             apply(model.get_base_model(), pruning_plan)
         else:
             apply(model, pruning_plan)
+        self._after_surgery({} if base_only else pruning_plan.keep, same_groups=base_only)
+
+    def _after_surgery(self, keep: Dict[str, torch.Tensor], same_groups: bool = False) -> None:
+        """The model changed shape: a posterior for it (precisions of kept groups carried over, see
+        :meth:`SpamLaplace.carry_over`), a fresh optimiser, and ``save_model()`` writes the export."""
         old = self.posterior
-        self.posterior = SpamLaplace.from_args(model, self.args, n_data=old.n_data)
-        self.posterior.carry_over(old, {} if base_only else pruning_plan.keep, same_groups=base_only)
-        self._pruned = True  # save_model() now writes the export
+        self.posterior = SpamLaplace.from_args(unwrap(self.model), self.args, n_data=old.n_data)
+        self.posterior.carry_over(old, keep, same_groups=same_groups)
+        self._pruned = True
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None
 

@@ -43,7 +43,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
                     seq_len: int = 128, min_keep: float = 0.0, compensate: bool = True,
                     max_batches: Optional[int] = None, progress: bool = False,
                     scores_fn: Optional[Callable[[nn.Module, object], dict]] = None,
-                    kv_groups_only: bool = False) -> RoundsResult:
+                    kv_groups_only: bool = False, start_from: Optional[object] = None) -> RoundsResult:
     """Prune ``model`` in place through cumulative ``targets`` (fractions of the original prunable cost).
 
     Args:
@@ -55,6 +55,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         scores_fn: ``(model, posterior) -> {spec name: scores}`` for a score spam-hf does not compute (a
             peer's); ``method`` then only names it.
         kv_groups_only: the grouped-query-attention granularity (must match ``make_posterior``'s).
+        start_from: a posterior of the unpruned model (the trained one) whose unit precisions the first
+            round starts from; later rounds start from the previous round's.
     """
     if list(targets) != sorted(targets) or not targets:
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
@@ -63,7 +65,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
     specs0 = group_specs(model, kv_groups_only)
     total0 = prunable_cost(model, specs0, budget, seq_len)
     original = {s.name: torch.arange(s.count) for s in specs0}  # original index of every remaining group
-    plans, compensated, previous = [], [], None
+    plans, compensated = [], []
+    previous = (start_from, {}) if start_from is not None else None  # (posterior, keep) to carry precisions from
     for target in targets:
         specs = group_specs(model, kv_groups_only)
         current = prunable_cost(model, specs, budget, seq_len)
@@ -72,7 +75,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             continue
         posterior = make_posterior(model)
         if previous is not None:
-            posterior.carry_over(previous[0], previous[1].keep)
+            posterior.carry_over(*previous)
         if compensate or scores_fn is not None or method in POSTERIOR_METHODS:
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
         p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
@@ -82,7 +85,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
                                                  posterior.prior, posterior.temperature))
         apply(model, p)
         plans.append(p)
-        previous = (posterior, p)
+        previous = (posterior, p.keep)
         for name, kept in p.keep.items():
             original[name] = original[name][kept]
     total = prunable_cost(model, group_specs(model, kv_groups_only), budget, seq_len)
