@@ -9,6 +9,8 @@ posterior), prune copies of the dense model at each sparsity with:
   the run's priors and temperature) instead of the Kronecker approximation;
 * ``<score>+comp``: with posterior compensation of O / down;
 * ``<score>+comp+rounds``: in ``--rounds`` rounds (geometric targets), statistics re-collected each round;
+  ``+auto-rounds``: as many rounds as :func:`~spam_hf.pruning.rounds_for_sparsity` gives (none removing
+  more than 30% of what is left: 2 / 4 / 7 at 50 / 70 / 90%);
 * ``mask-fisher`` (peer, Kwon et al. 2022 without mask tuning): ``Σ_b (Σ_{t, c∈g} x ∂ℓ/∂x)²`` at the
   inputs of O / down, the empirical Fisher of a mask on each head / neuron; also ``+comp+rounds``;
 * ``magnitude``.
@@ -44,10 +46,10 @@ from sst2_accuracy import accuracy, read_sst2  # noqa: E402
 from spam_hf import SpamLaplace, apply, from_pretrained, plan  # noqa: E402
 from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.data import packaged_sst2_files  # noqa: E402
-from spam_hf.pruning import geometric_targets, prune_in_rounds  # noqa: E402
+from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_sparsity  # noqa: E402
 
 METHODS = ("opd", "magnitude", "damage", "damage-out", "damage-exact", "damage-exact+comp", "damage-exact+comp+rounds",
-           "damage+comp+rounds", "mask-fisher", "mask-fisher+comp+rounds")
+           "damage-exact+comp+auto-rounds", "damage+comp+rounds", "mask-fisher", "mask-fisher+comp+rounds")
 
 
 def mask_fisher(model, loader, max_batches):
@@ -129,12 +131,13 @@ class Run:
 def prune_one(run, method, sparsity, a):
     """A pruned copy of ``run.model``, the fraction of its prunable parameters removed, the per-layer report."""
     model = copy.deepcopy(run.model)
-    base, _, extra = method.partition("+")
+    base, *extra = method.split("+")
     if base in ("opd", "magnitude"):  # as `spam-hf prune` does: the saved posterior, one shot
         p = plan(model, run.posterior if base == "opd" else None, sparsity, method=base)
         return apply(model, p), p.achieved, [r.to_dict() for r in p.selection.layers]
     scores_fn = (lambda m, la: mask_fisher(m, run.calib_loader(a), a.calib_batches)) if base == "mask-fisher" else None
-    targets = geometric_targets(sparsity, a.rounds) if "rounds" in extra else [sparsity]
+    rounds = a.rounds if "rounds" in extra else rounds_for_sparsity(sparsity) if "auto-rounds" in extra else 1
+    targets = geometric_targets(sparsity, rounds)
     res = prune_in_rounds(model, run.make_posterior, run.calib_loader(a), targets, method=base,
                           compensate="comp" in extra, max_batches=a.calib_batches, scores_fn=scores_fn,
                           start_from=run.posterior)

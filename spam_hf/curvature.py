@@ -3,9 +3,13 @@
 For a layer with input ``a`` (augmented with a 1 for the bias) and ``g`` the gradient of the
 *summed* loss with respect to its output:
 
-* KFAC: ``H ≈ G ⊗ A`` with ``A = Σ a aᵀ / n`` and ``G = (N / n) Σ g gᵀ`` over the ``n`` rows seen,
+* KFAC: ``H ≈ G ⊗ A`` with ``A = Σ a aᵀ / n`` over the ``n`` rows seen and ``G = (N / n_g) Σ g gᵀ``,
   extrapolated to the ``N`` training examples (tokens for token-level losses).
-* diagonal: ``diag H ≈ (N / n) Σ (g∘g)(a∘a)ᵀ``.
+* diagonal: ``diag H ≈ (N / n_g) Σ (g∘g)(a∘a)ᵀ``.
+
+``n_g`` is the number of loss units (examples) the summed rows stand for: ``n`` for one row per example
+(``"reduce"``) and for token-level losses, but ``examples · n / rows before subsampling`` when a
+sequence-level loss is expanded into token rows, whose ``Σ_t g_t g_tᵀ`` belongs to one example.
 
 Sequences (Eschenhagen et al., NeurIPS 2023): ``"expand"`` treats every (non-padding) token as a row;
 ``"reduce"`` makes one row per sequence with ``â = mean_t a_t`` and ``ĝ = Σ_t g_t`` over
@@ -137,7 +141,8 @@ class CurvatureAccumulator:
     def reset(self) -> None:
         """Drop all accumulated sums."""
         self.n = torch.zeros((), dtype=torch.float64)
-        self.n_units = torch.zeros((), dtype=torch.float64)  # loss terms behind the mask Fisher (examples or tokens)
+        self.n_units = torch.zeros((), dtype=torch.float64)  # loss terms seen (examples, or tokens for causal LM)
+        self.n_seen = torch.zeros((), dtype=torch.float64)   # rows before max_rows_per_batch subsampling
         self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
         for name, (out, inp) in self.shapes.items():
             if self.kind == "kfac":
@@ -153,8 +158,8 @@ class CurvatureAccumulator:
         """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
         state = {f"{m}.{k}": v.cpu() for m, d in self.sums.items() for k, v in d.items()}
         state["n"] = self.n.reshape(1)
-        if self.mask_modules:
-            state["n_units"] = self.n_units.reshape(1)
+        state["n_units"] = self.n_units.reshape(1)
+        state["n_seen"] = self.n_seen.reshape(1)
         return state
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
@@ -171,8 +176,9 @@ class CurvatureAccumulator:
                                      f"the model needs {tuple(v.shape)}")
                 d[k] = state[key].to(self.dtype).clone()
         self.n = state["n"].to(torch.float64).reshape(())
-        if "n_units" in state:
-            self.n_units = state["n_units"].to(torch.float64).reshape(())
+        # files written before n_seen existed: no subsampling record, and n_units only with a mask Fisher
+        self.n_units = state["n_units"].to(torch.float64).reshape(()) if "n_units" in state else torch.zeros((), dtype=torch.float64)
+        self.n_seen = state["n_seen"].to(torch.float64).reshape(()) if "n_seen" in state else self.n.clone()
 
     def all_reduce(self) -> None:
         """Sum factors and counts over processes (``torch.distributed``), in place. No-op when single-process."""
@@ -187,9 +193,9 @@ class CurvatureAccumulator:
                 t = v.to(device)
                 torch.distributed.all_reduce(t)
                 d[k] = t
-        counts = torch.stack([self.n, self.n_units]).to(device)
+        counts = torch.stack([self.n, self.n_units, self.n_seen]).to(device)
         torch.distributed.all_reduce(counts)
-        self.n, self.n_units = counts[0].cpu(), counts[1].cpu()
+        self.n, self.n_units, self.n_seen = counts[0].cpu(), counts[1].cpu(), counts[2].cpu()
 
     # ------------------------------------------------------------------ capture
     @contextlib.contextmanager
@@ -271,7 +277,7 @@ class CurvatureAccumulator:
         outputs = [self._captures[m].output for m in names]
         grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
         rows_kept: Optional[torch.Tensor] = None
-        n_rows = None
+        n_rows = n_seen = None
         for name, grad in zip(names, grads):
             cap = self._captures[name]
             if grad is None:
@@ -280,6 +286,8 @@ class CurvatureAccumulator:
             g = self._rows(grad, "sum")
             if self.shapes[name][1] == a.shape[1] + 1:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+            if n_seen is None:
+                n_seen = a.shape[0]
             if rows_kept is None and self.max_rows_per_batch and a.shape[0] > self.max_rows_per_batch:
                 rows_kept = torch.randperm(a.shape[0], generator=self.generator)[: self.max_rows_per_batch].to(a.device)
             if rows_kept is not None:
@@ -301,8 +309,8 @@ class CurvatureAccumulator:
                 m = self._mask_gradients(cap.inputs, grad, cap.weight)
                 s["M"] += (m.T @ m).to(self.dtype)
         self.n += float(n_rows or 0)
-        if self.mask_modules:
-            self.n_units += self._loss_units(logits, labels)
+        self.n_seen += float(n_seen or 0)
+        self.n_units += self._loss_units(logits, labels)
         self._captures = {}
         self._mask = None
         return loss.detach()
@@ -329,13 +337,22 @@ class CurvatureAccumulator:
         if float(self.n) <= 0:
             raise RuntimeError("no curvature accumulated yet")
 
+    @property
+    def n_g(self) -> float:
+        """Loss units the ``G`` (and ``D``) sums stand for (module docstring): ``n`` unless a sequence-level
+        loss was expanded into token rows, then ``examples · n / rows seen``."""
+        n, units, seen = float(self.n), float(self.n_units), float(self.n_seen)
+        if self.likelihood == "causal_lm" or units <= 0 or seen <= 0:
+            return n
+        return units * n / seen
+
     def kron(self, n_data: float, keep_vectors: bool = False) -> Dict[str, KronEigen]:
-        """Eigendecomposed KFAC per module, extrapolated to ``n_data`` rows: ``G = (N/n) ΣggT``, ``A = ΣaaT / n``."""
+        """Eigendecomposed KFAC per module, extrapolated to ``n_data``: ``G = (N/n_g) ΣggT``, ``A = ΣaaT / n``."""
         if self.kind != "kfac":
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
-        n = float(self.n)
-        return {m: KronEigen(s["G"] * (n_data / n), s["A"] / n, keep_vectors) for m, s in self.sums.items()}
+        n, n_g = float(self.n), self.n_g
+        return {m: KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors) for m, s in self.sums.items()}
 
     def mask_fisher(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``{module: M · N / units}`` (float64, ``in × in``): the Fisher of multiplicative masks on the input
@@ -355,7 +372,8 @@ class CurvatureAccumulator:
         """What :meth:`diagonal` needs, compactly (CPU, float64): ``"<m>.Gdiag"``/``"<m>.Adiag"`` (the
         factors' diagonals, ``out + in + 1`` numbers per module) for KFAC, ``"<m>.D"`` for the diagonal
         kind, and ``"n"``. Kept after a prior update instead of the full factors."""
-        state: Dict[str, torch.Tensor] = {"n": self.n.reshape(1).clone()}
+        state: Dict[str, torch.Tensor] = {"n": self.n.reshape(1).clone(),
+                                          "n_g": torch.tensor([self.n_g], dtype=torch.float64)}
         for m, s in self.sums.items():
             if self.kind == "kfac":
                 state[f"{m}.Gdiag"] = s["G"].diagonal().to("cpu", torch.float64)
@@ -367,17 +385,18 @@ class CurvatureAccumulator:
 
 def diagonal_from_state(state: Dict[str, torch.Tensor], n_data: float) -> Dict[str, torch.Tensor]:
     """``diag H`` per module (``out × (in+1)``) from :meth:`CurvatureAccumulator.diagonal_state`:
-    ``diag(G)·(N/n) ⊗ diag(A)/n`` for KFAC, ``D·N/n`` for the diagonal kind."""
+    ``diag(G)·(N/n_g) ⊗ diag(A)/n`` for KFAC, ``D·N/n_g`` for the diagonal kind (``n_g = n`` in old files)."""
     n = float(state["n"].reshape(()))
     if n <= 0:
         raise RuntimeError("no curvature accumulated yet")
+    n_g = float(state["n_g"].reshape(())) if "n_g" in state else n
     out = {}
     for key, value in state.items():
         if key.endswith(".Gdiag"):
             m = key[: -len(".Gdiag")]
-            out[m] = torch.outer(value * (n_data / n), state[f"{m}.Adiag"] / n)
+            out[m] = torch.outer(value * (n_data / n_g), state[f"{m}.Adiag"] / n)
         elif key.endswith(".D"):
-            out[key[: -len(".D")]] = value * (n_data / n)
+            out[key[: -len(".D")]] = value * (n_data / n_g)
     return out
 
 

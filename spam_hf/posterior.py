@@ -173,15 +173,15 @@ class SpamLaplace:
 
     def factors(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """``{module: (A, G)}`` from the live KFAC sums, float64, extrapolated to ``N`` as :meth:`curvature_estimate`
-        does: ``A = Σ a aᵀ / n`` (``(in+1)²``, bias column last) and ``G = (N / n) Σ g gᵀ`` (``out²``).
+        does: ``A = Σ a aᵀ / n`` (``(in+1)²``, bias column last) and ``G = (N / n_g) Σ g gᵀ`` (``out²``).
         Group damage and compensation need these (the retained state keeps only diagonals)."""
         if self.curvature.kind != "kfac":
             raise ValueError("group damage and compensation need curvature='kfac' (full Kronecker factors)")
         if self.live_rows <= 0:
             raise RuntimeError("no live curvature: collect() some batches first (the retained state keeps only "
                                "the factors' diagonals)")
-        n, N = self.live_rows, self._n()
-        return {m: (s["A"].to(torch.float64).cpu() / n, s["G"].to(torch.float64).cpu() * (N / n))
+        n, n_g, N = self.live_rows, self.curvature.n_g, self._n()
+        return {m: (s["A"].to(torch.float64).cpu() / n, s["G"].to(torch.float64).cpu() * (N / n_g))
                 for m, s in self.curvature.sums.items()}
 
     def group_fisher(self) -> Dict[str, torch.Tensor]:

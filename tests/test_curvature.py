@@ -184,3 +184,39 @@ def test_gradient_weighted_reduce_is_exact_when_one_token_carries_the_gradient()
     exact = torch.outer(grad, grad)
     torch.testing.assert_close(res["reduce-gw"], exact, rtol=1e-6, atol=1e-9)
     assert (res["reduce"] - exact).norm() / exact.norm() > 0.1
+
+
+def test_expanded_sequence_loss_extrapolates_per_example():
+    """A sequence-level loss expanded into token rows: ``G`` is extrapolated by examples, not by tokens
+    (``N / B`` for a batch of ``B`` examples; with row subsampling, times rows seen / rows kept), so
+    ``tr(G ⊗ A)`` stays the size of the exact per-example empirical Fisher's trace (old code: ~T× too small)."""
+    model = tiny_classifier("bert").double()
+    batch = tiny_batch(batch=4, seq=12, pad_last=0)
+    full = _accumulate(model, batch, kind="kfac", reduction="expand")
+    sub = _accumulate(model, batch, kind="kfac", reduction="expand", max_rows_per_batch=24)
+    N = 100.0
+    m = next(iter(full.sums))
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    kron = full.kron(N, keep_vectors=True)[m].dense()
+    assert rel(kron, torch.kron(full.sums[m]["G"] * N / 4, full.sums[m]["A"] / 48)) < 1e-6
+    assert rel(sub.kron(N, keep_vectors=True)[m].dense(),
+               torch.kron(sub.sums[m]["G"] * N / 4 * 48 / 24, sub.sums[m]["A"] / 24)) < 1e-6
+    diag = CurvatureAccumulator(model, full.module_names, kind="diag", fisher="empirical", reduction="expand")
+    with diag.capture(model, batch["attention_mask"]):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    diag.accumulate(out.logits, batch["labels"])
+    assert rel(diag.diagonal(N)[m], diag.sums[m]["D"].double() * N / 4) < 1e-6
+    # brute force: per-example gradients of the true loss, Σ_n ‖∂ℓ_n/∂W‖² · N / B
+    w = dict(model.named_modules())[m]
+    exact = 0.0
+    for i in range(4):
+        model.zero_grad()
+        out = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1])
+        torch.nn.functional.cross_entropy(out.logits, batch["labels"][i:i + 1]).backward()
+        exact += float(w.weight.grad.square().sum() + w.bias.grad.square().sum())
+    exact *= N / 4
+    kfac_trace = float(kron.trace())
+    print(f"{m}: tr(G⊗A) {kfac_trace:.4g}, exact empirical Fisher trace {exact:.4g}")
+    assert exact / 4 < kfac_trace < exact * 4

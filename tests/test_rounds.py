@@ -5,7 +5,7 @@ import torch
 
 from spam_hf import SpamLaplace
 from spam_hf.architectures import group_specs
-from spam_hf.pruning import geometric_targets, prune_in_rounds
+from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_sparsity
 from spam_hf.pruning.selection import prunable_cost
 
 from conftest import tiny_batch, tiny_classifier
@@ -22,6 +22,19 @@ def test_geometric_targets():
     assert t == pytest.approx([0.5, 0.75])
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         geometric_targets(0.5, 0)
+
+
+def test_rounds_for_sparsity_keep_every_round_under_the_share():
+    assert [rounds_for_sparsity(s) for s in (0.1, 0.3, 0.5, 0.7, 0.9)] == [1, 1, 2, 4, 7]
+    for s in (0.05, 0.42, 0.75, 0.9, 0.99):
+        k = rounds_for_sparsity(s)
+        left = [1.0] + [1.0 - t for t in geometric_targets(s, k)]
+        shares = [1 - b / a for a, b in zip(left, left[1:])]
+        assert max(shares) <= 0.3 + 1e-9  # no round removes more than 30% of what is left
+        if k > 1:  # and one round fewer would
+            assert 1 - (1 - s) ** (1 / (k - 1)) > 0.3
+    with pytest.raises(ValueError):
+        rounds_for_sparsity(0.5, max_share=1.0)
 
 
 @pytest.mark.parametrize("method,compensate", [("damage", True), ("damage-out", False), ("magnitude", True)])

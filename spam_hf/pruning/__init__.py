@@ -8,12 +8,12 @@ from .compensation import compensate, conditional_mean
 from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_damage, group_damage_exact, group_scores, \
     parameter_scores
 from .plan import PruningPlan, apply, plan
-from .rounds import RoundsResult, geometric_targets, prune_in_rounds
+from .rounds import RoundsResult, geometric_targets, prune_in_rounds, rounds_for_sparsity
 from .selection import (BUDGETS, LayerReport, Selection, check_reachable, plot_selection, removable_fraction,
                         select_groups, validate_sparsity)
 from .surgery import mask_groups, prune_groups
 
 __all__ = ["BUDGETS", "DAMAGE_METHODS", "EXACT_METHODS", "group_damage_exact", "LayerReport", "PruningPlan", "RoundsResult", "SCORE_METHODS", "Selection",
-           "apply", "check_reachable", "compensate", "conditional_mean", "geometric_targets", "group_damage", "group_scores",
+           "apply", "check_reachable", "compensate", "conditional_mean", "geometric_targets", "group_damage", "group_scores", "rounds_for_sparsity",
            "mask_groups", "parameter_scores", "plan", "plot_selection", "prune_groups", "prune_in_rounds", "removable_fraction",
            "select_groups", "validate_sparsity"]

@@ -8,6 +8,7 @@ only the groups removed in that round are compensated, from statistics taken jus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -28,6 +29,15 @@ def geometric_targets(sparsity: float, rounds: int) -> List[float]:
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     return [1.0 - (1.0 - sparsity) ** (k / rounds) for k in range(1, rounds + 1)]
+
+
+def rounds_for_sparsity(sparsity: float, max_share: float = 0.3) -> int:
+    """The fewest geometric rounds in which none removes more than ``max_share`` of what is left:
+    ``⌈log(1 − s) / log(1 − max_share)⌉`` (2 at 50%, 4 at 70%, 7 at 90% for the default 0.3)."""
+    validate_sparsity(sparsity)
+    if not 0.0 < max_share < 1.0:
+        raise ValueError(f"max_share must be in (0, 1), got {max_share}")
+    return max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-max_share) - 1e-9))
 
 
 @dataclass
