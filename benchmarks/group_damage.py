@@ -15,6 +15,9 @@ posterior), prune copies of the dense model at each sparsity with:
   inputs of O / down, the empirical Fisher of a mask on each head / neuron; also ``+comp+rounds``;
 * ``magnitude``.
 
+With ``--recovery-methods``, those methods are also measured after ``--recovery-steps`` of plain
+fine-tuning and, with ``--distill α``, after the same steps of distillation from the dense model.
+
 Calibration statistics (KFAC factors with tokens as rows, mask Fisher) come from ``--calib-batches``
 batches of the run's own training file (never the dev file). A damage-fidelity table
 (``--fidelity``) compares each score's ranking of every head and a sample of neurons with the actual
@@ -46,6 +49,7 @@ from sst2_accuracy import accuracy, read_sst2  # noqa: E402
 from spam_hf import SpamLaplace, apply, from_pretrained, plan  # noqa: E402
 from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.data import packaged_sst2_files  # noqa: E402
+from spam_hf.distill import DistillationTrainer, frozen_copy  # noqa: E402
 from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_sparsity  # noqa: E402
 
 METHODS = ("opd", "magnitude", "damage", "damage-out", "damage-exact", "damage-exact+comp", "damage-exact+comp+rounds",
@@ -144,11 +148,16 @@ def prune_one(run, method, sparsity, a):
     return model, res.achieved, [r.to_dict() for r in res.selection.layers]
 
 
-def recover(model, run, a):
+def recover(model, run, a, distill=0.0):
+    """``--recovery-steps`` of plain fine-tuning, or of distillation from the dense model (weight ``distill``)."""
     args = TrainingArguments(output_dir=os.path.join(a.work_dir, "recovery"), per_device_train_batch_size=32,
                              learning_rate=a.recovery_lr, max_steps=a.recovery_steps, save_strategy="no",
                              report_to=[], seed=run.seed, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-    Trainer(model=model, args=args, train_dataset=run.train, data_collator=run.col).train()
+    if distill:
+        DistillationTrainer(model=model, args=args, train_dataset=run.train, data_collator=run.col,
+                            teacher=frozen_copy(run.model), alpha=distill, temperature=a.distill_temperature).train()
+    else:
+        Trainer(model=model, args=args, train_dataset=run.train, data_collator=run.col).train()
     return model
 
 
@@ -207,6 +216,9 @@ def main() -> None:
     p.add_argument("--recovery-methods", default="", help="methods also measured after --recovery-steps")
     p.add_argument("--recovery-steps", type=int, default=200)
     p.add_argument("--recovery-lr", type=float, default=5e-5)
+    p.add_argument("--distill", type=float, default=0.0, help="also recover by distillation from the dense model "
+                                                              "with this weight of the soft labels (0 = not)")
+    p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
@@ -249,11 +261,15 @@ def main() -> None:
                     row = {"method": method, "sparsity": s, "achieved": achieved, "accuracy": accuracy(model, dev, run.col),
                            "prune_s": time.time() - t0, "layers": layers}
                 if method in recovery_methods:
+                    pruned = copy.deepcopy(model) if a.distill else None
                     row["accuracy_recovered"] = accuracy(recover(model, run, a), dev, run.col)
+                    if a.distill:
+                        row["accuracy_distilled"] = accuracy(recover(pruned, run, a, a.distill), dev, run.col)
                 entry["rows"].append(row)
                 save()
                 print(f"{method:>24} {s:.0%}: {row['accuracy']:.4f}"
-                      + (f" -> {row['accuracy_recovered']:.4f}" if "accuracy_recovered" in row else ""), flush=True)
+                      + (f" -> {row['accuracy_recovered']:.4f}" if "accuracy_recovered" in row else "")
+                      + (f" (distilled {row['accuracy_distilled']:.4f})" if "accuracy_distilled" in row else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ from .arguments import PruneArguments, SpamTrainingArguments  # noqa: E402
 from .posterior import SpamLaplace  # noqa: E402
 from .pruning import PruningPlan, apply, plan  # noqa: E402
 from .trainer import SpamTrainer  # noqa: E402
+from .distill import DistillationTrainer  # noqa: E402
 from .export import from_pretrained, save_pruned  # noqa: E402
 
 __all__ = [
     "CurvatureAccumulator",
+    "DistillationTrainer",
     "PriorPrecision",
     "PruneArguments",
     "PruningPlan",

@@ -13,7 +13,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .checks import check_choice, validate_sparsity
+from .checks import check_choice, check_distillation, validate_sparsity
 from .curvature import CURVATURE_KINDS, FISHER_TYPES, REDUCTIONS
 from .data import LM_EXTENSIONS, TASKS
 from .priors import PRIOR_KINDS
@@ -207,6 +207,12 @@ class PruneArguments:
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the recovery fine-tune."})
+    distill: float = field(default=0.0, metadata={"help": "Recovery by distillation from the unpruned model: the "
+                                                          "weight α in [0, 1] of the teacher's soft labels "
+                                                          "((1-α)·CE + α·τ²·KL); 0 = plain recovery."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "Temperature τ of the distillation soft labels."})
+    distill_hidden_weight: float = field(default=0.0, metadata={"help": "Weight of a hidden-state MSE term "
+                                                                        "(every layer's output) in distillation."})
     measure_latency: bool = field(default=True, metadata={"help": "Measure forward latency before and after."})
     latency_batch_size: int = field(default=32, metadata={"help": "Batch size for the latency measurement."})
     prune_seed: int = field(default=0, metadata={"help": "Seed for the 'random' baseline."})
@@ -221,6 +227,9 @@ class PruneArguments:
                              f"{self.calibration_batches}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
+        check_distillation(self.distill, self.distill_temperature, self.distill_hidden_weight)
+        if (self.distill or self.distill_hidden_weight) and not (self.recovery_steps or self.recovery_epochs):
+            raise ValueError("distillation is a recovery fine-tune: give --recovery-steps or --recovery-epochs too")
 
 
 def resolve_method(method: str, lora: bool) -> str:

@@ -16,3 +16,13 @@ def validate_sparsity(sparsity: float) -> None:
     """``ValueError`` unless ``0 < sparsity < 1``."""
     if not (0.0 < float(sparsity) < 1.0):
         raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+
+
+def check_distillation(alpha: float, temperature: float, hidden_weight: float) -> None:
+    """One-line errors for values outside ``α ∈ [0, 1]``, ``τ > 0``, ``β ≥ 0`` (distillation recovery)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distill (the weight of the teacher's soft labels) must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"distill_temperature must be > 0, got {temperature}")
+    if hidden_weight < 0:
+        raise ValueError(f"distill_hidden_weight must be >= 0, got {hidden_weight}")

@@ -318,8 +318,8 @@ class SpamLaplace:
             self.curvature.reset()
         retained = {k[len(RETAINED_PREFIX):]: v for k, v in tensors.items() if k.startswith(RETAINED_PREFIX)}
         if retained:
-            expected = set(self.curvature.diagonal_state())
-            if set(retained) != expected:
+            expected = set(self.curvature.diagonal_state()) - {"n_g"}  # n_g: absent from older files
+            if set(retained) - {"n_g"} != expected:
                 raise ValueError(f"the retained curvature does not match this model's prunable modules "
                                  f"({len(retained)} entries, expected {len(expected)})")
             self.retained = retained

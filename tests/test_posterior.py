@@ -101,3 +101,34 @@ def test_errors_are_clear(tmp_path):
         SpamLaplace(model, temperature=0)
     with pytest.raises(ValueError, match="curvature must be one of kfac, diag"):
         SpamLaplace(model, curvature="full")
+
+
+def test_a_posterior_saved_before_n_g_existed_loads_with_the_same_diagonal(tmp_path):
+    """Run folders written before the per-example G count (``n_g``, ``n_seen``): the retained diagonal and the
+    live sums load, and for one row per example (``reduce``) the curvature is what it was."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_classifier("bert")
+    a = SpamLaplace(model, n_data=50, n_hypersteps=2)
+    for b in loader():
+        with a.capture(model, b["attention_mask"]):
+            out = model(**b)
+        a.accumulate(out.logits, b["labels"])
+        a.add_loss(float(out.loss))
+    a.optimize_prior_precision()
+    for b in loader(n_batches=1, seed=7):
+        with a.capture(model, b["attention_mask"]):
+            out = model(**b)
+        a.accumulate(out.logits, b["labels"])
+    a.save(str(tmp_path / "state"))
+    for f in (tmp_path / "state").glob("*.safetensors"):  # strip the new keys, as an old file has none
+        t = load_file(str(f))
+        old = {k: v for k, v in t.items() if not k.endswith(("n_g", "n_seen", "n_units"))}
+        if len(old) != len(t):
+            save_file(old, str(f))
+    b_ = SpamLaplace(model, n_data=50)
+    b_.load(str(tmp_path / "state"))
+    fa, fb = a.factors(), b_.factors()
+    for m in fa:
+        assert torch.allclose(fa[m][0], fb[m][0]) and torch.allclose(fa[m][1], fb[m][1]), m
+    assert set(b_.retained) == set(a.retained) - {"n_g"}

@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
 from ..arguments import DataArguments, PruneArguments, resolve_pruning
+from ..distill import DistillationTrainer, frozen_copy
 from ..export import save_pruned
 from ..export.hub import push_folder
 from ..trainer import SpamTrainer
@@ -46,15 +47,21 @@ def plain_args(train_args: TrainingArguments) -> dict:
             if f.init and not f.name.startswith("_")}
 
 
-def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str) -> float:
-    """Fine-tune the pruned ``model`` with a plain Trainer (``recovery_steps`` or ``recovery_epochs``); returns the metric."""
+def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=None) -> float:
+    """Fine-tune the pruned ``model`` with a plain Trainer (``recovery_steps`` or ``recovery_epochs``), or, with a
+    ``teacher`` (the unpruned model), by distillation (:class:`~spam_hf.distill.DistillationTrainer`); returns the metric."""
     rec_args = plain_args(ctx.train_args)
     rec_args.update(output_dir=os.path.join(out_dir, "recovery"), learning_rate=args.recovery_lr,
                     num_train_epochs=args.recovery_epochs or 1, max_steps=args.recovery_steps or -1,
                     save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
-    rec = Trainer(model=model, args=TrainingArguments(**rec_args), train_dataset=ctx.data["train"],
+    common = dict(model=model, args=TrainingArguments(**rec_args), train_dataset=ctx.data["train"],
                   eval_dataset=ctx.data["validation"], data_collator=collator_for(ctx.data, ctx.tokenizer),
                   processing_class=ctx.tokenizer, compute_metrics=metrics_for(ctx.metric))
+    if teacher is not None:
+        rec = DistillationTrainer(teacher=teacher, alpha=args.distill, temperature=args.distill_temperature,
+                                  hidden_weight=args.distill_hidden_weight, **common)
+    else:
+        rec = Trainer(**common)
     rec.train()
     return evaluate_metric(rec, ctx.data["validation"], ctx.metric)
 
@@ -69,6 +76,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     if lora and (rounds > 1 or compensate):
         raise ValueError("--rounds and --compensate prune heads and neurons; a LoRA run prunes adapter ranks "
                          "(drop them, or prune the base with --prune-base)")
+    teacher = frozen_copy(trainer.model) if args.distill or args.distill_hidden_weight else None
     selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep, rounds=rounds,
                               compensate=compensate, calibration_batches=args.calibration_batches)
@@ -81,7 +89,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
                       args.measure_latency)
     if args.recovery_steps or args.recovery_epochs:
         pruned[f"{ctx.metric}_before_recovery"] = pruned[ctx.metric]
-        pruned[ctx.metric] = recover(model, ctx, args, out_dir)
+        pruned[ctx.metric] = recover(model, ctx, args, out_dir, teacher=teacher)
     export_dir = os.path.join(out_dir, "model")
     merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
     for d in (export_dir, merged_dir):  # this job's own folders (compress, or prune into a new/empty folder)
@@ -99,6 +107,10 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         "selection": selection.to_dict(),
         **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
         "method": method, "rounds": rounds, "compensate": compensate,
+        **({"recovery": {"steps": args.recovery_steps, "epochs": args.recovery_epochs, "lr": args.recovery_lr,
+                         "distill": args.distill, "distill_temperature": args.distill_temperature,
+                         "distill_hidden_weight": args.distill_hidden_weight}}
+           if args.recovery_steps or args.recovery_epochs else {}),
         "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
     }
     write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args, method=method)
