@@ -164,6 +164,8 @@ class LoraArguments:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.prune_base and not self.enabled:
             raise ValueError("--prune-base needs --lora-r (without LoRA, compress already prunes the base model)")
+        if self.lora_merge and not self.enabled:
+            raise ValueError("--lora-merge needs --lora-r (without LoRA the export is already a plain model)")
         if self.base_sparsity is not None:
             validate_sparsity(self.base_sparsity)
 

@@ -26,6 +26,7 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     for f in ("run_config.json", "pruning.png", "dense/spam_prior.safetensors", "dense/spam_curvature.safetensors",
               "model/config.json", "model/model.safetensors", "model/README.md"):
         assert os.path.exists(os.path.join(out, f)), f
+    assert not [f for f in os.listdir(out) if ".partial-" in f]  # the export was renamed into place
     text = capsys.readouterr().out
     assert "block parameters" in text and "accuracy" in text
     card = open(os.path.join(out, "model", "README.md")).read()
@@ -88,6 +89,9 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     (["--text-column", "text"], "no text column 'text'; available columns: sentence, label"),
     (["--prior", "group"], "argument --prior: invalid choice: 'group'"),
     (["--method", "taylor"], "argument --method: invalid choice: 'taylor'"),
+    (["--lora-merge", "True"], "--lora-merge needs --lora-r"),
+    (["--push-to-hub", "user/x"], "the Hub cannot be reached now"),  # offline (conftest): before training
+    (["--distill", "0.5"], "give --recovery-steps or --recovery-epochs too"),
 ])
 def test_bad_input_exits_2_without_writing(tiny_setup, capsys, extra, message):
     model_dir, train, dev, tmp = tiny_setup

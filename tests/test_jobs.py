@@ -7,7 +7,7 @@ import pytest
 
 from spam_hf.arguments import DataArguments, ModelArguments, SpamTrainingArguments
 from spam_hf.jobs.finish import plain_args
-from spam_hf.jobs.outputs import RUN_CONFIG, check_output_dir, check_reprune_output, write_run_config
+from spam_hf.jobs.outputs import RUN_CONFIG, check_output_dir, check_reprune_output, staged_folder, write_run_config
 from spam_hf.jobs.reporting import data_description, fmt_flops, fmt_int, print_table
 from spam_hf.jobs.resolve import ALIASES, display_name, resolve_model
 
@@ -58,6 +58,24 @@ def test_run_config_holds_every_argument(tmp_path):
     assert DataArguments(**cfg["data"]) == data
 
 
+def test_run_config_stores_absolute_local_paths(tmp_path, monkeypatch):
+    """A run made with relative paths can be re-pruned from another working directory."""
+    from spam_hf.arguments import CompressArguments
+
+    write_tsv(tmp_path / "t.tsv", 4, 0)
+    os.makedirs(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    data = DataArguments(train_file="t.tsv", validation_file="t.tsv", max_seq_length=32)
+    targs = SpamTrainingArguments(output_dir="o", report_to=[])
+    os.makedirs("o")
+    write_run_config("o", ModelArguments("model"), data, CompressArguments(), targs, "model", "cmd")
+    monkeypatch.chdir("/")
+    cfg = json.load(open(tmp_path / "o" / RUN_CONFIG))
+    assert cfg["data"]["train_file"] == cfg["data"]["validation_file"] == str(tmp_path / "t.tsv")
+    assert cfg["resolved_model"] == str(tmp_path / "model")
+    assert os.path.exists(cfg["data"]["train_file"])
+
+
 def test_plain_args_drop_the_spam_fields(tmp_path):
     targs = SpamTrainingArguments(output_dir=str(tmp_path), report_to=[], learning_rate=3e-4, prior="scalar")
     plain = plain_args(targs)
@@ -70,3 +88,23 @@ def test_reporting_helpers(capsys, tmp_path):
     assert fmt_int(22_700_000) == "22.70M" and fmt_int(83_000) == "83,000" and fmt_flops(2.5e9) == "2.50 GFLOP"
     assert data_description(DataArguments())[0] == "packaged SST-2 sample (2,000 GLUE train rows)"
     assert data_description(DataArguments(task="sst2")) == ("nyu-mll/glue/sst2 [train]", "nyu-mll/glue/sst2 [validation]")
+
+
+def test_an_interrupted_export_leaves_the_old_one_and_no_partial_folder(tmp_path):
+    final = tmp_path / "run" / "model"
+    os.makedirs(final)
+    (final / "model.safetensors").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(str(final)) as stage:
+            assert os.path.dirname(stage) == str(tmp_path / "run") and os.path.basename(stage).startswith(".model.partial-")
+            open(os.path.join(stage, "model.safetensors"), "w").write("half")
+            raise KeyboardInterrupt
+    assert (final / "model.safetensors").read_text() == "old"
+    assert os.listdir(tmp_path / "run") == ["model"]
+    with staged_folder(str(final)) as stage:
+        open(os.path.join(stage, "config.json"), "w").write("{}")
+        assert not (final / "config.json").exists()  # nothing visible until the block ends
+    assert os.listdir(final) == ["config.json"] and os.listdir(tmp_path / "run") == ["model"]
+    assert oct(os.stat(final).st_mode & 0o777) == oct(0o755)
+    with staged_folder(None) as nothing:
+        assert nothing is None

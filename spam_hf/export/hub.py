@@ -14,6 +14,17 @@ class PushError(RuntimeError):
     """The push failed; the local export is intact."""
 
 
+def check_hub(repo_id: str, token: Optional[str] = None, endpoint: Optional[str] = None) -> None:
+    """Before a long job that ends with a push: the Hub must answer (``repo_exists``), else :class:`PushError`
+    now, in one line (offline mode, no network), instead of after training."""
+    try:
+        HfApi(endpoint=endpoint, token=token).repo_exists(repo_id)
+    except Exception as e:
+        raise PushError(f"--push-to-hub {repo_id}: the Hub cannot be reached now ({type(e).__name__}: {e}); "
+                        "nothing was trained or written. Drop --push-to-hub, or push later with "
+                        "`huggingface-cli upload`") from None
+
+
 def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False,
                 endpoint: Optional[str] = None, commit_message: str = "Upload model pruned with spam-hf") -> str:
     """``create_repo(exist_ok=True)`` then ``upload_folder`` (one commit). Returns the commit URL.

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
     SpamTrainingArguments, resolve_method
 from ..architectures import group_specs
+from ..export.hub import check_hub
 from ..pruning import check_reachable
 from ..trainer import SpamTrainer
 from .finish import RunContext, plain_args, prune_and_export
@@ -58,6 +59,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     out_dir = train_args.output_dir
     resume = resume_point(train_args)
     check_output_dir(out_dir, args.overwrite_output_dir or resume is not None)  # resuming continues this run
+    if args.push_to_hub_repo:
+        check_hub(args.push_to_hub_repo)  # an offline push fails now, not after training
     path, config, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
     set_seed(train_args.seed)  # a newly initialised head (the packaged MiniLM has none) is the same every run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +17,7 @@ from ..export import save_pruned
 from ..export.hub import push_folder
 from ..trainer import SpamTrainer
 from .loading import collator_for, metrics_for
-from .outputs import write_json
+from .outputs import staged_folder, write_json
 from .reporting import device_name, evaluate_metric, report_path, snapshot, write_report
 
 
@@ -92,11 +91,26 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         pruned[ctx.metric] = recover(model, ctx, args, out_dir, teacher=teacher)
     export_dir = os.path.join(out_dir, "model")
     merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
-    for d in (export_dir, merged_dir):  # this job's own folders (compress, or prune into a new/empty folder)
-        if d and os.path.exists(d):
-            shutil.rmtree(d)
-    kind = save_pruned(model, export_dir, tokenizer=ctx.tokenizer, merged_dir=merged_dir)
-    report = {
+    # this job's own folders (compress, or prune into a new/empty folder), each written aside and renamed into place
+    with staged_folder(export_dir) as stage, staged_folder(merged_dir) as merged_stage:
+        kind = save_pruned(model, stage, tokenizer=ctx.tokenizer, merged_dir=merged_stage)
+        report = build_report(ctx, args, pruned, selection, base_selection, method, rounds, compensate,
+                              export_dir, kind, merged_dir)
+        write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args, method=method,
+                     card_dir=stage)
+    write_json(report_path(export_dir), report)
+    repo = getattr(args, "push_to_hub_repo", None)
+    if repo:
+        report["hub_commit"] = push_folder(export_dir, repo)
+        print(f"pushed to {repo}: {report['hub_commit']}")
+        write_json(report_path(export_dir), report)
+    return report
+
+
+def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection, base_selection, method: str,
+                 rounds: int, compensate: bool, export_dir: str, kind: str, merged_dir: Optional[str]) -> dict:
+    """``pruning_report.json``'s content: what was run, the dense and pruned snapshots, the selection."""
+    return {
         "date": datetime.date.today().isoformat(),
         "command": ctx.command,
         "base_model": ctx.base_name,
@@ -113,10 +127,3 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
            if args.recovery_steps or args.recovery_epochs else {}),
         "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
     }
-    write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args, method=method)
-    repo = getattr(args, "push_to_hub_repo", None)
-    if repo:
-        report["hub_commit"] = push_folder(export_dir, repo)
-        print(f"pushed to {repo}: {report['hub_commit']}")
-        write_json(report_path(export_dir), report)
-    return report

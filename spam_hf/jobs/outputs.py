@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional
 
 RUN_CONFIG = "run_config.json"
 REPORT_FILE = "pruning_report.json"
@@ -53,10 +55,40 @@ def write_json(path: str, obj) -> None:
 
 def write_run_config(out_dir: str, model_args, data_args, args, train_args, path: str, command: str,
                      lora_args: Optional[object] = None) -> None:
-    """``run_config.json``: every argument of a ``compress`` run (what ``spam-hf prune`` rebuilds it from)."""
+    """``run_config.json``: every argument of a ``compress`` run (what ``spam-hf prune`` rebuilds it from).
+    Local data files and a local model folder are stored as absolute paths, so ``prune`` works from any
+    working directory."""
+    data = dataclasses.asdict(data_args)
+    for key in ("train_file", "validation_file"):
+        if data.get(key) and os.path.exists(data[key]):
+            data[key] = os.path.abspath(data[key])
     write_json(os.path.join(out_dir, RUN_CONFIG), {
-        "model": dataclasses.asdict(model_args), "resolved_model": path,
+        "model": dataclasses.asdict(model_args), "resolved_model": os.path.abspath(path) if os.path.isdir(path) else path,
         "lora": dataclasses.asdict(lora_args) if lora_args is not None else {},
-        "data": dataclasses.asdict(data_args), "compress": dataclasses.asdict(args),
+        "data": data, "compress": dataclasses.asdict(args),
         "training": dict(train_args.to_dict()), "command": command,
     })
+
+
+@contextlib.contextmanager
+def staged_folder(final: Optional[str]) -> Iterator[Optional[str]]:
+    """Write a folder into place in one rename: yields a hidden temporary folder beside ``final``
+    (``.<name>.partial-*``); when the block ends without an error the old ``final`` (this job's own
+    export) is removed and the temporary folder renamed to ``final``. On an error it is removed and
+    ``final`` is untouched, so an interrupted export never looks like a finished one. ``None`` → ``None``.
+    """
+    if final is None:
+        yield None
+        return
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.partial-")
+    os.chmod(stage, 0o755)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(stage, final)

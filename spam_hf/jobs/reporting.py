@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from transformers import Trainer
@@ -15,7 +15,7 @@ from ..costs import measure_latency, model_costs
 from ..data import TASKS
 from ..export.card import render_model_card
 from ..pruning import Selection, plot_selection
-from .outputs import REPORT_FILE, write_json
+from .outputs import REPORT_FILE
 
 
 def data_description(data_args: DataArguments) -> Tuple[str, str]:
@@ -77,9 +77,10 @@ def auto_class_name(model) -> str:
 
 
 def write_report(report: dict, selection: Selection, model, args: PruneArguments, export_dir: str, kind: str,
-                 data_args: DataArguments, train_args, method: str = "") -> dict:
-    """Model card (``export_dir/README.md``), selection plot, printed table and ``pruning_report.json``
-    (next to ``export_dir``); returns ``report`` with the table added."""
+                 data_args: DataArguments, train_args, method: str = "", card_dir: Optional[str] = None) -> dict:
+    """Model card (``README.md`` in ``card_dir``, default ``export_dir``: the folder the export is being
+    written to), selection plot and printed table; returns ``report`` with the table added. The caller
+    writes ``pruning_report.json`` (:func:`report_path`) once the export is in place."""
     metric, dense, pruned = report["metric"], report["dense"], report["pruned"]
     run_dir = os.path.dirname(export_dir)
     plot_selection(selection, os.path.join(run_dir, "pruning.png"))
@@ -107,7 +108,7 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
         "pipeline_tag": "text-generation" if metric == "perplexity" else "text-classification",
         "layers": selection.to_dict()["layers"],
     })
-    card.save(os.path.join(export_dir, "README.md"))
+    card.save(os.path.join(card_dir or export_dir, "README.md"))
     block = "adapter parameters" if kind == "peft_adapter" else "block parameters"
     before = pruned.get(f"{metric}_before_recovery")
     rows = [("", "dense", "pruned"),
@@ -123,7 +124,6 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
     report["table"] = print_table(rows)
     what = "LoRA adapter" if kind == "peft_adapter" else "prunable block"
     print(f"\nremoved {selection.achieved:.1%} of the {what} {args.budget}; exported to {export_dir} ({kind})")
-    write_json(os.path.join(run_dir, REPORT_FILE), report)
     return report
 
 
