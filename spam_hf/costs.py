@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +26,45 @@ def model_costs(model: nn.Module, seq_len: int = 128) -> Dict[str, float]:
     }
 
 
+def _latency_inputs(model: nn.Module, batch_size: int, seq_len: int, vocab_low: int = 1000):
+    """Random full-length ``(input_ids, attention_mask)`` on the model's device; ``seq_len`` clipped to its positions."""
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 30000))
+    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seq_len = min(seq_len, int(max_pos)) if max_pos else seq_len
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(vocab_low, vocab - 1), vocab, (batch_size, seq_len), generator=g).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def _time_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _eval_with_threads(models, threads: Optional[int]):
+    """Eval mode and ``torch.set_num_threads(threads)`` for the block; both restored afterwards."""
+    modes = [m.training for m in models]
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for m in models:
+            m.eval()
+        yield old_threads
+    finally:
+        torch.set_num_threads(old_threads)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
 @torch.no_grad()
 def measure_latency(model: nn.Module, batch_size: int = 32, seq_len: int = 128, repeats: int = 10, warmup: int = 2,
                     threads: Optional[int] = None, vocab_low: int = 1000) -> Dict[str, float]:
@@ -33,33 +73,36 @@ def measure_latency(model: nn.Module, batch_size: int = 32, seq_len: int = 128, 
     Args:
         threads: ``torch.set_num_threads`` for the measurement (restored afterwards); CPU only.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    vocab = int(getattr(model.config, "vocab_size", 30000))
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seq_len = min(seq_len, int(max_pos)) if max_pos else seq_len
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(vocab_low, vocab - 1), vocab, (batch_size, seq_len), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        times = []
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old_threads)
-        model.train(was_training)
+    ids, mask = _latency_inputs(model, batch_size, seq_len, vocab_low)
+    with _eval_with_threads([model], threads) as old_threads:
+        times = [_time_forward(model, ids, mask) for _ in range(warmup + repeats)][warmup:]
     median = statistics.median(times)
     return {"latency_s": median, "throughput_seq_per_s": batch_size / median, "batch_size": batch_size,
-            "seq_len": seq_len, "repeats": repeats, "threads": threads or old_threads}
+            "seq_len": ids.shape[1], "repeats": repeats, "threads": threads or old_threads}
+
+
+def _quartiles(x: List[float]) -> Tuple[float, float, float]:
+    q = statistics.quantiles(x, n=4, method="inclusive") if len(x) > 1 else [x[0]] * 3
+    return q[0], statistics.median(x), q[2]
+
+
+@torch.no_grad()
+def compare_latency(dense: nn.Module, pruned: nn.Module, batch_size: int = 32, seq_len: int = 128, repeats: int = 7,
+                    warmup: int = 1, threads: Optional[int] = None, max_spread: float = 0.2) -> Dict[str, float]:
+    """Dense and pruned timed *interleaved* on the same inputs (``dense, pruned`` then ``pruned, dense``, …),
+    so that load from other work hits both alike. Per repeat the speed-up ``t_dense / t_pruned``; returned:
+    each model's median time, the speed-up's median and quartiles, and ``trusted = (q75 − q25) / median ≤
+    max_spread`` (when False the machine was too noisy for the number to mean much)."""
+    ids, mask = _latency_inputs(dense, batch_size, seq_len)
+    td, tp = [], []
+    with _eval_with_threads([dense, pruned], threads) as old_threads:
+        for i in range(warmup + repeats):
+            order = ((dense, td), (pruned, tp)) if i % 2 == 0 else ((pruned, tp), (dense, td))
+            for model, times in order:
+                times.append(_time_forward(model, ids, mask))
+    td, tp = td[warmup:], tp[warmup:]
+    q25, med, q75 = _quartiles([a / b for a, b in zip(td, tp)])
+    return {"dense_s": statistics.median(td), "pruned_s": statistics.median(tp), "speedup": med,
+            "speedup_q25": q25, "speedup_q75": q75, "trusted": (q75 - q25) / med <= max_spread,
+            "repeats": repeats, "batch_size": batch_size, "seq_len": ids.shape[1], "threads": threads or old_threads}
 

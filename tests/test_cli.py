@@ -32,12 +32,16 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     card = open(os.path.join(out, "model", "README.md")).read()
     assert "spam-hf compress" in card and "50%" in card
     # re-prune the finished run at another sparsity, without retraining
-    rc = main(["prune", out, "--sparsity", "0.8", "--flops-seq-len", "16", "--measure-latency", "False",
+    rc = main(["prune", out, "--sparsity", "0.8", "--flops-seq-len", "16", "--measure-latency", "True",
                "--recovery-steps", "2", "--distill", "0.5"])
     assert rc == 0
     rep2 = json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json")))
     assert rep2["selection"]["sparsity_achieved"] >= 0.8
     assert rep2["recovery"]["distill"] == 0.5 and rep2["recovery"]["steps"] == 2
+    lat = rep2["latency"]  # dense and pruned timed interleaved, with the spread of the speed-up
+    assert lat["repeats"] == 7 and lat["speedup_q25"] <= lat["speedup"] <= lat["speedup_q75"]
+    assert rep2["dense"]["latency_s"] == lat["dense_s"] and rep2["pruned"]["latency_s"] == lat["pruned_s"]
+    assert "interleaved runs" in open(os.path.join(out, "pruned-0.8", "model", "README.md")).read()
     # a re-prune never deletes what it did not write: not the run itself, not a non-empty folder
     before = {f: open(os.path.join(out, f), "rb").read() for f in ("pruning_report.json", "model/model.safetensors")}
     for target, message in ((out, "holds the run"), (os.path.dirname(out), "holds the run"),

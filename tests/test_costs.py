@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spam_hf.costs import measure_latency, model_costs
+from spam_hf.costs import compare_latency, measure_latency, model_costs
 from spam_hf.pruning import prune_groups
 
 from conftest import tiny_classifier
@@ -44,3 +44,32 @@ def test_latency_reports_what_it_measured():
     assert res["seq_len"] == 64  # clipped to max_position_embeddings
     assert res["throughput_seq_per_s"] == pytest.approx(2 / res["latency_s"])
     assert res["threads"] == 1 and torch.get_num_threads() == threads and model.training
+
+
+class _Sleeper(torch.nn.Module):
+    """A 'model' whose forward takes the next of ``delays`` seconds and logs its name."""
+
+    def __init__(self, name, delays, log):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"vocab_size": 100, "max_position_embeddings": 16})()
+        self.name, self.delays, self.log = name, list(delays), log
+
+    def forward(self, input_ids, attention_mask):
+        import time
+
+        self.log.append(self.name)
+        time.sleep(self.delays.pop(0))
+
+
+def test_compare_latency_interleaves_and_reports_the_spread():
+    log = []
+    dense, pruned = _Sleeper("d", [0.008] * 6, log), _Sleeper("p", [0.002] * 6, log)
+    res = compare_latency(dense, pruned, batch_size=2, seq_len=8, repeats=5, warmup=1)
+    assert log == ["d", "p", "p", "d", "d", "p", "p", "d", "d", "p", "p", "d"]  # alternating order, both timed each round
+    assert 2.5 < res["speedup"] < 4.5 and res["speedup_q25"] <= res["speedup"] <= res["speedup_q75"]
+    assert res["dense_s"] / res["pruned_s"] == pytest.approx(res["speedup"], rel=0.3)
+    # a pruned model whose time jumps between runs: the spread says the number cannot be trusted
+    noisy = _Sleeper("p", [0.002, 0.002, 0.008, 0.002, 0.008, 0.002], [])
+    res = compare_latency(_Sleeper("d", [0.008] * 6, []), noisy, batch_size=2, seq_len=8, repeats=5, warmup=1)
+    assert not res["trusted"]

@@ -85,8 +85,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     if resolve_method(args.method, lora_args.enabled) in ("opd", "fisher") and \
             (args.training != "spam" or not trainer.has_curvature()):
         trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
-    dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
-                     args.measure_latency)
+    # latency is measured later, dense and pruned interleaved (prune_and_export)
+    dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size, False)
     trainer.save_model(os.path.join(out_dir, "dense"))
     write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,

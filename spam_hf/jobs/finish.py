@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
 from ..arguments import DataArguments, PruneArguments, resolve_pruning
+from ..costs import compare_latency
 from ..distill import DistillationTrainer, frozen_copy
 from ..export import save_pruned
 from ..export.hub import push_folder
@@ -76,6 +77,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         raise ValueError("--rounds and --compensate prune heads and neurons; a LoRA run prunes adapter ranks "
                          "(drop them, or prune the base with --prune-base)")
     teacher = frozen_copy(trainer.model) if args.distill or args.distill_hidden_weight else None
+    dense_model = teacher or (frozen_copy(trainer.model) if args.measure_latency else None)  # timed beside the pruned
     selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep, rounds=rounds,
                               compensate=compensate, calibration_batches=args.calibration_batches)
@@ -84,8 +86,13 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
                                             min_keep=args.min_keep, max_batches=getattr(args, "posthoc_batches", None))
     model = trainer.model
-    pruned = snapshot(trainer, ctx.data["validation"], ctx.metric, args.flops_seq_len, args.latency_batch_size,
-                      args.measure_latency)
+    pruned = snapshot(trainer, ctx.data["validation"], ctx.metric, args.flops_seq_len, args.latency_batch_size, False)
+    latency = None
+    if args.measure_latency:
+        latency = compare_latency(dense_model, model, batch_size=args.latency_batch_size, seq_len=args.flops_seq_len)
+        ctx.dense["latency_s"], pruned["latency_s"] = latency["dense_s"], latency["pruned_s"]
+        if dense_model is not teacher:
+            del dense_model
     if args.recovery_steps or args.recovery_epochs:
         pruned[f"{ctx.metric}_before_recovery"] = pruned[ctx.metric]
         pruned[ctx.metric] = recover(model, ctx, args, out_dir, teacher=teacher)
@@ -96,6 +103,8 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         kind = save_pruned(model, stage, tokenizer=ctx.tokenizer, merged_dir=merged_stage)
         report = build_report(ctx, args, pruned, selection, base_selection, method, rounds, compensate,
                               export_dir, kind, merged_dir)
+        if latency is not None:
+            report["latency"] = latency
         write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args, method=method,
                      card_dir=stage)
     write_json(report_path(export_dir), report)

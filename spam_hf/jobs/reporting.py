@@ -85,7 +85,11 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
     run_dir = os.path.dirname(export_dir)
     plot_selection(selection, os.path.join(run_dir, "pruning.png"))
     train_desc, eval_desc = data_description(data_args)
-    speed = (dense.get("latency_s", 0) / pruned["latency_s"]) if pruned.get("latency_s") else None
+    latency = report.get("latency")
+    speed = latency["speedup"] if latency else None
+    spread = (f"{speed:.2f}x faster; {latency['speedup_q25']:.2f}-{latency['speedup_q75']:.2f} over "
+              f"{latency['repeats']} interleaved runs" + ("" if latency["trusted"] else ", spread too large to trust")
+              if latency else "")
     card = render_model_card({
         "model_name": os.path.basename(os.path.abspath(export_dir)),
         "base_model": report["base_model"], "params_before": fmt_int(dense["params"]),
@@ -94,7 +98,7 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
         "flops_before": fmt_flops(dense["block_flops"]), "flops_after": fmt_flops(pruned["block_flops"]),
         "metric_name": metric, "metric_before": f"{dense[metric]:.4f}", "metric_after": f"{pruned[metric]:.4f}",
         "latency_before": f"{dense['latency_s'] * 1e3:.1f} ms" if "latency_s" in dense else None,
-        "latency_after": (f"{pruned['latency_s'] * 1e3:.1f} ms ({speed:.2f}x faster)" if speed else None),
+        "latency_after": (f"{pruned['latency_s'] * 1e3:.1f} ms ({spread})" if speed else None),
         "latency_batch": args.latency_batch_size, "latency_device": device_name(), "seq_len": args.flops_seq_len,
         "sparsity_achieved": f"{selection.achieved:.1%}", "sparsity_target": f"{args.sparsity:.0%}",
         "budget": args.budget, "dataset": train_desc, "eval_dataset": eval_desc,
@@ -119,7 +123,7 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
              + (f" ({before:.4f} before recovery)" if before is not None else ""))]
     if speed:
         rows.append((f"latency (batch {args.latency_batch_size})", f"{dense['latency_s'] * 1e3:.1f} ms",
-                     f"{pruned['latency_s'] * 1e3:.1f} ms  ({speed:.2f}x faster)"))
+                     f"{pruned['latency_s'] * 1e3:.1f} ms  ({spread})"))
     print()
     report["table"] = print_table(rows)
     what = "LoRA adapter" if kind == "peft_adapter" else "prunable block"

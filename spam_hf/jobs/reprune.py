@@ -61,11 +61,10 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     if os.path.exists(saved_report):  # the dense numbers measured by `compress`, when they match this request
         with open(saved_report) as f:
             saved = json.load(f)["dense"]
-        if saved.get("seq_len") == args.flops_seq_len and (not args.measure_latency or "latency_s" in saved):
-            dense = saved
+        if saved.get("seq_len") == args.flops_seq_len:
+            dense = {k: v for k, v in saved.items() if not k.startswith("latency")}  # re-measured, interleaved
     if dense is None:
-        dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size,
-                         args.measure_latency)
+        dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size, False)
     lora_args = LoraArguments(**cfg.get("lora", {}))
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
                      base_name=display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"]), command=command,
