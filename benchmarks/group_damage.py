@@ -222,7 +222,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--damping-scale", type=float, default=1.0,
-                   help="multiply the compensation's prior damping T·δ/g by this (a sensitivity study; 1 = as shipped)")
+                   help="multiply the compensation's prior damping T·δ/g_i by this (a sensitivity study; 1 = as shipped)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--heldout-rows", type=int, default=256)
     p.add_argument("--fidelity", action="store_true")
@@ -236,8 +236,8 @@ def main() -> None:
     if a.damping_scale != 1.0:
         import spam_hf.pruning.compensation as comp
 
-        shipped = comp.prior_damping
-        comp.prior_damping = lambda *args, **kw: a.damping_scale * shipped(*args, **kw)
+        shipped = comp.prior_times_temperature
+        comp.prior_times_temperature = lambda *args, **kw: a.damping_scale * shipped(*args, **kw)
     res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
            "machine": "GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else
            f"CPU, {torch.get_num_threads()} threads", "args": vars(a), "runs": []}

@@ -6,7 +6,7 @@ import torch
 
 from spam_hf import SpamLaplace, apply, plan
 from spam_hf.priors import PriorPrecision
-from spam_hf.pruning import compensate, conditional_mean
+from spam_hf.pruning import compensate, conditional_mean, kron_conditional_mean
 
 from conftest import tiny_batch, tiny_classifier
 
@@ -30,6 +30,39 @@ def test_conditional_mean_equals_the_dense_gaussian_conditional():
     expected[R] = mu[R] + torch.linalg.solve(P[R][:, R], P[R][:, S] @ mu[S])
     expected[S] = 0
     torch.testing.assert_close(got.reshape(-1), expected, rtol=1e-9, atol=1e-12)
+
+
+def _dense_conditional(W, P, removed):
+    out, k = W.shape
+    is_removed = torch.zeros(out, k, dtype=torch.bool)
+    is_removed[:, removed] = True
+    S, R = is_removed.reshape(-1).nonzero().squeeze(1), (~is_removed).reshape(-1).nonzero().squeeze(1)
+    mu = W.reshape(-1)
+    expected = mu.clone()
+    expected[R] = mu[R] + torch.linalg.solve(P[R][:, R], P[R][:, S] @ mu[S])
+    expected[S] = 0
+    return expected.reshape(out, k)
+
+
+def test_kron_conditional_mean_equals_the_dense_gaussian_conditional_for_any_g():
+    """A skewed ``G`` (one large, one tiny, one zero eigenvalue): the compensated weights equal the dense
+    conditional mean under ``G ⊗ A / T + δ I``; the isotropic shortcut (λ = Tδ / mean g) does not."""
+    gen = torch.Generator().manual_seed(3)
+    out, k, T, delta = 3, 6, 0.5, 0.3
+    W = torch.randn(out, k, generator=gen, dtype=torch.float64)
+    X = torch.randn(k, 20, generator=gen, dtype=torch.float64)
+    A = X @ X.T / 20
+    Q, _ = torch.linalg.qr(torch.randn(out, out, generator=gen, dtype=torch.float64))
+    G = Q @ torch.diag(torch.tensor([50.0, 0.05, 0.0], dtype=torch.float64)) @ Q.T
+    removed = torch.tensor([0, 4])
+    P = torch.kron(G, A) / T + delta * torch.eye(out * k, dtype=torch.float64)
+    expected = _dense_conditional(W, P, removed)
+    got = kron_conditional_mean(W, A, G, removed, prior=T * delta)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    iso = conditional_mean(W, A, removed, damping=T * delta / float(G.diagonal().mean()))
+    assert (iso - expected).norm() > 1e-2 * expected.norm()
+    # no prior: plain least squares in every direction (= conditional_mean without damping)
+    torch.testing.assert_close(kron_conditional_mean(W, A, G, removed), conditional_mean(W, A, removed))
 
 
 def test_compensate_uses_the_prior_damping():

@@ -4,7 +4,7 @@
 ``apply(model, plan)`` removes the groups for real.
 """
 
-from .compensation import compensate, conditional_mean
+from .compensation import compensate, conditional_mean, kron_conditional_mean
 from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_damage, group_damage_exact, group_scores, \
     parameter_scores
 from .plan import PruningPlan, apply, plan
@@ -14,6 +14,6 @@ from .selection import (BUDGETS, LayerReport, Selection, check_reachable, plot_s
 from .surgery import mask_groups, prune_groups
 
 __all__ = ["BUDGETS", "DAMAGE_METHODS", "EXACT_METHODS", "group_damage_exact", "LayerReport", "PruningPlan", "RoundsResult", "SCORE_METHODS", "Selection",
-           "apply", "check_reachable", "compensate", "conditional_mean", "geometric_targets", "group_damage", "group_scores", "rounds_for_sparsity",
+           "apply", "check_reachable", "compensate", "conditional_mean", "kron_conditional_mean", "geometric_targets", "group_damage", "group_scores", "rounds_for_sparsity",
            "mask_groups", "parameter_scores", "plan", "plot_selection", "prune_groups", "prune_in_rounds", "removable_fraction",
            "select_groups", "validate_sparsity"]
