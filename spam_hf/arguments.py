@@ -123,6 +123,15 @@ class SpamTrainingArguments(TrainingArguments):
         "help": "Grouped-query attention (LLaMA layout): prune whole KV groups only (a KV head with all the query "
                 "heads reading it; every layer stays stock-shaped). Default: query heads are groups of their own "
                 "and a KV head goes with its last query head."})
+    schedule_sparsity: float = field(default=0.0, metadata={
+        "help": "Prune during training: mask this fraction of the prunable parameters by schedule_end on a cubic "
+                "ramp (0 = off); the surgery is the pruning at the end (give compress the same --sparsity)."})
+    schedule_start: float = field(default=0.2, metadata={"help": "Start of the ramp, as a fraction of the training steps."})
+    schedule_end: float = field(default=0.7, metadata={"help": "End of the ramp, as a fraction of the training steps."})
+    schedule_every: int = field(default=10, metadata={"help": "Optimiser steps between mask updates on the ramp."})
+    schedule_method: str = choice("fisher", ("fisher", "opd", "magnitude"),
+                                  "Scores for the masks on the ramp (fisher: θ²·diag H of the retained curvature, "
+                                  "no prior term; falls back to magnitude before the first prior update).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,6 +144,12 @@ class SpamTrainingArguments(TrainingArguments):
             raise ValueError("marglik_frequency and marglik_burn_in must be >= 0 and n_hypersteps >= 1")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.schedule_sparsity:
+            validate_sparsity(self.schedule_sparsity)
+            if not 0.0 <= self.schedule_start < self.schedule_end <= 1.0 or self.schedule_every < 1:
+                raise ValueError("the pruning schedule needs 0 <= schedule_start < schedule_end <= 1 and "
+                                 f"schedule_every >= 1, got {self.schedule_start}, {self.schedule_end}, "
+                                 f"{self.schedule_every}")
 
 
 @dataclass

@@ -25,8 +25,10 @@ from .architectures import is_peft_model
 from .arguments import SpamTrainingArguments
 from .export import save_pruned
 from .posterior import PRIOR_FILE, SpamLaplace, unwrap
-from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, geometric_targets, plan,
-                      prune_in_rounds)
+from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, geometric_targets, mask_groups,
+                      plan, prune_in_rounds)
+from .pruning.selection import group_costs, prunable_cost
+from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, monotone_keep, read_keep, write_keep
 
 logger = logging.get_logger(__name__)
 
@@ -54,6 +56,27 @@ class _MarglikCallback(TrainerCallback):
         return control
 
 
+class _ScheduleCallback(TrainerCallback):
+    """Pruning during training (``schedule_sparsity``): masks on the cubic ramp, re-zeroed after every step."""
+
+    def __init__(self, trainer: "SpamTrainer") -> None:
+        self.trainer = trainer
+        self.schedule: Optional[SparsitySchedule] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.schedule = SparsitySchedule.from_fractions(args.schedule_sparsity, args.schedule_start, args.schedule_end,
+                                                        state.max_steps, args.schedule_every)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        if self.schedule is not None and self.schedule.due(state.global_step):
+            t.update_schedule_mask(self.schedule.target(state.global_step))
+        elif t.schedule_keep:
+            mask_groups(unwrap(t.model), t.specs, t.schedule_keep)  # the optimiser step moved masked weights
+        return control
+
+
 class SpamTrainer(Trainer):
     """A ``Trainer`` that fits Gaussian prior precisions by Laplace marginal likelihood (SpaM).
 
@@ -74,7 +97,10 @@ class SpamTrainer(Trainer):
             # Trainer divide by the accumulation steps so GA k×b equals one batch of k·b
             self.model_accepts_loss_kwargs = False
         self._pruned = False
+        self.schedule_keep: Optional[Dict[str, torch.Tensor]] = None  # groups kept by the pruning schedule so far
         self.add_callback(_MarglikCallback(self))
+        if self.args.schedule_sparsity:
+            self.add_callback(_ScheduleCallback(self))
 
     # ------------------------------------------------------------------ views of the posterior
     @property
@@ -202,6 +228,34 @@ class SpamTrainer(Trainer):
         return plan(unwrap(self.model), self._sync_n(), sparsity=sparsity, method=method, budget=budget,
                     seq_len=seq_len, min_keep=min_keep, seed=seed)
 
+    def update_schedule_mask(self, target: float) -> Optional[PruningPlan]:
+        """Mask (zero) the groups beyond ``target`` of the prunable parameters, scored on the current model with
+        ``schedule_method`` (magnitude until the first prior update gives curvature); masks only grow."""
+        method = self.args.schedule_method
+        if method != "magnitude" and not self.posterior.has_curvature():
+            method = "magnitude"
+        if target <= 0:
+            return None
+        p = self.plan(target, method=method)
+        self.schedule_keep = monotone_keep(p.keep, self.schedule_keep)
+        mask_groups(unwrap(self.model), self.specs, self.schedule_keep)
+        masked = sum(s.count - len(self.schedule_keep.get(s.name, range(s.count))) for s in self.specs)
+        logger.info(f"pruning schedule: {masked} groups masked (target {target:.1%} of prunable params, {method})")
+        return p
+
+    def masked_fraction(self, budget: str = "params", seq_len: int = 128) -> float:
+        """The fraction of the prunable ``budget`` that the pruning schedule has masked (0 without a schedule)."""
+        if not self.schedule_keep:
+            return 0.0
+        model = unwrap(self.model)
+        removed = 0.0
+        for s in self.specs:
+            kept = set(self.schedule_keep.get(s.name, torch.arange(s.count)).tolist())
+            dropped = [g for g in range(s.count) if g not in kept]
+            if dropped:
+                removed += float(group_costs(model, s, budget, seq_len)[dropped].sum())
+        return removed / prunable_cost(model, self.specs, budget, seq_len)
+
     def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
               seed: int = 0, min_keep: float = 0.0, rounds: int = 1, compensate: bool = False,
               calibration_batches: int = 8) -> Selection:
@@ -216,6 +270,11 @@ class SpamTrainer(Trainer):
         original groups); a one-shot plan is ``trainer.last_plan``. The posterior is rebuilt for the
         smaller model (unit precisions of kept groups carried over).
         """
+        if self.schedule_keep:  # every group the schedule masked goes (they score zero, so they go first)
+            masked = self.masked_fraction(budget, seq_len)
+            if masked > sparsity:
+                logger.info(f"the pruning schedule masked {masked:.1%} of prunable {budget}; removing all of it")
+                sparsity = masked
         if rounds > 1 or compensate or method in DAMAGE_METHODS + EXACT_METHODS:
             return self._prune_in_rounds(sparsity, budget, method, seq_len, min_keep, rounds, compensate,
                                          calibration_batches)
@@ -305,10 +364,15 @@ class SpamTrainer(Trainer):
         if self.args.n_data or self.train_dataset is not None:
             self._sync_n()
         self.posterior.save(output_dir)
+        if self.schedule_keep is not None:
+            write_keep(os.path.join(output_dir, SCHEDULE_FILE), self.schedule_keep)
 
     def load_spam_state(self, directory: str) -> None:
         """Restore what :meth:`save_spam_state` wrote (a clear error on structural mismatch)."""
         self.posterior.load(directory)
+        path = os.path.join(directory, SCHEDULE_FILE)
+        if os.path.exists(path):
+            self.schedule_keep = read_keep(path)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The Trainer's save, plus the SpaM state; after :meth:`prune` the model is saved with

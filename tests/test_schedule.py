@@ -1,0 +1,85 @@
+"""Pruning during training: the cubic ramp, masks that only grow and stay zero, the surgery at the end,
+the masks in checkpoints."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from spam_hf import SpamTrainingArguments
+from spam_hf.architectures import group_specs
+from spam_hf.architectures.base import weight_out_in
+from spam_hf.pruning import prune_groups
+from spam_hf.pruning.schedule import SCHEDULE_FILE, SparsitySchedule, monotone_keep
+from spam_hf.pruning.selection import prunable_cost
+
+from test_trainer import make_trainer
+
+
+def test_cubic_ramp_and_update_steps():
+    s = SparsitySchedule(0.8, start_step=10, end_step=30, every=5)
+    assert s.target(0) == s.target(10) == 0.0 and s.target(30) == s.target(99) == 0.8
+    assert s.target(20) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert [t for t in range(40) if s.due(t)] == [15, 20, 25, 30]
+    assert all(s.target(a) <= s.target(b) for a, b in zip(range(40), range(1, 41)))
+    f = SparsitySchedule.from_fractions(0.5, 0.25, 0.75, total_steps=16, every=2)
+    assert (f.start_step, f.end_step) == (4, 12)
+    with pytest.raises(ValueError, match="start"):
+        SparsitySchedule.from_fractions(0.5, 0.8, 0.2, 16, 2)
+    with pytest.raises(ValueError, match="pruning schedule"):
+        SpamTrainingArguments(output_dir="x", schedule_sparsity=0.5, schedule_start=0.9, schedule_end=0.5)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        SpamTrainingArguments(output_dir="x", schedule_sparsity=1.5)
+
+
+def test_monotone_keep():
+    new = {"a": torch.tensor([0, 1, 3]), "b": torch.tensor([2])}
+    assert monotone_keep(new, None)["a"].tolist() == [0, 1, 3]
+    out = monotone_keep(new, {"a": torch.tensor([1, 2, 3]), "b": torch.tensor([0, 1, 2])})
+    assert out["a"].tolist() == [1, 3] and out["b"].tolist() == [2]
+
+
+def _masked_groups_are_zero(trainer):
+    model = trainer.model
+    mods = dict(model.named_modules())
+    for s in trainer.specs:
+        dropped = sorted(set(range(s.count)) - set(trainer.schedule_keep[s.name].tolist()))
+        for m, idx in s.col_index.items():
+            if dropped and weight_out_in(mods[m])[:, idx[dropped].reshape(-1)].abs().max() != 0:
+                return False
+    return True
+
+
+def test_training_masks_on_the_ramp_and_the_final_prune_removes_exactly_those(tmp_path):
+    trainer = make_trainer(tmp_path, schedule_sparsity=0.5, schedule_start=0.25, schedule_end=0.75, schedule_every=2,
+                           save_strategy="steps", save_steps=10)
+    history = []
+    update = trainer.update_schedule_mask
+
+    def recording(target):
+        p = update(target)
+        history.append({k: v.tolist() for k, v in trainer.schedule_keep.items()})
+        return p
+
+    trainer.update_schedule_mask = recording
+    total0 = prunable_cost(trainer.model, trainer.specs, "params", 128)
+    trainer.train()  # 16 steps: updates after steps 6, 8, 10, 12
+    assert len(history) == 4
+    for a, b in zip(history, history[1:]):  # masks only grow
+        assert all(set(b[k]) <= set(a[k]) for k in a)
+    assert _masked_groups_are_zero(trainer)  # re-zeroed after every optimiser step, through step 16
+    shrunk = prune_groups(copy.deepcopy(trainer.model), trainer.schedule_keep)
+    assert 1 - prunable_cost(shrunk, group_specs(shrunk), "params", 128) / total0 >= 0.5
+    # the mask of the last update is in the checkpoint saved after step 10 (and loads back)
+    ckpt = os.path.join(tmp_path, "run", "checkpoint-10")
+    assert os.path.exists(os.path.join(ckpt, SCHEDULE_FILE))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    trainer.model.eval()
+    with torch.no_grad():
+        masked_logits = trainer.model(**batch).logits
+    keep = {k: v.tolist() for k, v in trainer.schedule_keep.items()}
+    sel = trainer.prune(0.5, method="fisher")
+    assert {k: v for k, v in sel.to_dict()["keep"].items()} == keep  # the surgery removes what was masked
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model(**batch).logits, masked_logits, rtol=1e-5, atol=1e-6)
