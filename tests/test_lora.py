@@ -221,3 +221,72 @@ def test_prune_base_keeps_adapter_aligned_and_exports_base_with_adapter(tmp_path
     assert sum(p.numel() for p in base.parameters()) < sum(p.numel() for p in tiny_classifier("bert").parameters())
     loaded = PeftModel.from_pretrained(base, out).eval()
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=1e-5)
+
+
+def _lora_posterior(model):
+    from spam_hf import SpamLaplace
+
+    la = SpamLaplace(model, n_data=40, fisher="empirical", reduction="expand")
+    for seed in range(2):
+        b = tiny_batch(batch=4, seed=seed)
+        with la.capture(model, b["attention_mask"]):
+            out = model(**b)
+        la.accumulate(out.logits, b["labels"])
+    return la
+
+
+def test_rank_damage_is_the_merged_update_damage_and_rescaling_invariant():
+    """``damage`` of LoRA rank k = ½ vec(s b_k a_kᵀ)ᵀ (G ⊗ A) vec(s b_k a_kᵀ) with the base layer's factors
+    (``G = G_B / s²``, written out densely); rescaling a_k → c a_k, b_k → b_k / c changes neither the model nor
+    this score, while OPD/magnitude-style sums over the entries do change."""
+    from spam_hf.pruning import group_scores
+
+    model = lora_bert()
+    la = _lora_posterior(model)
+    factors = la.factors()
+    specs = group_specs(model)
+    scores = group_scores(model, specs, "damage", factors=factors)
+    spec = specs[2]  # intermediate.dense: out 48, in 32
+    (a_name, _), = spec.row_index.items()
+    (b_name, _), = spec.col_index.items()
+    layer = model.get_submodule(a_name.rsplit(".lora_A", 1)[0])
+    s = layer.scaling["default"]
+    A_in, _ = factors[a_name]
+    G_base = factors[b_name][1] / s ** 2
+    lora_A, lora_B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    for k in range(spec.count):
+        dW = s * torch.outer(lora_B[:, k], lora_A[k])  # out × in, row-major vec matches kron(G, A)
+        dense = 0.5 * dW.reshape(-1) @ torch.kron(G_base, A_in) @ dW.reshape(-1)
+        assert float(scores[spec.name][k]) == pytest.approx(float(dense), rel=1e-6)
+    x = tiny_batch(batch=4, seed=5)
+    before = logits(model, x)
+    mags = group_scores(model, specs, "magnitude")
+    with torch.no_grad():
+        layer.lora_A["default"].weight[1] *= 5.0
+        layer.lora_B["default"].weight[:, 1] /= 5.0
+    torch.testing.assert_close(logits(model, x), before, rtol=1e-4, atol=1e-5)
+    rescaled = group_scores(model, specs, "damage", factors=la.factors())
+    torch.testing.assert_close(rescaled[spec.name], scores[spec.name], rtol=1e-6, atol=0)
+    new, old = float(group_scores(model, specs, "magnitude")[spec.name][1]), float(mags[spec.name][1])
+    assert abs(new - old) > 0.2 * old  # an entry-wise score is not invariant
+
+
+def test_trainer_prunes_lora_ranks_with_rank_damage(tmp_path):
+    from transformers import DataCollatorWithPadding
+
+    from spam_hf import SpamTrainer, SpamTrainingArguments
+    from test_trainer import ToyTokenizer, toy_dataset
+
+    model = lora_bert()
+    model.train()
+    args = SpamTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, report_to=[],
+                                 marglik_frequency=2, marglik_burn_in=2, curvature_every=1, n_hypersteps=2,
+                                 save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = SpamTrainer(model=model, args=args, train_dataset=toy_dataset(),
+                          data_collator=DataCollatorWithPadding(ToyTokenizer()))
+    trainer.train()
+    r0 = sum(s.count for s in group_specs(trainer.model))
+    sel = trainer.prune(0.5, method="damage", calibration_batches=2)
+    assert sel.achieved >= 0.5 and sum(s.count for s in group_specs(trainer.model)) < r0
+    with pytest.raises(ValueError, match="LoRA ranks"):
+        trainer.prune(0.3, method="damage", rounds=2)

@@ -21,6 +21,12 @@ candidate estimate. ``damage-exact`` is the consuming slices' damage without the
 approximation: ``½ 1_Cᵀ M 1_C / T`` plus the prior term, with ``M = Σ_n m_n m_nᵀ`` the Fisher of masks on
 the consuming module's input columns (``m_nc = Σ_t x_tc ∂ℓ_n/∂x_tc``; with sampled labels a GGN estimate,
 with true labels the mask Fisher of Kwon et al. 2022), collected by ``SpamLaplace(mask_fisher=True)``.
+
+A LoRA rank ``k`` is scored by the damage of removing its term ``s · b_k a_kᵀ`` from the merged weight
+``W + s·BA`` (:func:`lora_rank_damage`): ``½ (b_kᵀ G_B b_k)(a_kᵀ A_A a_k) / T`` with ``A_A`` the input factor
+of ``lora_A`` and ``G_B`` the output factor of ``lora_B`` (which holds the ``s²``). Unlike any sum over
+the entries of ``a_k`` and ``b_k`` it does not change when a rank is rescaled (``a_k → c·a_k``,
+``b_k → b_k / c``), which leaves the adapter's function unchanged.
 """
 
 from __future__ import annotations
@@ -101,6 +107,9 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
     out: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for s in specs:
+            if s.kind == "lora_rank":
+                out[s.name] = lora_rank_damage(params, s, factors, prior, temperature)
+                continue
             curv = torch.zeros(s.count, dtype=torch.float64)
             prior_term = torch.zeros(s.count, dtype=torch.float64)
             slices = [(m, idx, "rows") for m, idx in s.row_index.items() if not consuming_only]
@@ -122,6 +131,30 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
                     prior_term += w2[:, idx].sum(dim=(0, 2))
             out[s.name] = 0.5 * curv / temperature + 0.5 * prior_term
     return out
+
+
+def lora_rank_damage(params: Dict[str, torch.Tensor], spec: GroupSpec, factors: Factors,
+                     prior: Optional[PriorPrecision] = None, temperature: float = 1.0) -> torch.Tensor:
+    """``FloatTensor[r]``: ``½ (b_kᵀ G_B b_k)(a_kᵀ A_A a_k) / T`` per rank of one LoRA module (module docstring),
+    plus ``½ Σ δ θ²`` over ``a_k`` and ``b_k`` with a ``prior``. ``params``: augmented weights (``params_aug``)."""
+    (a_name, a_idx), = spec.row_index.items()
+    (b_name, b_idx), = spec.col_index.items()
+    for m in (a_name, b_name):
+        if m not in factors:
+            raise ValueError(f"no Kronecker factors for module {m!r}")
+    A_in, _ = factors[a_name]
+    _, G_out = factors[b_name]
+    lora_A, lora_B = params[a_name], params[b_name]  # r × in(+1), out × r(+1)
+    rows, cols = a_idx.reshape(-1), b_idx.reshape(-1)
+    a = lora_A[rows]  # r × (in[+1]): A's input factor has the same (augmented) width
+    b = lora_B[:, cols]  # out × r
+    if tuple(A_in.shape) != (a.shape[1],) * 2 or tuple(G_out.shape) != (b.shape[0],) * 2:
+        raise ValueError(f"factors of {a_name!r} / {b_name!r} do not match the adapter's shapes")
+    damage = 0.5 * ((a @ A_in) * a).sum(1) * ((G_out @ b) * b).sum(0) / temperature
+    if prior is not None:
+        damage = damage + 0.5 * ((lora_A.square() * prior.precision(a_name).matrix())[rows].sum(1)
+                                 + (lora_B.square() * prior.precision(b_name).matrix())[:, cols].sum(0))
+    return damage
 
 
 def group_damage_exact(model: nn.Module, specs: Iterable[GroupSpec], mask_fisher: Dict[str, torch.Tensor],

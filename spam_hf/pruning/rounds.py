@@ -91,7 +91,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
                  min_keep=min_keep, scores=scores_fn(model, posterior) if scores_fn is not None else None)
         if compensate:
-            compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(),
+            # the posterior of the calibration batches alone: their statistics are not extrapolated to N
+            compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(extrapolate=False),
                                                  posterior.prior, posterior.temperature))
         apply(model, p)
         plans.append(p)
