@@ -1,5 +1,6 @@
 """Table (markdown) and plots (PNG) of benchmarks/group_damage.py results: mean and spread over the seeds
-(one result file per seed, or one file with several runs), and the per-layer pattern kept by a method.
+(one result file per seed, or one file with several runs, or several files per seed holding different
+methods: rows are pooled by method and sparsity), and the per-layer pattern kept by a method.
 
     python benchmarks/table_group_damage.py benchmarks/results/group_damage_cpu_s*.json \\
         --out benchmarks/results/group_damage_cpu
@@ -21,7 +22,7 @@ def main() -> None:
     a = p.parse_args()
     runs = [r for f in a.results for r in json.load(open(f))["runs"]]
     acc, rec, ach = defaultdict(list), defaultdict(list), defaultdict(list)
-    dense = [r["dense"] for r in runs]
+    dense = list({r["seed"]: r["dense"] for r in runs}.values())  # one per seed: a seed may span several files
     fidelity = [r["fidelity"] for r in runs if "fidelity" in r]
     methods, sparsities = [], []
     for r in runs:
