@@ -413,3 +413,41 @@ def test_corrupt_inputs_exit_2_with_one_line(tiny_setup, tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.startswith("spam-hf: error: ")]
         assert len(lines) == 1 and message in lines[0], err[-2000:]
         assert not out.exists() or not os.listdir(out), argv
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_ends_like_the_uninterrupted_run(tiny_setup):
+    """A real `spam-hf compress` process killed with SIGKILL after a checkpoint, resumed from the CLI with
+    `--resume_from_checkpoint last`: the same weights, priors and pruning decision as the uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir, train, dev, tmp = tiny_setup
+    common = ["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5", *FAST,
+              "--num_train_epochs", "6", "--save_strategy", "epoch"]
+    out = str(tmp / "full")
+    assert main(common + ["--output-dir", out]) == 0
+    killed = str(tmp / "killed")
+    cmd = [sys.executable, "-c", "import sys; from spam_hf.cli import main; sys.exit(main(sys.argv[1:]))",
+           *common, "--output-dir", killed]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    marker = os.path.join(killed, "checkpoint-16", "trainer_state.json")
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed, "model"))
+    assert main(common + ["--output-dir", killed, "--resume_from_checkpoint", "last"]) == 0
+    from safetensors.torch import load_file
+
+    for f in ("spam_prior.safetensors", "model.safetensors"):
+        a, b = load_file(os.path.join(out, "dense", f)), load_file(os.path.join(killed, "dense", f))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+    reports = [json.load(open(os.path.join(d, "pruning_report.json"))) for d in (out, killed)]
+    assert reports[0]["selection"]["keep"] == reports[1]["selection"]["keep"]
