@@ -192,11 +192,16 @@ def test_help_and_unknown_command(capsys):
     assert main([]) == 2
 
 
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
+
+
 def _shipped_recipe(tmp_path, name="minilm-sst2.yaml"):
     """A shipped recipe with its ../shared data paths pointed at small files that exist here."""
-    text = open(os.path.join(os.path.dirname(__file__), "..", "recipes", name)).read()
-    text = text.replace("../shared/data/sst2/train.tsv", write_tsv(tmp_path / "t.tsv", 4, 0)) \
-        .replace("../shared/data/sst2/dev.tsv", write_tsv(tmp_path / "d.tsv", 4, 1))
+    text = open(os.path.join(RECIPES, name)).read()
+    train, dev = write_tsv(tmp_path / "t.tsv", 16, 0), write_tsv(tmp_path / "d.tsv", 8, 1)
+    for f in ("train.tsv", "train_12k_seed0.tsv"):
+        text = text.replace(f"../shared/data/sst2/{f}", train)
+    text = text.replace("../shared/data/sst2/dev.tsv", dev)
     path = tmp_path / name
     path.write_text(text)
     return str(path)
@@ -219,6 +224,21 @@ def test_recipe_is_typed_parser_defaults_and_flags_win(tmp_path):
     m, d, c, lora, t = parse_compress(["--sparsity", "0.7"])
     assert c.sparsity == 0.7 and c.recovery_steps == DEMO_DEFAULTS["recovery_steps"]
     assert t.marglik_frequency == DEMO_DEFAULTS["marglik_frequency"] and t.output_dir == os.path.join("runs", "spam-demo")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(RECIPES) if f.endswith(".yaml")))
+def test_every_shipped_recipe_parses_and_dry_runs(tiny_setup, name, capsys):
+    """Each recipe behind a published number runs end to end: its own settings, with the model, data and
+    length swapped for tiny ones and two training steps."""
+    model_dir, train, dev, tmp = tiny_setup
+    recipe = _shipped_recipe(tmp, name)
+    out = str(tmp / "out")
+    rc = main(["compress", model_dir, "--recipe", recipe, "--output-dir", out, "--max_steps", "2",
+               "--max_seq_length", "16", "--flops-seq-len", "16", "--measure-latency", "False", "--use_cpu", "True",
+               "--recovery-steps", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert os.path.exists(os.path.join(out, "model", "config.json"))
 
 
 @pytest.mark.parametrize("content,message", [
