@@ -326,6 +326,9 @@ class SpamTrainer(Trainer):
         self._pruned = True
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None
+        if not same_groups and self.schedule_keep is not None:  # the masked groups are gone; the ramp is done
+            self.schedule_keep = None
+            self.remove_callback(_ScheduleCallback)
 
     def prune_base(self, sparsity: float, budget: str = "params", seq_len: int = 128, min_keep: float = 0.0,
                    max_batches: Optional[int] = None) -> Selection:

@@ -83,3 +83,34 @@ def test_training_masks_on_the_ramp_and_the_final_prune_removes_exactly_those(tm
     assert {k: v for k, v in sel.to_dict()["keep"].items()} == keep  # the surgery removes what was masked
     with torch.no_grad():
         torch.testing.assert_close(trainer.model(**batch).logits, masked_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_ranks_follow_the_schedule_and_export_as_a_stock_adapter(tmp_path):
+    """The same ramp on a PeftModel: ranks are masked during training (no extra call), the final prune
+    removes them, and the result is a peft adapter with a rank pattern."""
+    from transformers import DataCollatorWithPadding
+
+    from spam_hf import SpamTrainer
+    from test_lora import lora_bert
+    from test_trainer import ToyTokenizer, toy_dataset
+
+    model = lora_bert()
+    model.train()
+    args = SpamTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=12,
+                                 report_to=[], marglik_frequency=3, marglik_burn_in=3, curvature_every=1,
+                                 n_hypersteps=2, save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                 schedule_sparsity=0.5, schedule_start=0.25, schedule_end=0.75, schedule_every=3)
+    trainer = SpamTrainer(model=model, args=args, train_dataset=toy_dataset(),
+                          data_collator=DataCollatorWithPadding(ToyTokenizer()))
+    trainer.train()
+    assert trainer.schedule_keep is not None and _masked_groups_are_zero(trainer)
+    assert trainer.masked_fraction() >= 0.5
+    r0 = sum(s.count for s in trainer.specs)
+    survivors = sum(len(v) for v in trainer.schedule_keep.values())
+    trainer.prune(0.5, method="fisher")
+    kept = sum(s.count for s in group_specs(trainer.model))
+    assert kept == survivors and kept < r0
+    assert trainer.schedule_keep is None  # indices of the old groups: dropped with them, the ramp is over
+    trainer.save_model(str(tmp_path / "adapter"))
+    cfg = __import__("json").load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert cfg["rank_pattern"]
