@@ -17,10 +17,15 @@ from collections import defaultdict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+")
-    p.add_argument("--pattern-method", default="damage-exact+comp+rounds")
+    p.add_argument("--pattern-method", default="damage-exact+auto-rounds")
+    p.add_argument("--methods", default="", help="comma-separated: only these rows, in this order (default: all)")
     p.add_argument("--out", required=True, help="prefix: writes PREFIX.md and PREFIX.png")
     a = p.parse_args()
     runs = [r for f in a.results for r in json.load(open(f))["runs"]]
+    wanted = [m for m in a.methods.split(",") if m]
+    if wanted:
+        for r in runs:
+            r["rows"] = [row for row in r["rows"] if row["method"] in wanted]
     acc, rec, ach = defaultdict(list), defaultdict(list), defaultdict(list)
     dense = list({r["seed"]: r["dense"] for r in runs}.values())  # one per seed: a seed may span several files
     fidelity = [r["fidelity"] for r in runs if "fidelity" in r]
@@ -43,6 +48,8 @@ def main() -> None:
         return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
 
     sparsities.sort()
+    if wanted:
+        methods = [m for m in wanted if m in methods]
     lines = [f"Dense: {cell([100 * d for d in dense])} ({len(dense)} seed(s); mean ± standard deviation).", "",
              "| method | " + " | ".join(f"{s:.0%} removed" for s in sparsities) + " |",
              "|---|" + "---|" * len(sparsities)]
@@ -75,7 +82,8 @@ def main() -> None:
     axes[0].set_xlabel("% of prunable block parameters removed")
     axes[0].set_ylabel("SST-2 dev accuracy (no recovery)")
     axes[0].legend(fontsize=7)
-    pattern = [row for r in runs[:1] for row in r["rows"] if row["method"] == a.pattern_method and "layers" in row]
+    first = next((r for r in runs if any(row["method"] == a.pattern_method for row in r["rows"])), None)
+    pattern = [row for row in (first["rows"] if first else []) if row["method"] == a.pattern_method and "layers" in row]
     for row in pattern:
         layers = row["layers"]
         x = [layer["layer"] for layer in layers]

@@ -18,6 +18,7 @@ from .curvature import CURVATURE_KINDS, FISHER_TYPES, REDUCTIONS
 from .data import LM_EXTENSIONS, TASKS
 from .priors import PRIOR_KINDS
 from .pruning.damage import SCORE_METHODS
+from .pruning.rounds import rounds_for_sparsity
 from .pruning.selection import BUDGETS
 
 TRAINING_MODES = ("spam", "plain", "none")
@@ -215,10 +216,12 @@ class PruneArguments:
                          "magnitude, random: baselines.")
     rounds: int = field(default=0, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
                                                      "statistics on --calibration-batches training batches each "
-                                                     "round. 0 = auto: 4 with a damage score on a full model, else 1."})
+                                                     "round. 0 = auto: with a damage score on a full model, as many "
+                                                     "as keep each round under 30%% of what is left (2 / 4 / 7 at "
+                                                     "50 / 70 / 90%%), else 1."})
     compensate: Optional[bool] = field(default=None, metadata={
         "help": "Move the remaining weights of O / down to the posterior mean given the removed heads / neurons are "
-                "zero. Default: on with a damage score on a full model."})
+                "zero. Default: off (measured: it helps at 50%%, hurts at 90%%; README 'Group damage')."})
     calibration_batches: int = field(default=8, metadata={"help": "Training batches per round for the statistics of "
                                                                   "damage scores, rounds and compensation."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
@@ -259,12 +262,12 @@ def resolve_method(method: str, lora: bool) -> str:
 
 def resolve_pruning(args: "PruneArguments", lora: bool):
     """``(method, rounds, compensate)`` with the automatic defaults filled in: a damage score on a full model
-    is pruned in 4 rounds with compensation (the most robust combination measured, README "Group damage");
-    everything else in one shot without compensation, as chosen."""
+    is pruned in :func:`~spam_hf.pruning.rounds_for_sparsity` rounds without compensation (the most robust
+    combination measured on the CPU protocol, README "Group damage"); everything else in one shot, as chosen."""
     method = resolve_method(args.method, lora)
     damage = method.startswith("damage") and not lora
-    rounds = args.rounds or (4 if damage else 1)
-    compensate = args.compensate if args.compensate is not None else damage
+    rounds = args.rounds or (rounds_for_sparsity(args.sparsity) if damage else 1)
+    compensate = bool(args.compensate)
     return method, rounds, compensate
 
 
