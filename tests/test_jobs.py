@@ -102,9 +102,12 @@ def test_an_interrupted_export_leaves_the_old_one_and_no_partial_folder(tmp_path
     assert (final / "model.safetensors").read_text() == "old"
     assert os.listdir(tmp_path / "run") == ["model"]
     with staged_folder(str(final)) as stage:
-        open(os.path.join(stage, "config.json"), "w").write("{}")
+        os.makedirs(os.path.join(stage, "base"))
+        json.dump({"base_model_name_or_path": os.path.join(stage, "base")}, open(os.path.join(stage, "config.json"), "w"))
         assert not (final / "config.json").exists()  # nothing visible until the block ends
-    assert os.listdir(final) == ["config.json"] and os.listdir(tmp_path / "run") == ["model"]
+    assert sorted(os.listdir(final)) == ["base", "config.json"] and os.listdir(tmp_path / "run") == ["model"]
+    # a path that named the staging folder (a LoRA adapter's pruned base) names the final one
+    assert json.load(open(final / "config.json"))["base_model_name_or_path"] == str(final / "base")
     assert oct(os.stat(final).st_mode & 0o777) == oct(0o755)
     with staged_folder(None) as nothing:
         assert nothing is None

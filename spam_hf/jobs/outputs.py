@@ -92,3 +92,20 @@ def staged_folder(final: Optional[str]) -> Iterator[Optional[str]]:
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(stage, final)
+    _repoint(final, stage)
+
+
+def _repoint(folder: str, old: str) -> None:
+    """JSON and markdown files under ``folder`` that name the staging path (a LoRA adapter's
+    ``base_model_name_or_path`` pointing at its pruned ``base/``) name ``folder`` instead."""
+    new = os.path.abspath(folder)
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if not f.endswith((".json", ".md")):
+                continue
+            path = os.path.join(root, f)
+            with open(path) as fh:
+                text = fh.read()
+            if old in text:
+                with open(path, "w") as fh:
+                    fh.write(text.replace(old, new))
