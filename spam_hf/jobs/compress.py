@@ -15,7 +15,7 @@ from ..architectures import group_specs
 from ..export.hub import check_hub
 from ..pruning import check_reachable
 from ..trainer import SpamTrainer
-from .finish import RunContext, plain_args, prune_and_export
+from .finish import RunContext, plain_args, prune_and_export, pruning_for
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
 from .reporting import snapshot
@@ -69,6 +69,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         model = wrap_lora(model, lora_args)
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
                     args.flops_seq_len, args.min_keep)  # before training, not after it
+    pruning_for(args, lora_args.enabled)  # a choice LoRA ranks cannot take fails now too
     os.makedirs(out_dir, exist_ok=True)
     collator = collator_for(data, tokenizer)
     train_args = copy.deepcopy(train_args)

@@ -15,6 +15,7 @@ from ..arguments import DataArguments, PruneArguments, resolve_pruning
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, frozen_copy
 from ..export import save_pruned
+from ..pruning import EXACT_METHODS
 from ..export.hub import push_folder
 from ..trainer import SpamTrainer
 from .loading import collator_for, metrics_for
@@ -66,16 +67,24 @@ def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=
     return evaluate_metric(rec, ctx.data["validation"], ctx.metric)
 
 
+def pruning_for(args: PruneArguments, lora: bool):
+    """``(method, rounds, compensate)`` of :func:`resolve_pruning`, refusing what LoRA ranks cannot take
+    (rounds, compensation, damage-exact): called before training too, so a bad choice fails at once."""
+    method, rounds, compensate = resolve_pruning(args, lora)
+    if lora and (rounds > 1 or compensate or method in EXACT_METHODS):
+        raise ValueError("--rounds, --compensate and --method damage-exact prune heads and neurons; a LoRA run "
+                         "prunes adapter ranks one shot (opd, fisher, magnitude, random or damage), or prune the "
+                         "base with --prune-base")
+    return method, rounds, compensate
+
+
 def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments, out_dir: str) -> dict:
     """Prune ``trainer.model`` (and a LoRA base), recover, export to ``out_dir/model``, write the report.
 
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     lora = is_peft_model(trainer.model)
-    method, rounds, compensate = resolve_pruning(args, lora)
-    if lora and (rounds > 1 or compensate):
-        raise ValueError("--rounds and --compensate prune heads and neurons; a LoRA run prunes adapter ranks "
-                         "(drop them, or prune the base with --prune-base)")
+    method, rounds, compensate = pruning_for(args, lora)
     teacher = frozen_copy(trainer.model) if args.distill or args.distill_hidden_weight else None
     dense_model = teacher or (frozen_copy(trainer.model) if args.measure_latency else None)  # timed beside the pruned
     selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
