@@ -26,7 +26,7 @@ def main() -> None:
     if wanted:
         for r in runs:
             r["rows"] = [row for row in r["rows"] if row["method"] in wanted]
-    acc, rec, ach = defaultdict(list), defaultdict(list), defaultdict(list)
+    acc, rec, dis, ach = defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list)
     dense = list({r["seed"]: r["dense"] for r in runs}.values())  # one per seed: a seed may span several files
     fidelity = [r["fidelity"] for r in runs if "fidelity" in r]
     methods, sparsities = [], []
@@ -39,6 +39,8 @@ def main() -> None:
             ach[key].append(row["achieved"])
             if "accuracy_recovered" in row:
                 rec[key].append(100 * row["accuracy_recovered"])
+            if "accuracy_distilled" in row:
+                dis[key].append(100 * row["accuracy_distilled"])
 
     def cell(xs):
         if not xs:
@@ -57,6 +59,8 @@ def main() -> None:
         lines.append(f"| {m} | " + " | ".join(cell(acc[(m, s)]) for s in sparsities) + " |")
         if any(rec[(m, s)] for s in sparsities):
             lines.append(f"| {m} + recovery | " + " | ".join(cell(rec[(m, s)]) for s in sparsities) + " |")
+        if any(dis[(m, s)] for s in sparsities):
+            lines.append(f"| {m} + distillation | " + " | ".join(cell(dis[(m, s)]) for s in sparsities) + " |")
     top = sparsities[-1]
     lines += ["", f"Achieved at the {top:.0%} target (minimum over seeds): " + ", ".join(
         f"{m} {min(ach[(m, top)]):.1%}" for m in methods if ach[(m, top)])]
