@@ -68,9 +68,7 @@ class DistillationTrainer(Trainer):
                  hidden_weight: float = 0.0, **kwargs) -> None:
         check_distillation(alpha, temperature, hidden_weight)
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = freeze(teacher.to(self.args.device))
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         # our loss is a per-batch mean: let the Trainer divide it by the accumulation steps
         self.model_accepts_loss_kwargs = False
@@ -91,9 +89,14 @@ class DistillationTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with no parameter requiring gradients (in place); returns it."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` for use as a teacher (eval mode, no gradients)."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return freeze(copy.deepcopy(model))

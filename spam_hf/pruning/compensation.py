@@ -32,13 +32,17 @@ from ..priors import PriorPrecision
 from .damage import Factors
 
 
+def _kept_and_removed(k: int, removed: torch.Tensor):
+    """``(R, S)``: the indices in ``range(k)`` kept and removed."""
+    mask = torch.ones(k, dtype=torch.bool)
+    mask[removed] = False
+    return mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+
+
 def conditional_mean(W: torch.Tensor, A: torch.Tensor, removed: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
     """``W`` (``out × k``, float64) with columns ``removed`` zeroed and the others moved by
     ``W_S A_SR (A_RR + damping·I)⁻¹`` (``A``: ``k × k`` second moment of the inputs)."""
-    k = W.shape[1]
-    mask = torch.ones(k, dtype=torch.bool)
-    mask[removed] = False
-    R, S = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    R, S = _kept_and_removed(W.shape[1], removed)
     out = W.clone()
     if S.numel() and R.numel():
         A_RR = A[R][:, R] + damping * torch.eye(R.numel(), dtype=A.dtype)
@@ -54,10 +58,7 @@ def kron_conditional_mean(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, rem
     """The mean of ``W`` (``out × k``, float64) under the precision ``G ⊗ A + prior·I`` given columns ``removed``
     are zero (``prior`` = ``T·δ`` when the likelihood part is ``G ⊗ A / T``): per eigen-direction ``i`` of ``G``,
     :func:`conditional_mean` with damping ``prior / g_i`` (no update where ``g_i ≤ 0`` and ``prior > 0``)."""
-    k = W.shape[1]
-    mask = torch.ones(k, dtype=torch.bool)
-    mask[removed] = False
-    R, S = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    R, S = _kept_and_removed(W.shape[1], removed)
     out = W.clone()
     if not (S.numel() and R.numel()):
         out[:, S] = 0
