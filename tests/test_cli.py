@@ -384,6 +384,18 @@ def test_causal_lm_with_lora(tiny_lm_setup):
     assert json.load(open(os.path.join(out, "model", "adapter_config.json")))["task_type"] == "CAUSAL_LM"
 
 
+def _assert_same_run(a_dir, b_dir):
+    """Two compress runs ended alike: dense weights and priors (to 1e-6), and the same groups kept."""
+    from safetensors.torch import load_file
+
+    for f in ("spam_prior.safetensors", "model.safetensors"):
+        a, b = load_file(os.path.join(a_dir, "dense", f)), load_file(os.path.join(b_dir, "dense", f))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+    reports = [json.load(open(os.path.join(d, "pruning_report.json"))) for d in (a_dir, b_dir)]
+    assert reports[0]["selection"]["keep"] == reports[1]["selection"]["keep"]
+
+
 @pytest.mark.slow
 def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, capsys):
     """`--resume_from_checkpoint` continues the run in place (no --overwrite-output-dir) from the checkpoint,
@@ -399,14 +411,7 @@ def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, 
     shutil.copytree(out, resumed, ignore=lambda d, names: [n for n in names if d == out and (
         n in ("checkpoint-16", "dense", "model", "recovery") or n.endswith((".json", ".png")))])  # as killed after epoch 1
     assert main(common + ["--output-dir", resumed, "--resume_from_checkpoint", os.path.join(resumed, "checkpoint-8")]) == 0
-    from safetensors.torch import load_file
-
-    for f in ("spam_prior.safetensors", "model.safetensors"):
-        a, b = load_file(os.path.join(out, "dense", f)), load_file(os.path.join(resumed, "dense", f))
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
-    reports = [json.load(open(os.path.join(d, "pruning_report.json"))) for d in (out, resumed)]
-    assert reports[0]["selection"]["keep"] == reports[1]["selection"]["keep"]
+    _assert_same_run(out, resumed)
     capsys.readouterr()
     assert main(common + ["--output-dir", str(tmp / "none"), "--resume_from_checkpoint", "last"]) == 2
     assert "no checkpoint-* folder" in capsys.readouterr().err
@@ -465,11 +470,4 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_like_the_uninterrupted_run(
     assert proc.wait() == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "model"))
     assert main(common + ["--output-dir", killed, "--resume_from_checkpoint", "last"]) == 0
-    from safetensors.torch import load_file
-
-    for f in ("spam_prior.safetensors", "model.safetensors"):
-        a, b = load_file(os.path.join(out, "dense", f)), load_file(os.path.join(killed, "dense", f))
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
-    reports = [json.load(open(os.path.join(d, "pruning_report.json"))) for d in (out, killed)]
-    assert reports[0]["selection"]["keep"] == reports[1]["selection"]["keep"]
+    _assert_same_run(out, killed)

@@ -11,6 +11,18 @@ from spam_hf.pruning import compensate, conditional_mean, kron_conditional_mean
 from conftest import tiny_batch, tiny_classifier
 
 
+def _dense_conditional(W, P, removed):
+    out, k = W.shape
+    is_removed = torch.zeros(out, k, dtype=torch.bool)
+    is_removed[:, removed] = True
+    S, R = is_removed.reshape(-1).nonzero().squeeze(1), (~is_removed).reshape(-1).nonzero().squeeze(1)
+    mu = W.reshape(-1)
+    expected = mu.clone()
+    expected[R] = mu[R] + torch.linalg.solve(P[R][:, R], P[R][:, S] @ mu[S])
+    expected[S] = 0
+    return expected.reshape(out, k)
+
+
 def test_conditional_mean_equals_the_dense_gaussian_conditional():
     """With ``G = g·I`` and a uniform prior δ, ``G ⊗ A / T + δ I`` is what the damping λ = Tδ/g encodes: the
     compensated weights equal ``μ_R + P_RR⁻¹ P_RS μ_S`` (the mean given θ_S = 0) computed densely."""
@@ -22,26 +34,7 @@ def test_conditional_mean_equals_the_dense_gaussian_conditional():
     removed = torch.tensor([1, 4])
     got = conditional_mean(W, A, removed, damping=T * delta / gval)
     P = torch.kron(gval * torch.eye(out, dtype=torch.float64), A) / T + delta * torch.eye(out * k, dtype=torch.float64)
-    is_removed = torch.zeros(out, k, dtype=torch.bool)
-    is_removed[:, removed] = True
-    S, R = is_removed.reshape(-1).nonzero().squeeze(1), (~is_removed).reshape(-1).nonzero().squeeze(1)
-    mu = W.reshape(-1)
-    expected = mu.clone()
-    expected[R] = mu[R] + torch.linalg.solve(P[R][:, R], P[R][:, S] @ mu[S])
-    expected[S] = 0
-    torch.testing.assert_close(got.reshape(-1), expected, rtol=1e-9, atol=1e-12)
-
-
-def _dense_conditional(W, P, removed):
-    out, k = W.shape
-    is_removed = torch.zeros(out, k, dtype=torch.bool)
-    is_removed[:, removed] = True
-    S, R = is_removed.reshape(-1).nonzero().squeeze(1), (~is_removed).reshape(-1).nonzero().squeeze(1)
-    mu = W.reshape(-1)
-    expected = mu.clone()
-    expected[R] = mu[R] + torch.linalg.solve(P[R][:, R], P[R][:, S] @ mu[S])
-    expected[S] = 0
-    return expected.reshape(out, k)
+    torch.testing.assert_close(got, _dense_conditional(W, P, removed), rtol=1e-9, atol=1e-12)
 
 
 def test_kron_conditional_mean_equals_the_dense_gaussian_conditional_for_any_g():

@@ -17,6 +17,16 @@ def loader(n_batches=3, batch=4, seed=0):
     return DataLoader(rows, batch_size=batch, shuffle=False)
 
 
+def feed(la, model, batches, add_loss=True):
+    """What the trainer's hooks do per batch: capture the forward, accumulate curvature (and the loss)."""
+    for b in batches:
+        with la.capture(model, b["attention_mask"]):
+            out = model(**b)
+        la.accumulate(out.logits, b["labels"])
+        if add_loss:
+            la.add_loss(float(out.loss))
+
+
 def test_fit_without_a_trainer_equals_the_manual_assembly():
     """fit(): one eval pass, curvature of every batch, N = dataset size, Σℓ = N · mean loss, then Adam on log δ.
     The value equals log Z assembled by hand from the same sums, and the weights do not move."""
@@ -50,11 +60,7 @@ def test_fit_without_a_trainer_equals_the_manual_assembly():
 def test_optimize_raises_log_marglik():
     model = tiny_classifier("bert")
     la = SpamLaplace(model, n_data=100, n_hypersteps=30)
-    for b in loader():
-        with la.capture(model, b["attention_mask"]):
-            out = model(**b)
-        la.accumulate(out.logits, b["labels"])
-        la.add_loss(float(out.loss))
+    feed(la, model, loader())
     before = float(la.log_marginal_likelihood())
     after = la.optimize_prior_precision()
     assert after > before
@@ -63,21 +69,13 @@ def test_optimize_raises_log_marglik():
 def test_state_round_trip_continues_exactly(tmp_path):
     """save → load into a fresh object: the next prior update (Adam moments, MC labels) is identical."""
     def run_update(la, model, seed):
-        for b in loader(seed=seed):
-            with la.capture(model, b["attention_mask"]):
-                out = model(**b)
-            la.accumulate(out.logits, b["labels"])
-            la.add_loss(float(out.loss))
+        feed(la, model, loader(seed=seed))
         return la.optimize_prior_precision()
 
     model = tiny_classifier("bert")
     a = SpamLaplace(model, n_data=50, n_hypersteps=4, seed=3)
     run_update(a, model, 0)
-    for b in loader(n_batches=1, seed=9):  # live sums pending at save time
-        with a.capture(model, b["attention_mask"]):
-            out = model(**b)
-        a.accumulate(out.logits, b["labels"])
-        a.add_loss(float(out.loss))
+    feed(a, model, loader(n_batches=1, seed=9))  # live sums pending at save time
     a.save(str(tmp_path / "state"))
     b_ = SpamLaplace(model, n_data=50, n_hypersteps=4, seed=0)  # another seed: the generator state must come back
     b_.load(str(tmp_path / "state"))
@@ -110,16 +108,9 @@ def test_a_posterior_saved_before_n_g_existed_loads_with_the_same_diagonal(tmp_p
 
     model = tiny_classifier("bert")
     a = SpamLaplace(model, n_data=50, n_hypersteps=2)
-    for b in loader():
-        with a.capture(model, b["attention_mask"]):
-            out = model(**b)
-        a.accumulate(out.logits, b["labels"])
-        a.add_loss(float(out.loss))
+    feed(a, model, loader())
     a.optimize_prior_precision()
-    for b in loader(n_batches=1, seed=7):
-        with a.capture(model, b["attention_mask"]):
-            out = model(**b)
-        a.accumulate(out.logits, b["labels"])
+    feed(a, model, loader(n_batches=1, seed=7), add_loss=False)
     a.save(str(tmp_path / "state"))
     for f in (tmp_path / "state").glob("*.safetensors"):  # strip the new keys, as an old file has none
         t = load_file(str(f))
