@@ -7,7 +7,8 @@ posterior), prune copies of the dense model at each sparsity with:
 * ``damage`` / ``damage-out``: KFAC group damage of all slices / of the consuming slices, one shot;
 * ``damage-exact``: the consuming slices' damage with the exact within-group Fisher (sampled labels,
   the run's priors and temperature) instead of the Kronecker approximation;
-* ``<score>+comp``: with posterior compensation of O / down;
+* ``<score>+comp``: with compensation of O / down (``--compensation``: least squares, the default, or the
+  KFAC posterior's conditional mean);
 * ``<score>+comp+rounds``: in ``--rounds`` rounds (geometric targets), statistics re-collected each round;
   ``+auto-rounds``: as many rounds as :func:`~spam_hf.pruning.rounds_for_sparsity` gives (none removing
   more than 30% of what is left: 2 / 4 / 7 at 50 / 70 / 90%);
@@ -51,6 +52,7 @@ from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.data import packaged_sst2_files  # noqa: E402
 from spam_hf.distill import DistillationTrainer, frozen_copy  # noqa: E402
 from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_sparsity  # noqa: E402
+from spam_hf.pruning.compensation import COMPENSATIONS  # noqa: E402
 
 METHODS = ("opd", "magnitude", "damage", "damage-out", "damage-exact", "damage-exact+comp", "damage-exact+comp+rounds",
            "damage-exact+comp+auto-rounds", "damage+comp+rounds", "mask-fisher", "mask-fisher+comp+rounds")
@@ -144,7 +146,7 @@ def prune_one(run, method, sparsity, a):
     targets = geometric_targets(sparsity, rounds)
     res = prune_in_rounds(model, run.make_posterior, run.calib_loader(a), targets, method=base,
                           compensate="comp" in extra, max_batches=a.calib_batches, scores_fn=scores_fn,
-                          start_from=run.posterior)
+                          start_from=run.posterior, compensation=a.compensation)
     return model, res.achieved, [r.to_dict() for r in res.selection.layers]
 
 
@@ -221,8 +223,10 @@ def main() -> None:
     p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--compensation", default="least-squares", choices=COMPENSATIONS,
+                   help="how '+comp' methods compensate (spam_hf.pruning.compensation)")
     p.add_argument("--damping-scale", type=float, default=1.0,
-                   help="multiply the compensation's prior damping T·δ/g_i by this (a sensitivity study; 1 = as shipped)")
+                   help="with --compensation posterior: multiply the prior damping T·δ/g_i by this (a sensitivity study)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--heldout-rows", type=int, default=256)
     p.add_argument("--fidelity", action="store_true")

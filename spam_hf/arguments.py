@@ -17,6 +17,7 @@ from .checks import check_choice, check_distillation, validate_sparsity
 from .curvature import CURVATURE_KINDS, FISHER_TYPES, REDUCTIONS
 from .data import LM_EXTENSIONS, TASKS
 from .priors import PRIOR_KINDS
+from .pruning.compensation import COMPENSATIONS
 from .pruning.damage import SCORE_METHODS
 from .pruning.rounds import rounds_for_sparsity
 from .pruning.selection import BUDGETS
@@ -220,9 +221,13 @@ class PruneArguments:
                                                      "as keep each round under 30%% of what is left (2 / 4 / 7 at "
                                                      "50 / 70 / 90%%), else 1."})
     compensate: Optional[bool] = field(default=None, metadata={
-        "help": "Move the remaining weights of O / down to the posterior mean given the removed heads / neurons are "
-                "zero. Default: on with a damage score on a full model up to 50%% removed, off above (measured: "
-                "it helps at 50%%, is even at 70%% and hurts at 90%%; README 'Group damage')."})
+        "help": "Move the remaining weights of O / down so that they still compute what they did without the "
+                "removed heads / neurons (statistics of --calibration-batches training batches). Default: on "
+                "with a damage score on a full model (README 'Group damage')."})
+    compensation: str = choice("least-squares", COMPENSATIONS,
+                               "How to compensate: least-squares (refit every output on the layer's inputs) or "
+                               "posterior (the KFAC posterior's conditional mean; refits only what the loss's "
+                               "curvature sees).")
     calibration_batches: int = field(default=8, metadata={"help": "Training batches per round for the statistics of "
                                                                   "damage scores, rounds and compensation."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
@@ -263,13 +268,13 @@ def resolve_method(method: str, lora: bool) -> str:
 
 def resolve_pruning(args: "PruneArguments", lora: bool):
     """``(method, rounds, compensate)`` with the automatic defaults filled in: a damage score on a full model
-    is pruned in :func:`~spam_hf.pruning.rounds_for_sparsity` rounds, with compensation up to 50% removed
-    (measured on the CPU protocol, README "Group damage": compensation gains at 50%, is even at 70% and
-    loses at 90%); everything else in one shot without compensation, as chosen."""
+    is pruned in :func:`~spam_hf.pruning.rounds_for_sparsity` rounds with (least-squares) compensation
+    (measured on the CPU protocol, README "Group damage"); everything else in one shot without
+    compensation, as chosen."""
     method = resolve_method(args.method, lora)
     damage = method.startswith("damage") and not lora
     rounds = args.rounds or (rounds_for_sparsity(args.sparsity) if damage else 1)
-    compensate = args.compensate if args.compensate is not None else (damage and args.sparsity <= 0.5)
+    compensate = args.compensate if args.compensate is not None else damage
     return method, rounds, compensate
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from .architectures.base import lookup_linear, weight_out_in
 from .checks import check_choice
+from .distributed import all_reduce_sum, is_distributed, shard_offset
 from .kron import KronEigen
 
 CURVATURE_KINDS = ("kfac", "diag")
@@ -52,12 +53,16 @@ def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihoo
             causal-LM mask.
         fisher: ``"mc"`` draws ``y ~ p(y | f)``; ``"empirical"`` uses ``labels``.
 
+    Monte-Carlo labels are drawn by inversion, ``y = min{c : Σ_{c' ≤ c} p_c' > u}``, from one uniform ``u`` per
+    row drawn for the *global* rows of all processes (:func:`~spam_hf.distributed.shard_offset`), so a row's
+    label does not depend on how a batch is split over processes.
+
     Returns:
         ``Σ_n -log p(y_n | f_n)`` over non-ignored rows (a scalar).
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
     check_choice("fisher_type", fisher, FISHER_TYPES)
-    logits = logits.float()
+    logits = _at_least_float32(logits)
     if likelihood == "causal_lm":
         if labels is None:
             raise ValueError("causal-LM curvature needs `labels` to know which positions count")
@@ -66,7 +71,7 @@ def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihoo
     elif likelihood == "regression":
         f = logits.reshape(-1)
         if fisher == "mc":
-            y = f.detach() + torch.randn(f.shape, generator=generator, device="cpu").to(f.device)
+            y = f.detach() + _global_draws(f.numel(), generator, torch.randn).to(f.device, f.dtype)
         else:
             y = labels.reshape(-1).to(f.dtype)
         return 0.5 * (f - y).square().sum()
@@ -75,11 +80,23 @@ def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihoo
         logits = logits[valid]
         labels = labels[valid]
     if fisher == "mc":
-        probs = logits.detach().softmax(-1).cpu()
-        y = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+        cdf = logits.detach().double().softmax(-1).cumsum(-1).cpu()
+        u = _global_draws(cdf.shape[0], generator, torch.rand).to(torch.float64)
+        y = torch.searchsorted(cdf, u.unsqueeze(1)).squeeze(1).clamp_max(cdf.shape[1] - 1).to(logits.device)
     else:
         y = labels
     return F.cross_entropy(logits, y, reduction="sum")
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half precision computed in float32; float32 and float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _global_draws(n_local: int, generator: Optional[torch.Generator], draw) -> torch.Tensor:
+    """This process's ``n_local`` of the draws ``draw(total)`` for the rows of every process (CPU)."""
+    offset, total = shard_offset(n_local)
+    return draw(total, generator=generator)[offset: offset + n_local]
 
 
 @dataclass
@@ -143,6 +160,7 @@ class CurvatureAccumulator:
         self.n = torch.zeros((), dtype=torch.float64)
         self.n_units = torch.zeros((), dtype=torch.float64)  # loss terms seen (examples, or tokens for causal LM)
         self.n_seen = torch.zeros((), dtype=torch.float64)   # rows before max_rows_per_batch subsampling
+        self.reduced = False  # the sums are already summed over processes (all_reduce)
         self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
         for name, (out, inp) in self.shapes.items():
             if self.kind == "kfac":
@@ -181,21 +199,17 @@ class CurvatureAccumulator:
         self.n_seen = state["n_seen"].to(torch.float64).reshape(()) if "n_seen" in state else self.n.clone()
 
     def all_reduce(self) -> None:
-        """Sum factors and counts over processes (``torch.distributed``), in place. No-op when single-process."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        """Sum factors and counts over processes (``torch.distributed``), in place, once: a second call
+        before new rows arrive is a no-op (so is a single process). Rows accumulated after a reduction
+        and before :meth:`reset` would be mixed with global sums; that raises in :meth:`accumulate`."""
+        if not is_distributed() or self.reduced:
             return
-        if torch.distributed.get_world_size() == 1:
-            return
-        backend = torch.distributed.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         for d in self.sums.values():
             for k, v in d.items():
-                t = v.to(device)
-                torch.distributed.all_reduce(t)
-                d[k] = t
-        counts = torch.stack([self.n, self.n_units, self.n_seen]).to(device)
-        torch.distributed.all_reduce(counts)
-        self.n, self.n_units, self.n_seen = counts[0].cpu(), counts[1].cpu(), counts[2].cpu()
+                d[k] = all_reduce_sum(v)
+        counts = all_reduce_sum(torch.stack([self.n, self.n_units, self.n_seen]))
+        self.n, self.n_units, self.n_seen = counts[0], counts[1], counts[2]
+        self.reduced = True
 
     # ------------------------------------------------------------------ capture
     @contextlib.contextmanager
@@ -234,7 +248,7 @@ class CurvatureAccumulator:
         ``reduce_op="mean"`` averages over real tokens, or, with ``weights`` (``[B, T]``, summing to 1
         per sequence), takes that weighted average.
         """
-        x = x.float()
+        x = _at_least_float32(x)
         if x.dim() == 2:
             return x
         x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
@@ -268,6 +282,9 @@ class CurvatureAccumulator:
 
         Must follow a forward run under :meth:`capture`, before the training backward frees the graph.
         """
+        if self.reduced:
+            raise RuntimeError("curvature: these sums were already summed over processes; reset() before "
+                               "accumulating new batches")
         missing = [m for m in self.module_names if m not in self._captures]
         if missing:
             raise RuntimeError(f"curvature: no forward captured for {len(missing)} module(s), e.g. {missing[:3]}; "
@@ -318,10 +335,10 @@ class CurvatureAccumulator:
     def _mask_gradients(self, x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``[B, in]``: per example, the gradient of the loss w.r.t. a multiplicative mask on each input column,
         ``m_bc = Σ_t x_btc (Wᵀ g_bt)_c`` (padding masked)."""
-        x, grad = x.float(), grad.float()
+        x, grad = _at_least_float32(x), _at_least_float32(grad)
         if x.dim() == 2:
             x, grad = x.unsqueeze(1), grad.unsqueeze(1)
-        dx = grad @ weight.float().to(grad.device)
+        dx = grad @ weight.to(grad.device, grad.dtype)
         if self._mask is not None and self._mask.shape == x.shape[:2]:
             dx = dx * self._mask.to(dx.device, dx.dtype).unsqueeze(-1)
         return torch.einsum("bti,bti->bi", x, dx)

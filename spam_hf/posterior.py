@@ -32,6 +32,7 @@ from torch import nn
 from .architectures import group_specs, prunable_modules
 from .architectures.base import GroupSpec
 from .curvature import CurvatureAccumulator, diagonal_from_state
+from .distributed import all_reduce_sum, is_distributed
 from .marglik import Curvature, log_marginal_likelihood, optimize_prior
 from .priors import PriorPrecision, params_aug
 
@@ -203,11 +204,12 @@ class SpamLaplace:
 
     # ------------------------------------------------------------------ verbs
     def optimize_prior_precision(self, n_steps: Optional[int] = None, lr: Optional[float] = None) -> float:
-        """All-reduce the sums across processes, take Adam steps on ``log δ``; returns ``log Z``.
+        """Sum the curvature and losses over processes (:meth:`all_reduce`), take Adam steps on ``log δ``;
+        returns ``log Z``. Every process takes the identical step.
 
         Afterwards the live sums are reset and their diagonal is retained for pruning.
         """
-        self.curvature.all_reduce()
+        self.all_reduce()
         t0 = time.perf_counter()
         curv = self.curvature_estimate()
         t1 = time.perf_counter()
@@ -223,11 +225,22 @@ class SpamLaplace:
         self.loss_sum, self.loss_count = 0.0, 0
         return res.final
 
+    def all_reduce(self) -> None:
+        """Data parallel: sum the live curvature over processes and average the recorded mean losses (every
+        process records as many), once per batch of accumulations; a no-op in a single process."""
+        if not is_distributed() or self.curvature.reduced:
+            return
+        world = torch.distributed.get_world_size()
+        total = all_reduce_sum(torch.tensor(float(self.loss_sum), dtype=torch.float64))
+        self.loss_sum = float(total) / world
+        self.curvature.all_reduce()
+
     def collect(self, dataloader: Iterable[Dict[str, torch.Tensor]], max_batches: Optional[int] = None,
                 progress: bool = True) -> None:
         """Reset, then accumulate curvature and loss over ``dataloader`` (up to ``max_batches``) in eval mode,
         without touching the priors: calibration statistics for :meth:`factors`, group damage and
-        compensation. Batches are moved to the model's device; ``N`` defaults to ``len(dataloader.dataset)``."""
+        compensation. Batches are moved to the model's device; ``N`` defaults to ``len(dataloader.dataset)``.
+        Data parallel: each process reads its shard and the sums are then summed over processes."""
         from tqdm.auto import tqdm
 
         if not self.n_data:
@@ -250,6 +263,7 @@ class SpamLaplace:
                 self.add_loss(float(out.loss.detach()) if out.loss is not None else 0.0)
         finally:
             model.train(was_training)
+        self.all_reduce()
 
     def fit(self, dataloader: Iterable[Dict[str, torch.Tensor]], max_batches: Optional[int] = None,
             n_steps: int = 200, progress: bool = True) -> float:

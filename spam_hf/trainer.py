@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from .architectures import is_peft_model
 from .arguments import SpamTrainingArguments
+from .distributed import broadcast_object
 from .export import save_pruned
 from .posterior import PRIOR_FILE, SpamLaplace, unwrap
 from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, geometric_targets, mask_groups,
@@ -89,6 +90,9 @@ class SpamTrainer(Trainer):
         if not isinstance(self.args, SpamTrainingArguments):
             raise TypeError("SpamTrainer needs SpamTrainingArguments (got "
                             f"{type(self.args).__name__}); the SpaM options live there")
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError("SpamTrainer runs data parallel (torchrun / accelerate launch with DDP) only: FSDP and "
+                             "DeepSpeed shard the weights that curvature hooks and surgery need whole")
         self.posterior = SpamLaplace.from_args(self.model, self.args)
         self._steps_since_update = 0
         self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
@@ -236,7 +240,7 @@ class SpamTrainer(Trainer):
             method = "magnitude"
         if target <= 0:
             return None
-        p = self.plan(target, method=method)
+        p = broadcast_object(self.plan(target, method=method))
         self.schedule_keep = monotone_keep(p.keep, self.schedule_keep)
         mask_groups(unwrap(self.model), self.specs, self.schedule_keep)
         masked = sum(s.count - len(self.schedule_keep.get(s.name, range(s.count))) for s in self.specs)
@@ -258,13 +262,14 @@ class SpamTrainer(Trainer):
 
     def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
               seed: int = 0, min_keep: float = 0.0, rounds: int = 1, compensate: bool = False,
-              calibration_batches: int = 8) -> Selection:
+              calibration_batches: int = 8, compensation: str = "least-squares") -> Selection:
         """Plan (OPD scores by default, global selection under the budget), then remove the groups for real.
 
         With ``rounds > 1``, ``compensate`` or a damage score, pruning goes through
         :func:`spam_hf.pruning.prune_in_rounds`: each round re-collects token-level KFAC factors (and the
         mask Fisher) of the current model on ``calibration_batches`` training batches, scores, removes
-        its share of the budget and, with ``compensate``, moves O / down to the conditional mean.
+        its share of the budget and, with ``compensate``, refits O / down (``compensation``: ``least-squares``
+        or ``posterior``, :func:`spam_hf.pruning.compensation.compensate`).
 
         Returns the :class:`~spam_hf.pruning.Selection` (``to_dict()`` is the JSON report, indices of the
         original groups); a one-shot plan is ``trainer.last_plan``. The posterior is rebuilt for the
@@ -277,16 +282,16 @@ class SpamTrainer(Trainer):
                 sparsity = masked
         if rounds > 1 or compensate or method in DAMAGE_METHODS + EXACT_METHODS:
             return self._prune_in_rounds(sparsity, budget, method, seq_len, min_keep, rounds, compensate,
-                                         calibration_batches)
-        pruning_plan = self.plan(sparsity, budget=budget, method=method, seq_len=seq_len, seed=seed,
-                                 min_keep=min_keep)
+                                         calibration_batches, compensation)
+        pruning_plan = broadcast_object(self.plan(sparsity, budget=budget, method=method, seq_len=seq_len,
+                                                  seed=seed, min_keep=min_keep))  # decided once, on the main process
         self._apply(pruning_plan)
         self.last_plan = pruning_plan
         logger.info(f"pruned {pruning_plan.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method}")
         return pruning_plan.selection
 
     def _prune_in_rounds(self, sparsity, budget, method, seq_len, min_keep, rounds, compensate,
-                         calibration_batches) -> Selection:
+                         calibration_batches, compensation) -> Selection:
         model = unwrap(self.model)
         if is_peft_model(model) and (rounds > 1 or compensate or method in EXACT_METHODS):
             raise ValueError("rounds, compensation and damage-exact prune heads and neurons; for LoRA ranks use "
@@ -303,7 +308,8 @@ class SpamTrainer(Trainer):
                                  method=method, budget=budget, seq_len=seq_len, min_keep=min_keep,
                                  compensate=compensate, max_batches=calibration_batches,
                                  progress=self.is_local_process_zero() and not self.args.disable_tqdm,
-                                 kv_groups_only=self.args.kv_groups_only, start_from=posterior)
+                                 kv_groups_only=self.args.kv_groups_only, start_from=posterior,
+                                 compensation=compensation)
         self._after_surgery(result.selection.keep)
         logger.info(f"pruned {result.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method} in "
                     f"{len(result.plans)} round(s){' with compensation' if compensate else ''}")
@@ -354,8 +360,8 @@ class SpamTrainer(Trainer):
                                      kv_groups_only=True, hyper_lr=self.args.hyper_lr)
         base_posterior.fit(self.get_train_dataloader(), max_batches=max_batches,
                            progress=self.is_local_process_zero() and not self.args.disable_tqdm)
-        pruning_plan = plan(merged, base_posterior, sparsity=sparsity, method="opd", budget=budget, seq_len=seq_len,
-                            min_keep=min_keep)
+        pruning_plan = broadcast_object(plan(merged, base_posterior, sparsity=sparsity, method="opd", budget=budget,
+                                             seq_len=seq_len, min_keep=min_keep))
         del merged
         self._apply(pruning_plan, base_only=True)
         logger.info(f"pruned {pruning_plan.achieved:.1%} of the base model's prunable {budget} with OPD on merged weights")

@@ -72,11 +72,39 @@ def test_compensate_uses_the_prior_damping():
     keep = {specs[0].name: torch.arange(0, 48, 3)}
     mod = model.get_submodule(down)
     W = torch.cat([mod.weight.detach(), mod.bias.detach().unsqueeze(1)], 1).clone()
-    compensate(model, specs, keep, {down: (A, G)}, prior=prior, temperature=2.0)
+    compensate(model, specs, keep, {down: (A, G)}, prior=prior, temperature=2.0, kind="posterior")
     removed = torch.tensor([j for j in range(48) if j % 3])
     expected = conditional_mean(W, A, removed, damping=2.0 * 0.25 / 3.0)
     torch.testing.assert_close(mod.weight.detach(), expected[:, :48])
     torch.testing.assert_close(mod.bias.detach(), expected[:, 48])
+
+
+def test_least_squares_compensation_is_the_ridge_refit_of_the_outputs():
+    """``kind="least-squares"`` (the default) against brute force: the kept columns (bias included) that minimise
+    ``Σ_t ‖W x_t − W' x_{t,R}‖² + λ n ‖W' − W_R‖²`` (the damping holds the update, not the weights, small)
+    over the rows ``x_t`` behind ``A = Σ x xᵀ / n``, with ``λ`` 1% of
+    the mean diagonal of ``A_RR``, solved as one stacked least-squares problem by ``torch.linalg.lstsq``."""
+    from spam_hf.architectures import group_specs
+
+    model = tiny_classifier("bert").double()
+    specs = [s for s in group_specs(model) if s.kind == "neuron" and s.layer == 0]
+    down = "bert.encoder.layer.0.output.dense"
+    n = 60
+    X = torch.randn(n, 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)  # [x | 1]
+    A = X.T @ X / n
+    mod = model.get_submodule(down)
+    W = torch.cat([mod.weight.detach(), mod.bias.detach().unsqueeze(1)], 1).clone()
+    keep = {specs[0].name: torch.arange(0, 48, 2)}
+    compensate(model, specs, keep, {down: (A, torch.eye(32, dtype=torch.float64))})
+    R = torch.tensor(list(range(0, 48, 2)) + [48])
+    lam = 0.01 * float(A.diagonal()[R].mean())
+    design = torch.cat([X[:, R], (lam * n) ** 0.5 * torch.eye(len(R), dtype=torch.float64)])
+    target = torch.cat([X @ W.T, (lam * n) ** 0.5 * W[:, R].T])
+    expected = torch.linalg.lstsq(design, target).solution.T  # out × |R|
+    torch.testing.assert_close(mod.weight.detach()[:, R[:-1]], expected[:, :-1], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(mod.bias.detach(), expected[:, -1], rtol=1e-8, atol=1e-10)
+    assert mod.weight.detach()[:, 1::2].abs().max() == 0
 
 
 def test_compensation_is_least_squares_on_the_calibration_inputs():

@@ -114,12 +114,13 @@ def test_an_interrupted_export_leaves_the_old_one_and_no_partial_folder(tmp_path
 
 
 def test_automatic_pruning_defaults():
-    """--method auto on a full model: damage-exact in rounds_for_sparsity rounds, compensated up to 50% removed
-    (README "Group damage"); on LoRA: one-shot OPD. Explicit choices are kept."""
+    """--method auto on a full model: damage-exact in rounds_for_sparsity rounds, compensated (least squares,
+    README "Group damage"); on LoRA: one-shot OPD. Explicit choices are kept."""
     from spam_hf.arguments import PruneArguments, resolve_pruning
 
     assert [resolve_pruning(PruneArguments(sparsity=s), lora=False) for s in (0.5, 0.7, 0.9)] == [
-        ("damage-exact", 2, True), ("damage-exact", 4, False), ("damage-exact", 7, False)]
+        ("damage-exact", 2, True), ("damage-exact", 4, True), ("damage-exact", 7, True)]
+    assert PruneArguments().compensation == "least-squares"
     assert resolve_pruning(PruneArguments(sparsity=0.9), lora=True) == ("opd", 1, False)
     assert resolve_pruning(PruneArguments(sparsity=0.9, method="opd"), lora=False) == ("opd", 1, False)
     assert resolve_pruning(PruneArguments(sparsity=0.9, rounds=3, compensate=True), lora=False) == \

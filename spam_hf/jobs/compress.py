@@ -12,10 +12,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
     SpamTrainingArguments, resolve_method
 from ..architectures import group_specs
+from ..distributed import is_main_process
 from ..export.hub import check_hub
 from ..pruning import check_reachable
 from ..trainer import SpamTrainer
-from .finish import RunContext, plain_args, prune_and_export, pruning_for
+from .finish import RunContext, per_batch_mean_loss, plain_args, prune_and_export, pruning_for
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
 from .reporting import snapshot
@@ -82,14 +83,15 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     elif args.training == "plain":
         plain = Trainer(model=model, args=TrainingArguments(**plain_args(train_args)), train_dataset=data["train"],
                         data_collator=collator, processing_class=tokenizer)
-        plain.train()
+        per_batch_mean_loss(plain).train()
     if resolve_method(args.method, lora_args.enabled) in ("opd", "fisher") and \
             (args.training != "spam" or not trainer.has_curvature()):
         trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
     # latency is measured later, dense and pruned interleaved (prune_and_export)
     dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size, False)
     trainer.save_model(os.path.join(out_dir, "dense"))
-    write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
+    if is_main_process():
+        write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
                      base_name=display_name(model_args, path), command=command, merged=lora_args.lora_merge,
                      base_sparsity=base_sparsity(lora_args, args))

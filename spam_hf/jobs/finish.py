@@ -14,9 +14,11 @@ from ..architectures import is_peft_model
 from ..arguments import DataArguments, PruneArguments, resolve_pruning
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, frozen_copy
+from ..distributed import is_main_process
 from ..export import save_pruned
 from ..pruning import EXACT_METHODS
 from ..export.hub import push_folder
+from ..posterior import likelihood_of, unwrap
 from ..trainer import SpamTrainer
 from .loading import collator_for, metrics_for
 from .outputs import staged_folder, write_json
@@ -48,6 +50,14 @@ def plain_args(train_args: TrainingArguments) -> dict:
             if f.init and not f.name.startswith("_")}
 
 
+def per_batch_mean_loss(trainer: Trainer) -> Trainer:
+    """Sequence-level heads return a per-batch mean loss and ignore ``num_items_in_batch``; tell ``trainer`` so,
+    or with several processes it multiplies that mean by the process count (the loss doubled on two)."""
+    if likelihood_of(unwrap(trainer.model)) != "causal_lm":
+        trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
 def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=None) -> float:
     """Fine-tune the pruned ``model`` with a plain Trainer (``recovery_steps`` or ``recovery_epochs``), or, with a
     ``teacher`` (the unpruned model), by distillation (:class:`~spam_hf.distill.DistillationTrainer`); returns the metric."""
@@ -63,7 +73,7 @@ def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=
                                   hidden_weight=args.distill_hidden_weight, **common)
     else:
         rec = Trainer(**common)
-    rec.train()
+    per_batch_mean_loss(rec).train()
     return evaluate_metric(rec, ctx.data["validation"], ctx.metric)
 
 
@@ -89,7 +99,8 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     dense_model = teacher or (frozen_copy(trainer.model) if args.measure_latency else None)  # timed beside the pruned
     selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep, rounds=rounds,
-                              compensate=compensate, calibration_batches=args.calibration_batches)
+                              compensate=compensate, calibration_batches=args.calibration_batches,
+                              compensation=args.compensation)
     base_selection = None
     if ctx.base_sparsity:
         base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
@@ -107,6 +118,9 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         pruned[ctx.metric] = recover(model, ctx, args, out_dir, teacher=teacher)
     export_dir = os.path.join(out_dir, "model")
     merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
+    if not is_main_process():  # data parallel: every process pruned the same groups; one writes
+        return build_report(ctx, args, pruned, selection, base_selection, method, rounds, compensate,
+                            export_dir, "", merged_dir)
     # this job's own folders (compress, or prune into a new/empty folder), each written aside and renamed into place
     with staged_folder(export_dir) as stage, staged_folder(merged_dir) as merged_stage:
         kind = save_pruned(model, stage, tokenizer=ctx.tokenizer, merged_dir=merged_stage)
@@ -139,6 +153,7 @@ def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection,
         "selection": selection.to_dict(),
         **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
         "method": method, "rounds": rounds, "compensate": compensate,
+        **({"compensation": args.compensation} if compensate else {}),
         **({"recovery": {"steps": args.recovery_steps, "epochs": args.recovery_epochs, "lr": args.recovery_lr,
                          "distill": args.distill, "distill_temperature": args.distill_temperature,
                          "distill_hidden_weight": args.distill_hidden_weight}}

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..architectures import group_specs
 from ..checks import validate_sparsity
+from ..distributed import broadcast_object, broadcast_parameters
 from .compensation import compensate as compensate_groups
 from .plan import POSTERIOR_METHODS, PruningPlan, apply, plan
 from .selection import DEFAULT_REPORT_FIELDS, LayerReport, Selection, prunable_cost
@@ -53,7 +54,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
                     seq_len: int = 128, min_keep: float = 0.0, compensate: bool = True,
                     max_batches: Optional[int] = None, progress: bool = False,
                     scores_fn: Optional[Callable[[nn.Module, object], dict]] = None,
-                    kv_groups_only: bool = False, start_from: Optional[object] = None) -> RoundsResult:
+                    kv_groups_only: bool = False, start_from: Optional[object] = None,
+                    compensation: str = "least-squares") -> RoundsResult:
     """Prune ``model`` in place through cumulative ``targets`` (fractions of the original prunable cost).
 
     Args:
@@ -61,7 +63,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             every round; the previous round's unit precisions of kept groups are carried over).
         calibration: batches for the curvature of each round (``max_batches`` of them).
         method: any score; ``damage`` / ``damage-out`` and compensation use the round's KFAC factors.
-        compensate: move the consuming layers' remaining weights to the conditional mean (needs KFAC).
+        compensate: move the consuming layers' remaining weights (needs KFAC): ``compensation`` names how
+            (``least-squares`` or ``posterior``, :func:`spam_hf.pruning.compensation.compensate`).
         scores_fn: ``(model, posterior) -> {spec name: scores}`` for a score spam-hf does not compute (a
             peer's); ``method`` then only names it.
         kv_groups_only: the grouped-query-attention granularity (must match ``make_posterior``'s).
@@ -90,15 +93,17 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
         p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
                  min_keep=min_keep, scores=scores_fn(model, posterior) if scores_fn is not None else None)
+        p = broadcast_object(p)  # data parallel: the main process decides
         if compensate:
             # the posterior of the calibration batches alone: their statistics are not extrapolated to N
             compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(extrapolate=False),
-                                                 posterior.prior, posterior.temperature))
+                                                 posterior.prior, posterior.temperature, kind=compensation))
         apply(model, p)
         plans.append(p)
         previous = (posterior, p.keep)
         for name, kept in p.keep.items():
             original[name] = original[name][kept]
+    broadcast_parameters(model)  # data parallel: every process holds the main process's compensated weights
     total = prunable_cost(model, group_specs(model, kv_groups_only), budget, seq_len)
     achieved = 1.0 - total / total0
     layers: dict = {}
