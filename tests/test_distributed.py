@@ -69,3 +69,31 @@ def test_two_processes_equal_one_process(tmp_path, prior, curvature):
     ranks = [json.load(open(tmp_path / "two" / f"rank{r}.json")) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["one_shot"] == ranks[1]["one_shot"] and ranks[0]["rounds"] == ranks[1]["rounds"]
+
+
+@pytest.mark.slow
+def test_compress_under_torchrun_writes_one_export(tiny_setup):
+    """``torchrun --nproc_per_node 2 -m spam_hf.cli compress`` (the default pruning: damage-exact in rounds with
+    compensation, then recovery steps): exit 0, one export and one report, written by the main process, and
+    the recovery loss is not multiplied by the process count."""
+    from conftest import FAST
+
+    model_dir, train, dev, tmp = tiny_setup
+    out = tmp / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "spam_hf.cli", "compress", model_dir, "--train-file", train,
+           "--validation-file", dev, "--sparsity", "0.5", "--output-dir", str(out), "--recovery-steps", "4",
+           "--ddp_backend", "gloo", "--logging_steps", "1", *FAST]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.load(open(out / "pruning_report.json"))
+    assert report["selection"]["sparsity_achieved"] >= 0.5 and report["compensate"] and report["rounds"] == 2
+    assert os.path.exists(out / "model" / "model.safetensors") and os.path.exists(out / "run_config.json")
+    assert not [f for f in os.listdir(out) if ".partial-" in f]
+    assert res.stdout.count("exported to") == 1  # one process printed the summary
+    # the recovery Trainer's 4 logged losses are per-example means (a 2-class CE near log 2 = 0.69; it logged
+    # 1.39, twice that, when the Trainer multiplied the sequence head's mean loss by the process count)
+    losses = [float(json.loads(line.replace("'", '"'))["loss"]) for line in res.stdout.splitlines()
+              if line.startswith("{'loss'")]
+    assert len(losses) >= 4 and max(losses[-4:]) < 1.0, losses
