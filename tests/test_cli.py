@@ -14,7 +14,7 @@ from conftest import FAST, direct_accuracy, tiny_classifier, tiny_tokenizer, wri
 
 
 @pytest.mark.slow
-def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
+def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     model_dir, train, dev, tmp = tiny_setup
     out = str(tmp / "run")
     rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
@@ -65,6 +65,22 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys):
     (busy / "model" / "mine.txt").write_text("x")
     assert main(["prune", out, "--sparsity", "0.6", "--output-dir", str(busy), "--measure-latency", "False"]) == 2
     assert (busy / "model" / "mine.txt").read_text() == "x"
+    # the disk fills up while the export is written: exit 2 with the system's one line, no model, no partial folder
+    import errno
+
+    import spam_hf.jobs.finish as finish
+
+    def full_disk(model, directory, **kw):
+        open(os.path.join(directory, "model.safetensors"), "wb").write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finish, "save_pruned", full_disk)
+    capsys.readouterr()
+    assert main(["prune", out, "--sparsity", "0.6", "--output-dir", str(tmp / "full"), "--measure-latency", "False"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not (tmp / "full" / "model").exists() and not [f for f in os.listdir(tmp / "full") if ".partial-" in f]
+    monkeypatch.undo()
     # evaluate any checkpoint: its numbers against a direct computation on the reloaded model
     from transformers import AutoTokenizer
 

@@ -49,6 +49,24 @@ def test_failed_push_removes_created_repo_and_keeps_local_export(tmp_path):
     assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
 
 
+def test_interrupted_push_removes_created_repo(tmp_path, monkeypatch):
+    """Ctrl-C during the upload: the repository the push created is deleted and the interrupt goes on."""
+    from huggingface_hub import HfApi
+
+    folder = make_folder(tmp_path)
+
+    def interrupted(self, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HfApi, "upload_folder", interrupted)
+    with FakeHub() as hub:
+        with pytest.raises(KeyboardInterrupt):
+            push_folder(folder, "user/tiny-spam", token="hf_test", endpoint=hub.url)
+        assert "user/tiny-spam" not in hub.repos
+        assert any(m == "DELETE" for m, _ in hub.requests)
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+
+
 def test_unreachable_hub_is_a_clear_error(tmp_path):
     folder = make_folder(tmp_path)
     with pytest.raises(PushError, match="cannot reach the Hub"):

@@ -244,3 +244,19 @@ def test_prune_in_rounds_with_compensation_reports_original_groups(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(from_pretrained(out).eval()(**batch).logits, trainer.model(**batch).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_sharded_training_is_refused_in_one_line(tmp_path, monkeypatch, flag):
+    """FSDP / DeepSpeed shard the weights that curvature hooks and surgery need whole: refused at construction."""
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def sharded(self):
+        original(self)
+        setattr(self, flag, True)  # what accelerate reports under an FSDP / DeepSpeed launch
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
+    with pytest.raises(ValueError, match="FSDP and DeepSpeed"):
+        make_trainer(tmp_path)

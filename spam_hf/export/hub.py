@@ -29,8 +29,8 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
                 endpoint: Optional[str] = None, commit_message: str = "Upload model pruned with spam-hf") -> str:
     """``create_repo(exist_ok=True)`` then ``upload_folder`` (one commit). Returns the commit URL.
 
-    A repository this call created is deleted again if the upload fails, so a failed push leaves
-    no partial state behind. Token: ``token`` or the usual places (``HF_TOKEN``, ``hf auth login``).
+    A repository this call created is deleted again if the upload fails or is interrupted, so a failed
+    push leaves no partial state behind (the upload is one commit: all files land or none). Token: ``token`` or the usual places (``HF_TOKEN``, ``hf auth login``).
     """
     api = HfApi(endpoint=endpoint, token=token)
     try:
@@ -43,12 +43,14 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
         raise PushError(f"could not create {repo_id}: {type(e).__name__}: {e}") from None
     try:
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message)
-    except Exception as e:
+    except BaseException as e:  # an interrupted push (Ctrl-C) too: no empty repository left behind
         if not existed:
             try:
                 api.delete_repo(repo_id)
             except Exception as cleanup:  # pragma: no cover - best effort
                 logger.warning(f"could not delete the half-created repo {repo_id}: {cleanup}")
+        if not isinstance(e, Exception):
+            raise
         raise PushError(f"upload to {repo_id} failed: {type(e).__name__}: {e}; the local export in {folder} "
                         "is intact") from None
     return str(getattr(info, "commit_url", info))
