@@ -41,6 +41,7 @@ CURVATURE_FILE = "spam_curvature.safetensors"
 HYPER_FILE = "spam_hyper.safetensors"
 STATE_FILE = "spam_state.json"
 RETAINED_PREFIX = "retained."
+LIVE_FILE = "spam_live_rank{rank}.safetensors"  # data parallel checkpoints: each process's own live sums
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -372,6 +373,21 @@ class SpamLaplace:
         save_file(hyper, os.path.join(directory, HYPER_FILE))
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump(meta, f, indent=2)
+
+    def save_live(self, path: str) -> None:
+        """This process's live curvature sums and loss record (before any all-reduce), for a data-parallel
+        checkpoint: every process writes its own file (:data:`LIVE_FILE`)."""
+        tensors = dict(self.curvature.state_dict())
+        tensors["loss_sum"] = torch.tensor([float(self.loss_sum)], dtype=torch.float64)
+        tensors["loss_count"] = torch.tensor([self.loss_count], dtype=torch.float64)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+
+    def load_live(self, path: str) -> None:
+        """Restore what :meth:`save_live` wrote (replacing the live sums :meth:`load` took from the main process)."""
+        tensors = load_file(path)
+        self.loss_sum = float(tensors.pop("loss_sum").reshape(()))
+        self.loss_count = int(tensors.pop("loss_count").reshape(()))
+        self.curvature.load_state_dict(tensors)
 
     def load(self, directory: str) -> None:
         """Restore what :meth:`save` wrote to ``directory`` (files it lacks are treated as empty)."""

@@ -23,9 +23,9 @@ from transformers.utils import logging
 
 from .architectures import is_peft_model
 from .arguments import SpamTrainingArguments
-from .distributed import broadcast_object
+from .distributed import broadcast_object, is_distributed, rank
 from .export import save_pruned
-from .posterior import PRIOR_FILE, SpamLaplace, unwrap
+from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, unwrap
 from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, geometric_targets, mask_groups,
                       plan, prune_in_rounds)
 from .pruning.selection import group_costs, prunable_cost
@@ -394,6 +394,9 @@ class SpamTrainer(Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             self.save_spam_state(output_dir)
+        if _internal_call and is_distributed():  # a checkpoint: each process's own live sums (main's are not all)
+            os.makedirs(output_dir, exist_ok=True)
+            self.posterior.save_live(os.path.join(output_dir, LIVE_FILE.format(rank=rank())))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint:
@@ -404,6 +407,9 @@ class SpamTrainer(Trainer):
                     raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
             if os.path.exists(os.path.join(ckpt, PRIOR_FILE)):
                 self.load_spam_state(ckpt)
+                live = os.path.join(ckpt, LIVE_FILE.format(rank=rank()))
+                if is_distributed() and os.path.exists(live):
+                    self.posterior.load_live(live)
                 logger.info(f"restored SpaM priors and curvature from {ckpt}")
             resume_from_checkpoint = ckpt
         output = super().train(resume_from_checkpoint, *args, **kwargs)

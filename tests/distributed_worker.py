@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--prior", default="unit")
     p.add_argument("--curvature", default="diag")
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (0 = none)")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
     a = p.parse_args()
     torch.set_num_threads(1)
     model = tiny_classifier("bert", num_labels=2).double()
@@ -44,12 +46,13 @@ def main() -> None:
                                  num_train_epochs=2, learning_rate=1e-3, report_to=[], logging_steps=2,
                                  marglik_frequency=2, marglik_burn_in=2, curvature_every=1, n_hypersteps=5,
                                  prior=a.prior, curvature=a.curvature,
-                                 save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                                 save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
+                                 use_cpu=True, seed=0, disable_tqdm=True,
                                  ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
     trainer = SpamTrainer(model=model, args=args, train_dataset=toy_dataset(a.rows),
                           data_collator=DataCollatorWithPadding(ToyTokenizer()))
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=a.resume)
     train_s = time.perf_counter() - t0
     priors = {k: v.detach().clone() for k, v in trainer.prior.log_delta.items()}
     one_shot = {k: v.tolist() for k, v in trainer.plan(0.5).keep.items()}

@@ -21,9 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(out, batch, processes, prior, curvature):
+def run_worker(out, batch, processes, prior, curvature, *extra):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, WORKER, str(out), "--batch", str(batch), "--prior", prior, "--curvature", curvature]
+    cmd = [sys.executable, WORKER, str(out), "--batch", str(batch), "--prior", prior, "--curvature", curvature,
+           *map(str, extra)]
     if processes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + cmd[1:]
@@ -69,6 +70,21 @@ def test_two_processes_equal_one_process(tmp_path, prior, curvature):
     ranks = [json.load(open(tmp_path / "two" / f"rank{r}.json")) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["one_shot"] == ranks[1]["one_shot"] and ranks[0]["rounds"] == ranks[1]["rounds"]
+
+
+@pytest.mark.slow
+def test_two_process_resume_equals_the_uninterrupted_run(tmp_path):
+    """A 2-process run resumed from a checkpoint taken between two prior updates (step 3: live sums of one batch
+    on each process) ends with the uninterrupted 2-process run's priors, decisions and function: each process
+    restores its own live sums (``spam_live_rank<r>``), not the main process's."""
+    full = run_worker(tmp_path / "full", 8, 2, "unit", "diag", "--save-steps", 3)
+    ckpt = tmp_path / "full" / "run" / "checkpoint-3"
+    assert (ckpt / "spam_live_rank0.safetensors").exists() and (ckpt / "spam_live_rank1.safetensors").exists()
+    resumed = run_worker(tmp_path / "resumed", 8, 2, "unit", "diag", "--resume", ckpt)
+    for k, v in full["priors"].items():
+        torch.testing.assert_close(resumed["priors"][k], v, rtol=1e-6, atol=0.0)
+    assert resumed["one_shot"] == full["one_shot"] and resumed["rounds"] == full["rounds"]
+    torch.testing.assert_close(resumed["logits"], full["logits"], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.slow
