@@ -293,9 +293,6 @@ class SpamTrainer(Trainer):
     def _prune_in_rounds(self, sparsity, budget, method, seq_len, min_keep, rounds, compensate,
                          calibration_batches, compensation) -> Selection:
         model = unwrap(self.model)
-        if is_peft_model(model) and (rounds > 1 or compensate or method in EXACT_METHODS):
-            raise ValueError("rounds, compensation and damage-exact prune heads and neurons; for LoRA ranks use "
-                             "one shot with opd, fisher, magnitude, random or damage (the rank's merged-update damage)")
         posterior = self._sync_n()
 
         def make(m):

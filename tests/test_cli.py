@@ -112,8 +112,6 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     (["--lora-merge", "True"], "--lora-merge needs --lora-r"),
     (["--push-to-hub", "user/x"], "the Hub cannot be reached now"),  # offline (conftest): before training
     (["--distill", "0.5"], "give --recovery-steps or --recovery-epochs too"),
-    (["--lora-r", "2", "--method", "damage-exact"], "a LoRA run prunes adapter ranks one shot"),  # before training
-    (["--lora-r", "2", "--rounds", "3"], "a LoRA run prunes adapter ranks one shot"),
 ])
 def test_bad_input_exits_2_without_writing(tiny_setup, capsys, extra, message):
     model_dir, train, dev, tmp = tiny_setup

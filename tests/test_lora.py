@@ -1,5 +1,6 @@
 """LoRA rank groups (peft): masking == pruning, curvature on the adapter Linears, stock peft export."""
 
+import copy
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from spam_hf.architectures import group_specs, prunable_modules
 from spam_hf.curvature import CurvatureAccumulator
 from spam_hf.export import save_pruned
-from spam_hf.pruning import mask_groups, prune_groups
+from spam_hf.pruning import apply, mask_groups, prune_groups
 
 from conftest import tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 from conftest import random_keep
@@ -288,5 +289,39 @@ def test_trainer_prunes_lora_ranks_with_rank_damage(tmp_path):
     r0 = sum(s.count for s in group_specs(trainer.model))
     sel = trainer.prune(0.5, method="damage", calibration_batches=2)
     assert sel.achieved >= 0.5 and sum(s.count for s in group_specs(trainer.model)) < r0
-    with pytest.raises(ValueError, match="LoRA ranks"):
-        trainer.prune(0.3, method="damage", rounds=2)
+    r1 = sum(s.count for s in group_specs(trainer.model))
+    sel = trainer.prune(0.3, method="damage-exact", rounds=2, compensate=True, calibration_batches=2)
+    assert sel.achieved >= 0.3 and sum(s.count for s in group_specs(trainer.model)) < r1
+    out = str(tmp_path / "export")
+    trainer.save_model(out)  # still a stock peft adapter
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(tiny_classifier("bert"), out).eval()
+    x = tiny_batch(batch=4, seed=2)
+    torch.testing.assert_close(logits(reloaded, x), logits(trainer.model.eval(), x), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_rank_compensation_refits_the_remaining_ranks():
+    """Removing ranks from ``B·A``: compensation refits the remaining columns of ``lora_B`` to the rank
+    activations ``z = A x`` (least squares): the logits stay closer to the unpruned adapter's than after
+    plain removal."""
+    from spam_hf import SpamLaplace
+    from spam_hf.pruning import compensate, plan
+
+    batches = [tiny_batch(batch=8, seed=s, pad_last=2) for s in range(4)]
+
+    class Loader(list):
+        dataset = range(32)
+
+    model = lora_bert()
+    la = SpamLaplace(model, reduction="expand", n_data=32)
+    la.collect(Loader(batches), progress=False)
+    p = plan(model, la, 0.4, method="damage")
+    plain, comp = copy.deepcopy(model), copy.deepcopy(model)
+    done = compensate(comp, la.specs, p.keep, la.factors(extrapolate=False))
+    assert done and all(".lora_B." in m for m in done)
+    x = tiny_batch(batch=16, seed=9)
+    ref = logits(model, x)
+    apply(plain, p)
+    apply(comp, p)
+    assert (logits(comp, x) - ref).square().mean() < (logits(plain, x) - ref).square().mean()

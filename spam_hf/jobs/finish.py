@@ -16,7 +16,6 @@ from ..costs import compare_latency
 from ..distill import DistillationTrainer, frozen_copy
 from ..distributed import is_main_process
 from ..export import save_pruned
-from ..pruning import EXACT_METHODS
 from ..export.hub import push_folder
 from ..posterior import likelihood_of, unwrap
 from ..trainer import SpamTrainer
@@ -78,14 +77,10 @@ def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=
 
 
 def pruning_for(args: PruneArguments, lora: bool):
-    """``(method, rounds, compensate)`` of :func:`resolve_pruning`, refusing what LoRA ranks cannot take
-    (rounds, compensation, damage-exact): called before training too, so a bad choice fails at once."""
-    method, rounds, compensate = resolve_pruning(args, lora)
-    if lora and (rounds > 1 or compensate or method in EXACT_METHODS):
-        raise ValueError("--rounds, --compensate and --method damage-exact prune heads and neurons; a LoRA run "
-                         "prunes adapter ranks one shot (opd, fisher, magnitude, random or damage), or prune the "
-                         "base with --prune-base")
-    return method, rounds, compensate
+    """``(method, rounds, compensate)`` of :func:`resolve_pruning` (called before training too). On LoRA ranks
+    rounds, compensation (the remaining columns of ``lora_B`` refitted to the rank activations ``A x``) and
+    ``damage-exact`` (the Fisher of a mask on each rank's activation) work as on heads and neurons."""
+    return resolve_pruning(args, lora)
 
 
 def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments, out_dir: str) -> dict:
