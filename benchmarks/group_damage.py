@@ -264,7 +264,7 @@ def main() -> None:
             entry["fidelity"] = fidelity(run, a)
             print("fidelity", entry["fidelity"], flush=True)
             save()
-        for method in a.methods.split(","):
+        for method in filter(None, a.methods.split(",")):  # --methods "" with --fidelity: the fidelity table only
             for s in map(float, a.sparsities.split(",")):
                 t0 = time.time()
                 model, achieved, layers = prune_one(run, method, s, a)
