@@ -80,9 +80,9 @@ def sampled_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], likelihoo
         logits = logits[valid]
         labels = labels[valid]
     if fisher == "mc":
-        cdf = logits.detach().double().softmax(-1).cumsum(-1).cpu()
-        u = _global_draws(cdf.shape[0], generator, torch.rand).to(torch.float64)
-        y = torch.searchsorted(cdf, u.unsqueeze(1)).squeeze(1).clamp_max(cdf.shape[1] - 1).to(logits.device)
+        cdf = logits.detach().softmax(-1).cumsum(-1)  # on the logits' device (an LM's rows × vocab stay there)
+        u = _global_draws(cdf.shape[0], generator, torch.rand).to(cdf.device, cdf.dtype)
+        y = torch.searchsorted(cdf, u.unsqueeze(1)).squeeze(1).clamp_max(cdf.shape[1] - 1)
     else:
         y = labels
     return F.cross_entropy(logits, y, reduction="sum")
@@ -193,6 +193,7 @@ class CurvatureAccumulator:
                     raise ValueError(f"curvature factor {key!r} has shape {tuple(state[key].shape)}, "
                                      f"the model needs {tuple(v.shape)}")
                 d[k] = state[key].to(self.dtype).clone()
+        self.reduced = False  # saved sums are a process's own (checkpoints are written between reductions)
         self.n = state["n"].to(torch.float64).reshape(())
         # files written before n_seen existed: no subsampling record, and n_units only with a mask Fisher
         self.n_units = state["n_units"].to(torch.float64).reshape(()) if "n_units" in state else torch.zeros((), dtype=torch.float64)
