@@ -1,6 +1,8 @@
 """Table (markdown) and plots (PNG) of benchmarks/group_damage.py results: mean and spread over the seeds
 (one result file per seed, or one file with several runs, or several files per seed holding different
-methods: rows are pooled by method and sparsity), and the per-layer pattern kept by a method.
+methods: rows are pooled by method and sparsity), and the per-layer pattern kept by a method. Rows of
+``+comp`` methods from files written with ``--compensation posterior`` (or before that option existed)
+are labelled ``+comp[posterior]``; ``+comp`` is the least-squares default.
 
     python benchmarks/table_group_damage.py benchmarks/results/group_damage_cpu_s*.json \\
         --out benchmarks/results/group_damage_cpu
@@ -21,7 +23,16 @@ def main() -> None:
     p.add_argument("--methods", default="", help="comma-separated: only these rows, in this order (default: all)")
     p.add_argument("--out", required=True, help="prefix: writes PREFIX.md and PREFIX.png")
     a = p.parse_args()
-    runs = [r for f in a.results for r in json.load(open(f))["runs"]]
+    runs = []
+    for f in a.results:
+        data = json.load(open(f))
+        # files written before --compensation existed compensated with the KFAC posterior's conditional mean
+        kind = data.get("args", {}).get("compensation", "posterior")
+        for r in data["runs"]:
+            for row in r["rows"]:
+                if kind != "least-squares" and "+comp" in row["method"]:
+                    row["method"] = row["method"].replace("+comp", f"+comp[{kind}]")
+            runs.append(r)
     wanted = [m for m in a.methods.split(",") if m]
     if wanted:
         for r in runs:
@@ -86,7 +97,8 @@ def main() -> None:
     axes[0].set_xlabel("% of prunable block parameters removed")
     axes[0].set_ylabel("SST-2 dev accuracy (no recovery)")
     axes[0].legend(fontsize=7)
-    first = next((r for r in runs if any(row["method"] == a.pattern_method for row in r["rows"])), None)
+    first = max(runs, key=lambda r: sum(row["method"] == a.pattern_method for row in r["rows"]))  # most sparsities
+    first = first if any(row["method"] == a.pattern_method for row in first["rows"]) else None
     pattern = [row for row in (first["rows"] if first else []) if row["method"] == a.pattern_method and "layers" in row]
     for row in pattern:
         layers = row["layers"]
@@ -97,7 +109,7 @@ def main() -> None:
                      label=f"neurons, {row['sparsity']:.0%}")
     axes[1].set_xlabel("layer")
     axes[1].set_ylabel("fraction kept")
-    axes[1].set_title(f"{a.pattern_method}, seed of {runs[0]['run_dir']}", fontsize=8)
+    axes[1].set_title(f"{a.pattern_method}, seed of {(first or runs[0])['run_dir']}", fontsize=8)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out + ".png", dpi=100)
