@@ -201,7 +201,9 @@ def fidelity(run, a):
         keep = {s.name: torch.tensor([i for i in range(s.count) if i != g])}
         mask_groups(m, specs, keep)
         actual.append(loss(m) - base_loss)
-    out = {"groups": len(groups), "heads": sum(s.kind == "head" for s, _ in groups)}
+    out = {"groups": len(groups), "heads": sum(s.kind == "head" for s, _ in groups),
+           "actual_negative": sum(x < 0 for x in actual) / len(actual),  # removals that lowered the held-back loss
+           "actual_median_abs": sorted(abs(x) for x in actual)[len(actual) // 2], "base_loss": base_loss}
     for name, sc in scores.items():
         out[name] = spearman([float(sc[s.name][g]) for s, g in groups], actual)
         out[name + "/heads"] = spearman([float(sc[s.name][g]) for s, g in groups if s.kind == "head"],

@@ -72,11 +72,15 @@ def main() -> None:
             lines.append(f"| {m} + recovery | " + " | ".join(cell(rec[(m, s)]) for s in sparsities) + " |")
         if any(dis[(m, s)] for s in sparsities):
             lines.append(f"| {m} + distillation | " + " | ".join(cell(dis[(m, s)]) for s in sparsities) + " |")
-    top = sparsities[-1]
-    lines += ["", f"Achieved at the {top:.0%} target (minimum over seeds): " + ", ".join(
-        f"{m} {min(ach[(m, top)]):.1%}" for m in methods if ach[(m, top)])]
+    if sparsities:
+        top = sparsities[-1]
+        lines += ["", f"Achieved at the {top:.0%} target (minimum over seeds): " + ", ".join(
+            f"{m} {min(ach[(m, top)]):.1%}" for m in methods if ach[(m, top)])]
+    else:  # a fidelity-only file set
+        lines = lines[:1]
     if fidelity:
-        keys = [k for k in fidelity[0] if k not in ("groups", "heads")]
+        keys = [k for k in fidelity[0] if k not in ("groups", "heads", "actual_negative", "actual_median_abs",
+                                                     "base_loss")]
         lines += ["", f"Damage fidelity (Spearman of score vs actual held-back loss increase, {fidelity[0]['groups']} "
                   f"groups: every head and a sample of neurons; {len(fidelity)} seed(s)):", "",
                   "| score | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
@@ -85,6 +89,8 @@ def main() -> None:
     with open(a.out + ".md", "w") as f:
         f.write(text)
     print(text)
+    if not sparsities:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
