@@ -1,5 +1,7 @@
 """SpamLaplace: post-hoc fit without a Trainer, log Z against the dense Laplace formula, state round trips."""
 
+import re
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -123,3 +125,18 @@ def test_a_posterior_saved_before_n_g_existed_loads_with_the_same_diagonal(tmp_p
     for m in fa:
         assert torch.allclose(fa[m][0], fb[m][0]) and torch.allclose(fa[m][1], fb[m][1]), m
     assert set(b_.retained) == set(a.retained) - {"n_g"}
+
+
+def test_non_finite_curvature_stops_the_prior_update_with_the_module_named():
+    """A NaN in the curvature sums (overflow in half precision, a bad batch) stops the prior update with a
+    FloatingPointError naming the module, before any prior moves (the CLI maps it to exit 2)."""
+    model = tiny_classifier("bert", num_labels=3)
+    la = SpamLaplace(model, n_data=64)
+    feed(la, model, [tiny_batch(seed=s) for s in range(2)])
+    module = la.modules[0]
+    la.curvature.sums[module]["G"][0, 0] = float("nan")
+    before = {k: v.detach().clone() for k, v in la.prior.log_delta.items()}
+    with pytest.raises(FloatingPointError, match=re.escape(repr(module)) + ".*check curvature and weights for NaN"):
+        la.optimize_prior_precision(n_steps=3)
+    for k, v in la.prior.log_delta.items():
+        assert torch.equal(v, before[k]), k
