@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--pattern-method", default="damage-exact+auto-rounds")
     p.add_argument("--methods", default="", help="comma-separated: only these rows, in this order (default: all)")
     p.add_argument("--out", required=True, help="prefix: writes PREFIX.md and PREFIX.png")
+    p.add_argument("--no-recovery", action="store_true", help="leave out the rows after recovery / distillation")
     a = p.parse_args()
     runs = []
     for f in a.results:
@@ -48,6 +49,8 @@ def main() -> None:
             sparsities += [row["sparsity"]] if row["sparsity"] not in sparsities else []
             acc[key].append(100 * row["accuracy"])
             ach[key].append(row["achieved"])
+            if a.no_recovery:
+                continue
             if "accuracy_recovered" in row:
                 rec[key].append(100 * row["accuracy_recovered"])
             if "accuracy_distilled" in row:
