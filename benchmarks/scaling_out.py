@@ -33,9 +33,9 @@ def free_port() -> int:
 def run(processes: int, a, out_dir: str) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     per_process = a.batch // processes
-    cli = ["compress", "minilm", "--train-file", a.train_file, "--validation-file", a.dev_file,
+    cli = ["compress", a.model, "--train-file", a.train_file, "--validation-file", a.dev_file,
            "--max-train-samples", str(a.rows), "--sparsity", str(a.sparsity), "--output-dir", out_dir,
-           "--per_device_train_batch_size", str(per_process), "--max-seq-length", "64", "--num_train_epochs", "1",
+           "--per_device_train_batch_size", str(per_process), "--max-seq-length", str(a.max_seq_length), "--num_train_epochs", "1",
            "--measure-latency", "False", "--disable_tqdm", "True", "--seed", "0"]
     if torch.cuda.is_available():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -64,7 +64,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-file", required=True)
     p.add_argument("--dev-file", required=True)
+    p.add_argument("--model", default="minilm", help="a model spam-hf compress takes (default: the packaged MiniLM)")
     p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--max-seq-length", type=int, default=64)
     p.add_argument("--batch", type=int, default=32, help="global batch (split over the processes)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--processes", type=int, default=2)

@@ -179,3 +179,17 @@ def test_group_damage_smoke(tiny_setup, tmp_path):
     acc = 100 * r["rows"][0]["accuracy"]
     assert f"| opd | {acc:.1f} ± 0.0 |" in table and "| damage-exact + recovery |" in table
     assert os.path.getsize(str(tmp_path / "gd.png")) > 1000
+
+
+def test_scaling_out_smoke(tiny_setup, tmp_path):
+    """1 vs 2 processes (torchrun, gloo) of the whole compress job: both finish, the ratio is recomputed."""
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp_path / "so.json")
+    run("scaling_out.py", "--model", model_dir, "--train-file", train, "--dev-file", dev, "--rows", "32",
+        "--batch", "8", "--max-seq-length", "16", "--work-dir", str(tmp_path / "w"), "--out", out)
+    res = json.load(open(out))
+    one, two = res["runs"]
+    assert (one["processes"], one["per_process_batch"]) == (1, 8) and (two["processes"], two["per_process_batch"]) == (2, 4)
+    assert res["speedup"] == pytest.approx(one["wall_s"] / two["wall_s"])
+    assert one["accuracy"] is not None and two["accuracy"] is not None
+
