@@ -23,15 +23,24 @@ from transformers.utils import logging
 
 from .architectures import is_peft_model
 from .arguments import SpamTrainingArguments
-from .distributed import broadcast_object, is_distributed, rank
+from .distributed import is_distributed, rank
 from .export import save_pruned
-from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, unwrap
+from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap
 from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, geometric_targets, mask_groups,
                       plan, prune_in_rounds)
 from .pruning.selection import group_costs, prunable_cost
 from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, monotone_keep, read_keep, write_keep
 
 logger = logging.get_logger(__name__)
+
+
+def per_batch_mean_loss(trainer: Trainer) -> Trainer:
+    """Sequence-level heads return a per-micro-batch mean loss and ignore ``num_items_in_batch``; tell ``trainer``
+    so: it then divides by the accumulation steps (GA k×b equals one batch of k·b) and, with several
+    processes, does not multiply that mean by the process count (the loss doubled on two)."""
+    if likelihood_of(unwrap(trainer.model)) != "causal_lm":
+        trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 class _MarglikCallback(TrainerCallback):
@@ -96,10 +105,8 @@ class SpamTrainer(Trainer):
         self.posterior = SpamLaplace.from_args(self.model, self.args)
         self._steps_since_update = 0
         self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
-        if self.posterior.likelihood != "causal_lm":
-            # sequence-level heads return a per-micro-batch mean and ignore `num_items_in_batch`; make the
-            # Trainer divide by the accumulation steps so GA k×b equals one batch of k·b
-            self.model_accepts_loss_kwargs = False
+        # sequence-level heads: GA k×b equals one batch of k·b, and no ×processes on the mean loss
+        per_batch_mean_loss(self)
         self._pruned = False
         self.schedule_keep: Optional[Dict[str, torch.Tensor]] = None  # groups kept by the pruning schedule so far
         self.add_callback(_MarglikCallback(self))
@@ -240,7 +247,7 @@ class SpamTrainer(Trainer):
             method = "magnitude"
         if target <= 0:
             return None
-        p = broadcast_object(self.plan(target, method=method))
+        p = self.plan(target, method=method)
         self.schedule_keep = monotone_keep(p.keep, self.schedule_keep)
         mask_groups(unwrap(self.model), self.specs, self.schedule_keep)
         masked = sum(s.count - len(self.schedule_keep.get(s.name, range(s.count))) for s in self.specs)
@@ -283,8 +290,8 @@ class SpamTrainer(Trainer):
         if rounds > 1 or compensate or method in DAMAGE_METHODS + EXACT_METHODS:
             return self._prune_in_rounds(sparsity, budget, method, seq_len, min_keep, rounds, compensate,
                                          calibration_batches, compensation)
-        pruning_plan = broadcast_object(self.plan(sparsity, budget=budget, method=method, seq_len=seq_len,
-                                                  seed=seed, min_keep=min_keep))  # decided once, on the main process
+        pruning_plan = self.plan(sparsity, budget=budget, method=method, seq_len=seq_len, seed=seed,
+                                 min_keep=min_keep)
         self._apply(pruning_plan)
         self.last_plan = pruning_plan
         logger.info(f"pruned {pruning_plan.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method}")
@@ -357,8 +364,8 @@ class SpamTrainer(Trainer):
                                      kv_groups_only=True, hyper_lr=self.args.hyper_lr)
         base_posterior.fit(self.get_train_dataloader(), max_batches=max_batches,
                            progress=self.is_local_process_zero() and not self.args.disable_tqdm)
-        pruning_plan = broadcast_object(plan(merged, base_posterior, sparsity=sparsity, method="opd", budget=budget,
-                                             seq_len=seq_len, min_keep=min_keep))
+        pruning_plan = plan(merged, base_posterior, sparsity=sparsity, method="opd", budget=budget, seq_len=seq_len,
+                            min_keep=min_keep)
         del merged
         self._apply(pruning_plan, base_only=True)
         logger.info(f"pruned {pruning_plan.achieved:.1%} of the base model's prunable {budget} with OPD on merged weights")

@@ -30,7 +30,8 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
     """``create_repo(exist_ok=True)`` then ``upload_folder`` (one commit). Returns the commit URL.
 
     A repository this call created is deleted again if the upload fails or is interrupted, so a failed
-    push leaves no partial state behind (the upload is one commit: all files land or none). Token: ``token`` or the usual places (``HF_TOKEN``, ``hf auth login``).
+    push leaves no partial state behind (the upload is one commit: all files land or none). Token:
+    ``token`` or the usual places (``HF_TOKEN``, ``hf auth login``).
     """
     api = HfApi(endpoint=endpoint, token=token)
     try:

@@ -15,8 +15,8 @@ from ..architectures import group_specs
 from ..distributed import is_main_process
 from ..export.hub import check_hub
 from ..pruning import check_reachable
-from ..trainer import SpamTrainer
-from .finish import RunContext, per_batch_mean_loss, plain_args, prune_and_export, pruning_for
+from ..trainer import SpamTrainer, per_batch_mean_loss
+from .finish import RunContext, plain_args, prune_and_export, pruning_for
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
 from .reporting import snapshot

@@ -17,8 +17,7 @@ from ..distill import DistillationTrainer, frozen_copy
 from ..distributed import is_main_process
 from ..export import save_pruned
 from ..export.hub import push_folder
-from ..posterior import likelihood_of, unwrap
-from ..trainer import SpamTrainer
+from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, metrics_for
 from .outputs import staged_folder, write_json
 from .reporting import device_name, evaluate_metric, report_path, snapshot, write_report
@@ -47,14 +46,6 @@ def plain_args(train_args: TrainingArguments) -> dict:
     """The plain ``TrainingArguments`` fields of ``train_args`` (SpaM fields dropped)."""
     return {f.name: getattr(train_args, f.name) for f in dataclasses.fields(TrainingArguments)
             if f.init and not f.name.startswith("_")}
-
-
-def per_batch_mean_loss(trainer: Trainer) -> Trainer:
-    """Sequence-level heads return a per-batch mean loss and ignore ``num_items_in_batch``; tell ``trainer`` so,
-    or with several processes it multiplies that mean by the process count (the loss doubled on two)."""
-    if likelihood_of(unwrap(trainer.model)) != "causal_lm":
-        trainer.model_accepts_loss_kwargs = False
-    return trainer
 
 
 def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=None) -> float:

@@ -21,6 +21,7 @@ from torch import nn
 from ..architectures import get_family, group_specs
 from ..architectures.base import GroupSpec
 from ..checks import check_choice
+from ..distributed import broadcast_object
 from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_scores
 from .selection import LayerReport, Selection, select_groups
 from .surgery import prune_groups
@@ -106,6 +107,9 @@ def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = 
         specs: the group specs (default: the posterior's, else the family's for ``model``).
         scores: precomputed ``{spec name: FloatTensor[G]}`` (a score spam-hf does not compute, e.g. a
             peer's); ``method`` then only names them in the plan.
+
+    With several processes (``torch.distributed``) every process must call it; all return the main
+    process's plan.
     """
     if scores is None:
         check_choice("method", method, SCORE_METHODS)
@@ -124,9 +128,10 @@ def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = 
                               seed=seed, factors=factors, mask_fisher=mask_fisher)
     selection = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=seq_len, min_keep=min_keep,
                               report_fields=get_family(model).report_fields)
-    return PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},
-                       scores={k: v.tolist() for k, v in scores.items()}, kv_groups_only=kv_groups_only,
-                       seq_len=seq_len)
+    # data parallel: every process scores, the main process's plan is the one all of them apply
+    return broadcast_object(PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},
+                                        scores={k: v.tolist() for k, v in scores.items()},
+                                        kv_groups_only=kv_groups_only, seq_len=seq_len))
 
 
 def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..architectures import group_specs
 from ..checks import validate_sparsity
-from ..distributed import broadcast_object, broadcast_parameters
+from ..distributed import broadcast_parameters
 from .compensation import compensate as compensate_groups
 from .plan import POSTERIOR_METHODS, PruningPlan, apply, plan
 from .selection import DEFAULT_REPORT_FIELDS, LayerReport, Selection, prunable_cost
@@ -93,7 +93,6 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
         p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
                  min_keep=min_keep, scores=scores_fn(model, posterior) if scores_fn is not None else None)
-        p = broadcast_object(p)  # data parallel: the main process decides
         if compensate:
             # the posterior of the calibration batches alone: their statistics are not extrapolated to N
             compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(extrapolate=False),
