@@ -143,6 +143,37 @@ def test_lora_sst2_smoke(tiny_setup, tmp_path):
     assert set(r["runs"][0]["recovery"]) == {"1", "2"} and "accuracy_recovered" in r["runs"][1]
 
 
+def test_lora_sst2_fair_smoke(tiny_setup, tmp_path):
+    """Equal steps for every method (spam-hf's recovery out of its training), a per-method lr sweep on the first
+    seed and the best lr on the others, the schedule method, compensation in rounds, and --resume."""
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp_path / "fair.json")
+    args = ["--model", model_dir, "--train-file", train, "--dev-file", dev, "--max-train-samples", "48",
+            "--max-seq-length", "16", "--epochs", "1", "--batch-size", "8", "--recovery-steps", "2",
+            "--equal-steps", "--marglik-frequency", "2", "--score-methods", "damage-exact", "--rounds", "2",
+            "--compensate", "--schedule", "0.2,0.6", "--schedule-every", "1", "--seeds", "0,1",
+            "--methods", "spam-hf,spam-hf-schedule,lora,lora-start", "--lrs", "lora=1e-3,2e-3",
+            "--work-dir", str(tmp_path / "w"), "--out", out]
+    run("lora_sst2.py", *args)
+    r = json.load(open(out))
+    assert r["total_steps"] == 6
+    runs = {(x["method"], x["lr"], x["seed"]): x for x in r["runs"]}
+    lora_best = r["best_lr"]["lora"]
+    assert set(runs) == {("spam-hf", 1e-3, 0), ("spam-hf", 1e-3, 1), ("spam-hf-schedule", 1e-3, 0),
+                         ("spam-hf-schedule", 1e-3, 1), ("lora", 1e-3, 0), ("lora", 2e-3, 0), ("lora", lora_best, 1),
+                         ("lora-start", 1e-3, 0), ("lora-start", 1e-3, 1)}
+    assert lora_best == max((x for x in r["runs"] if x["method"] == "lora" and x["seed"] == 0),
+                            key=lambda x: x["final_accuracy"])["lr"]
+    assert all(x["train_steps"] == 6 for x in r["runs"])  # spam-hf: 4 training + 2 recovery steps
+    for x in r["runs"]:
+        if x["method"].startswith("spam-hf"):  # pruned to at most the small LoRA's size
+            assert x["adapter_size"] <= r["lora_size_at_r_final"]
+    assert runs[("lora-start", 1e-3, 0)]["adapter_size"] == 4 * r["lora_size_at_r_final"]
+    before = os.path.getmtime(out)
+    res = run("lora_sst2.py", *args, "--resume")  # everything is done: nothing runs again
+    assert json.load(open(out))["runs"] == r["runs"] and res.stdout == "" and os.path.getmtime(out) >= before
+
+
 def test_scaling_smoke(tmp_path):
     out = str(tmp_path / "sc.json")
     run("scaling.py", "--grid", "1x64", "--batch-size", "2", "--seq-len", "8", "--repeats", "1", "--out", out)
