@@ -8,6 +8,7 @@ from .compensation import compensate, conditional_mean, kron_conditional_mean
 from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_damage, group_damage_exact, group_scores, \
     parameter_scores
 from .plan import PruningPlan, apply, plan
+from .reconstruction import refit_to_reference
 from .rounds import RoundsResult, geometric_targets, prune_in_rounds, rounds_for_sparsity
 from .selection import (BUDGETS, LayerReport, Selection, check_reachable, plot_selection, removable_fraction,
                         select_groups, validate_sparsity)
@@ -15,5 +16,5 @@ from .surgery import mask_groups, prune_groups
 
 __all__ = ["BUDGETS", "DAMAGE_METHODS", "EXACT_METHODS", "group_damage_exact", "LayerReport", "PruningPlan", "RoundsResult", "SCORE_METHODS", "Selection",
            "apply", "check_reachable", "compensate", "conditional_mean", "kron_conditional_mean", "geometric_targets", "group_damage", "group_scores", "rounds_for_sparsity",
-           "mask_groups", "parameter_scores", "plan", "plot_selection", "prune_groups", "prune_in_rounds", "removable_fraction",
+           "mask_groups", "parameter_scores", "plan", "plot_selection", "prune_groups", "prune_in_rounds", "refit_to_reference", "removable_fraction",
            "select_groups", "validate_sparsity"]

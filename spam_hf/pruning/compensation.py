@@ -30,6 +30,9 @@ Two kinds (``COMPENSATIONS``):
 
 Measured on the CPU protocol (README "Group damage"), least squares is the better one at 70 and 90% removed:
 the next layers read every output direction of O and down, not only those the loss's local ``G`` weights.
+
+A third kind, ``reference``, refits every consuming layer to the *unpruned* model's outputs, one layer at a time
+(:mod:`spam_hf.pruning.reconstruction`); it needs calibration batches, not factors, so it lives there.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ..checks import check_choice
 from ..priors import PriorPrecision
 from .damage import Factors
 
-COMPENSATIONS = ("least-squares", "posterior")
+COMPENSATIONS = ("least-squares", "posterior", "reference")  # reference: spam_hf.pruning.reconstruction
 LEAST_SQUARES_DAMPING = 0.01  # λ / mean diag(A_RR) of the least-squares refit
 
 
@@ -119,6 +122,9 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
     the current model (:meth:`spam_hf.posterior.SpamLaplace.factors`).
     """
     check_choice("compensation", kind, COMPENSATIONS)
+    if kind == "reference":
+        raise ValueError("compensation 'reference' refits to the unpruned model's outputs and needs calibration "
+                         "batches: use spam_hf.pruning.refit_to_reference or prune_in_rounds")
     removed: Dict[str, list] = {}
     for s in specs:
         kept = set(torch.as_tensor(keep.get(s.name, range(s.count))).tolist())

@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from ..architectures import group_specs
-from ..checks import validate_sparsity
+from ..checks import check_choice, validate_sparsity
+from ..distill import frozen_copy
 from ..distributed import broadcast_parameters
+from .compensation import COMPENSATIONS
 from .compensation import compensate as compensate_groups
 from .plan import POSTERIOR_METHODS, PruningPlan, apply, plan
+from .reconstruction import refit_to_reference
 from .selection import DEFAULT_REPORT_FIELDS, LayerReport, Selection, prunable_cost
 
 
@@ -63,8 +66,11 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             every round; the previous round's unit precisions of kept groups are carried over).
         calibration: batches for the curvature of each round (``max_batches`` of them).
         method: any score; ``damage`` / ``damage-out`` and compensation use the round's KFAC factors.
-        compensate: move the consuming layers' remaining weights (needs KFAC): ``compensation`` names how
-            (``least-squares`` or ``posterior``, :func:`spam_hf.pruning.compensation.compensate`).
+        compensate: move the consuming layers' remaining weights: ``compensation`` names how
+            (``least-squares`` or ``posterior`` from the round's KFAC factors,
+            :func:`spam_hf.pruning.compensation.compensate`; ``reference``: every consuming layer refitted in
+            forward order to the outputs of ``model`` as it was on entry, a frozen copy kept for the purpose,
+            :func:`spam_hf.pruning.reconstruction.refit_to_reference`).
         scores_fn: ``(model, posterior) -> {spec name: scores}`` for a score spam-hf does not compute (a
             peer's); ``method`` then only names it.
         kv_groups_only: the grouped-query-attention granularity (must match ``make_posterior``'s).
@@ -75,6 +81,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
     for t in targets:
         validate_sparsity(t)
+    check_choice("compensation", compensation, COMPENSATIONS)
+    reference = frozen_copy(model) if compensate and compensation == "reference" else None
     specs0 = group_specs(model, kv_groups_only)
     total0 = prunable_cost(model, specs0, budget, seq_len)
     original = {s.name: torch.arange(s.count) for s in specs0}  # original index of every remaining group
@@ -93,7 +101,10 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
         p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
                  min_keep=min_keep, scores=scores_fn(model, posterior) if scores_fn is not None else None)
-        if compensate:
+        if reference is not None:
+            compensated.append(refit_to_reference(model, reference, posterior.specs, p.keep, calibration,
+                                                  max_batches=max_batches))
+        elif compensate:
             # the posterior of the calibration batches alone: their statistics are not extrapolated to N
             compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(extrapolate=False),
                                                  posterior.prior, posterior.temperature, kind=compensation))
