@@ -169,6 +169,9 @@ def test_lora_sst2_fair_smoke(tiny_setup, tmp_path):
         if x["method"].startswith("spam-hf"):  # pruned to at most the small LoRA's size
             assert x["adapter_size"] <= r["lora_size_at_r_final"]
     assert runs[("lora-start", 1e-3, 0)]["adapter_size"] == 4 * r["lora_size_at_r_final"]
+    run("table_lora_sst2.py", out, "--out", str(tmp_path / "fair.md"))
+    table = open(tmp_path / "fair.md").read()
+    assert f"| lora | {lora_best:g} | {r['lora_size_at_r_final']:,} | 2 |" in table and "| spam-hf-schedule |" in table
     before = os.path.getmtime(out)
     res = run("lora_sst2.py", *args, "--resume")  # everything is done: nothing runs again
     assert json.load(open(out))["runs"] == r["runs"] and res.stdout == "" and os.path.getmtime(out) >= before
