@@ -136,3 +136,23 @@ def test_factor_compensation_refuses_reference():
         prune_in_rounds(model, lambda m: la, [], [0.5], compensation="nope")
     p = plan(model, None, 0.3, method="magnitude")
     apply(model, p)  # the model still prunes normally afterwards
+
+
+def test_lora_ranks_refit_lora_b_to_the_unpruned_adapter():
+    """On a peft adapter the consuming modules are the ``lora_B`` Linears: their remaining columns are refitted to
+    the unpruned adapter's ``B·A x`` and the pruned logits move closer to the unpruned model's."""
+    from test_lora import lora_bert
+
+    model = lora_bert()
+    specs = group_specs(model)
+    keep = random_keep(specs, seed=2)
+    refitted, plain = copy.deepcopy(model), copy.deepcopy(model)
+    done = refit_to_reference(refitted, model, specs, keep, BATCHES)
+    assert done and all(".lora_B." in m for m in done)
+    from spam_hf.pruning import prune_groups
+
+    prune_groups(plain, keep)
+    prune_groups(refitted, keep)
+    x = tiny_batch(batch=16, seed=9)
+    ref = _logits(model, x)
+    assert (_logits(refitted, x) - ref).square().mean() < (_logits(plain, x) - ref).square().mean()
