@@ -82,7 +82,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="spam-hf: prune in this many geometric rounds")
     p.add_argument("--compensate", action="store_true", help="spam-hf: refit the remaining columns of lora_B")
     p.add_argument("--schedule", default="0.2,0.7", help="spam-hf-schedule: start,end of the ramp (fractions)")
-    p.add_argument("--schedule-method", default="fisher", choices=["fisher", "opd", "magnitude"])
+    p.add_argument("--schedule-method", default="fisher", choices=["fisher", "opd", "magnitude", "damage"])
     p.add_argument("--schedule-every", type=int, default=5)
     p.add_argument("--marglik-frequency", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)

@@ -40,7 +40,10 @@ def table(result: dict) -> str:
              f"{result.get('total_steps') or 'per-method'} optimiser steps per method; lr grid `{grid}`)", "",
              "| method | lr (best of sweep) | adapter size | seeds | dev accuracy | before pruning / right after | wall s |",
              "|---|---|---|---|---|---|---|"]
+    first_score = result["args"].get("score_methods", "opd").split(",")[0]
     for method, (lr, rows) in rows_at_best(result).items():
+        if method == "spam-hf":  # its first score's row
+            method = f"spam-hf/{first_score}"
         acc = [r.get("final_accuracy", r.get("accuracy_recovered", r["accuracy"])) for r in rows]
         extra = []
         if "accuracy_before_pruning" in rows[0]:

@@ -131,9 +131,12 @@ class SpamTrainingArguments(TrainingArguments):
     schedule_start: float = field(default=0.2, metadata={"help": "Start of the ramp, as a fraction of the training steps."})
     schedule_end: float = field(default=0.7, metadata={"help": "End of the ramp, as a fraction of the training steps."})
     schedule_every: int = field(default=10, metadata={"help": "Optimiser steps between mask updates on the ramp."})
-    schedule_method: str = choice("fisher", ("fisher", "opd", "magnitude"),
+    schedule_method: str = choice("fisher", ("fisher", "opd", "magnitude", "damage"),
                                   "Scores for the masks on the ramp (fisher: θ²·diag H of the retained curvature, "
-                                  "no prior term; falls back to magnitude before the first prior update).")
+                                  "no prior term; damage: the group damage from the live KFAC sums since the last "
+                                  "prior update, for LoRA the rank damage of b_k a_kᵀ that does not change when a "
+                                  "rank is rescaled, fisher when there are none; magnitude before the first prior "
+                                  "update).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -241,8 +241,11 @@ class SpamTrainer(Trainer):
 
     def update_schedule_mask(self, target: float) -> Optional[PruningPlan]:
         """Mask (zero) the groups beyond ``target`` of the prunable parameters, scored on the current model with
-        ``schedule_method`` (magnitude until the first prior update gives curvature); masks only grow."""
+        ``schedule_method`` (magnitude until the first prior update gives curvature; ``damage`` needs live KFAC
+        sums and uses ``fisher`` without them); masks only grow."""
         method = self.args.schedule_method
+        if method == "damage" and (self.posterior.curvature.kind != "kfac" or self.posterior.live_rows <= 0):
+            method = "fisher"  # no live Kronecker factors (diagonal curvature, or right after a prior update)
         if method != "magnitude" and not self.posterior.has_curvature():
             method = "magnitude"
         if target <= 0:

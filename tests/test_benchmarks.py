@@ -172,6 +172,7 @@ def test_lora_sst2_fair_smoke(tiny_setup, tmp_path):
     run("table_lora_sst2.py", out, "--out", str(tmp_path / "fair.md"))
     table = open(tmp_path / "fair.md").read()
     assert f"| lora | {lora_best:g} | {r['lora_size_at_r_final']:,} | 2 |" in table and "| spam-hf-schedule |" in table
+    assert "| spam-hf/damage-exact |" in table
     before = os.path.getmtime(out)
     res = run("lora_sst2.py", *args, "--resume")  # everything is done: nothing runs again
     assert json.load(open(out))["runs"] == r["runs"] and res.stdout == "" and os.path.getmtime(out) >= before

@@ -114,3 +114,47 @@ def test_lora_ranks_follow_the_schedule_and_export_as_a_stock_adapter(tmp_path):
     trainer.save_model(str(tmp_path / "adapter"))
     cfg = __import__("json").load(open(tmp_path / "adapter" / "adapter_config.json"))
     assert cfg["rank_pattern"]
+
+
+def test_lora_schedule_with_rank_damage_uses_the_live_kronecker_factors(tmp_path):
+    """``schedule_method="damage"`` scores ranks by the rescale-invariant rank damage whenever live KFAC sums
+    exist (between prior updates), ``fisher`` right after an update; the masked ranks stay zero."""
+    from transformers import DataCollatorWithPadding
+
+    from spam_hf import SpamTrainer
+    from spam_hf.posterior import unwrap
+    from spam_hf.priors import params_aug
+    from spam_hf.pruning.damage import lora_rank_damage
+    from test_lora import lora_bert
+    from test_trainer import ToyTokenizer, toy_dataset
+
+    model = lora_bert()
+    model.train()
+    args = SpamTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=12,
+                                 report_to=[], marglik_frequency=3, marglik_burn_in=3, curvature_every=1,
+                                 n_hypersteps=2, save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                 schedule_sparsity=0.5, schedule_start=0.25, schedule_end=0.75, schedule_every=2,
+                                 schedule_method="damage")
+    trainer = SpamTrainer(model=model, args=args, train_dataset=toy_dataset(),
+                          data_collator=DataCollatorWithPadding(ToyTokenizer()))
+    update, used = trainer.update_schedule_mask, []
+
+    def recording(target):
+        live = trainer.posterior.live_rows > 0
+        expected = None
+        if live:  # the rank damage of the first module, by hand, from the factors before this update
+            spec = trainer.specs[0]
+            with torch.no_grad():
+                params = params_aug(unwrap(trainer.model), list(spec.modules))
+            expected = lora_rank_damage(params, spec, trainer.posterior.factors())
+        p = update(target)
+        used.append((p.method if p is not None else None, live))
+        if expected is not None and p is not None:
+            torch.testing.assert_close(torch.tensor(p.scores[spec.name], dtype=torch.float64), expected.double(),
+                                       rtol=1e-5, atol=1e-10)
+        return p
+
+    trainer.update_schedule_mask = recording
+    trainer.train()
+    assert ("damage", True) in used and all(m == "fisher" for m, live in used if m is not None and not live)
+    assert _masked_groups_are_zero(trainer) and trainer.masked_fraction() >= 0.5
