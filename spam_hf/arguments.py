@@ -125,9 +125,10 @@ class SpamTrainingArguments(TrainingArguments):
         "help": "Grouped-query attention (LLaMA layout): prune whole KV groups only (a KV head with all the query "
                 "heads reading it; every layer stays stock-shaped). Default: query heads are groups of their own "
                 "and a KV head goes with its last query head."})
-    schedule_sparsity: float = field(default=0.0, metadata={
+    schedule_sparsity: Optional[float] = field(default=None, metadata={
         "help": "Prune during training: mask this fraction of the prunable parameters by schedule_end on a cubic "
-                "ramp (0 = off); the surgery is the pruning at the end (give compress the same --sparsity)."})
+                "ramp (0 or unset = off); the surgery is the pruning at the end (give compress the same --sparsity). "
+                "`spam-hf compress` with LoRA sets it to --sparsity unless given (0 turns it off)."})
     schedule_start: float = field(default=0.2, metadata={"help": "Start of the ramp, as a fraction of the training steps."})
     schedule_end: float = field(default=0.7, metadata={"help": "End of the ramp, as a fraction of the training steps."})
     schedule_every: int = field(default=10, metadata={"help": "Optimiser steps between mask updates on the ramp."})

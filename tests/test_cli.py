@@ -359,6 +359,8 @@ def test_lora_compress_prunes_ranks_and_base_and_exports_a_peft_adapter(tiny_set
     assert report["selection"]["sparsity_achieved"] >= 0.5
     assert report["pruned"]["block_params"] <= 0.5 * report["dense"]["block_params"] + 1  # adapter parameters
     assert report["selection"]["layers"][0]["ranks_total"] == 4
+    run_config = json.load(open(os.path.join(out, "run_config.json")))
+    assert run_config["training"]["schedule_sparsity"] == 0.5  # LoRA: the rank budget during training by default
     cfg = json.load(open(os.path.join(out, "model", "adapter_config.json")))
     assert cfg["peft_type"] == "LORA" and cfg["rank_pattern"]
     assert os.path.exists(os.path.join(out, "model-merged", "model.safetensors"))
@@ -389,8 +391,9 @@ def test_causal_lm_with_lora(tiny_lm_setup):
     out = str(tmp / "lm-lora")
     rc = main(["compress", model_dir, "--train-file", train, "--validation-file", valid, "--sparsity", "0.5",
                "--lora-r", "4", "--lora-target-modules", "q_proj,v_proj,down_proj", "--prune-base", "True",
-               "--base-sparsity", "0.3", "--output-dir", out, *FAST])
+               "--base-sparsity", "0.3", "--output-dir", out, "--schedule_sparsity", "0", *FAST])
     assert rc == 0
+    assert json.load(open(os.path.join(out, "run_config.json")))["training"]["schedule_sparsity"] == 0  # off
     report = json.load(open(os.path.join(out, "pruning_report.json")))
     assert report["metric"] == "perplexity" and report["export"]["format"] == "peft_adapter"
     base_layers = report["base_selection"]["layers"]  # GQA base: whole KV groups (peft cannot wrap gathered K/V)

@@ -8,6 +8,7 @@ import os
 from typing import Optional
 
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.utils import logging
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
     SpamTrainingArguments, resolve_method
@@ -21,6 +22,8 @@ from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
 from .reporting import snapshot
 from .resolve import display_name
+
+logger = logging.get_logger(__name__)
 
 
 def base_sparsity(lora_args: LoraArguments, args: PruneArguments) -> Optional[float]:
@@ -76,6 +79,11 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     train_args = copy.deepcopy(train_args)
     if args.training in ("plain", "none"):
         train_args.marglik_frequency = 0
+    elif lora_args.enabled and train_args.schedule_sparsity is None:
+        # the rank budget during training: on the CPU protocol it beats pruning after training (README "LoRA")
+        train_args.schedule_sparsity = args.sparsity
+        logger.info(f"LoRA: ranks are masked during training on a ramp to {args.sparsity:.0%} of the adapter "
+                    "(--schedule_sparsity 0 turns it off)")
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator, processing_class=tokenizer, compute_metrics=metrics_for(metric))
     if args.training == "spam":
