@@ -36,6 +36,7 @@ import copy
 import datetime
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -283,7 +284,7 @@ def main() -> None:
     grid = learning_rates(a)
     result = {"date": datetime.date.today().isoformat(), "device": f"CPU, {torch.get_num_threads()} threads"
               if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-              "command": "python " + " ".join(sys.argv), "args": vars(a), "train_rows": len(bench.train),
+              "command": "python " + shlex.join(sys.argv), "args": vars(a), "train_rows": len(bench.train),
               "total_steps": bench.steps if a.equal_steps else None, "runs": []}
     if a.resume and os.path.exists(a.out):
         result["runs"] = json.load(open(a.out))["runs"]

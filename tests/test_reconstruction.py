@@ -156,3 +156,12 @@ def test_lora_ranks_refit_lora_b_to_the_unpruned_adapter():
     x = tiny_batch(batch=16, seed=9)
     ref = _logits(model, x)
     assert (_logits(refitted, x) - ref).square().mean() < (_logits(plain, x) - ref).square().mean()
+
+
+def test_reference_compensation_is_refused_data_parallel(monkeypatch):
+    import spam_hf.pruning.rounds as rounds
+
+    monkeypatch.setattr(rounds, "is_distributed", lambda: True)
+    model = tiny_classifier("bert")
+    with pytest.raises(ValueError, match="one process"):
+        prune_in_rounds(model, lambda m: None, [], [0.5], compensate=True, compensation="reference")

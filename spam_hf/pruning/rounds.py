@@ -18,7 +18,7 @@ from torch import nn
 from ..architectures import group_specs
 from ..checks import check_choice, validate_sparsity
 from ..distill import frozen_copy
-from ..distributed import broadcast_parameters
+from ..distributed import broadcast_parameters, is_distributed
 from .compensation import COMPENSATIONS
 from .compensation import compensate as compensate_groups
 from .plan import POSTERIOR_METHODS, PruningPlan, apply, plan
@@ -82,6 +82,9 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
     for t in targets:
         validate_sparsity(t)
     check_choice("compensation", compensation, COMPENSATIONS)
+    if compensate and compensation == "reference" and is_distributed():
+        raise ValueError("compensation 'reference' runs in one process (its statistics are not summed over "
+                         "processes); use least-squares under torchrun / accelerate")
     reference = frozen_copy(model) if compensate and compensation == "reference" else None
     specs0 = group_specs(model, kv_groups_only)
     total0 = prunable_cost(model, specs0, budget, seq_len)
