@@ -37,7 +37,7 @@ A third kind, ``reference``, refits every consuming layer to the *unpruned* mode
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -49,6 +49,33 @@ from .damage import Factors
 
 COMPENSATIONS = ("least-squares", "posterior", "reference")  # reference: spam_hf.pruning.reconstruction
 LEAST_SQUARES_DAMPING = 0.01  # λ / mean diag(A_RR) of the least-squares refit
+
+
+def removed_columns(specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:
+    """``{column module: input columns removed}`` for the groups ``keep`` does not keep (``[]`` if none)."""
+    removed: Dict[str, List[int]] = {}
+    for s in specs:
+        kept = set(torch.as_tensor(keep.get(s.name, range(s.count))).tolist())
+        dropped = [g for g in range(s.count) if g not in kept]
+        for m, idx in s.col_index.items():
+            removed.setdefault(m, []).extend(idx[dropped].reshape(-1).tolist() if dropped else [])
+    return removed
+
+
+def augmented_weight(module: nn.Module) -> torch.Tensor:
+    """``[W | b]`` (``out × (in+1)``, float64, CPU; ``W`` alone without a bias): the weights a refit moves."""
+    w = weight_out_in(module).detach().double().cpu()
+    bias = getattr(module, "bias", None)
+    return torch.cat([w, bias.detach().double().cpu().unsqueeze(1)], 1) if bias is not None else w
+
+
+def set_augmented_weight(module: nn.Module, new: torch.Tensor) -> None:
+    """Write ``[W | b]`` (as :func:`augmented_weight` gives it) back into ``module``, in place."""
+    w = weight_out_in(module)
+    bias = getattr(module, "bias", None)
+    w.copy_(new[:, : w.shape[1]].to(w.dtype))
+    if bias is not None:
+        bias.copy_(new[:, -1].to(bias.dtype))
 
 
 def _kept_and_removed(k: int, removed: torch.Tensor):
@@ -125,12 +152,7 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
     if kind == "reference":
         raise ValueError("compensation 'reference' refits to the unpruned model's outputs and needs calibration "
                          "batches: use spam_hf.pruning.refit_to_reference or prune_in_rounds")
-    removed: Dict[str, list] = {}
-    for s in specs:
-        kept = set(torch.as_tensor(keep.get(s.name, range(s.count))).tolist())
-        dropped = [g for g in range(s.count) if g not in kept]
-        for m, idx in s.col_index.items():
-            removed.setdefault(m, []).extend(idx[dropped].reshape(-1).tolist() if dropped else [])
+    removed = removed_columns(specs, keep)
     mods = dict(model.named_modules())
     done: Dict[str, int] = {}
     with torch.no_grad():
@@ -139,10 +161,7 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
                 continue
             A, G = factors[m]
             module = mods[m]
-            w = weight_out_in(module)
-            bias = getattr(module, "bias", None)
-            W = torch.cat([w.detach().double().cpu(), bias.detach().double().cpu().unsqueeze(1)], 1) \
-                if bias is not None else w.detach().double().cpu()
+            W = augmented_weight(module)
             if tuple(A.shape) != (W.shape[1], W.shape[1]):
                 raise ValueError(f"input factor of {m!r} has shape {tuple(A.shape)}, the layer has {W.shape[1]} inputs")
             removed_cols = torch.tensor(sorted(set(cols)))
@@ -150,8 +169,6 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
                 new = conditional_mean(W, A, removed_cols, damping=LEAST_SQUARES_DAMPING * _kept_diag_mean(A, removed_cols))
             else:
                 new = kron_conditional_mean(W, A, G, removed_cols, prior=prior_times_temperature(prior, m, temperature))
-            w.copy_(new[:, : w.shape[1]].to(w.dtype))
-            if bias is not None:
-                bias.copy_(new[:, -1].to(bias.dtype))
+            set_augmented_weight(module, new)
             done[m] = len(set(cols))
     return done

@@ -22,13 +22,15 @@ of the current model stopped at that module; statistics ``(in+1)Â²`` and ``out Ã
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..architectures.base import GroupSpec, weight_out_in
-from .compensation import LEAST_SQUARES_DAMPING, _kept_and_removed
+from ..architectures.base import GroupSpec
+from .compensation import LEAST_SQUARES_DAMPING, _kept_and_removed, augmented_weight, removed_columns, \
+    set_augmented_weight
 
 
 class _Stop(Exception):
@@ -44,17 +46,6 @@ def _rows(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _inputs(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
-
-
-def _removed_columns(specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:
-    """``{column module: input columns removed}`` of the groups ``keep`` does not keep (``[]`` if none)."""
-    removed: Dict[str, List[int]] = {}
-    for s in specs:
-        kept = set(torch.as_tensor(keep.get(s.name, range(s.count))).tolist())
-        dropped = [g for g in range(s.count) if g not in kept]
-        for m, idx in s.col_index.items():
-            removed.setdefault(m, []).extend(idx[dropped].reshape(-1).tolist() if dropped else [])
-    return removed
 
 
 @torch.no_grad()
@@ -154,10 +145,10 @@ def refit_to_reference(model: nn.Module, reference: nn.Module, specs: Iterable[G
     must share module names and the layers' output widths (the reference may have more input columns).
     In place; returns ``{module: columns removed}`` (0 for a module only refitted)."""
     specs = list(specs)
-    batches = [b for i, b in zip(range(max_batches if max_batches is not None else 1 << 62), batches)]
+    batches = list(islice(batches, max_batches))
     if not batches:
         raise ValueError("refit_to_reference needs at least one calibration batch")
-    removed = _removed_columns(specs, keep)
+    removed = removed_columns(specs, keep)
     order = [name for name, _ in model.named_modules() if name in removed]
     targets = reference_outputs(reference, order, batches)
     mods = dict(model.named_modules())
@@ -165,18 +156,12 @@ def refit_to_reference(model: nn.Module, reference: nn.Module, specs: Iterable[G
     for m in order:
         module = mods[m]
         xx, yx = input_moments(model, m, batches, [t[m] for t in targets])
+        W = augmented_weight(module)
+        if tuple(yx.shape) != tuple(W.shape):
+            raise ValueError(f"{m!r}: the reference's outputs and this model's inputs give {tuple(yx.shape)}, "
+                             f"the layer is {tuple(W.shape)}")
+        cols = torch.tensor(sorted(set(removed[m])), dtype=torch.long)
         with torch.no_grad():
-            w = weight_out_in(module)
-            bias = getattr(module, "bias", None)
-            W = torch.cat([w.detach().double().cpu(), bias.detach().double().cpu().unsqueeze(1)], 1) \
-                if bias is not None else w.detach().double().cpu()
-            if tuple(yx.shape) != tuple(W.shape):
-                raise ValueError(f"{m!r}: the reference's outputs and this model's inputs give {tuple(yx.shape)}, "
-                                 f"the layer is {tuple(W.shape)}")
-            cols = torch.tensor(sorted(set(removed[m])), dtype=torch.long)
-            new = refit(W, xx, yx, cols, damping)
-            w.copy_(new[:, : w.shape[1]].to(w.dtype))
-            if bias is not None:
-                bias.copy_(new[:, -1].to(bias.dtype))
+            set_augmented_weight(module, refit(W, xx, yx, cols, damping))
         done[m] = int(cols.numel())
     return done
