@@ -55,6 +55,54 @@ class Precision:
         return self.v.numel() * self.u.log().sum() + self.u.numel() * self.v.log().sum()
 
 
+def symmetric_eigh(F: torch.Tensor) -> tuple:
+    """``(vals, Q)`` with ``F = Q diag(vals) Qᵀ`` for a symmetric ``n × n`` Kronecker factor, robust to what
+    pruning during training makes of the factors.
+
+    Masked groups leave whole rows and columns of ``G`` / ``A`` exactly zero (a masked head's inputs to O,
+    its Q/K/V rows' gradients); LAPACK's ``syevd`` can fail to converge on such factors ("ill-conditioned
+    or too many repeated eigenvalues"). So: (1) rows and columns that are zero are split off exactly
+    (eigenvalue 0, unit eigenvector) and only the rest is decomposed; (2) if ``eigh`` still fails, it is
+    retried with a jitter ``ε I`` (``ε = 1e-10 · mean diagonal``, subtracted again from the eigenvalues);
+    (3) then by the SVD (``F`` is positive semi-definite: ``F = U diag(s) Uᵀ``). A factor with NaN or
+    infinite entries raises :class:`FloatingPointError` (the losses or activations diverged).
+    """
+    if not torch.isfinite(F).all():
+        raise FloatingPointError(f"a Kronecker factor ({F.shape[0]} × {F.shape[1]}) has NaN or infinite entries: "
+                                 "the training losses or activations diverged; lower the learning rate")
+    n = F.shape[0]
+    live = (F != 0).any(dim=1)
+    k = int(live.sum())
+    if k == n:
+        return _eigh_with_fallbacks(F)
+    vals = torch.zeros(n, dtype=F.dtype, device=F.device)
+    Q = torch.zeros(n, n, dtype=F.dtype, device=F.device)
+    dead = (~live).nonzero().squeeze(1)
+    Q[dead, torch.arange(n - k, device=F.device)] = 1.0  # zero eigenvalues first (ascending, as eigh)
+    if k:
+        idx = live.nonzero().squeeze(1)
+        sub_vals, sub_Q = _eigh_with_fallbacks(F[idx][:, idx])
+        vals[n - k:] = sub_vals
+        Q[idx.unsqueeze(1), torch.arange(n - k, n, device=F.device).unsqueeze(0)] = sub_Q
+    return vals, Q
+
+
+def _eigh_with_fallbacks(F: torch.Tensor) -> tuple:
+    """``torch.linalg.eigh``, then with a jitter, then the SVD (see :func:`symmetric_eigh`)."""
+    try:
+        return torch.linalg.eigh(F)
+    except torch.linalg.LinAlgError:
+        pass
+    eps = 1e-10 * float(F.diagonal().abs().mean().clamp_min(1e-300))
+    eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
+    try:
+        vals, Q = torch.linalg.eigh(F + eps * eye)
+        return vals - eps, Q
+    except torch.linalg.LinAlgError:
+        U, s, _ = torch.linalg.svd(F)
+        return s.flip(0), U.flip(1)
+
+
 class KronEigen:
     """Eigendecomposed Kronecker factors ``G ⊗ A`` of one layer (float64)."""
 
@@ -78,8 +126,7 @@ class KronEigen:
         """``(eigenvalues ≥ 0, squared eigenvectors in store dtype, eigenvectors or None, diagonal)``, on the CPU."""
         F = F.detach().to(torch.float64)
         diag = F.diagonal().cpu()
-        F = 0.5 * (F + F.T)
-        vals, Q = torch.linalg.eigh(F)
+        vals, Q = symmetric_eigh(0.5 * (F + F.T))
         del F
         Q_kept = Q.to("cpu", copy=True) if keep_vectors else None
         Q2 = Q.square_().to("cpu", store)  # in place: no second float64 copy

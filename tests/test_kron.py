@@ -54,3 +54,65 @@ def test_precision_helpers_match_dense():
     r1, d = Precision(u=u, v=v), Precision(dense=torch.outer(u, v))
     torch.testing.assert_close(r1.quadratic(w2), d.quadratic(w2))
     torch.testing.assert_close(r1.log_sum(), d.log_sum())
+
+
+def _masked_psd(n, dead, seed):
+    """A PSD factor whose rows and columns ``dead`` are exactly zero (a masked group's inputs or outputs)."""
+    F = random_psd(n, seed)
+    F[dead, :] = 0
+    F[:, dead] = 0
+    return F
+
+
+def _check_decomposition(F, vals, Q):
+    eye = torch.eye(F.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(Q @ torch.diag(vals) @ Q.T, F, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(Q.T @ Q, eye, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(vals.sort().values, torch.linalg.eigvalsh(F), rtol=1e-9, atol=1e-10)
+
+
+def test_symmetric_eigh_splits_off_zero_rows_exactly():
+    from spam_hf.kron import symmetric_eigh
+    dead = [0, 3, 4, 7]
+    F = _masked_psd(8, dead, 11)
+    vals, Q = symmetric_eigh(F)
+    _check_decomposition(F, vals, Q)
+    assert (vals[:len(dead)] == 0).all()
+    for F in (torch.zeros(5, 5, dtype=torch.float64), random_psd(5, 12)):  # all dead, none dead
+        _check_decomposition(F, *symmetric_eigh(F))
+    # and the log-determinant of a layer with masked rows and columns still equals the dense one
+    G, A = _masked_psd(6, [1, 2], 13), _masked_psd(5, [0, 4], 14)
+    k = KronEigen(G, A, keep_vectors=True)
+    prec = Precision(u=torch.full((6,), 0.7, dtype=torch.float64), v=torch.ones(5, dtype=torch.float64))
+    dense = torch.logdet(torch.kron(G, A) + 0.7 * torch.eye(30, dtype=torch.float64))
+    torch.testing.assert_close(k.logdet(prec), dense, rtol=1e-10, atol=1e-8)
+
+
+def test_symmetric_eigh_falls_back_when_lapack_fails(monkeypatch):
+    """eigh failing once → jittered eigh; failing always → the SVD; both decompose F."""
+    from spam_hf import kron
+    real = torch.linalg.eigh
+    F = _masked_psd(7, [2], 15)
+    for fail_calls in (1, 2):
+        calls = {"n": 0}
+
+        def flaky(M, calls=calls, fail_calls=fail_calls):
+            calls["n"] += 1
+            if calls["n"] <= fail_calls:
+                raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+            return real(M)
+
+        monkeypatch.setattr(torch.linalg, "eigh", flaky)
+        vals, Q = kron.symmetric_eigh(F)
+        assert calls["n"] == min(fail_calls + 1, 2)
+        _check_decomposition(F, vals, Q)
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+
+
+def test_symmetric_eigh_refuses_non_finite_factors():
+    import pytest
+    from spam_hf.kron import symmetric_eigh
+    F = random_psd(4, 16)
+    F[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        symmetric_eigh(F)
