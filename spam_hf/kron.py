@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -92,7 +95,8 @@ def _eigh_with_fallbacks(F: torch.Tensor) -> tuple:
     try:
         return torch.linalg.eigh(F)
     except torch.linalg.LinAlgError:
-        pass
+        logger.warning(f"eigh of a {F.shape[0]} × {F.shape[0]} Kronecker factor failed to converge; retrying with "
+                       "a jitter (then the SVD)")
     eps = 1e-10 * float(F.diagonal().abs().mean().clamp_min(1e-300))
     eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
     try:
