@@ -228,3 +228,28 @@ def test_scaling_out_smoke(tiny_setup, tmp_path):
     assert res["speedup"] == pytest.approx(one["wall_s"] / two["wall_s"])
     assert one["accuracy"] is not None and two["accuracy"] is not None
 
+
+
+def test_table_schedule_smoke(tiny_setup, tmp_path):
+    """A real schedule run and its recovered prune, collected; a run without a schedule is refused."""
+    model_dir, train, dev, tmp = tiny_setup
+    run_dir, plain_dir = str(tmp / "sched"), str(tmp / "plain")
+    assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+                 "--schedule_sparsity", "0.5", "--schedule_every", "1", "--output-dir", run_dir, *FAST]) == 0
+    assert main(["prune", run_dir, "--sparsity", "0.5", "--recovery_steps", "1",
+                 "--output_dir", os.path.join(run_dir, "rec1")]) == 0
+    out = str(tmp_path / "sched")
+    run("table_schedule.py", "--run-dirs", run_dir, "--recovery-dir", "rec1", "--out", out)
+    (row,) = json.load(open(out + ".json"))["rows"]
+    report = json.load(open(os.path.join(run_dir, "pruning_report.json")))
+    rec = json.load(open(os.path.join(run_dir, "rec1", "pruning_report.json")))
+    assert row["sparsity"] == 0.5 and row["schedule"]["schedule_sparsity"] == 0.5 and row["achieved"] >= 0.5
+    assert row["accuracy"] == report["pruned"]["accuracy"] and row["recovered"] == rec["pruned"]["accuracy"]
+    assert row["recovery_steps"] == 1
+    md = open(out + ".md").read()
+    assert f"| 50% | {row['seed']} |" in md and f"{100 * row['recovered']:.1f} (1)" in md
+    assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+                 "--output-dir", plain_dir, *FAST]) == 0
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "table_schedule.py"), "--run-dirs", plain_dir,
+                          "--out", out], capture_output=True, text=True)
+    assert res.returncode != 0 and "was not trained with --schedule_sparsity" in res.stderr
