@@ -370,7 +370,13 @@ class CurvatureAccumulator:
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
         n, n_g = float(self.n), self.n_g
-        return {m: KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors) for m, s in self.sums.items()}
+        out = {}
+        for m, s in self.sums.items():
+            try:
+                out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors)
+            except FloatingPointError as e:  # name the module: the factor alone does not say which one diverged
+                raise FloatingPointError(f"KFAC factors of {m!r}: {e}; check curvature and weights for NaN") from e
+        return out
 
     def mask_fisher(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``{module: M · N / units}`` (float64, ``in × in``): the Fisher of multiplicative masks on the input
