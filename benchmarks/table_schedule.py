@@ -50,7 +50,7 @@ def run_row(run_dir: str, recovery_dir: str) -> dict:
            "schedule": {k: training[k] for k in ("schedule_sparsity", "schedule_start", "schedule_end",
                                                  "schedule_every", "schedule_method")},
            "achieved": selection_of(report).get("sparsity_achieved"), "accuracy": report["pruned"][metric],
-           "command": report.get("command")}
+           "command": report.get("command"), "device": report.get("device"), "date": report.get("date")}
     rec_path = os.path.join(run_dir, recovery_dir, "pruning_report.json")
     if os.path.exists(rec_path):
         rec = read_json(rec_path)
@@ -94,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows = [run_row(d, a.recovery_dir) for d in a.run_dirs]
     result = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", "benchmarks/table_schedule.py"]
                                                                                + (argv if argv is not None else sys.argv[1:])),
-              "rows": rows}
+              "devices": sorted({str(r["device"]) for r in rows}), "rows": rows}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump(result, f, indent=1)

@@ -246,6 +246,7 @@ def test_table_schedule_smoke(tiny_setup, tmp_path):
     assert row["sparsity"] == 0.5 and row["schedule"]["schedule_sparsity"] == 0.5 and row["achieved"] >= 0.5
     assert row["accuracy"] == report["pruned"]["accuracy"] and row["recovered"] == rec["pruned"]["accuracy"]
     assert row["recovery_steps"] == 1
+    assert row["device"] == report["device"] and json.load(open(out + ".json"))["devices"] == [report["device"]]
     md = open(out + ".md").read()
     assert f"| 50% | {row['seed']} |" in md and f"{100 * row['recovered']:.1f} (1)" in md
     assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
