@@ -248,9 +248,21 @@ def test_table_schedule_smoke(tiny_setup, tmp_path):
     assert row["recovery_steps"] == 1
     assert row["device"] == report["device"] and json.load(open(out + ".json"))["devices"] == [report["device"]]
     md = open(out + ".md").read()
-    assert f"| 50% | {row['seed']} |" in md and f"{100 * row['recovered']:.1f} (1)" in md
+    assert f"| 50% | during training | {row['seed']} |" in md and f"{100 * row['recovered']:.1f} (1)" in md
     assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
                  "--output-dir", plain_dir, *FAST]) == 0
     res = subprocess.run([sys.executable, os.path.join(BENCH, "table_schedule.py"), "--run-dirs", plain_dir,
                           "--out", out], capture_output=True, text=True)
     assert res.returncode != 0 and "was not trained with --schedule_sparsity" in res.stderr
+    # the comparison in the same table: runs pruned after training, listed before the scheduled ones
+    run("table_schedule.py", "--run-dirs", run_dir, "--after-training-dirs", plain_dir, "--recovery-dir", "rec1",
+        "--out", out)
+    rows = json.load(open(out + ".json"))["rows"]
+    plain = json.load(open(os.path.join(plain_dir, "pruning_report.json")))
+    assert [r["pruned"] for r in rows] == ["during training", "after training"]
+    assert rows[1]["accuracy"] == plain["pruned"]["accuracy"] and "recovered" not in rows[1]
+    md = open(out + ".md").read()
+    assert md.index("| 50% | after training |") < md.index("| 50% | during training |")
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "table_schedule.py"), "--run-dirs", run_dir,
+                          "--after-training-dirs", run_dir, "--out", out], capture_output=True, text=True)
+    assert res.returncode != 0 and "not a run pruned after training" in res.stderr
