@@ -282,6 +282,28 @@ def resolve_pruning(args: "PruneArguments", lora: bool):
     return method, rounds, compensate
 
 
+SCHEDULE_FROM_SPARSITY = 0.8
+"""``spam-hf compress`` on a full model prunes during training from this ``--sparsity`` on (README "Pruning
+during training": at 90% removed it beats pruning after training by 4 points on the CPU protocol, at 70% it
+does not)."""
+
+
+def resolve_schedule(args: "CompressArguments", train_args: SpamTrainingArguments, lora: bool) -> Optional[float]:
+    """The ``schedule_sparsity`` that ``spam-hf compress`` trains with: the one given (``0`` = off); else
+    ``--sparsity`` for LoRA ranks (the rank budget during training), and for a full model pruned with
+    ``--method auto`` on a parameter budget at ``--sparsity >= SCHEDULE_FROM_SPARSITY``; else none (pruning
+    after training). Only SpaM training (``--training spam``) has a schedule."""
+    if args.training != "spam":
+        return None
+    if train_args.schedule_sparsity is not None:
+        return train_args.schedule_sparsity
+    if lora:
+        return args.sparsity
+    if args.method == "auto" and args.budget == "params" and args.sparsity >= SCHEDULE_FROM_SPARSITY:
+        return args.sparsity
+    return None
+
+
 @dataclass
 class CompressArguments(PruneArguments):
     """``spam-hf compress``: how to train before pruning, and where the result goes."""

@@ -126,3 +126,23 @@ def test_automatic_pruning_defaults():
     assert resolve_pruning(PruneArguments(sparsity=0.9, rounds=3, compensate=True), lora=False) == \
         ("damage-exact", 3, True)
     assert resolve_pruning(PruneArguments(sparsity=0.5, compensate=False), lora=False) == ("damage-exact", 2, False)
+
+
+def test_automatic_schedule_defaults(tmp_path):
+    """compress prunes during training by default for LoRA ranks, and for a full model from
+    SCHEDULE_FROM_SPARSITY on (--method auto, parameter budget); an explicit --schedule_sparsity wins, and
+    plain / no training has no schedule."""
+    from spam_hf.arguments import SCHEDULE_FROM_SPARSITY, CompressArguments, resolve_schedule
+
+    t = SpamTrainingArguments(output_dir=str(tmp_path))
+    assert resolve_schedule(CompressArguments(sparsity=0.9), t, lora=False) == 0.9
+    assert resolve_schedule(CompressArguments(sparsity=SCHEDULE_FROM_SPARSITY), t, lora=False) == SCHEDULE_FROM_SPARSITY
+    assert resolve_schedule(CompressArguments(sparsity=0.7), t, lora=False) is None
+    assert resolve_schedule(CompressArguments(sparsity=0.5), t, lora=True) == 0.5
+    assert resolve_schedule(CompressArguments(sparsity=0.9, method="opd"), t, lora=False) is None
+    assert resolve_schedule(CompressArguments(sparsity=0.9, budget="flops"), t, lora=False) is None
+    assert resolve_schedule(CompressArguments(sparsity=0.9, training="plain"), t, lora=True) is None
+    off = SpamTrainingArguments(output_dir=str(tmp_path), schedule_sparsity=0)
+    assert resolve_schedule(CompressArguments(sparsity=0.9), off, lora=False) == 0
+    other = SpamTrainingArguments(output_dir=str(tmp_path), schedule_sparsity=0.6)
+    assert resolve_schedule(CompressArguments(sparsity=0.5), other, lora=False) == 0.6

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
-    SpamTrainingArguments, resolve_method
+    SpamTrainingArguments, resolve_method, resolve_schedule
 from ..architectures import group_specs
 from ..distributed import is_main_process
 from ..export.hub import check_hub
@@ -79,11 +79,13 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     train_args = copy.deepcopy(train_args)
     if args.training in ("plain", "none"):
         train_args.marglik_frequency = 0
-    elif lora_args.enabled and train_args.schedule_sparsity is None:
-        # the rank budget during training: on the CPU protocol it beats pruning after training (README "LoRA")
-        train_args.schedule_sparsity = args.sparsity
-        logger.info(f"LoRA: ranks are masked during training on a ramp to {args.sparsity:.0%} of the adapter "
-                    "(--schedule_sparsity 0 turns it off)")
+    elif train_args.schedule_sparsity is None:
+        train_args.schedule_sparsity = resolve_schedule(args, train_args, lora_args.enabled)
+        if train_args.schedule_sparsity:
+            # on the CPU protocol both beat pruning after training (README "LoRA", "Pruning during training")
+            what = "ranks of the adapter" if lora_args.enabled else "heads and neurons"
+            logger.warning(f"pruning during training: {what} are masked on a ramp to {args.sparsity:.0%} removed, "
+                           "so dense/ holds the masked model (--schedule_sparsity 0 turns it off)")
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator, processing_class=tokenizer, compute_metrics=metrics_for(metric))
     if args.training == "spam":
