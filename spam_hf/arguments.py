@@ -284,8 +284,8 @@ def resolve_pruning(args: "PruneArguments", lora: bool):
 
 SCHEDULE_FROM_SPARSITY = 0.8
 """``spam-hf compress`` on a full model prunes during training from this ``--sparsity`` on (README "Pruning
-during training": at 90% removed it beats pruning after training by 4 points on the CPU protocol, at 70% it
-does not)."""
+during training", CPU protocol, 3 seeds: at 90% removed it beats pruning after training on every seed, 78.9
+against 65.2 ± 13.5; at 80% the means tie and its spread is half; at 50 / 70% it does not help)."""
 
 
 def resolve_schedule(args: "CompressArguments", train_args: SpamTrainingArguments, lora: bool) -> Optional[float]:
