@@ -44,6 +44,7 @@ from torch import nn
 
 from ..architectures.base import GroupSpec, weight_out_in
 from ..checks import check_choice
+from ..kron import symmetric_eigh
 from ..priors import PriorPrecision
 from .damage import Factors
 
@@ -109,8 +110,8 @@ def kron_conditional_mean(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, rem
     if not (S.numel() and R.numel()):
         out[:, S] = 0
         return out
-    g, U = torch.linalg.eigh(G)
-    a, V = torch.linalg.eigh(A[R][:, R])
+    g, U = symmetric_eigh(G)  # masked groups leave zero rows, on which LAPACK's eigh can fail (kron.py)
+    a, V = symmetric_eigh(A[R][:, R])
     a = a.clamp_min(0.0) + 1e-10 * float(a.clamp_min(0.0).mean().clamp_min(1e-30))
     if prior > 0:
         lam = torch.where(g > 0, prior / g.clamp_min(1e-300), torch.full_like(g, float("inf")))
