@@ -243,6 +243,10 @@ class PruneArguments:
     distill_temperature: float = field(default=2.0, metadata={"help": "Temperature τ of the distillation soft labels."})
     distill_hidden_weight: float = field(default=0.0, metadata={"help": "Weight of a hidden-state MSE term "
                                                                         "(every layer's output) in distillation."})
+    distill_teacher: Optional[str] = field(default=None, metadata={
+        "help": "Distil from this model (a folder: another run's dense/, or any checkpoint of the same task and "
+                "labels) instead of the run's own unpruned model. Needed after pruning during training, whose "
+                "dense/ is the masked model."})
     measure_latency: bool = field(default=True, metadata={"help": "Measure forward latency before and after."})
     latency_batch_size: int = field(default=32, metadata={"help": "Batch size for the latency measurement."})
     prune_seed: int = field(default=0, metadata={"help": "Seed for the 'random' baseline."})
@@ -260,6 +264,9 @@ class PruneArguments:
         check_distillation(self.distill, self.distill_temperature, self.distill_hidden_weight)
         if (self.distill or self.distill_hidden_weight) and not (self.recovery_steps or self.recovery_epochs):
             raise ValueError("distillation is a recovery fine-tune: give --recovery-steps or --recovery-epochs too")
+        if self.distill_teacher and not (self.distill or self.distill_hidden_weight):
+            raise ValueError("--distill-teacher is the teacher of a distillation: give --distill α (and/or "
+                             "--distill-hidden-weight) too")
 
 
 def resolve_method(method: str, lora: bool) -> str:

@@ -112,6 +112,10 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     (["--lora-merge", "True"], "--lora-merge needs --lora-r"),
     (["--push-to-hub", "user/x"], "the Hub cannot be reached now"),  # offline (conftest): before training
     (["--distill", "0.5"], "give --recovery-steps or --recovery-epochs too"),
+    (["--recovery-steps", "2", "--distill-teacher", "x"], "give --distill"),
+    (["--recovery-steps", "2", "--distill", "0.5", "--distill-teacher", "no/such/folder"], "is not a folder"),
+    # pruning during training (the default from 80%) leaves no unmasked model to distil from: refused before training
+    (["--sparsity", "0.8", "--recovery-steps", "2", "--distill", "0.5"], "cannot teach: give --distill-teacher"),
 ])
 def test_bad_input_exits_2_without_writing(tiny_setup, capsys, extra, message):
     model_dir, train, dev, tmp = tiny_setup
@@ -122,6 +126,32 @@ def test_bad_input_exits_2_without_writing(tiny_setup, capsys, extra, message):
     assert message in err
     assert "Traceback" not in err
     assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_distillation_after_pruning_during_training_takes_an_unmasked_teacher(tiny_setup, capsys):
+    """A run pruned during training has a masked dense/: `prune --distill` refuses it (exit 2, nothing written)
+    and takes an unmasked model with --distill-teacher instead, which must predict the same labels."""
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp / "sched")
+    rc = main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+               "--schedule_sparsity", "0.5", "--output-dir", out, *FAST])
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(["prune", out, "--sparsity", "0.5", "--recovery-steps", "2", "--distill", "0.5",
+               "--output-dir", str(tmp / "self"), "--measure-latency", "False"])
+    assert rc == 2 and "cannot teach" in capsys.readouterr().err and not os.path.exists(tmp / "self")
+    three = str(tmp / "three-labels")
+    tiny_classifier("bert", num_labels=3).save_pretrained(three)
+    rc = main(["prune", out, "--sparsity", "0.5", "--recovery-steps", "2", "--distill", "0.5",
+               "--distill-teacher", three, "--output-dir", str(tmp / "wrong"), "--measure-latency", "False"])
+    assert rc == 2 and "with 3 labels" in capsys.readouterr().err and not os.path.exists(tmp / "wrong")
+    rc = main(["prune", out, "--sparsity", "0.5", "--recovery-steps", "2", "--distill", "0.5",
+               "--distill-teacher", model_dir, "--output-dir", str(tmp / "taught"), "--measure-latency", "False"])
+    assert rc == 0
+    rep = json.load(open(tmp / "taught" / "pruning_report.json"))
+    assert rep["recovery"]["distill_teacher"] == model_dir and rep["recovery"]["steps"] == 2
+    assert "accuracy_before_recovery" in rep["pruned"]
 
 
 def test_empty_dataset_and_labels_out_of_range(tiny_setup, capsys):

@@ -8,17 +8,17 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from transformers import Trainer, TrainingArguments
+from transformers import AutoConfig, Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
 from ..arguments import DataArguments, PruneArguments, resolve_pruning
 from ..costs import compare_latency
-from ..distill import DistillationTrainer, frozen_copy
+from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import is_main_process
 from ..export import save_pruned
 from ..export.hub import push_folder
 from ..trainer import SpamTrainer, per_batch_mean_loss
-from .loading import collator_for, metrics_for
+from .loading import collator_for, load_run_model, metrics_for
 from .outputs import staged_folder, write_json
 from .reporting import device_name, evaluate_metric, report_path, snapshot, write_report
 
@@ -36,6 +36,7 @@ class RunContext:
     command: str = ""
     merged: bool = False  # LoRA: also export the base with the adapter merged in
     base_sparsity: Optional[float] = None  # LoRA: also prune the frozen base (prune_base)
+    masked_dense: bool = False  # pruned during training: the model before pruning is already masked
 
     @property
     def metric(self) -> str:
@@ -67,6 +68,49 @@ def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=
     return evaluate_metric(rec, ctx.data["validation"], ctx.metric)
 
 
+def check_teacher(args: PruneArguments, masked_dense: bool, config=None) -> None:
+    """Refuse a distillation that cannot work, before any work: from a masked model (after pruning during training
+    the run's own model before pruning has the removed groups already zeroed, so its soft labels are the student's
+    own), or from a ``--distill-teacher`` that is not a folder or, by its ``config.json``, another architecture or
+    label count than ``config`` (the student's)."""
+    if not (args.distill or args.distill_hidden_weight):
+        return
+    if masked_dense and not args.distill_teacher:
+        raise ValueError("this run pruned during training (--schedule_sparsity), so its model before pruning is the "
+                         "masked one and cannot teach: give --distill-teacher with an unmasked model (e.g. the dense/ "
+                         "of a run with --schedule_sparsity 0), recover without --distill, or (compress) prune after "
+                         "training with --schedule_sparsity 0")
+    path = args.distill_teacher
+    if not path:
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"--distill-teacher {path!r} is not a folder (a saved model: another run's dense/ or a "
+                         "checkpoint)")
+    if config is not None and os.path.exists(os.path.join(path, "config.json")):  # an adapter folder: at load
+        check_same_task(path, AutoConfig.from_pretrained(path), config)
+
+
+def check_same_task(path: str, teacher_config, student_config) -> None:
+    """The teacher must be the student's architecture with its labels (its logits are the soft labels)."""
+    n_teacher, n_student = getattr(teacher_config, "num_labels", None), getattr(student_config, "num_labels", None)
+    if teacher_config.model_type != student_config.model_type or n_teacher != n_student:
+        raise ValueError(f"--distill-teacher {path!r} is a {teacher_config.model_type} model with {n_teacher} labels; "
+                         f"the pruned model is a {student_config.model_type} model with {n_student}")
+
+
+def teacher_for(model, ctx: RunContext, args: PruneArguments):
+    """The distillation teacher (frozen), or ``None`` without distillation: ``--distill-teacher`` loaded from its
+    folder, else a copy of ``model`` before pruning."""
+    if not (args.distill or args.distill_hidden_weight):
+        return None
+    check_teacher(args, ctx.masked_dense)
+    if not args.distill_teacher:
+        return frozen_copy(model)
+    teacher = load_run_model(args.distill_teacher, ctx.data)
+    check_same_task(args.distill_teacher, teacher.config, model.config)
+    return freeze(teacher)
+
+
 def pruning_for(args: PruneArguments, lora: bool):
     """``(method, rounds, compensate)`` of :func:`resolve_pruning` (called before training too). On LoRA ranks
     rounds, compensation (the remaining columns of ``lora_B`` refitted to the rank activations ``A x``) and
@@ -81,8 +125,9 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     """
     lora = is_peft_model(trainer.model)
     method, rounds, compensate = pruning_for(args, lora)
-    teacher = frozen_copy(trainer.model) if args.distill or args.distill_hidden_weight else None
-    dense_model = teacher or (frozen_copy(trainer.model) if args.measure_latency else None)  # timed beside the pruned
+    teacher = teacher_for(trainer.model, ctx, args)
+    own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one
+    dense_model = teacher if own_teacher else (frozen_copy(trainer.model) if args.measure_latency else None)
     selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
                               seed=args.prune_seed, min_keep=args.min_keep, rounds=rounds,
                               compensate=compensate, calibration_batches=args.calibration_batches,
@@ -142,7 +187,8 @@ def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection,
         **({"compensation": args.compensation} if compensate else {}),
         **({"recovery": {"steps": args.recovery_steps, "epochs": args.recovery_epochs, "lr": args.recovery_lr,
                          "distill": args.distill, "distill_temperature": args.distill_temperature,
-                         "distill_hidden_weight": args.distill_hidden_weight}}
+                         "distill_hidden_weight": args.distill_hidden_weight,
+                         "distill_teacher": args.distill_teacher}}
            if args.recovery_steps or args.recovery_epochs else {}),
         "export": {"path": export_dir, "format": kind, **({"merged": merged_dir} if merged_dir else {})},
     }

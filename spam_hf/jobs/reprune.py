@@ -16,7 +16,7 @@ from ..architectures import group_specs
 from ..pruning import check_reachable
 from ..trainer import SpamTrainer
 from .compress import base_sparsity
-from .finish import RunContext, prune_and_export
+from .finish import RunContext, check_teacher, prune_and_export
 from .loading import collator_for, load_data_for, load_run_model, metrics_for
 from .outputs import REPORT_FILE, RUN_CONFIG, check_reprune_output
 from .reporting import snapshot
@@ -37,6 +37,8 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     check_reprune_output(run_dir, out, overwrite_output_dir)
     with open(cfg_path) as f:
         cfg = json.load(f)
+    masked_dense = bool(cfg["training"].get("schedule_sparsity"))  # pruned during training: dense/ is masked
+    check_teacher(args, masked_dense)
     data_args = DataArguments(**cfg["data"])
     with open(os.path.join(dense_dir, STATE_FILE)) as f:
         state = json.load(f)
@@ -51,6 +53,7 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
                     args.flops_seq_len, args.min_keep)
+    check_teacher(args, masked_dense, model.config)
     os.makedirs(out, exist_ok=True)  # only now: a refused request leaves no folder behind
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
@@ -68,7 +71,8 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     lora_args = LoraArguments(**cfg.get("lora", {}))
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
                      base_name=display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"]), command=command,
-                     merged=lora_args.lora_merge, base_sparsity=base_sparsity(lora_args, args))
+                     merged=lora_args.lora_merge, base_sparsity=base_sparsity(lora_args, args),
+                     masked_dense=masked_dense)
     try:
         return prune_and_export(trainer, ctx, args, out)
     finally:
