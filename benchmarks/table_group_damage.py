@@ -2,7 +2,8 @@
 (one result file per seed, or one file with several runs, or several files per seed holding different
 methods: rows are pooled by method and sparsity), and the per-layer pattern kept by a method. Rows of
 ``+comp`` methods from files written with ``--compensation posterior`` (or before that option existed)
-are labelled ``+comp[posterior]``; ``+comp`` is the least-squares default.
+are labelled ``+comp[posterior]``; ``+comp`` is the least-squares default. Rows from files written with
+``--calib-batches`` other than 8 name their count.
 
     python benchmarks/table_group_damage.py benchmarks/results/group_damage_cpu_s*.json \\
         --out benchmarks/results/group_damage_cpu
@@ -29,10 +30,13 @@ def main() -> None:
         data = json.load(open(f))
         # files written before --compensation existed compensated with the KFAC posterior's conditional mean
         kind = data.get("args", {}).get("compensation", "posterior")
+        calib = data.get("args", {}).get("calib_batches", 8)
         for r in data["runs"]:
             for row in r["rows"]:
                 if kind != "least-squares" and "+comp" in row["method"]:
                     row["method"] = row["method"].replace("+comp", f"+comp[{kind}]")
+                if calib != 8:  # the default of the benchmark and of spam-hf prune
+                    row["method"] += f" ({calib} calib. batches)"
             runs.append(r)
     wanted = [m for m in a.methods.split(",") if m]
     if wanted:
