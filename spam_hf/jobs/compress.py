@@ -74,7 +74,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
                     args.flops_seq_len, args.min_keep)  # before training, not after it
     pruning_for(args, lora_args.enabled)  # a choice LoRA ranks cannot take fails now too
-    check_teacher(args, bool(resolve_schedule(args, train_args, lora_args.enabled)), model.config)  # before training
+    masked_dense = bool(resolve_schedule(args, train_args, lora_args.enabled))  # pruned during training
+    check_teacher(args, masked_dense, model.config)  # before training, not after it
     os.makedirs(out_dir, exist_ok=True)
     collator = collator_for(data, tokenizer)
     train_args = copy.deepcopy(train_args)
@@ -105,5 +106,5 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
                      base_name=display_name(model_args, path), command=command, merged=lora_args.lora_merge,
-                     base_sparsity=base_sparsity(lora_args, args), masked_dense=bool(train_args.schedule_sparsity))
+                     base_sparsity=base_sparsity(lora_args, args), masked_dense=masked_dense)
     return prune_and_export(trainer, ctx, args, out_dir)

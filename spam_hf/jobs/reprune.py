@@ -37,7 +37,9 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     check_reprune_output(run_dir, out, overwrite_output_dir)
     with open(cfg_path) as f:
         cfg = json.load(f)
-    masked_dense = bool(cfg["training"].get("schedule_sparsity"))  # pruned during training: dense/ is masked
+    # pruned during training (only SpaM training has a schedule): dense/ is the masked model
+    masked_dense = cfg.get("compress", {}).get("training", "spam") == "spam" and \
+        bool(cfg["training"].get("schedule_sparsity"))
     check_teacher(args, masked_dense)
     data_args = DataArguments(**cfg["data"])
     with open(os.path.join(dense_dir, STATE_FILE)) as f:
