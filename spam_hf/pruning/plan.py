@@ -90,7 +90,8 @@ class PruningPlan:
 
 def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = "opd", budget: str = "params",
          seq_len: int = 128, min_keep: float = 0.0, seed: int = 0, kv_groups_only: Optional[bool] = None,
-         specs: Optional[List[GroupSpec]] = None, scores: Optional[Dict[str, torch.Tensor]] = None) -> PruningPlan:
+         specs: Optional[List[GroupSpec]] = None, scores: Optional[Dict[str, torch.Tensor]] = None,
+         floors: Optional[Dict[str, int]] = None) -> PruningPlan:
     """Score every group of ``model`` and choose which to remove; the model is not changed.
 
     Args:
@@ -107,6 +108,7 @@ def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = 
         specs: the group specs (default: the posterior's, else the family's for ``model``).
         scores: precomputed ``{spec name: FloatTensor[G]}`` (a score spam-hf does not compute, e.g. a
             peer's); ``method`` then only names them in the plan.
+        floors: ``{spec name: n}``, at least ``n`` groups kept in that spec (on top of ``min_keep``).
 
     With several processes (``torch.distributed``) every process must call it; all return the main
     process's plan.
@@ -127,7 +129,7 @@ def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = 
                               curvature=curvature, temperature=posterior.temperature if posterior is not None else 1.0,
                               seed=seed, factors=factors, mask_fisher=mask_fisher)
     selection = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=seq_len, min_keep=min_keep,
-                              report_fields=get_family(model).report_fields)
+                              report_fields=get_family(model).report_fields, floors=floors)
     # data parallel: every process scores, the main process's plan is the one all of them apply
     return broadcast_object(PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},
                                         scores={k: v.tolist() for k, v in scores.items()},

@@ -65,6 +65,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         make_posterior: builds a :class:`~spam_hf.posterior.SpamLaplace` for the current model (called
             every round; the previous round's unit precisions of kept groups are carried over).
         calibration: batches for the curvature of each round (``max_batches`` of them).
+        min_keep: every layer keeps at least this fraction of its *original* heads and of its neurons (the
+            floor does not shrink with the rounds).
         method: any score; ``damage`` / ``damage-out`` and compensation use the round's KFAC factors.
         compensate: move the consuming layers' remaining weights: ``compensation`` names how
             (``least-squares`` or ``posterior`` from the round's KFAC factors,
@@ -81,6 +83,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
     for t in targets:
         validate_sparsity(t)
+    if not 0.0 <= min_keep < 1.0:
+        raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
     check_choice("compensation", compensation, COMPENSATIONS)
     if compensate and compensation == "reference" and is_distributed():
         raise ValueError("compensation 'reference' runs in one process (its statistics are not summed over "
@@ -89,6 +93,9 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
     specs0 = group_specs(model, kv_groups_only)
     total0 = prunable_cost(model, specs0, budget, seq_len)
     original = {s.name: torch.arange(s.count) for s in specs0}  # original index of every remaining group
+    # min_keep is a fraction of each layer's original heads / neurons: a fraction of what earlier rounds left
+    # would shrink the floor round after round (7 rounds at 90%: 77 of 1,536 neurons became 10)
+    floors = {s.name: math.ceil(min_keep * s.count) for s in specs0}
     plans, compensated = [], []
     previous = (start_from, {}) if start_from is not None else None  # (posterior, keep) to carry precisions from
     for target in targets:
@@ -103,7 +110,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         if compensate or scores_fn is not None or method in POSTERIOR_METHODS:
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
         p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
-                 min_keep=min_keep, scores=scores_fn(model, posterior) if scores_fn is not None else None)
+                 floors=floors, scores=scores_fn(model, posterior) if scores_fn is not None else None)
         if reference is not None:
             compensated.append(refit_to_reference(model, reference, posterior.specs, p.keep, calibration,
                                                   max_batches=max_batches))

@@ -122,13 +122,16 @@ def check_reachable(model: nn.Module, specs: List[GroupSpec], sparsity: float, b
 
 def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torch.Tensor], sparsity: float,
                   budget: str = "params", seq_len: int = 128, min_keep: float = 0.0,
-                  report_fields: Optional[Dict[str, str]] = None) -> Selection:
+                  report_fields: Optional[Dict[str, str]] = None,
+                  floors: Optional[Dict[str, int]] = None) -> Selection:
     """Greedy global selection: cheapest ``score / cost`` first until ``sparsity`` of the cost is removed.
 
     ``min_keep`` in [0, 1): every spec (the heads, or the neurons, of one layer) keeps at least
     ``ceil(min_keep · count)`` groups; groups at that floor are passed over. If the floors make the
-    target unreachable, the selection stops short and ``achieved`` says so. ``report_fields`` names each
-    group kind in the per-layer report (default: :data:`DEFAULT_REPORT_FIELDS`).
+    target unreachable, the selection stops short and ``achieved`` says so. ``floors`` (``{spec name: n}``)
+    raises a spec's floor to ``n`` groups (pruning in rounds: the floor of the *original* count, not a fraction
+    of what earlier rounds left). ``report_fields`` names each group kind in the per-layer report (default:
+    :data:`DEFAULT_REPORT_FIELDS`).
     """
     validate_sparsity(sparsity)
     if not 0.0 <= min_keep < 1.0:
@@ -147,7 +150,8 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
             raise ValueError(f"scores of {s.name} contain NaN or inf")
         score.append(sc)
         cost.append(group_costs(model, s, budget, seq_len))
-    drop, removed = _greedy_drop(specs, score, cost, sparsity * total, [math.ceil(min_keep * s.count) for s in specs])
+    floor = [min(s.count, max(math.ceil(min_keep * s.count), (floors or {}).get(s.name, 0))) for s in specs]
+    drop, removed = _greedy_drop(specs, score, cost, sparsity * total, floor)
     keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)
             for si, s in enumerate(specs)}
     names = {**DEFAULT_REPORT_FIELDS, **(report_fields or {})}
