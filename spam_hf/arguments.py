@@ -213,8 +213,10 @@ class PruneArguments:
                                                            "(or FLOPs with --budget flops) to remove."})
     budget: str = choice("params", BUDGETS, "What --sparsity counts: parameters, or FLOPs at --flops-seq-len.")
     flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOP budgets and reports."})
-    min_keep: float = field(default=0.0, metadata={"help": "Keep at least this fraction of the heads and of the "
-                                                            "neurons of every layer (0 = a layer may lose all)."})
+    min_keep: Optional[float] = field(default=None, metadata={
+        "help": "Keep at least this fraction of the heads and of the neurons of every layer (0 = a layer may lose "
+                "all). Default: 0.05 when a full model is pruned after training with --method auto at --sparsity "
+                ">= 0.8 (a guard against emptied layers, README 'Group damage'), else 0."})
     method: str = choice("auto", ("auto",) + SCORE_METHODS,
                          "Group scores. 'auto': damage-exact (the damage of removing each whole head / neuron) for "
                          "a full model, opd for LoRA ranks. opd: the diagonal posterior precision; fisher, "
@@ -232,8 +234,10 @@ class PruneArguments:
                                "How to compensate: least-squares (refit every output on the layer's inputs) or "
                                "posterior (the KFAC posterior's conditional mean; refits only what the loss's "
                                "curvature sees).")
-    calibration_batches: int = field(default=8, metadata={"help": "Training batches per round for the statistics of "
-                                                                  "damage scores, rounds and compensation."})
+    calibration_batches: int = field(default=32, metadata={
+        "help": "Training batches per round for the statistics of damage scores, rounds and compensation (fresh "
+                "random batches each round). 32 (README 'Group damage': at 70%% removed through the CLI 83.8 ± 0.9 "
+                "against 81.7 ± 1.3 with 8, every seed ahead)."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the recovery fine-tune."})
@@ -254,7 +258,7 @@ class PruneArguments:
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
         check_fields(self)
-        if not 0.0 <= self.min_keep < 1.0:
+        if self.min_keep is not None and not 0.0 <= self.min_keep < 1.0:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
         if self.rounds < 0 or self.calibration_batches < 1:
             raise ValueError(f"rounds must be >= 0 (0 = auto) and calibration_batches >= 1, got {self.rounds}, "
@@ -287,6 +291,23 @@ def resolve_pruning(args: "PruneArguments", lora: bool):
     rounds = args.rounds or (rounds_for_sparsity(args.sparsity) if damage else 1)
     compensate = args.compensate if args.compensate is not None else damage
     return method, rounds, compensate
+
+
+AUTO_MIN_KEEP = 0.05
+"""The per-layer floor of :func:`resolve_min_keep` (1 of 12 heads, 77 of 1,536 neurons on MiniLM)."""
+
+
+def resolve_min_keep(args: "PruneArguments", lora: bool, masked: bool) -> float:
+    """``--min-keep`` with its automatic default filled in: :data:`AUTO_MIN_KEEP` for a full model pruned after
+    training (``masked``: False) with ``--method auto`` at ``--sparsity >= SCHEDULE_FROM_SPARSITY``, where the
+    damage alone can empty the heads of whole layers (CPU protocol, 90%, 3 seeds: 65.2 ± 13.5 without a floor,
+    one seed at chance, 75.8 ± 1.8 with it; README "Group damage"); else 0. Not after pruning during training:
+    there the groups masked in training go, and a floor would keep zeroed groups in their place."""
+    if args.min_keep is not None:
+        return args.min_keep
+    if args.method == "auto" and not lora and not masked and args.sparsity >= SCHEDULE_FROM_SPARSITY:
+        return AUTO_MIN_KEEP
+    return 0.0
 
 
 SCHEDULE_FROM_SPARSITY = 0.8

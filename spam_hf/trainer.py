@@ -272,7 +272,7 @@ class SpamTrainer(Trainer):
 
     def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
               seed: int = 0, min_keep: float = 0.0, rounds: int = 1, compensate: bool = False,
-              calibration_batches: int = 8, compensation: str = "least-squares") -> Selection:
+              calibration_batches: int = 32, compensation: str = "least-squares") -> Selection:
         """Plan (OPD scores by default, global selection under the budget), then remove the groups for real.
 
         With ``rounds > 1``, ``compensate`` or a damage score, pruning goes through

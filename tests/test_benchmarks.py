@@ -268,3 +268,29 @@ def test_table_schedule_smoke(tiny_setup, tmp_path):
     res = subprocess.run([sys.executable, os.path.join(BENCH, "table_schedule.py"), "--run-dirs", run_dir,
                           "--after-training-dirs", run_dir, "--out", out], capture_output=True, text=True)
     assert res.returncode != 0 and "not a run pruned after training" in res.stderr
+
+
+def test_table_prune_groups_outputs_by_label(tmp_path):
+    """table_prune: the seed from the parent run's config, mean ± std per label, the fewest heads in a layer."""
+    def output(run, sub, seed, acc, heads):
+        (tmp_path / run).mkdir(exist_ok=True)
+        (tmp_path / run / "run_config.json").write_text(json.dumps({"training": {"seed": seed}}))
+        (tmp_path / run / sub).mkdir()
+        layers = [{"layer": i, "heads_kept": h, "neurons_kept": 10} for i, h in enumerate(heads)]
+        (tmp_path / run / sub / "pruning_report.json").write_text(json.dumps(
+            {"metric": "accuracy", "pruned": {"accuracy": acc}, "min_keep": 0.05, "command": "spam-hf prune",
+             "selection": {"sparsity_target": 0.9, "sparsity_achieved": 0.901, "layers": layers}}))
+        return str(tmp_path / run / sub)
+
+    a = [output(f"r{s}", "floor", s, acc, [2, 1]) for s, acc in ((0, 0.75), (1, 0.77))]
+    b = [output(f"r{s}", "none", s, acc, [3, 0]) for s, acc in ((0, 0.5), (1, 0.7))]
+    out = str(tmp_path / "t")
+    run("table_prune.py", "--group", "floor=" + ",".join(a), "--group", "none=" + ",".join(b), "--out", out)
+    md = open(out + ".md").read()
+    assert "| floor | 90% | 0,1 | 90.1% | 76.0 ± 1.4 | 75.0 / 77.0 | 1 / 1 |" in md
+    assert "| none | 90% | 0,1 | 90.1% | 60.0 ± 14.1 | 50.0 / 70.0 | 0 / 0 |" in md
+    rows = json.load(open(out + ".json"))["rows"]
+    assert [r["seed"] for r in rows] == [0, 1, 0, 1] and rows[0]["min_keep"] == 0.05
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "table_prune.py"), "--group", "x=" + str(tmp_path),
+                          "--out", out], capture_output=True, text=True)
+    assert res.returncode != 0 and "no pruning_report.json" in res.stderr

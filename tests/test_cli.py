@@ -38,6 +38,7 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     rep2 = json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json")))
     assert rep2["selection"]["sparsity_achieved"] >= 0.8
     assert rep2["recovery"]["distill"] == 0.5 and rep2["recovery"]["steps"] == 2
+    assert rep2["min_keep"] == 0.05  # pruned after training at 80%: the automatic per-layer floor
     lat = rep2["latency"]  # dense and pruned timed interleaved, with the spread of the speed-up
     assert lat["repeats"] == 7 and lat["speedup_q25"] <= lat["speedup"] <= lat["speedup_q75"]
     assert rep2["dense"]["latency_s"] == lat["dense_s"] and rep2["pruned"]["latency_s"] == lat["pruned_s"]
@@ -151,6 +152,7 @@ def test_distillation_after_pruning_during_training_takes_an_unmasked_teacher(ti
     assert rc == 0
     rep = json.load(open(tmp / "taught" / "pruning_report.json"))
     assert rep["recovery"]["distill_teacher"] == model_dir and rep["recovery"]["steps"] == 2
+    assert rep["min_keep"] == 0.0  # pruned during training: no floor over the groups masked in training
     assert "accuracy_before_recovery" in rep["pruned"]
 
 

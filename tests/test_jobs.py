@@ -146,3 +146,19 @@ def test_automatic_schedule_defaults(tmp_path):
     assert resolve_schedule(CompressArguments(sparsity=0.9), off, lora=False) == 0
     other = SpamTrainingArguments(output_dir=str(tmp_path), schedule_sparsity=0.6)
     assert resolve_schedule(CompressArguments(sparsity=0.5), other, lora=False) == 0.6
+
+
+def test_automatic_min_keep_guards_only_pruning_after_training_at_high_sparsity():
+    """--min-keep defaults to AUTO_MIN_KEEP for a full model pruned after training with --method auto from
+    SCHEDULE_FROM_SPARSITY on; 0 below it, for LoRA ranks, other methods and runs pruned during training
+    (their masked groups must go); an explicit value wins."""
+    from spam_hf.arguments import AUTO_MIN_KEEP, SCHEDULE_FROM_SPARSITY, PruneArguments, resolve_min_keep
+
+    assert resolve_min_keep(PruneArguments(sparsity=0.9), lora=False, masked=False) == AUTO_MIN_KEEP
+    assert resolve_min_keep(PruneArguments(sparsity=SCHEDULE_FROM_SPARSITY), lora=False, masked=False) == AUTO_MIN_KEEP
+    assert resolve_min_keep(PruneArguments(sparsity=0.7), lora=False, masked=False) == 0.0
+    assert resolve_min_keep(PruneArguments(sparsity=0.9), lora=False, masked=True) == 0.0
+    assert resolve_min_keep(PruneArguments(sparsity=0.9), lora=True, masked=False) == 0.0
+    assert resolve_min_keep(PruneArguments(sparsity=0.9, method="opd"), lora=False, masked=False) == 0.0
+    assert resolve_min_keep(PruneArguments(sparsity=0.9, min_keep=0.0), lora=False, masked=False) == 0.0
+    assert resolve_min_keep(PruneArguments(sparsity=0.5, min_keep=0.2), lora=False, masked=True) == 0.2

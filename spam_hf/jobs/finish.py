@@ -11,7 +11,7 @@ from typing import Optional
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments, resolve_pruning
+from ..arguments import DataArguments, PruneArguments, resolve_min_keep, resolve_pruning
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import is_main_process
@@ -124,6 +124,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     lora = is_peft_model(trainer.model)
+    args = dataclasses.replace(args, min_keep=resolve_min_keep(args, lora, ctx.masked_dense))  # the floor used
     method, rounds, compensate = pruning_for(args, lora)
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one
@@ -183,7 +184,7 @@ def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection,
         "pruned": pruned,
         "selection": selection.to_dict(),
         **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
-        "method": method, "rounds": rounds, "compensate": compensate,
+        "method": method, "rounds": rounds, "compensate": compensate, "min_keep": args.min_keep,
         **({"compensation": args.compensation} if compensate else {}),
         **({"recovery": {"steps": args.recovery_steps, "epochs": args.recovery_epochs, "lr": args.recovery_lr,
                          "distill": args.distill, "distill_temperature": args.distill_temperature,

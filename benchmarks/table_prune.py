@@ -1,0 +1,109 @@
+"""Finished ``spam-hf prune`` (or ``compress``) outputs, collected by label: dev accuracy over seeds.
+
+Each ``--group LABEL=DIR[,DIR...]`` names one setting measured on several seeds (one output folder per seed,
+each holding the ``pruning_report.json`` that ``prune`` / ``compress`` wrote). The seed is read from the
+``run_config.json`` of the folder or of its parent (``spam-hf prune RUN --output_dir RUN/sub``). Writes
+``OUT.json`` (one row per folder: label, seed, sparsity, achieved, accuracy, the floor ``min_keep`` used, the
+heads and neurons kept per layer, the command, device and date) and ``OUT.md`` (mean ± std per label).
+
+    for s in 0 1 2; do for mk in 0 0.05; do
+      spam-hf prune runs/post90-s$s --sparsity 0.9 --min_keep $mk --output_dir runs/post90-s$s/p90mk$mk
+    done; done
+    python benchmarks/table_prune.py --group "no floor=runs/post90-s0/p90mk0,runs/post90-s1/p90mk0,..." \\
+        --group "floor 0.05=runs/post90-s0/p90mk0.05,..." --out benchmarks/results/min_keep_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List, Optional, Tuple
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def parse_group(text: str) -> Tuple[str, List[str]]:
+    """``"LABEL=DIR,DIR"`` → ``(LABEL, [DIR, DIR])``."""
+    label, sep, dirs = text.partition("=")
+    if not sep or not label.strip() or not dirs.strip():
+        raise ValueError(f"--group must be LABEL=DIR[,DIR...], got {text!r}")
+    return label.strip(), [d.strip() for d in dirs.split(",") if d.strip()]
+
+
+def seed_of(folder: str) -> Optional[int]:
+    """The training seed from ``run_config.json`` in ``folder`` or its parent (None if neither has one)."""
+    for d in (folder, os.path.dirname(os.path.normpath(folder))):
+        path = os.path.join(d, "run_config.json")
+        if os.path.exists(path):
+            return read_json(path).get("training", {}).get("seed")
+    return None
+
+
+def row_of(label: str, folder: str) -> dict:
+    """One output folder as a table row (``ValueError`` naming the folder if it has no report)."""
+    path = os.path.join(folder, "pruning_report.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{folder} has no pruning_report.json (not a finished prune / compress output)")
+    report = read_json(path)
+    metric = report.get("metric", "accuracy")
+    selection = report.get("selection", {})
+    layers = [{k: layer.get(k) for k in ("layer", "heads_kept", "neurons_kept")} for layer in selection.get("layers", [])]
+    return {"label": label, "folder": folder, "seed": seed_of(folder), "sparsity": selection.get("sparsity_target"),
+            "achieved": selection.get("sparsity_achieved"), "accuracy": report["pruned"][metric],
+            "min_keep": report.get("min_keep"), "layers": layers, "command": report.get("command"),
+            "device": report.get("device"), "date": report.get("date")}
+
+
+def fmt(values: List[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(rows: List[dict]) -> str:
+    by: Dict[str, List[dict]] = {}
+    for r in rows:
+        by.setdefault(r["label"], []).append(r)
+    lines = ["| setting | sparsity | seeds | achieved (min) | accuracy | per seed | fewest heads in a layer |",
+             "|---|---|---|---|---|---|---|"]
+    for label, rs in by.items():
+        rs = sorted(rs, key=lambda r: (r["seed"] is None, r["seed"]))
+        sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
+        heads = [min((layer["heads_kept"] for layer in r["layers"] if layer["heads_kept"] is not None), default=None)
+                 for r in rs]
+        per_seed = " / ".join(f"{100 * r['accuracy']:.1f}" for r in rs)
+        lines.append(f"| {label} | {', '.join(f'{s:.0%}' for s in sparsities)} | "
+                     f"{','.join(str(r['seed']) for r in rs)} | {min(r['achieved'] for r in rs):.1%} | "
+                     f"{fmt([r['accuracy'] for r in rs])} | {per_seed} | "
+                     f"{' / '.join('–' if h is None else str(h) for h in heads)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--group", action="append", required=True, help="LABEL=DIR[,DIR...]: one setting, one dir per seed")
+    p.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    a = p.parse_args(argv)
+    rows = [row_of(label, d) for label, dirs in map(parse_group, a.group) for d in dirs]
+    result = {"date": datetime.date.today().isoformat(),
+              "command": " ".join(["python", "benchmarks/table_prune.py"] + (argv if argv is not None else sys.argv[1:])),
+              "devices": sorted({str(r["device"]) for r in rows}), "rows": rows}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    md = table(rows)
+    with open(a.out + ".md", "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
