@@ -16,17 +16,11 @@ heads and neurons kept per layer, the command, device and date) and ``OUT.md`` (
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
-import sys
 from typing import Dict, List, Optional, Tuple
 
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+from table_schedule import read_json, write_results  # the benchmarks folder is the script's own
 
 
 def parse_group(text: str) -> Tuple[str, List[str]]:
@@ -93,17 +87,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     a = p.parse_args(argv)
     rows = [row_of(label, d) for label, dirs in map(parse_group, a.group) for d in dirs]
-    result = {"date": datetime.date.today().isoformat(),
-              "command": " ".join(["python", "benchmarks/table_prune.py"] + (argv if argv is not None else sys.argv[1:])),
-              "devices": sorted({str(r["device"]) for r in rows}), "rows": rows}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    md = table(rows)
-    with open(a.out + ".md", "w") as f:
-        f.write(md)
-    print(md)
-
+    write_results(a.out, "benchmarks/table_prune.py", argv, rows, table(rows))
 
 if __name__ == "__main__":
     main()

@@ -102,14 +102,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     a = p.parse_args(argv)
     rows = [run_row(d, a.recovery_dir) for d in a.run_dirs] + \
         [run_row(d, a.recovery_dir, scheduled=False) for d in a.after_training_dirs]
-    result = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", "benchmarks/table_schedule.py"]
-                                                                               + (argv if argv is not None else sys.argv[1:])),
+    write_results(a.out, "benchmarks/table_schedule.py", argv, rows, table(rows))
+
+
+def write_results(out: str, script: str, argv: Optional[List[str]], rows: List[dict], md: str) -> None:
+    """``OUT.json`` (date, the command, the devices of the rows, the rows) and ``OUT.md`` (``md``, also printed)."""
+    result = {"date": datetime.date.today().isoformat(),
+              "command": " ".join(["python", script] + (argv if argv is not None else sys.argv[1:])),
               "devices": sorted({str(r["device"]) for r in rows}), "rows": rows}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".json", "w") as f:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    md = table(rows)
-    with open(a.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(md)
     print(md)
 
