@@ -35,7 +35,7 @@ def main() -> None:
             for row in r["rows"]:
                 if kind != "least-squares" and "+comp" in row["method"]:
                     row["method"] = row["method"].replace("+comp", f"+comp[{kind}]")
-                if calib != 8:  # the default of the benchmark and of spam-hf prune
+                if calib != 8:  # the benchmark's default (spam-hf prune's is 32)
                     row["method"] += f" ({calib} calib. batches)"
             runs.append(r)
     wanted = [m for m in a.methods.split(",") if m]

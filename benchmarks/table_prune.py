@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 from typing import Dict, List, Optional, Tuple
 
-from table_schedule import read_json, write_results  # the benchmarks folder is the script's own
+from table_schedule import fmt, read_json, write_results  # the benchmarks folder is the script's own
 
 
 def parse_group(text: str) -> Tuple[str, List[str]]:
@@ -55,13 +54,6 @@ def row_of(label: str, folder: str) -> dict:
             "device": report.get("device"), "date": report.get("date")}
 
 
-def fmt(values: List[float]) -> str:
-    values = [100 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def table(rows: List[dict]) -> str:
     by: Dict[str, List[dict]] = {}
     for r in rows:
@@ -88,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     a = p.parse_args(argv)
     rows = [row_of(label, d) for label, dirs in map(parse_group, a.group) for d in dirs]
     write_results(a.out, "benchmarks/table_prune.py", argv, rows, table(rows))
+
 
 if __name__ == "__main__":
     main()

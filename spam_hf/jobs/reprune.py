@@ -41,7 +41,6 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     # pruned during training (only SpaM training has a schedule): dense/ is the masked model
     masked_dense = cfg.get("compress", {}).get("training", "spam") == "spam" and \
         bool(cfg["training"].get("schedule_sparsity"))
-    check_teacher(args, masked_dense)
     data_args = DataArguments(**cfg["data"])
     with open(os.path.join(dense_dir, STATE_FILE)) as f:
         state = json.load(f)
