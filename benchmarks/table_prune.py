@@ -4,7 +4,8 @@ Each ``--group LABEL=DIR[,DIR...]`` names one setting measured on several seeds 
 each holding the ``pruning_report.json`` that ``prune`` / ``compress`` wrote). The seed is read from the
 ``run_config.json`` of the folder or of its parent (``spam-hf prune RUN --output_dir RUN/sub``). Writes
 ``OUT.json`` (one row per folder: label, seed, sparsity, achieved, accuracy, the floor ``min_keep`` used, the
-heads and neurons kept per layer, the command, device and date) and ``OUT.md`` (mean ± std per label).
+heads and neurons kept per layer, the command, device and date; with a recovery fine-tune also the accuracy
+before it and its learning rate) and ``OUT.md`` (mean ± std per label; with recovery, columns for both).
 
     for s in 0 1 2; do for mk in 0 0.05; do
       spam-hf prune runs/post90-s$s --sparsity 0.9 --min_keep $mk --output_dir runs/post90-s$s/p90mk$mk
@@ -48,26 +49,42 @@ def row_of(label: str, folder: str) -> dict:
     metric = report.get("metric", "accuracy")
     selection = report.get("selection", {})
     layers = [{k: layer.get(k) for k in ("layer", "heads_kept", "neurons_kept")} for layer in selection.get("layers", [])]
+    recovery = report.get("recovery") or {}
     return {"label": label, "folder": folder, "seed": seed_of(folder), "sparsity": selection.get("sparsity_target"),
             "achieved": selection.get("sparsity_achieved"), "accuracy": report["pruned"][metric],
+            "before_recovery": report["pruned"].get(f"{metric}_before_recovery"),
+            "recovery_steps": recovery.get("steps"), "recovery_lr": recovery.get("lr"),
             "min_keep": report.get("min_keep"), "layers": layers, "command": report.get("command"),
             "device": report.get("device"), "date": report.get("date")}
+
+
+def lr_text(lr: float) -> str:
+    """A learning rate as it is typed: ``2e-4``, ``5e-5``, ``1.5e-4``."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def table(rows: List[dict]) -> str:
     by: Dict[str, List[dict]] = {}
     for r in rows:
         by.setdefault(r["label"], []).append(r)
-    lines = ["| setting | sparsity | seeds | achieved (min) | accuracy | per seed | fewest heads in a layer |",
-             "|---|---|---|---|---|---|---|"]
+    recovered = any(r.get("before_recovery") is not None for r in rows)
+    extra = " before recovery | recovery lr |" if recovered else ""
+    lines = ["| setting | sparsity | seeds | achieved (min) |" + extra + " accuracy | per seed | fewest heads in a layer |",
+             "|---|---|---|---|---|---|---|" + "---|---|" * recovered]
     for label, rs in by.items():
         rs = sorted(rs, key=lambda r: (r["seed"] is None, r["seed"]))
-        sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
+        sparsities = sorted({f"{r['sparsity']:.0%}" for r in rs if r["sparsity"] is not None}, key=lambda t: int(t[:-1]))
         heads = [min((layer["heads_kept"] for layer in r["layers"] if layer["heads_kept"] is not None), default=None)
                  for r in rs]
         per_seed = " / ".join(f"{100 * r['accuracy']:.1f}" for r in rs)
-        lines.append(f"| {label} | {', '.join(f'{s:.0%}' for s in sparsities)} | "
-                     f"{','.join(str(r['seed']) for r in rs)} | {min(r['achieved'] for r in rs):.1%} | "
+        cells = ""
+        if recovered:
+            before = [r["before_recovery"] for r in rs if r.get("before_recovery") is not None]
+            lrs = sorted({r["recovery_lr"] for r in rs if r.get("recovery_lr") is not None})
+            cells = f" {fmt(before)} | {', '.join(lr_text(lr) for lr in lrs) or '–'} |"
+        lines.append(f"| {label} | {', '.join(sparsities)} | "
+                     f"{','.join(str(r['seed']) for r in rs)} | {min(r['achieved'] for r in rs):.1%} |{cells} "
                      f"{fmt([r['accuracy'] for r in rs])} | {per_seed} | "
                      f"{' / '.join('–' if h is None else str(h) for h in heads)} |")
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -291,6 +292,18 @@ def test_table_prune_groups_outputs_by_label(tmp_path):
     assert "| none | 90% | 0,1 | 90.1% | 60.0 ± 14.1 | 50.0 / 70.0 | 0 / 0 |" in md
     rows = json.load(open(out + ".json"))["rows"]
     assert [r["seed"] for r in rows] == [0, 1, 0, 1] and rows[0]["min_keep"] == 0.05
+    # with a recovery fine-tune: the accuracy before it and its learning rate get columns
+    rec = str(tmp_path / "r0" / "rec")
+    shutil.copytree(a[0], rec)
+    report = json.load(open(os.path.join(rec, "pruning_report.json")))
+    report["pruned"].update(accuracy=0.8, accuracy_before_recovery=0.75)
+    report["recovery"] = {"steps": 200, "lr": 2e-4}
+    json.dump(report, open(os.path.join(rec, "pruning_report.json"), "w"))
+    run("table_prune.py", "--group", "rec=" + rec, "--group", "floor=" + a[1], "--out", out)
+    md = open(out + ".md").read()
+    assert "| rec | 90% | 0 | 90.1% | 75.0 | 2e-4 | 80.0 | 80.0 | 1 |" in md
+    assert "| floor | 90% | 1 | 90.1% | – | – | 77.0 | 77.0 | 1 |" in md
+    assert json.load(open(out + ".json"))["rows"][0]["recovery_lr"] == 2e-4
     res = subprocess.run([sys.executable, os.path.join(BENCH, "table_prune.py"), "--group", "x=" + str(tmp_path),
                           "--out", out], capture_output=True, text=True)
     assert res.returncode != 0 and "no pruning_report.json" in res.stderr

@@ -39,6 +39,8 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     assert rep2["selection"]["sparsity_achieved"] >= 0.8
     assert rep2["recovery"]["distill"] == 0.5 and rep2["recovery"]["steps"] == 2
     assert rep2["min_keep"] == 0.05  # pruned after training at 80%: the automatic per-layer floor
+    # the recovery rate by default: half the training rate at 50%, twice it from 80% (resolve_recovery_lr)
+    assert rep2["recovery"]["lr"] == pytest.approx(4 * report["recovery"]["lr"])
     lat = rep2["latency"]  # dense and pruned timed interleaved, with the spread of the speed-up
     assert lat["repeats"] == 7 and lat["speedup_q25"] <= lat["speedup"] <= lat["speedup_q75"]
     assert rep2["dense"]["latency_s"] == lat["dense_s"] and rep2["pruned"]["latency_s"] == lat["pruned_s"]

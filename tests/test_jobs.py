@@ -148,6 +148,20 @@ def test_automatic_schedule_defaults(tmp_path):
     assert resolve_schedule(CompressArguments(sparsity=0.5), other, lora=False) == 0.6
 
 
+def test_recovery_lr_scales_the_training_rate_by_sparsity():
+    """--recovery-lr defaults to RECOVERY_LR_SCALES[0] x the training rate below SCHEDULE_FROM_SPARSITY and
+    RECOVERY_LR_SCALES[1] x from it, for full models and LoRA alike; an explicit value wins; <= 0 is refused."""
+    from spam_hf.arguments import RECOVERY_LR_SCALES, SCHEDULE_FROM_SPARSITY, PruneArguments, resolve_recovery_lr
+
+    low, high = RECOVERY_LR_SCALES
+    assert resolve_recovery_lr(PruneArguments(sparsity=0.5), 1e-4) == pytest.approx(low * 1e-4)
+    assert resolve_recovery_lr(PruneArguments(sparsity=0.79), 2e-5) == pytest.approx(low * 2e-5)
+    assert resolve_recovery_lr(PruneArguments(sparsity=SCHEDULE_FROM_SPARSITY), 1e-4) == pytest.approx(high * 1e-4)
+    assert resolve_recovery_lr(PruneArguments(sparsity=0.9, recovery_lr=3e-5), 1e-4) == 3e-5
+    with pytest.raises(ValueError, match="recovery_lr"):
+        PruneArguments(recovery_lr=0.0)
+
+
 def test_automatic_min_keep_guards_only_pruning_after_training_at_high_sparsity():
     """--min-keep defaults to AUTO_MIN_KEEP for a full model pruned after training with --method auto from
     SCHEDULE_FROM_SPARSITY on; 0 below it, for LoRA ranks, other methods and runs pruned during training

@@ -11,7 +11,7 @@ from typing import Optional
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments, resolve_min_keep, resolve_pruning
+from ..arguments import DataArguments, PruneArguments, resolve_min_keep, resolve_pruning, resolve_recovery_lr
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import is_main_process
@@ -53,7 +53,8 @@ def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=
     """Fine-tune the pruned ``model`` with a plain Trainer (``recovery_steps`` or ``recovery_epochs``), or, with a
     ``teacher`` (the unpruned model), by distillation (:class:`~spam_hf.distill.DistillationTrainer`); returns the metric."""
     rec_args = plain_args(ctx.train_args)
-    rec_args.update(output_dir=os.path.join(out_dir, "recovery"), learning_rate=args.recovery_lr,
+    rec_args.update(output_dir=os.path.join(out_dir, "recovery"),
+                    learning_rate=resolve_recovery_lr(args, ctx.train_args.learning_rate),
                     num_train_epochs=args.recovery_epochs or 1, max_steps=args.recovery_steps or -1,
                     save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
     common = dict(model=model, args=TrainingArguments(**rec_args), train_dataset=ctx.data["train"],
@@ -124,7 +125,8 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     lora = is_peft_model(trainer.model)
-    args = dataclasses.replace(args, min_keep=resolve_min_keep(args, lora, ctx.masked_dense))  # the floor used
+    args = dataclasses.replace(args, min_keep=resolve_min_keep(args, lora, ctx.masked_dense),  # the floor and
+                               recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))  # rate used
     method, rounds, compensate = pruning_for(args, lora)
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one
