@@ -138,6 +138,10 @@ class SpamTrainingArguments(TrainingArguments):
                                   "prior update, for LoRA the rank damage of b_k a_kᵀ that does not change when a "
                                   "rank is rescaled, fisher when there are none; magnitude before the first prior "
                                   "update).")
+    schedule_compensate: bool = field(default=False, metadata={
+        "help": "On the ramp, when groups are masked, refit the remaining columns of O / down (bias included) by "
+                "least squares on the input statistics of the live KFAC sums (no extra pass), so each layer still "
+                "computes what it did; full models with KFAC curvature only."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

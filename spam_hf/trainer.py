@@ -23,13 +23,13 @@ from transformers.utils import logging
 
 from .architectures import is_peft_model
 from .arguments import SpamTrainingArguments
-from .distributed import is_distributed, rank
+from .distributed import all_reduce_sum, is_distributed, rank
 from .export import save_pruned
 from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap
-from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, geometric_targets, mask_groups,
-                      plan, prune_in_rounds)
+from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, compensate, geometric_targets,
+                      mask_groups, plan, prune_in_rounds)
 from .pruning.selection import group_costs, prunable_cost
-from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, monotone_keep, read_keep, write_keep
+from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, kept_count, monotone_keep, read_keep, write_keep
 
 logger = logging.get_logger(__name__)
 
@@ -251,11 +251,29 @@ class SpamTrainer(Trainer):
         if target <= 0:
             return None
         p = self.plan(target, method=method)
-        self.schedule_keep = monotone_keep(p.keep, self.schedule_keep)
+        keep = monotone_keep(p.keep, self.schedule_keep)
+        if self.args.schedule_compensate and kept_count(keep, self.specs) < kept_count(self.schedule_keep, self.specs):
+            self._compensate_schedule(keep)
+        self.schedule_keep = keep
         mask_groups(unwrap(self.model), self.specs, self.schedule_keep)
         masked = sum(s.count - len(self.schedule_keep.get(s.name, range(s.count))) for s in self.specs)
         logger.info(f"pruning schedule: {masked} groups masked (target {target:.1%} of prunable params, {method})")
         return p
+
+    def _compensate_schedule(self, keep: Dict[str, torch.Tensor]) -> Dict[str, int]:
+        """``schedule_compensate``: before the groups that ``keep`` drops are masked, refit the remaining columns
+        of their consuming layers by least squares (:func:`~spam_hf.pruning.compensate`) on ``A`` of the live KFAC
+        sums (the inputs ``[x | 1]`` of O / down on the batches since the last prior update; averaged over
+        processes, so every process moves its weights alike). Columns masked earlier are zero already, so only
+        the new ones move the rest. Skipped (``{}``) for LoRA, diagonal curvature or no live sums."""
+        model, post = unwrap(self.model), self.posterior
+        if is_peft_model(model) or post.curvature.kind != "kfac" or post.live_rows <= 0:
+            return {}
+        factors = post.factors(extrapolate=False)
+        if is_distributed():
+            world = torch.distributed.get_world_size()
+            factors = {m: (all_reduce_sum(A) / world, G) for m, (A, G) in factors.items()}
+        return compensate(model, self.specs, keep, factors, kind="least-squares")
 
     def masked_fraction(self, budget: str = "params", seq_len: int = 128) -> float:
         """The fraction of the prunable ``budget`` that the pruning schedule has masked (0 without a schedule)."""

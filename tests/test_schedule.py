@@ -158,3 +158,41 @@ def test_lora_schedule_with_rank_damage_uses_the_live_kronecker_factors(tmp_path
     trainer.train()
     assert ("damage", True) in used and all(m == "fisher" for m, live in used if m is not None and not live)
     assert _masked_groups_are_zero(trainer) and trainer.masked_fraction() >= 0.5
+
+
+def test_schedule_compensation_refits_the_consuming_columns_by_least_squares(tmp_path):
+    """``schedule_compensate``: at a mask update with live KFAC sums, the kept columns of O / down (bias included)
+    become :func:`conditional_mean` of the weights before the update on the live ``A`` (1% damping), every masked
+    column zero; without live sums nothing moves but the mask. Off by default."""
+    from spam_hf.posterior import unwrap
+    from spam_hf.pruning import conditional_mean
+    from spam_hf.pruning.compensation import (LEAST_SQUARES_DAMPING, _kept_diag_mean, augmented_weight,
+                                              removed_columns)
+
+    assert not SpamTrainingArguments(output_dir="x").schedule_compensate
+    trainer = make_trainer(tmp_path, schedule_sparsity=0.5, schedule_start=0.25, schedule_end=0.75, schedule_every=2,
+                           schedule_compensate=True)
+    update, checked = trainer.update_schedule_mask, []
+
+    def recording(target):
+        live = trainer.posterior.live_rows > 0
+        mods = dict(unwrap(trainer.model).named_modules())
+        factors = trainer.posterior.factors(extrapolate=False) if live else None
+        before = {m: augmented_weight(mod) for m, mod in mods.items() if m in (factors or {})}
+        p = update(target)
+        if live and p is not None:
+            for m, cols in removed_columns(trainer.specs, trainer.schedule_keep).items():
+                if not cols:
+                    continue
+                A = factors[m][0]
+                S = torch.tensor(sorted(set(cols)))
+                expected = conditional_mean(before[m], A, S, damping=LEAST_SQUARES_DAMPING * _kept_diag_mean(A, S))
+                torch.testing.assert_close(augmented_weight(mods[m]), expected.to(torch.float32).double(),
+                                           rtol=1e-4, atol=1e-6)
+                checked.append(m)
+        return p
+
+    trainer.update_schedule_mask = recording
+    trainer.train()
+    assert checked  # at least one update ran with live sums and moved the consuming columns
+    assert _masked_groups_are_zero(trainer)

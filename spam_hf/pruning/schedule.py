@@ -75,6 +75,11 @@ def monotone_keep(new: Dict[str, torch.Tensor], old: Optional[Dict[str, torch.Te
     return out
 
 
+def kept_count(keep: Optional[Dict[str, torch.Tensor]], specs) -> int:
+    """How many groups of ``specs`` ``keep`` keeps (all of them for ``None``: nothing masked yet)."""
+    return sum(s.count if keep is None or s.name not in keep else len(keep[s.name]) for s in specs)
+
+
 def write_keep(path: str, keep: Dict[str, torch.Tensor]) -> None:
     """The schedule's kept groups as JSON (``{spec: [indices]}``), saved in every checkpoint."""
     with open(path, "w") as f:
