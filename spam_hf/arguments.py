@@ -247,7 +247,7 @@ class PruneArguments:
     recovery_lr: Optional[float] = field(default=None, metadata={
         "help": "Learning rate of the recovery fine-tune. Default: half the run's training learning rate, twice it "
                 "from --sparsity 0.8 (README 'Recovery learning rate': on the CPU protocol at 90%% removed 81.5 "
-                "± 0.4 against 79.9 ± 1.4 at half; at 50 / 70%% half is the better)."})
+                "± 0.4 against 79.9 ± 1.4 at half; at 50%% half is the better, at 70%% they tie)."})
     distill: float = field(default=0.0, metadata={"help": "Recovery by distillation from the unpruned model: the "
                                                           "weight α in [0, 1] of the teacher's soft labels "
                                                           "((1-α)·CE + α·τ²·KL); 0 = plain recovery."})
@@ -331,7 +331,7 @@ def resolve_recovery_lr(args: "PruneArguments", train_lr: float) -> float:
     A model with most of its groups removed is far from where training left it and 200 steps at half the training
     rate barely move it; one with half its groups removed is close, and a larger rate undoes the fine-tune (CPU
     protocol, training lr 1e-4, 200 steps, 3 seeds, README "Recovery learning rate": at 90% 79.9 ± 1.4 at 5e-5,
-    81.5 ± 0.4 at 2e-4; at 50% 86.2 against 85.4, at 70% 84.7 against 84.5)."""
+    81.5 ± 0.4 at 2e-4; at 50% 86.2 against 85.4; at 70% 84.7 against 84.5, a tie)."""
     if args.recovery_lr is not None:
         return args.recovery_lr
     low, high = RECOVERY_LR_SCALES
