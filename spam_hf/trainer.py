@@ -256,7 +256,7 @@ class SpamTrainer(Trainer):
             self._compensate_schedule(keep)
         self.schedule_keep = keep
         mask_groups(unwrap(self.model), self.specs, self.schedule_keep)
-        masked = sum(s.count - len(self.schedule_keep.get(s.name, range(s.count))) for s in self.specs)
+        masked = kept_count(None, self.specs) - kept_count(self.schedule_keep, self.specs)
         logger.info(f"pruning schedule: {masked} groups masked (target {target:.1%} of prunable params, {method})")
         return p
 

@@ -51,10 +51,10 @@ def plain_args(train_args: TrainingArguments) -> dict:
 
 def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=None) -> float:
     """Fine-tune the pruned ``model`` with a plain Trainer (``recovery_steps`` or ``recovery_epochs``), or, with a
-    ``teacher`` (the unpruned model), by distillation (:class:`~spam_hf.distill.DistillationTrainer`); returns the metric."""
+    ``teacher`` (the unpruned model), by distillation (:class:`~spam_hf.distill.DistillationTrainer`); returns the metric.
+    ``args`` come as :func:`prune_and_export` resolved them (``recovery_lr`` filled in)."""
     rec_args = plain_args(ctx.train_args)
-    rec_args.update(output_dir=os.path.join(out_dir, "recovery"),
-                    learning_rate=resolve_recovery_lr(args, ctx.train_args.learning_rate),
+    rec_args.update(output_dir=os.path.join(out_dir, "recovery"), learning_rate=args.recovery_lr,
                     num_train_epochs=args.recovery_epochs or 1, max_steps=args.recovery_steps or -1,
                     save_strategy="no", eval_strategy="no", load_best_model_at_end=False)
     common = dict(model=model, args=TrainingArguments(**rec_args), train_dataset=ctx.data["train"],
