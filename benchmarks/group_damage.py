@@ -5,6 +5,8 @@ posterior), prune copies of the dense model at each sparsity with:
 
 * ``opd``: SpaM + OPD as ``spam-hf prune`` does today (diagonal posterior precision, one shot);
 * ``damage`` / ``damage-out``: KFAC group damage of all slices / of the consuming slices, one shot;
+* ``damage-obs``: the consuming slices' KFAC damage left after the least-squares compensation (the Schur
+  complement of the input factor in place of its diagonal block; meant with ``+comp``);
 * ``damage-exact``: the consuming slices' damage with the exact within-group Fisher (sampled labels,
   the run's priors and temperature) instead of the Kronecker approximation;
 * ``<score>+comp``: with compensation of O / down (``--compensation``: least squares, the default, or the
@@ -55,7 +57,8 @@ from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_spars
 from spam_hf.pruning.compensation import COMPENSATIONS  # noqa: E402
 
 METHODS = ("opd", "magnitude", "damage", "damage-out", "damage-exact", "damage-exact+comp", "damage-exact+comp+rounds",
-           "damage-exact+comp+auto-rounds", "damage+comp+rounds", "mask-fisher", "mask-fisher+comp+rounds")
+           "damage-exact+comp+auto-rounds", "damage+comp+rounds", "damage-obs+comp+auto-rounds", "mask-fisher",
+           "mask-fisher+comp+rounds")
 
 
 def mask_fisher(model, loader, max_batches):

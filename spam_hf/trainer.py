@@ -326,8 +326,8 @@ class SpamTrainer(Trainer):
         def make(m):
             return SpamLaplace(m, prior=self.args.prior, prior_init=self.args.prior_init, reduction="expand",
                                fisher=self.args.fisher_type, n_data=posterior.n_data,
-                               temperature=self.args.temperature, seed=self.args.seed, mask_fisher=True,
-                               kv_groups_only=self.args.kv_groups_only)
+                               temperature=self.args.temperature, seed=self.args.seed,
+                               mask_fisher=method in EXACT_METHODS, kv_groups_only=self.args.kv_groups_only)
 
         result = prune_in_rounds(model, make, self.get_train_dataloader(), geometric_targets(sparsity, rounds),
                                  method=method, budget=budget, seq_len=seq_len, min_keep=min_keep,

@@ -69,7 +69,7 @@ def test_random_scores_are_seeded_and_bad_input(bert):
     a = group_scores(bert, specs, "random", seed=1)
     b = group_scores(bert, specs, "random", seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="method must be one of opd, magnitude, fisher, random, damage, damage-out, damage-exact; got .taylor."):
+    with pytest.raises(ValueError, match="method must be one of opd, magnitude, fisher, random, damage, damage-out, damage-obs, damage-exact; got .taylor."):
         group_scores(bert, specs, "taylor")
     with pytest.raises(ValueError, match="needs curvature"):
         group_scores(bert, specs, "opd")
@@ -166,3 +166,65 @@ def test_damage_exact_is_the_per_example_fisher_of_the_group():
             w2 = W.detach().square() * la.prior.precision(m).matrix()[:, :-1]
         expected = 0.5 * fisher / T + 0.5 * w2[:, idx].sum(dim=(0, 2))
         torch.testing.assert_close(got[s.name], expected, rtol=1e-8, atol=1e-12)
+
+
+def test_damage_obs_is_the_minimum_of_the_quadratic_over_the_remaining_columns():
+    """``damage-obs``: with ``Δθ_C = −θ_C`` on a group's consuming columns and every other entry of the consuming
+    module free, ``min ½ Δθᵀ (G ⊗ Ā / T) Δθ`` (``Ā = A + λI``), by the dense conditional (Schur complement of the free
+    block of the dense Kronecker product), plus ``½ Σ δ θ²`` over the removed columns; every head and neuron of
+    layer 0 of a tiny BERT, to 1e-8 relative."""
+    from spam_hf.pruning.damage import LEAST_SQUARES_DAMPING
+
+    model = tiny_classifier("bert").double()
+    specs = [s for s in group_specs(model) if s.layer == 0]
+    factors = _random_factors(model, prunable_modules(specs), seed=3)
+    prior = PriorPrecision(model, specs, kind="unit")
+    T = 0.7
+    got = group_damage(model, specs, factors, prior=prior, temperature=T, compensated=True)
+    params = params_aug(model, prunable_modules(specs))
+    for s in specs:
+        (m, idx), = s.col_index.items()
+        A, G = factors[m]
+        W = params[m]
+        A_bar = A + LEAST_SQUARES_DAMPING * float(A.diagonal().mean()) * torch.eye(A.shape[0], dtype=A.dtype)
+        H = torch.kron(G, A_bar) / T  # row-major vec(ΔW)
+        with torch.no_grad():
+            prec = prior.precision(m).matrix()
+        for g in range(s.count):
+            fixed = torch.zeros_like(W, dtype=torch.bool)
+            fixed[:, idx[g]] = True
+            f, r = fixed.reshape(-1), ~fixed.reshape(-1)
+            d = -W.reshape(-1)[f]
+            schur = H[f][:, f] - H[f][:, r] @ torch.linalg.solve(H[r][:, r], H[r][:, f])
+            expected = 0.5 * float(d @ schur @ d) + 0.5 * float((prec * W.square())[:, idx[g]].sum())
+            assert float(got[s.name][g]) == pytest.approx(expected, rel=1e-8), (s.name, g)
+
+
+def test_damage_obs_is_the_damage_left_after_least_squares_compensation():
+    """Removing one group's columns and refitting the rest by :func:`conditional_mean` (the compensation's update,
+    damping ``λ`` over the whole input factor) leaves ``½ tr(G ΔW Ā ΔWᵀ)`` = the ``damage-obs`` score, and no other
+    update of the remaining columns leaves less (a random perturbation of the refit only adds damage)."""
+    from spam_hf.pruning.compensation import conditional_mean
+    from spam_hf.pruning.damage import LEAST_SQUARES_DAMPING
+
+    model = tiny_classifier("bert").double()
+    specs = [s for s in group_specs(model) if s.layer == 0 and s.kind == "head"]
+    factors = _random_factors(model, prunable_modules(specs), seed=5)
+    got = group_damage(model, specs, factors, compensated=True)
+    s = specs[0]
+    (m, idx), = s.col_index.items()
+    A, G = factors[m]
+    W = params_aug(model, [m])[m]
+    lam = LEAST_SQUARES_DAMPING * float(A.diagonal().mean())
+    A_bar = A + lam * torch.eye(A.shape[0], dtype=A.dtype)
+    noise = torch.Generator().manual_seed(0)
+    for g in range(s.count):
+        dW = conditional_mean(W, A, idx[g], damping=lam) - W
+        left = 0.5 * float(torch.trace(G @ dW @ A_bar @ dW.T))
+        assert float(got[s.name][g]) == pytest.approx(left, rel=1e-8)
+        other = dW + 1e-3 * torch.randn(W.shape, generator=noise, dtype=W.dtype)
+        other[:, idx[g]] = -W[:, idx[g]]
+        assert 0.5 * float(torch.trace(G @ other @ A_bar @ other.T)) > left
+        uncompensated = torch.zeros_like(W)
+        uncompensated[:, idx[g]] = -W[:, idx[g]]
+        assert 0.5 * float(torch.trace(G @ uncompensated @ A_bar @ uncompensated.T)) > left

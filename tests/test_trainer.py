@@ -222,8 +222,9 @@ def test_bf16_autocast_eval_strategy_and_best_model(tmp_path):
         torch.testing.assert_close(v.detach(), saved[k])
 
 
-def test_prune_in_rounds_with_compensation_reports_original_groups(tmp_path):
-    """trainer.prune(rounds, compensate, damage-exact): the selection names groups of the unpruned model,
+@pytest.mark.parametrize("method", ["damage-exact", "damage-obs"])
+def test_prune_in_rounds_with_compensation_reports_original_groups(tmp_path, method):
+    """trainer.prune(rounds, compensate, a damage score): the selection names groups of the unpruned model,
     matches the shrunk model, and the export reloads with the same logits."""
     from spam_hf import from_pretrained
     from spam_hf.architectures import group_specs
@@ -231,7 +232,7 @@ def test_prune_in_rounds_with_compensation_reports_original_groups(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.train()
     counts = {s.name: s.count for s in group_specs(trainer.model)}
-    sel = trainer.prune(0.6, method="damage-exact", rounds=3, compensate=True, calibration_batches=2)
+    sel = trainer.prune(0.6, method=method, rounds=3, compensate=True, calibration_batches=2)
     assert sel.achieved >= 0.6
     after = {s.name: s.count for s in group_specs(trainer.model)}
     for name, kept in sel.keep.items():

@@ -46,10 +46,9 @@ from ..architectures.base import GroupSpec, weight_out_in
 from ..checks import check_choice
 from ..kron import symmetric_eigh
 from ..priors import PriorPrecision
-from .damage import Factors
+from .damage import LEAST_SQUARES_DAMPING, Factors
 
 COMPENSATIONS = ("least-squares", "posterior", "reference")  # reference: spam_hf.pruning.reconstruction
-LEAST_SQUARES_DAMPING = 0.01  # λ / mean diag(A_RR) of the least-squares refit
 
 
 def removed_columns(specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:

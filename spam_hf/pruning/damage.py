@@ -17,7 +17,13 @@ group: ``½ Δθᵀ (H / T) Δθ + ½ Σ_{i∈g} δ_i θ_i²`` with ``Δθ = −
 ``½ tr(G_RR · W_R A W_Rᵀ) / T`` for its rows ``R`` of a module and ``½ tr(W_Cᵀ G W_C · A_CC) / T`` for its
 columns ``C``. ``damage-out`` counts only the consuming slices (the columns of O for a head, of down
 for a neuron): removing a group *is* removing those, so their function-space damage is the other
-candidate estimate. ``damage-exact`` is the consuming slices' damage without the Kronecker
+candidate estimate. ``damage-obs`` is ``damage-out`` *after* the compensation that follows the removal
+(:mod:`spam_hf.pruning.compensation`): with the consuming columns ``C`` set to zero and the remaining
+columns ``R`` (bias included) free, the least-squares refit minimises ``½ tr(G ΔW Ā ΔWᵀ) / T`` (``Ā = A + λI``,
+``λ`` the refit's damping), and its minimum is the group's damage,
+``½ tr(G W_C (Ā / Ā_RR) W_Cᵀ) / T`` with the Schur complement ``Ā / Ā_RR = Ā_CC − Ā_CR Ā_RR⁻¹ Ā_RC =
+((Ā⁻¹)_CC)⁻¹`` in place of ``A_CC`` (Optimal Brain Surgeon for a block of columns; ZipLM, Kurtic et al. 2023).
+A group whose inputs the other columns can reproduce costs little, however large its weights. ``damage-exact`` is the consuming slices' damage without the Kronecker
 approximation: ``½ 1_Cᵀ M 1_C / T`` plus the prior term, with ``M = Σ_n m_n m_nᵀ`` the Fisher of masks on
 the consuming module's input columns (``m_nc = Σ_t x_tc ∂ℓ_n/∂x_tc``; with sampled labels a GGN estimate,
 with true labels the mask Fisher of Kwon et al. 2022), collected by ``SpamLaplace(mask_fisher=True)``.
@@ -41,10 +47,13 @@ from ..checks import check_choice
 from ..kron import KronEigen
 from ..priors import PriorPrecision, params_aug
 
-SCORE_METHODS = ("opd", "magnitude", "fisher", "random", "damage", "damage-out", "damage-exact")
-DAMAGE_METHODS = ("damage", "damage-out")  # need the KFAC factors
+SCORE_METHODS = ("opd", "magnitude", "fisher", "random", "damage", "damage-out", "damage-obs", "damage-exact")
+DAMAGE_METHODS = ("damage", "damage-out", "damage-obs")  # need the KFAC factors
 EXACT_METHODS = ("damage-exact",)  # need the mask Fisher
 Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+LEAST_SQUARES_DAMPING = 0.01
+"""``λ`` / mean diagonal of ``A`` of the least-squares refit (:func:`spam_hf.pruning.compensation.compensate`) and
+of the ``damage-obs`` score that assumes it (SparseGPT's damping, for round-off in near-singular statistics)."""
 
 
 def _diag(curv) -> torch.Tensor:
@@ -86,9 +95,22 @@ def _block_sums(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return X[idx.unsqueeze(2), idx.unsqueeze(1)].sum(dim=(1, 2))
 
 
+def schur_blocks(A: torch.Tensor, idx: torch.Tensor, damping: float = LEAST_SQUARES_DAMPING) -> torch.Tensor:
+    """``[G, r, r]``: the Schur complement ``Ā / Ā_RR = ((Ā⁻¹)_CC)⁻¹`` of ``Ā = A + λI`` for each group's columns
+    ``C = idx[g]`` (``idx``: ``LongTensor[G, r]``; ``R`` every other column), ``λ = damping ·`` mean ``diag(A)``.
+    What of the inputs ``C`` the other inputs cannot reproduce linearly (their ridge regression's residual)."""
+    lam = damping * float(A.diagonal().mean().clamp_min(0.0))
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    jitter = 1e-10 * float(A.diagonal().abs().mean().clamp_min(1e-30))  # a zero A (masked, or no inputs yet)
+    L = torch.linalg.cholesky(A + (lam + jitter) * eye)
+    inv = torch.cholesky_inverse(L)
+    block = inv[idx.unsqueeze(2), idx.unsqueeze(1)]
+    return torch.linalg.inv(0.5 * (block + block.transpose(1, 2)))
+
+
 def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
                  prior: Optional[PriorPrecision] = None, temperature: float = 1.0,
-                 consuming_only: bool = False) -> Dict[str, torch.Tensor]:
+                 consuming_only: bool = False, compensated: bool = False) -> Dict[str, torch.Tensor]:
     """``{spec.name: FloatTensor[G]}``: the increase of the Laplace objective when each group alone is zeroed.
 
     Args:
@@ -96,6 +118,8 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
             ``N``), e.g. :meth:`spam_hf.posterior.SpamLaplace.factors`.
         prior: adds the exact prior term ``½ Σ δ_i θ_i²`` over the removed slices (none when ``None``).
         consuming_only: count only the column slices (``damage-out``).
+        compensated: the column slices' damage after the least-squares refit of the remaining columns
+            (``damage-obs``, consuming slices only): ``A_CC`` becomes the Schur complement of :func:`schur_blocks`.
 
     Per module (``W`` the ``out × (in+1)`` augmented weight): rows ``R`` cost ``tr(G_RR W_R A W_Rᵀ)``,
     i.e. the block sum of ``G ∘ (W A Wᵀ)`` over ``R × R``; columns ``C`` cost the block sum of
@@ -112,7 +136,7 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
                 continue
             curv = torch.zeros(s.count, dtype=torch.float64)
             prior_term = torch.zeros(s.count, dtype=torch.float64)
-            slices = [(m, idx, "rows") for m, idx in s.row_index.items() if not consuming_only]
+            slices = [(m, idx, "rows") for m, idx in s.row_index.items() if not (consuming_only or compensated)]
             slices += [(m, idx, "cols") for m, idx in s.col_index.items()]
             for m, idx, where in slices:
                 if m not in factors:
@@ -126,6 +150,10 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
                 if where == "rows":
                     curv += _block_sums(G * (W @ A @ W.T), idx)
                     prior_term += w2[idx].sum(dim=(1, 2))
+                elif compensated:
+                    WGW = W.T @ G @ W
+                    curv += (WGW[idx.unsqueeze(2), idx.unsqueeze(1)] * schur_blocks(A, idx)).sum(dim=(1, 2))
+                    prior_term += w2[:, idx].sum(dim=(0, 2))
                 else:
                     curv += _block_sums((W.T @ G @ W) * A, idx)
                     prior_term += w2[:, idx].sum(dim=(0, 2))
@@ -186,7 +214,7 @@ def group_scores(model: nn.Module, specs: Iterable[GroupSpec], method: str = "op
                  damage_prior: bool = False) -> Dict[str, torch.Tensor]:
     """``{spec.name: FloatTensor[G]}``: the score of every group (higher = more important).
 
-    ``damage`` / ``damage-out`` need ``factors`` (full KFAC factors), ``damage-exact`` needs ``mask_fisher``.
+    ``damage`` / ``damage-out`` / ``damage-obs`` need ``factors`` (full KFAC factors), ``damage-exact`` needs ``mask_fisher``.
     They count the likelihood's damage ``½ Δθᵀ H Δθ / T`` only, unless ``damage_prior`` adds ``½ Σ δ θ²``:
     at marginal-likelihood priors ``δ_g ≈ n_g / Σθ²``, so that term is about ``n_g / 2`` for *every* group,
     carries no ranking information and, measured on MiniLM, outweighs the data term tenfold and empties
@@ -203,7 +231,7 @@ def group_scores(model: nn.Module, specs: Iterable[GroupSpec], method: str = "op
         if factors is None:
             raise ValueError(f"method {method!r} needs Kronecker factors (SpamLaplace.collect() then factors())")
         return group_damage(model, specs, factors, prior=prior if damage_prior else None, temperature=temperature,
-                            consuming_only=method == "damage-out")
+                            consuming_only=method == "damage-out", compensated=method == "damage-obs")
     if method == "random":
         g = torch.Generator().manual_seed(seed)
         return {s.name: torch.rand(s.count, generator=g, dtype=torch.float64) for s in specs}
