@@ -325,3 +325,37 @@ def test_lora_rank_compensation_refits_the_remaining_ranks():
     apply(plain, p)
     apply(comp, p)
     assert (logits(comp, x) - ref).square().mean() < (logits(plain, x) - ref).square().mean()
+
+
+def test_rank_damage_after_compensation_is_lora_B_s_schur_form_and_rescaling_invariant(monkeypatch):
+    """``damage-obs`` of rank k = ½ b_kᵀ G_B b_k · S_k with ``S_k = 1 / ((Ā⁻¹)_kk)`` from lora_B's input factor (the rank
+    activations, ``Ā`` damped as the compensation's refit), written out; re-collected after ``a_k → c a_k``,
+    ``b_k → b_k / c`` the undamped score is unchanged (the isotropic damping ``λ I`` is the one part that is not
+    invariant; it moves the score by a few per cent here)."""
+    import spam_hf.pruning.damage as damage
+    from spam_hf.pruning import group_scores
+    from spam_hf.pruning.damage import LEAST_SQUARES_DAMPING
+
+    model = lora_bert()
+    la = _lora_posterior(model)
+    factors = la.factors()
+    specs = group_specs(model)
+    scores = group_scores(model, specs, "damage-obs", factors=factors)
+    spec = specs[2]
+    (b_name, _), = spec.col_index.items()
+    A_B, G_B = factors[b_name]
+    lora_B = model.get_submodule(b_name).weight.double()
+    A_bar = A_B + LEAST_SQUARES_DAMPING * float(A_B.diagonal().mean()) * torch.eye(A_B.shape[0], dtype=A_B.dtype)
+    inv = torch.linalg.inv(A_bar)
+    for k in range(spec.count):
+        expected = 0.5 * float(lora_B[:, k] @ G_B @ lora_B[:, k]) / float(inv[k, k])
+        assert float(scores[spec.name][k]) == pytest.approx(expected, rel=1e-8)
+    monkeypatch.setattr(damage, "LEAST_SQUARES_DAMPING", 0.0)
+    undamped = group_scores(model, specs, "damage-obs", factors=factors)
+    layer = model.get_submodule(b_name.rsplit(".lora_B", 1)[0])
+    with torch.no_grad():
+        layer.lora_A["default"].weight[1] *= 5.0
+        layer.lora_B["default"].weight[:, 1] /= 5.0
+    rescaled = group_scores(model, specs, "damage-obs", factors=_lora_posterior(model).factors())
+    torch.testing.assert_close(rescaled[spec.name], undamped[spec.name], rtol=1e-6, atol=0)
+    torch.testing.assert_close(undamped[spec.name], scores[spec.name], rtol=5e-2, atol=0)

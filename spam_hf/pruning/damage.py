@@ -32,7 +32,9 @@ A LoRA rank ``k`` is scored by the damage of removing its term ``s · b_k a_kᵀ
 ``W + s·BA`` (:func:`lora_rank_damage`): ``½ (b_kᵀ G_B b_k)(a_kᵀ A_A a_k) / T`` with ``A_A`` the input factor
 of ``lora_A`` and ``G_B`` the output factor of ``lora_B`` (which holds the ``s²``). Unlike any sum over
 the entries of ``a_k`` and ``b_k`` it does not change when a rank is rescaled (``a_k → c·a_k``,
-``b_k → b_k / c``), which leaves the adapter's function unchanged.
+``b_k → b_k / c``), which leaves the adapter's function unchanged. ``damage-obs`` treats a rank as the column
+``k`` of ``lora_B`` that the compensation refits around (input factor: the rank activations ``A x``); it is
+invariant under that rescaling too (the activation scales by ``c``, ``b_k`` by ``1 / c``).
 """
 
 from __future__ import annotations
@@ -95,11 +97,12 @@ def _block_sums(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return X[idx.unsqueeze(2), idx.unsqueeze(1)].sum(dim=(1, 2))
 
 
-def schur_blocks(A: torch.Tensor, idx: torch.Tensor, damping: float = LEAST_SQUARES_DAMPING) -> torch.Tensor:
+def schur_blocks(A: torch.Tensor, idx: torch.Tensor, damping: Optional[float] = None) -> torch.Tensor:
     """``[G, r, r]``: the Schur complement ``Ā / Ā_RR = ((Ā⁻¹)_CC)⁻¹`` of ``Ā = A + λI`` for each group's columns
-    ``C = idx[g]`` (``idx``: ``LongTensor[G, r]``; ``R`` every other column), ``λ = damping ·`` mean ``diag(A)``.
-    What of the inputs ``C`` the other inputs cannot reproduce linearly (their ridge regression's residual)."""
-    lam = damping * float(A.diagonal().mean().clamp_min(0.0))
+    ``C = idx[g]`` (``idx``: ``LongTensor[G, r]``; ``R`` every other column), ``λ = damping ·`` mean ``diag(A)``
+    (default :data:`LEAST_SQUARES_DAMPING`). What of the inputs ``C`` the other inputs cannot reproduce linearly
+    (their ridge regression's residual)."""
+    lam = (LEAST_SQUARES_DAMPING if damping is None else damping) * float(A.diagonal().mean().clamp_min(0.0))
     eye = torch.eye(A.shape[0], dtype=A.dtype)
     jitter = 1e-10 * float(A.diagonal().abs().mean().clamp_min(1e-30))  # a zero A (masked, or no inputs yet)
     L = torch.linalg.cholesky(A + (lam + jitter) * eye)
@@ -131,7 +134,7 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
     out: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for s in specs:
-            if s.kind == "lora_rank":
+            if s.kind == "lora_rank" and not compensated:  # compensated: B's columns, as O's / down's below
                 out[s.name] = lora_rank_damage(params, s, factors, prior, temperature)
                 continue
             curv = torch.zeros(s.count, dtype=torch.float64)
