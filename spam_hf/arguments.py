@@ -217,14 +217,15 @@ class PruneArguments:
                                                            "(or FLOPs with --budget flops) to remove."})
     budget: str = choice("params", BUDGETS, "What --sparsity counts: parameters, or FLOPs at --flops-seq-len.")
     flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOP budgets and reports."})
-    min_keep: Optional[float] = field(default=None, metadata={
+    min_keep: float = field(default=0.0, metadata={
         "help": "Keep at least this fraction of the heads and of the neurons of every layer (0 = a layer may lose "
-                "all). Default: 0.05 when a full model is pruned after training with --method auto at --sparsity "
-                ">= 0.8 (a guard against emptied layers, README 'Group damage'), else 0."})
+                "all; with the default damage-obs scores a floor costs accuracy, README 'Damage after "
+                "compensation')."})
     method: str = choice("auto", ("auto",) + SCORE_METHODS,
-                         "Group scores. 'auto': damage-exact (the damage of removing each whole head / neuron) for "
-                         "a full model, opd for LoRA ranks. opd: the diagonal posterior precision; fisher, "
-                         "magnitude, random: baselines.")
+                         "Group scores. 'auto': damage-obs (the damage of removing each whole head / neuron that "
+                         "is left after compensation) for a full model, opd for LoRA ranks. damage-exact: the damage "
+                         "before compensation; opd: the diagonal posterior precision; fisher, magnitude, random: "
+                         "baselines.")
     rounds: int = field(default=0, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
                                                      "statistics on --calibration-batches training batches each "
                                                      "round. 0 = auto: with a damage score on a full model, as many "
@@ -265,7 +266,7 @@ class PruneArguments:
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
         check_fields(self)
-        if self.min_keep is not None and not 0.0 <= self.min_keep < 1.0:
+        if not 0.0 <= self.min_keep < 1.0:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
         if self.recovery_lr is not None and not self.recovery_lr > 0:
             raise ValueError(f"recovery_lr must be > 0, got {self.recovery_lr}")
@@ -283,11 +284,11 @@ class PruneArguments:
 
 
 def resolve_method(method: str, lora: bool) -> str:
-    """``auto`` → ``damage-exact`` for a full model (measured best without recovery, README "Group damage"),
-    ``opd`` for LoRA ranks (damage scores cover heads and neurons only)."""
+    """``auto`` → ``damage-obs`` for a full model (measured best without recovery, README "Group damage": the
+    damage left after the least-squares compensation that follows), ``opd`` for LoRA ranks."""
     if method != "auto":
         return method
-    return "opd" if lora else "damage-exact"
+    return "opd" if lora else "damage-obs"
 
 
 def resolve_pruning(args: "PruneArguments", lora: bool):
@@ -302,31 +303,17 @@ def resolve_pruning(args: "PruneArguments", lora: bool):
     return method, rounds, compensate
 
 
-AUTO_MIN_KEEP = 0.05
-"""The per-layer floor of :func:`resolve_min_keep` (1 of 12 heads, 77 of 1,536 neurons on MiniLM)."""
-
-
-def resolve_min_keep(args: "PruneArguments", lora: bool, masked: bool) -> float:
-    """``--min-keep`` with its automatic default filled in: :data:`AUTO_MIN_KEEP` for a full model pruned after
-    training (``masked``: False) with ``--method auto`` at ``--sparsity >= SCHEDULE_FROM_SPARSITY``, where the
-    damage alone can empty the heads of whole layers (CPU protocol, 90%, 3 seeds: 65.2 ± 13.5 without a floor,
-    one seed at chance, 75.8 ± 1.8 with it; README "Group damage"); else 0. Not after pruning during training:
-    there the groups masked in training go, and a floor would keep zeroed groups in their place."""
-    if args.min_keep is not None:
-        return args.min_keep
-    if args.method == "auto" and not lora and not masked and args.sparsity >= SCHEDULE_FROM_SPARSITY:
-        return AUTO_MIN_KEEP
-    return 0.0
-
+HIGH_SPARSITY = 0.8
+"""From this ``--sparsity`` on the recovery runs at :data:`RECOVERY_LR_SCALES`\ ``[1]`` times the training rate."""
 
 RECOVERY_LR_SCALES = (0.5, 2.0)
 """The recovery learning rate of :func:`resolve_recovery_lr` as multiples of the training one: below and from
-``SCHEDULE_FROM_SPARSITY`` removed."""
+``HIGH_SPARSITY`` removed."""
 
 
 def resolve_recovery_lr(args: "PruneArguments", train_lr: float) -> float:
     """``--recovery-lr`` with its default filled in: ``train_lr`` (the run's training learning rate) times
-    ``RECOVERY_LR_SCALES[0]`` below ``--sparsity SCHEDULE_FROM_SPARSITY``, ``RECOVERY_LR_SCALES[1]`` from it.
+    ``RECOVERY_LR_SCALES[0]`` below ``--sparsity HIGH_SPARSITY``, ``RECOVERY_LR_SCALES[1]`` from it.
 
     A model with most of its groups removed is far from where training left it and 200 steps at half the training
     rate barely move it; one with half its groups removed is close, and a larger rate undoes the fine-tune (CPU
@@ -335,29 +322,20 @@ def resolve_recovery_lr(args: "PruneArguments", train_lr: float) -> float:
     if args.recovery_lr is not None:
         return args.recovery_lr
     low, high = RECOVERY_LR_SCALES
-    return train_lr * (high if args.sparsity >= SCHEDULE_FROM_SPARSITY else low)
-
-
-SCHEDULE_FROM_SPARSITY = 0.8
-"""``spam-hf compress`` on a full model prunes during training from this ``--sparsity`` on (README "Pruning
-during training", CPU protocol, 3 seeds: at 90% removed it beats pruning after training on every seed, 78.9
-against 65.2 ± 13.5; at 80% the means tie and its spread is half; at 50 / 70% it does not help)."""
+    return train_lr * (high if args.sparsity >= HIGH_SPARSITY else low)
 
 
 def resolve_schedule(args: "CompressArguments", train_args: SpamTrainingArguments, lora: bool) -> Optional[float]:
     """The ``schedule_sparsity`` that ``spam-hf compress`` trains with: the one given (``0`` = off); else
-    ``--sparsity`` for LoRA ranks (the rank budget during training), and for a full model pruned with
-    ``--method auto`` on a parameter budget at ``--sparsity >= SCHEDULE_FROM_SPARSITY``; else none (pruning
-    after training). Only SpaM training (``--training spam``) has a schedule."""
+    ``--sparsity`` for LoRA ranks (the rank budget during training); else none: a full model is pruned after
+    training (CPU protocol, 3 seeds, README "Damage after compensation": with ``damage-obs`` rounds at 80 / 90%
+    removed ahead of pruning during training on every seed). Only SpaM training (``--training spam``) has a
+    schedule."""
     if args.training != "spam":
         return None
     if train_args.schedule_sparsity is not None:
         return train_args.schedule_sparsity
-    if lora:
-        return args.sparsity
-    if args.method == "auto" and args.budget == "params" and args.sparsity >= SCHEDULE_FROM_SPARSITY:
-        return args.sparsity
-    return None
+    return args.sparsity if lora else None
 
 
 @dataclass

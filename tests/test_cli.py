@@ -38,7 +38,7 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     rep2 = json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json")))
     assert rep2["selection"]["sparsity_achieved"] >= 0.8
     assert rep2["recovery"]["distill"] == 0.5 and rep2["recovery"]["steps"] == 2
-    assert rep2["min_keep"] == 0.05  # pruned after training at 80%: the automatic per-layer floor
+    assert rep2["min_keep"] == 0.0  # no per-layer floor by default
     # the recovery rate by default: half the training rate at 50%, twice it from 80% (resolve_recovery_lr)
     assert rep2["recovery"]["lr"] == pytest.approx(4 * report["recovery"]["lr"])
     lat = rep2["latency"]  # dense and pruned timed interleaved, with the spread of the speed-up
@@ -117,8 +117,9 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     (["--distill", "0.5"], "give --recovery-steps or --recovery-epochs too"),
     (["--recovery-steps", "2", "--distill-teacher", "x"], "give --distill"),
     (["--recovery-steps", "2", "--distill", "0.5", "--distill-teacher", "no/such/folder"], "is not a folder"),
-    # pruning during training (the default from 80%) leaves no unmasked model to distil from: refused before training
-    (["--sparsity", "0.8", "--recovery-steps", "2", "--distill", "0.5"], "cannot teach: give --distill-teacher"),
+    # pruning during training leaves no unmasked model to distil from: refused before training
+    (["--sparsity", "0.8", "--schedule_sparsity", "0.8", "--recovery-steps", "2", "--distill", "0.5"],
+     "cannot teach: give --distill-teacher"),
 ])
 def test_bad_input_exits_2_without_writing(tiny_setup, capsys, extra, message):
     model_dir, train, dev, tmp = tiny_setup

@@ -114,65 +114,58 @@ def test_an_interrupted_export_leaves_the_old_one_and_no_partial_folder(tmp_path
 
 
 def test_automatic_pruning_defaults():
-    """--method auto on a full model: damage-exact in rounds_for_sparsity rounds, compensated (least squares,
-    README "Group damage"); on LoRA: one-shot OPD. Explicit choices are kept."""
+    """--method auto on a full model: damage-obs (the damage left after compensation) in rounds_for_sparsity
+    rounds, compensated (least squares, README "Group damage"); on LoRA: one-shot OPD. Explicit choices are kept."""
     from spam_hf.arguments import PruneArguments, resolve_pruning
 
     assert [resolve_pruning(PruneArguments(sparsity=s), lora=False) for s in (0.5, 0.7, 0.9)] == [
-        ("damage-exact", 2, True), ("damage-exact", 4, True), ("damage-exact", 7, True)]
+        ("damage-obs", 2, True), ("damage-obs", 4, True), ("damage-obs", 7, True)]
     assert PruneArguments().compensation == "least-squares"
     assert resolve_pruning(PruneArguments(sparsity=0.9), lora=True) == ("opd", 1, False)
     assert resolve_pruning(PruneArguments(sparsity=0.9, method="opd"), lora=False) == ("opd", 1, False)
     assert resolve_pruning(PruneArguments(sparsity=0.9, rounds=3, compensate=True), lora=False) == \
-        ("damage-exact", 3, True)
-    assert resolve_pruning(PruneArguments(sparsity=0.5, compensate=False), lora=False) == ("damage-exact", 2, False)
+        ("damage-obs", 3, True)
+    assert resolve_pruning(PruneArguments(sparsity=0.5, compensate=False), lora=False) == ("damage-obs", 2, False)
+    assert resolve_pruning(PruneArguments(sparsity=0.7, method="damage-exact"), lora=False) == ("damage-exact", 4, True)
 
 
 def test_automatic_schedule_defaults(tmp_path):
-    """compress prunes during training by default for LoRA ranks, and for a full model from
-    SCHEDULE_FROM_SPARSITY on (--method auto, parameter budget); an explicit --schedule_sparsity wins, and
-    plain / no training has no schedule."""
-    from spam_hf.arguments import SCHEDULE_FROM_SPARSITY, CompressArguments, resolve_schedule
+    """compress prunes during training by default for LoRA ranks only (a full model is pruned after training, at
+    every sparsity); an explicit --schedule_sparsity wins, and plain / no training has no schedule."""
+    from spam_hf.arguments import CompressArguments, resolve_schedule
 
     t = SpamTrainingArguments(output_dir=str(tmp_path))
-    assert resolve_schedule(CompressArguments(sparsity=0.9), t, lora=False) == 0.9
-    assert resolve_schedule(CompressArguments(sparsity=SCHEDULE_FROM_SPARSITY), t, lora=False) == SCHEDULE_FROM_SPARSITY
+    assert resolve_schedule(CompressArguments(sparsity=0.9), t, lora=False) is None
     assert resolve_schedule(CompressArguments(sparsity=0.7), t, lora=False) is None
     assert resolve_schedule(CompressArguments(sparsity=0.5), t, lora=True) == 0.5
-    assert resolve_schedule(CompressArguments(sparsity=0.9, method="opd"), t, lora=False) is None
-    assert resolve_schedule(CompressArguments(sparsity=0.9, budget="flops"), t, lora=False) is None
     assert resolve_schedule(CompressArguments(sparsity=0.9, training="plain"), t, lora=True) is None
     off = SpamTrainingArguments(output_dir=str(tmp_path), schedule_sparsity=0)
-    assert resolve_schedule(CompressArguments(sparsity=0.9), off, lora=False) == 0
+    assert resolve_schedule(CompressArguments(sparsity=0.9), off, lora=True) == 0
     other = SpamTrainingArguments(output_dir=str(tmp_path), schedule_sparsity=0.6)
     assert resolve_schedule(CompressArguments(sparsity=0.5), other, lora=False) == 0.6
 
 
 def test_recovery_lr_scales_the_training_rate_by_sparsity():
-    """--recovery-lr defaults to RECOVERY_LR_SCALES[0] x the training rate below SCHEDULE_FROM_SPARSITY and
+    """--recovery-lr defaults to RECOVERY_LR_SCALES[0] x the training rate below HIGH_SPARSITY and
     RECOVERY_LR_SCALES[1] x from it, for full models and LoRA alike; an explicit value wins; <= 0 is refused."""
-    from spam_hf.arguments import RECOVERY_LR_SCALES, SCHEDULE_FROM_SPARSITY, PruneArguments, resolve_recovery_lr
+    from spam_hf.arguments import RECOVERY_LR_SCALES, HIGH_SPARSITY, PruneArguments, resolve_recovery_lr
 
     low, high = RECOVERY_LR_SCALES
     assert resolve_recovery_lr(PruneArguments(sparsity=0.5), 1e-4) == pytest.approx(low * 1e-4)
     assert resolve_recovery_lr(PruneArguments(sparsity=0.79), 2e-5) == pytest.approx(low * 2e-5)
-    assert resolve_recovery_lr(PruneArguments(sparsity=SCHEDULE_FROM_SPARSITY), 1e-4) == pytest.approx(high * 1e-4)
+    assert resolve_recovery_lr(PruneArguments(sparsity=HIGH_SPARSITY), 1e-4) == pytest.approx(high * 1e-4)
     assert resolve_recovery_lr(PruneArguments(sparsity=0.9, recovery_lr=3e-5), 1e-4) == 3e-5
     with pytest.raises(ValueError, match="recovery_lr"):
         PruneArguments(recovery_lr=0.0)
 
 
-def test_automatic_min_keep_guards_only_pruning_after_training_at_high_sparsity():
-    """--min-keep defaults to AUTO_MIN_KEEP for a full model pruned after training with --method auto from
-    SCHEDULE_FROM_SPARSITY on; 0 below it, for LoRA ranks, other methods and runs pruned during training
-    (their masked groups must go); an explicit value wins."""
-    from spam_hf.arguments import AUTO_MIN_KEEP, SCHEDULE_FROM_SPARSITY, PruneArguments, resolve_min_keep
+def test_min_keep_defaults_to_no_floor_and_is_validated():
+    """--min-keep is 0 (no per-layer floor) unless given: with damage-obs a floor costs accuracy at 90% (README
+    "Damage after compensation"); values outside [0, 1) are refused."""
+    from spam_hf.arguments import PruneArguments
 
-    assert resolve_min_keep(PruneArguments(sparsity=0.9), lora=False, masked=False) == AUTO_MIN_KEEP
-    assert resolve_min_keep(PruneArguments(sparsity=SCHEDULE_FROM_SPARSITY), lora=False, masked=False) == AUTO_MIN_KEEP
-    assert resolve_min_keep(PruneArguments(sparsity=0.7), lora=False, masked=False) == 0.0
-    assert resolve_min_keep(PruneArguments(sparsity=0.9), lora=False, masked=True) == 0.0
-    assert resolve_min_keep(PruneArguments(sparsity=0.9), lora=True, masked=False) == 0.0
-    assert resolve_min_keep(PruneArguments(sparsity=0.9, method="opd"), lora=False, masked=False) == 0.0
-    assert resolve_min_keep(PruneArguments(sparsity=0.9, min_keep=0.0), lora=False, masked=False) == 0.0
-    assert resolve_min_keep(PruneArguments(sparsity=0.5, min_keep=0.2), lora=False, masked=True) == 0.2
+    assert PruneArguments(sparsity=0.9).min_keep == 0.0
+    assert PruneArguments(sparsity=0.9, min_keep=0.05).min_keep == 0.05
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_keep must be in"):
+            PruneArguments(min_keep=bad)

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
-    SpamTrainingArguments, resolve_method, resolve_min_keep, resolve_schedule
+    SpamTrainingArguments, resolve_method, resolve_schedule
 from ..architectures import group_specs
 from ..distributed import is_main_process
 from ..export.hub import check_hub
@@ -73,7 +73,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         model = wrap_lora(model, lora_args)
     masked_dense = bool(resolve_schedule(args, train_args, lora_args.enabled))  # pruned during training
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
-                    args.flops_seq_len, resolve_min_keep(args, lora_args.enabled, masked_dense))  # before training
+                    args.flops_seq_len, args.min_keep)  # before training
     pruning_for(args, lora_args.enabled)  # a choice LoRA ranks cannot take fails now too
     check_teacher(args, masked_dense, model.config)  # before training, not after it
     os.makedirs(out_dir, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Optional
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments, resolve_min_keep, resolve_pruning, resolve_recovery_lr
+from ..arguments import DataArguments, PruneArguments, resolve_pruning, resolve_recovery_lr
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import is_main_process
@@ -125,8 +125,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     lora = is_peft_model(trainer.model)
-    args = dataclasses.replace(args, min_keep=resolve_min_keep(args, lora, ctx.masked_dense),  # the floor and
-                               recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))  # rate used
+    args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))  # the rate used
     method, rounds, compensate = pruning_for(args, lora)
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one

@@ -10,10 +10,9 @@ from typing import Optional
 
 from transformers import AutoTokenizer
 
-from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments, SpamTrainingArguments, \
-    resolve_min_keep
+from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments, SpamTrainingArguments
 from ..posterior import STATE_FILE
-from ..architectures import group_specs, is_peft_model
+from ..architectures import group_specs
 from ..pruning import check_reachable
 from ..trainer import SpamTrainer
 from .compress import base_sparsity
@@ -54,7 +53,7 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     metric = data_args.metric
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
-                    args.flops_seq_len, resolve_min_keep(args, is_peft_model(model), masked_dense))
+                    args.flops_seq_len, args.min_keep)
     check_teacher(args, masked_dense, model.config)
     os.makedirs(out, exist_ok=True)  # only now: a refused request leaves no folder behind
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
