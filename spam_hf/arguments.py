@@ -304,7 +304,7 @@ def resolve_pruning(args: "PruneArguments", lora: bool):
 
 
 HIGH_SPARSITY = 0.8
-"""From this ``--sparsity`` on the recovery runs at :data:`RECOVERY_LR_SCALES`\ ``[1]`` times the training rate."""
+"""From this ``--sparsity`` on the recovery runs at the larger of :data:`RECOVERY_LR_SCALES` times the training rate."""
 
 RECOVERY_LR_SCALES = (0.5, 2.0)
 """The recovery learning rate of :func:`resolve_recovery_lr` as multiples of the training one: below and from

@@ -125,7 +125,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     lora = is_peft_model(trainer.model)
-    args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))  # the rate used
+    args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))
     method, rounds, compensate = pruning_for(args, lora)
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one

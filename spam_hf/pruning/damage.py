@@ -23,10 +23,11 @@ columns ``R`` (bias included) free, the least-squares refit minimises ``½ tr(G 
 ``λ`` the refit's damping), and its minimum is the group's damage,
 ``½ tr(G W_C (Ā / Ā_RR) W_Cᵀ) / T`` with the Schur complement ``Ā / Ā_RR = Ā_CC − Ā_CR Ā_RR⁻¹ Ā_RC =
 ((Ā⁻¹)_CC)⁻¹`` in place of ``A_CC`` (Optimal Brain Surgeon for a block of columns; ZipLM, Kurtic et al. 2023).
-A group whose inputs the other columns can reproduce costs little, however large its weights. ``damage-exact`` is the consuming slices' damage without the Kronecker
-approximation: ``½ 1_Cᵀ M 1_C / T`` plus the prior term, with ``M = Σ_n m_n m_nᵀ`` the Fisher of masks on
-the consuming module's input columns (``m_nc = Σ_t x_tc ∂ℓ_n/∂x_tc``; with sampled labels a GGN estimate,
-with true labels the mask Fisher of Kwon et al. 2022), collected by ``SpamLaplace(mask_fisher=True)``.
+A group whose inputs the other columns can reproduce costs little, however large its weights.
+``damage-exact`` is the consuming slices' damage without the Kronecker approximation: ``½ 1_Cᵀ M 1_C / T``
+plus the prior term, with ``M = Σ_n m_n m_nᵀ`` the Fisher of masks on the consuming module's input columns
+(``m_nc = Σ_t x_tc ∂ℓ_n/∂x_tc``; with sampled labels a GGN estimate, with true labels the mask Fisher of Kwon
+et al. 2022), collected by ``SpamLaplace(mask_fisher=True)``.
 
 A LoRA rank ``k`` is scored by the damage of removing its term ``s · b_k a_kᵀ`` from the merged weight
 ``W + s·BA`` (:func:`lora_rank_damage`): ``½ (b_kᵀ G_B b_k)(a_kᵀ A_A a_k) / T`` with ``A_A`` the input factor
@@ -217,7 +218,8 @@ def group_scores(model: nn.Module, specs: Iterable[GroupSpec], method: str = "op
                  damage_prior: bool = False) -> Dict[str, torch.Tensor]:
     """``{spec.name: FloatTensor[G]}``: the score of every group (higher = more important).
 
-    ``damage`` / ``damage-out`` / ``damage-obs`` need ``factors`` (full KFAC factors), ``damage-exact`` needs ``mask_fisher``.
+    ``damage`` / ``damage-out`` / ``damage-obs`` need ``factors`` (full KFAC factors), ``damage-exact`` needs
+    ``mask_fisher``.
     They count the likelihood's damage ``½ Δθᵀ H Δθ / T`` only, unless ``damage_prior`` adds ``½ Σ δ θ²``:
     at marginal-likelihood priors ``δ_g ≈ n_g / Σθ²``, so that term is about ``n_g / 2`` for *every* group,
     carries no ranking information and, measured on MiniLM, outweighs the data term tenfold and empties
