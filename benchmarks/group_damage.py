@@ -191,6 +191,7 @@ def fidelity(run, a):
     scores = {"opd": group_scores(model, specs, "opd", prior=run.posterior.prior, curvature=run.posterior.diagonal()),
               "damage": group_scores(model, specs, "damage", prior=la.prior, factors=la.factors()),
               "damage-out": group_scores(model, specs, "damage-out", prior=la.prior, factors=la.factors()),
+              "damage-obs": group_scores(model, specs, "damage-obs", prior=la.prior, factors=la.factors()),
               "damage-exact": group_scores(model, specs, "damage-exact", prior=la.prior, mask_fisher=la.group_fisher()),
               "mask-fisher": mask_fisher(model, run.calib_loader(a), a.calib_batches),
               "magnitude": group_scores(model, specs, "magnitude")}

@@ -209,7 +209,8 @@ def test_group_damage_smoke(tiny_setup, tmp_path):
     assert [x["method"] for x in r["rows"]] == ["opd", "damage-exact", "damage-exact+comp+rounds", "mask-fisher"]
     assert all(x["achieved"] >= 0.5 for x in r["rows"]) and "accuracy_recovered" in r["rows"][1]
     assert r["fidelity"]["groups"] == 2 * 4 + 5 and r["fidelity"]["heads"] == 8
-    assert {"opd", "damage", "damage-out", "damage-exact", "mask-fisher", "magnitude"} <= set(r["fidelity"])
+    assert {"opd", "damage", "damage-out", "damage-obs", "damage-exact", "mask-fisher",
+            "magnitude"} <= set(r["fidelity"])
     run("table_group_damage.py", out, out, "--out", str(tmp_path / "gd"))  # the same run twice: "two seeds"
     table = open(str(tmp_path / "gd.md")).read()
     acc = 100 * r["rows"][0]["accuracy"]
