@@ -8,7 +8,7 @@ from spam_hf.architectures import group_specs
 from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_sparsity
 from spam_hf.pruning.selection import prunable_cost
 
-from conftest import tiny_batch, tiny_classifier
+from conftest import tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 
 
 class Loader(list):
@@ -37,7 +37,8 @@ def test_rounds_for_sparsity_keep_every_round_under_the_share():
         rounds_for_sparsity(0.5, max_share=1.0)
 
 
-@pytest.mark.parametrize("method,compensate", [("damage", True), ("damage-out", False), ("magnitude", True)])
+@pytest.mark.parametrize("method,compensate", [("damage", True), ("damage-out", False), ("magnitude", True),
+                                               ("damage-obs", True)])
 def test_rounds_reach_the_target_of_the_original_cost(method, compensate):
     model = tiny_classifier("bert", num_labels=3)
     total0 = prunable_cost(model, group_specs(model), "params", 128)
@@ -75,3 +76,24 @@ def test_min_keep_is_a_floor_of_the_original_count_in_every_round():
     assert res.achieved < 0.7  # the floor caps the removal, rounds do not get round it
     with pytest.raises(ValueError, match="min_keep"):
         prune_in_rounds(model, make, calib, [0.5], min_keep=1.0)
+
+
+@pytest.mark.parametrize("model_type,kv_groups_only", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_default_damage_obs_rounds_on_decoders(model_type, kv_groups_only):
+    """The default full-model pruning (``damage-obs`` in rounds with least-squares compensation) on decoders: GPT-2's
+    ``Conv1D`` and LLaMA's grouped-query attention (query heads, or whole KV groups) reach the target, and the
+    pruned model still computes finite logits."""
+    model = tiny_causal_lm(model_type)
+    total0 = prunable_cost(model, group_specs(model, kv_groups_only), "params", 128)
+    calib = Loader([tiny_lm_batch(seed=s) for s in range(2)])
+
+    def make(m):
+        return SpamLaplace(m, reduction="expand", n_data=6, kv_groups_only=kv_groups_only)
+
+    res = prune_in_rounds(model, make, calib, geometric_targets(0.6, 2), method="damage-obs", compensate=True,
+                          kv_groups_only=kv_groups_only)
+    assert res.achieved >= 0.6 and all(res.compensated)
+    assert res.achieved == pytest.approx(1 - prunable_cost(model, group_specs(model, kv_groups_only), "params", 128)
+                                         / total0)
+    with torch.no_grad():
+        assert torch.isfinite(model(**tiny_lm_batch(seed=5)).logits).all()
