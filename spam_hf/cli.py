@@ -196,10 +196,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(f"unknown command {sub!r}; choose from {', '.join(handlers)}")
     from safetensors import SafetensorError
 
+    from .distributed import shutdown
     from .export.hub import PushError
 
+    finished = False
     try:
-        return handlers[sub](rest)
+        code = handlers[sub](rest)
+        finished = True
+        return code
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except (CliError, ValueError, OSError, FloatingPointError, PushError, SafetensorError) as e:
@@ -208,6 +212,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         return _fail("interrupted; checkpoints written so far are kept in the output directory")
+    finally:
+        # torchrun / accelerate launch: every process waits for the main one to finish writing, then leaves the
+        # process group (exiting with it alive can abort a process under Gloo)
+        shutdown(wait=finished)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,18 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
             buf = t.detach().to(_device()).clone()
             torch.distributed.broadcast(buf, src=0)
             t.copy_(buf.to(t.device))
+
+
+def shutdown(wait: bool = True) -> None:
+    """End this process's part in the process group: with ``wait``, first wait at a barrier until every process
+    has finished (the main process may still be writing the export), then destroy the group. A no-op when no
+    group is initialised.
+
+    Exiting with the group alive can abort a process (SIGABRT, "terminate called without an active
+    exception"): Gloo's worker threads still hold tensors when the interpreter is torn down. ``wait=False`` is
+    for the error path, where a peer may never reach the barrier."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from transformers import DataCollatorWithPadding  # noqa: E402
 
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
-from spam_hf.distributed import is_main_process, rank  # noqa: E402
+from spam_hf.distributed import is_main_process, rank, shutdown  # noqa: E402
 
 from conftest import tiny_classifier  # noqa: E402
 from test_trainer import ToyTokenizer, toy_dataset  # noqa: E402
@@ -67,6 +67,7 @@ def main() -> None:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.save({"priors": priors, "one_shot": one_shot, "rounds": kept, "logits": logits,
                     "train_s": train_s, "history": trainer.marglik_history}, os.path.join(a.out, "result.pt"))
+    shutdown()  # leave the process group before exit (an alive Gloo group can abort the process at exit)
 
 
 if __name__ == "__main__":

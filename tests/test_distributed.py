@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spam_hf.curvature import sampled_loss
-from spam_hf.distributed import broadcast_object, is_distributed, is_main_process, shard_offset
+from spam_hf.distributed import broadcast_object, is_distributed, is_main_process, shard_offset, shutdown
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
@@ -37,6 +37,7 @@ def test_helpers_are_the_identity_in_one_process():
     assert not is_distributed() and is_main_process()
     assert shard_offset(5) == (0, 5)
     assert broadcast_object({"a": 1}) == {"a": 1}
+    shutdown()  # no process group: nothing to wait for or destroy
 
 
 def test_monte_carlo_labels_follow_the_predictive_distribution():
@@ -70,6 +71,40 @@ def test_two_processes_equal_one_process(tmp_path, prior, curvature):
     ranks = [json.load(open(tmp_path / "two" / f"rank{r}.json")) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["one_shot"] == ranks[1]["one_shot"] and ranks[0]["rounds"] == ranks[1]["rounds"]
+
+
+SHUTDOWN_SCRIPT = """
+import json, sys, time
+import torch
+from spam_hf.distributed import rank, shutdown
+torch.distributed.init_process_group("gloo")
+r = rank()
+torch.distributed.all_reduce(torch.ones(1))
+if r == 0:
+    time.sleep(1.0)  # the main process is still writing the export
+t_enter = time.time()
+shutdown()
+json.dump({"enter": t_enter, "leave": time.time(), "alive": torch.distributed.is_initialized()},
+          open(f"{sys.argv[1]}/shutdown{r}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_shutdown_waits_for_every_process_then_leaves_the_group(tmp_path):
+    """Under torchrun, a process that finishes first waits in ``shutdown`` until the main process gets there,
+    and both leave the process group (exiting with a Gloo group alive could abort a process: the CI failure of
+    2026-12-03, rank 1 SIGABRT after the export)."""
+    script = tmp_path / "shutdown_worker.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(tmp_path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    main, other = (json.load(open(tmp_path / f"shutdown{r}.json")) for r in (0, 1))
+    assert not main["alive"] and not other["alive"]
+    assert other["enter"] < main["enter"] - 0.5  # rank 1 got there first ...
+    assert other["leave"] >= main["enter"]  # ... and left only once the main process had arrived
 
 
 @pytest.mark.slow
