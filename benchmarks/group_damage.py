@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import random
@@ -53,7 +54,7 @@ from spam_hf import SpamLaplace, apply, from_pretrained, plan  # noqa: E402
 from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.data import packaged_sst2_files  # noqa: E402
 from spam_hf.distill import DistillationTrainer, frozen_copy  # noqa: E402
-from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_sparsity  # noqa: E402
+from spam_hf.pruning import EXACT_METHODS, geometric_targets, prune_in_rounds, rounds_for_sparsity  # noqa: E402
 from spam_hf.pruning.compensation import COMPENSATIONS  # noqa: E402
 
 METHODS = ("opd", "magnitude", "damage", "damage-out", "damage-exact", "damage-exact+comp", "damage-exact+comp+rounds",
@@ -131,10 +132,11 @@ class Run:
     def calib_loader(self, a):
         return loader_of(self.calib, self.col, a.batch_size, a.seed)
 
-    def make_posterior(self, model):
-        """Calibration posterior of a (pruned) model: token-level KFAC ("expand") and mask Fisher, this run's N."""
+    def make_posterior(self, model, mask_fisher: bool = True):
+        """Calibration posterior of a (pruned) model: token-level KFAC ("expand"), this run's N, and the mask
+        Fisher when the method reads it (``damage-exact``)."""
         return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.posterior.temperature,
-                           mask_fisher=True)
+                           mask_fisher=mask_fisher)
 
 
 def prune_one(run, method, sparsity, a):
@@ -147,7 +149,8 @@ def prune_one(run, method, sparsity, a):
     scores_fn = (lambda m, la: mask_fisher(m, run.calib_loader(a), a.calib_batches)) if base == "mask-fisher" else None
     rounds = a.rounds if "rounds" in extra else rounds_for_sparsity(sparsity) if "auto-rounds" in extra else 1
     targets = geometric_targets(sparsity, rounds)
-    res = prune_in_rounds(model, run.make_posterior, run.calib_loader(a), targets, method=base,
+    make = functools.partial(run.make_posterior, mask_fisher=base in EXACT_METHODS)
+    res = prune_in_rounds(model, make, run.calib_loader(a), targets, method=base,
                           compensate="comp" in extra, max_batches=a.calib_batches, scores_fn=scores_fn,
                           start_from=run.posterior, compensation=a.compensation)
     return model, res.achieved, [r.to_dict() for r in res.selection.layers]

@@ -71,7 +71,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     model = load_model(path, data, tokenizer)
     if lora_args.enabled:
         model = wrap_lora(model, lora_args)
-    masked_dense = bool(resolve_schedule(args, train_args, lora_args.enabled))  # pruned during training
+    schedule = resolve_schedule(args, train_args, lora_args.enabled)  # None / 0: no pruning during training
+    masked_dense = bool(schedule)
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
                     args.flops_seq_len, args.min_keep)  # before training
     pruning_for(args, lora_args.enabled)  # a choice LoRA ranks cannot take fails now too
@@ -82,8 +83,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     if args.training in ("plain", "none"):
         train_args.marglik_frequency = 0
     elif train_args.schedule_sparsity is None:
-        train_args.schedule_sparsity = resolve_schedule(args, train_args, lora_args.enabled)
-        if train_args.schedule_sparsity:
+        train_args.schedule_sparsity = schedule
+        if schedule:
             # on the CPU protocol both beat pruning after training (README "LoRA", "Pruning during training")
             what = "ranks of the adapter" if lora_args.enabled else "heads and neurons"
             logger.warning(f"pruning during training: {what} are masked on a ramp to {args.sparsity:.0%} removed, "
