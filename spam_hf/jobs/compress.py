@@ -84,11 +84,9 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         train_args.marglik_frequency = 0
     elif train_args.schedule_sparsity is None:
         train_args.schedule_sparsity = schedule
-        if schedule:
-            # on the CPU protocol both beat pruning after training (README "LoRA", "Pruning during training")
-            what = "ranks of the adapter" if lora_args.enabled else "heads and neurons"
-            logger.warning(f"pruning during training: {what} are masked on a ramp to {args.sparsity:.0%} removed, "
-                           "so dense/ holds the masked model (--schedule_sparsity 0 turns it off)")
+        if schedule:  # the automatic schedule is for LoRA ranks only (it beats pruning after training, README "LoRA")
+            logger.warning(f"pruning during training: ranks of the adapter are masked on a ramp to {args.sparsity:.0%} "
+                           "removed, so dense/ holds the masked model (--schedule_sparsity 0 turns it off)")
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator, processing_class=tokenizer, compute_metrics=metrics_for(metric))
     if args.training == "spam":
