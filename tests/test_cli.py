@@ -464,9 +464,46 @@ def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, 
         n in ("checkpoint-16", "dense", "model", "recovery") or n.endswith((".json", ".png")))])  # as killed after epoch 1
     assert main(common + ["--output-dir", resumed, "--resume_from_checkpoint", os.path.join(resumed, "checkpoint-8")]) == 0
     _assert_same_run(out, resumed)
+    # a checkpoint kept outside the output folder starts a new run there: a fresh folder ends like the
+    # uninterrupted run; a folder with the user's files is refused and nothing in it is touched
+    elsewhere = str(tmp / "elsewhere")
+    assert main(common + ["--output-dir", elsewhere, "--resume_from_checkpoint", first]) == 0
+    _assert_same_run(out, elsewhere)
     capsys.readouterr()
+    busy = _busy_folder(tmp / "busy")
+    assert main(common + ["--output-dir", str(busy), "--resume_from_checkpoint", first]) == 2
+    assert "not empty; pass --overwrite-output-dir" in capsys.readouterr().err
+    assert _contents(busy) == _contents(_busy_folder(tmp / "busy-copy"))
     assert main(common + ["--output-dir", str(tmp / "none"), "--resume_from_checkpoint", "last"]) == 2
     assert "no checkpoint-* folder" in capsys.readouterr().err
+
+
+def _busy_folder(path):
+    """An output folder a user already holds an export and a run config in."""
+    (path / "model").mkdir(parents=True)
+    (path / "model" / "model.safetensors").write_bytes(b"the user's export")
+    (path / "run_config.json").write_text('{"mine": true}')
+    return path
+
+
+def _contents(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_resume_from_a_checkpoint_outside_the_output_dir_needs_overwrite(tiny_setup, capsys):
+    """Resuming from a checkpoint kept elsewhere does not continue the run in --output-dir: a non-empty one is
+    refused before any work, and the user's export and run config in it are left as they were (the run used
+    to go ahead, delete `model/` and overwrite `run_config.json`)."""
+    model_dir, train, dev, tmp = tiny_setup
+    ckpt = tmp / "elsewhere" / "checkpoint-8"
+    ckpt.mkdir(parents=True)
+    busy = _busy_folder(tmp / "busy")
+    before = _contents(busy)
+    rc = main(["compress", model_dir, "--train-file", train, "--output-dir", str(busy),
+               "--resume_from_checkpoint", str(ckpt), *FAST])
+    assert rc == 2 and "not empty; pass --overwrite-output-dir" in capsys.readouterr().err
+    assert _contents(busy) == before
 
 
 def test_corrupt_inputs_exit_2_with_one_line(tiny_setup, tmp_path, capsys):

@@ -52,6 +52,16 @@ def resume_point(train_args: SpamTrainingArguments):
     return value
 
 
+def continues_run(resume: Optional[str], out_dir: str) -> bool:
+    """Whether resuming from ``resume`` continues the run in ``out_dir``: only a checkpoint inside that folder
+    does. A checkpoint kept elsewhere starts a new run there, so the non-empty check still applies (it used
+    to be skipped for any resume, and the new run deleted the user's ``out_dir/model``)."""
+    if resume is None:
+        return False
+    inside = os.path.realpath(resume)
+    return inside.startswith(os.path.realpath(out_dir) + os.sep)
+
+
 def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
              train_args: SpamTrainingArguments, command: str = "", lora_args: Optional[LoraArguments] = None) -> dict:
     """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``).
@@ -62,7 +72,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     lora_args = lora_args or LoraArguments()
     out_dir = train_args.output_dir
     resume = resume_point(train_args)
-    check_output_dir(out_dir, args.overwrite_output_dir or resume is not None)  # resuming continues this run
+    check_output_dir(out_dir, args.overwrite_output_dir or continues_run(resume, out_dir))
     if args.push_to_hub_repo:
         check_hub(args.push_to_hub_repo)  # an offline push fails now, not after training
     path, config, tokenizer, data = prepare(model_args, data_args)
