@@ -54,7 +54,7 @@ from spam_hf import SpamLaplace, apply, from_pretrained, plan  # noqa: E402
 from spam_hf.architectures import group_specs  # noqa: E402
 from spam_hf.data import packaged_sst2_files  # noqa: E402
 from spam_hf.distill import DistillationTrainer, frozen_copy  # noqa: E402
-from spam_hf.pruning import EXACT_METHODS, geometric_targets, prune_in_rounds, rounds_for_sparsity  # noqa: E402
+from spam_hf.pruning import geometric_targets, get_score, prune_in_rounds, rounds_for_sparsity, score_names  # noqa: E402
 from spam_hf.pruning.compensation import COMPENSATIONS  # noqa: E402
 
 METHODS = ("opd", "magnitude", "damage", "damage-out", "damage-exact", "damage-exact+comp", "damage-exact+comp+rounds",
@@ -149,7 +149,8 @@ def prune_one(run, method, sparsity, a):
     scores_fn = (lambda m, la: mask_fisher(m, run.calib_loader(a), a.calib_batches)) if base == "mask-fisher" else None
     rounds = a.rounds if "rounds" in extra else rounds_for_sparsity(sparsity) if "auto-rounds" in extra else 1
     targets = geometric_targets(sparsity, rounds)
-    make = functools.partial(run.make_posterior, mask_fisher=base in EXACT_METHODS)
+    make = functools.partial(run.make_posterior,
+                             mask_fisher=base in score_names() and "mask_fisher" in get_score(base).needs)
     res = prune_in_rounds(model, make, run.calib_loader(a), targets, method=base,
                           compensate="comp" in extra, max_batches=a.calib_batches, scores_fn=scores_fn,
                           start_from=run.posterior, compensation=a.compensation)

@@ -49,7 +49,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, Traine
 
 from spam_hf import SpamLaplace, SpamTrainer, SpamTrainingArguments  # noqa: E402
 from spam_hf import apply, plan  # noqa: E402
-from spam_hf.pruning import DAMAGE_METHODS, EXACT_METHODS, geometric_targets, prune_in_rounds  # noqa: E402
+from spam_hf.pruning import geometric_targets, get_score, prune_in_rounds  # noqa: E402
 from sst2_accuracy import accuracy, load_model, model_path, read_sst2  # noqa: E402
 
 METHODS = ("spam-hf", "spam-hf-schedule", "adalora", "lora", "lora-start")
@@ -190,7 +190,7 @@ class Bench:
         """A pruned copy of the trained adapter: one-shot ``plan``/``apply``, or rounds with compensation."""
         a = self.a
         pruned = copy.deepcopy(model)
-        if a.rounds == 1 and not a.compensate and score not in DAMAGE_METHODS + EXACT_METHODS:
+        if a.rounds == 1 and not a.compensate and not get_score(score).calibrated:
             return apply(pruned, plan(pruned, trainer.posterior, sparsity, method=score, seed=seed))
         post = trainer.posterior
 

@@ -8,7 +8,7 @@ from .marglik import log_marginal_likelihood, optimize_prior  # noqa: E402
 from .priors import PriorPrecision  # noqa: E402
 from .arguments import PruneArguments, SpamTrainingArguments  # noqa: E402
 from .posterior import SpamLaplace  # noqa: E402
-from .pruning import PruningPlan, apply, plan  # noqa: E402
+from .pruning import PruningConfig, PruningPlan, apply, plan, prune  # noqa: E402
 from .trainer import SpamTrainer  # noqa: E402
 from .distill import DistillationTrainer  # noqa: E402
 from .export import from_pretrained, save_pruned  # noqa: E402
@@ -18,6 +18,7 @@ __all__ = [
     "DistillationTrainer",
     "PriorPrecision",
     "PruneArguments",
+    "PruningConfig",
     "PruningPlan",
     "SpamLaplace",
     "SpamTrainer",
@@ -29,6 +30,7 @@ __all__ = [
     "log_marginal_likelihood",
     "optimize_prior",
     "plan",
+    "prune",
     "save_pruned",
     "supported_model_types",
 ]

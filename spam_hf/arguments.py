@@ -18,8 +18,7 @@ from .curvature import CURVATURE_KINDS, FISHER_TYPES, REDUCTIONS
 from .data import LM_EXTENSIONS, TASKS
 from .priors import PRIOR_KINDS
 from .pruning.compensation import COMPENSATIONS
-from .pruning.damage import SCORE_METHODS
-from .pruning.rounds import rounds_for_sparsity
+from .pruning.scores import score_names
 from .pruning.selection import BUDGETS
 
 TRAINING_MODES = ("spam", "plain", "none")
@@ -221,7 +220,7 @@ class PruneArguments:
         "help": "Keep at least this fraction of the heads and of the neurons of every layer (0 = a layer may lose "
                 "all; with the default damage-obs scores a floor costs accuracy, README 'Damage after "
                 "compensation')."})
-    method: str = choice("auto", ("auto",) + SCORE_METHODS,
+    method: str = choice("auto", ("auto",) + score_names(),
                          "Group scores. 'auto': damage-obs (the damage of removing each whole head / neuron that "
                          "is left after compensation) for a full model, opd for LoRA ranks. damage-exact: the damage "
                          "before compensation; opd: the diagonal posterior precision; fisher, magnitude, random: "
@@ -243,6 +242,11 @@ class PruneArguments:
         "help": "Training batches per round for the statistics of damage scores, rounds and compensation (fresh "
                 "random batches each round). 32 (README 'Group damage': at 70%% removed through the CLI 83.8 ± 0.9 "
                 "against 81.7 ± 1.3 with 8, every seed ahead)."})
+    sequential: bool = field(default=False, metadata={
+        "help": "Prune one block at a time: only one block's statistics exist at once, each block is compensated on "
+                "the outputs of the blocks already pruned, and the budget stays global. For models whose "
+                "statistics do not fit at once; takes damage-obs, damage-out, opd, fisher, magnitude or random "
+                "and least-squares compensation."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: Optional[float] = field(default=None, metadata={
@@ -281,26 +285,6 @@ class PruneArguments:
         if self.distill_teacher and not (self.distill or self.distill_hidden_weight):
             raise ValueError("--distill-teacher is the teacher of a distillation: give --distill α (and/or "
                              "--distill-hidden-weight) too")
-
-
-def resolve_method(method: str, lora: bool) -> str:
-    """``auto`` → ``damage-obs`` for a full model (measured best without recovery, README "Group damage": the
-    damage left after the least-squares compensation that follows), ``opd`` for LoRA ranks."""
-    if method != "auto":
-        return method
-    return "opd" if lora else "damage-obs"
-
-
-def resolve_pruning(args: "PruneArguments", lora: bool):
-    """``(method, rounds, compensate)`` with the automatic defaults filled in: a damage score on a full model
-    is pruned in :func:`~spam_hf.pruning.rounds_for_sparsity` rounds with (least-squares) compensation
-    (measured on the CPU protocol, README "Group damage"); everything else in one shot without
-    compensation, as chosen."""
-    method = resolve_method(args.method, lora)
-    damage = method.startswith("damage") and not lora
-    rounds = args.rounds or (rounds_for_sparsity(args.sparsity) if damage else 1)
-    compensate = args.compensate if args.compensate is not None else damage
-    return method, rounds, compensate
 
 
 HIGH_SPARSITY = 0.8

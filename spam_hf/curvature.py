@@ -125,8 +125,14 @@ class CurvatureAccumulator:
     def __init__(self, model: nn.Module, module_names: Iterable[str], kind: str = "kfac",
                  reduction: str = "reduce", fisher: str = "mc", likelihood: str = "classification",
                  max_rows_per_batch: Optional[int] = None, seed: int = 0,
-                 accumulate_dtype: Optional[torch.dtype] = None, mask_modules: Iterable[str] = ()) -> None:
+                 accumulate_dtype: Optional[torch.dtype] = None, mask_modules: Iterable[str] = (),
+                 sides: Iterable[str] = ("A", "G")) -> None:
         check_choice("curvature", kind, CURVATURE_KINDS)
+        # KFAC: which factors to keep; ("G",) holds only the out × out output factors (block-sequential pruning
+        # takes the wide input factors one block at a time from the block's inputs)
+        self.sides = tuple(sides)
+        if not self.sides or any(x not in ("A", "G") for x in self.sides):
+            raise ValueError(f"sides must name 'A' and/or 'G', got {self.sides}")
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("fisher_type", fisher, FISHER_TYPES)
         check_choice("likelihood", likelihood, LIKELIHOODS)
@@ -156,21 +162,29 @@ class CurvatureAccumulator:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Drop all accumulated sums."""
+        """Drop all accumulated sums. A module's sums are allocated when it first gets rows (or is indexed), so
+        an accumulator that never accumulates (a Trainer that only prunes) holds no factor memory."""
         self.n = torch.zeros((), dtype=torch.float64)
         self.n_units = torch.zeros((), dtype=torch.float64)  # loss terms seen (examples, or tokens for causal LM)
         self.n_seen = torch.zeros((), dtype=torch.float64)   # rows before max_rows_per_batch subsampling
         self.reduced = False  # the sums are already summed over processes (all_reduce)
-        self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
-        for name, (out, inp) in self.shapes.items():
-            if self.kind == "kfac":
-                self.sums[name] = {"A": torch.zeros(inp, inp, dtype=self.dtype),
-                                   "G": torch.zeros(out, out, dtype=self.dtype)}
-            else:
-                self.sums[name] = {"D": torch.zeros(out, inp, dtype=self.dtype)}
-            if name in self.mask_modules:
-                self.sums[name]["M"] = torch.zeros(inp - int(name in self._biased), inp - int(name in self._biased),
-                                                   dtype=self.dtype)
+        self.sums: Dict[str, Dict[str, torch.Tensor]] = _LazySums(self._zeros)
+
+    def _zeros(self, name: str) -> Dict[str, torch.Tensor]:
+        """Zero sums of module ``name``: ``A`` ((in+1)²) and ``G`` (out²) for KFAC (those in ``sides``), ``D``
+        (out × (in+1)) for the diagonal, and ``M`` (in²) for a mask module."""
+        if name not in self.shapes:
+            raise KeyError(name)
+        out, inp = self.shapes[name]
+        if self.kind == "kfac":
+            size = {"A": inp, "G": out}
+            sums = {k: torch.zeros(size[k], size[k], dtype=self.dtype) for k in self.sides}
+        else:
+            sums = {"D": torch.zeros(out, inp, dtype=self.dtype)}
+        if name in self.mask_modules:
+            width = inp - int(name in self._biased)
+            sums["M"] = torch.zeros(width, width, dtype=self.dtype)
+        return sums
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
@@ -184,15 +198,21 @@ class CurvatureAccumulator:
         """Load sums saved by :meth:`state_dict`; a clear error on missing keys or mismatched shapes."""
         if "n" not in state:
             raise ValueError("curvature state has no row count 'n'")
-        for m, d in self.sums.items():
-            for k, v in d.items():
+        empty = float(state["n"].reshape(())) <= 0  # saved before any rows: no factors were allocated
+        self.sums = _LazySums(self._zeros)
+        for m in self.shapes:
+            expected = self._zeros(m)
+            if empty and not any(f"{m}.{k}" in state for k in expected):
+                continue
+            for k, v in expected.items():
                 key = f"{m}.{k}"
                 if key not in state:
                     raise ValueError(f"curvature state has no factor {key!r} (curvature kind {self.kind!r})")
                 if tuple(state[key].shape) != tuple(v.shape):
                     raise ValueError(f"curvature factor {key!r} has shape {tuple(state[key].shape)}, "
                                      f"the model needs {tuple(v.shape)}")
-                d[k] = state[key].to(self.dtype).clone()
+                expected[k] = state[key].to(self.dtype).clone()
+            self.sums[m] = expected
         self.reduced = False  # saved sums are a process's own (checkpoints are written between reductions)
         self.n = state["n"].to(torch.float64).reshape(())
         # files written before n_seen existed: no subsampling record, and n_units only with a mask Fisher
@@ -205,6 +225,8 @@ class CurvatureAccumulator:
         and before :meth:`reset` would be mixed with global sums; that raises in :meth:`accumulate`."""
         if not is_distributed() or self.reduced:
             return
+        for m in self.shapes:  # every process reduces every module, whether it saw rows for it or not
+            self.sums[m]
         for d in self.sums.values():
             for k, v in d.items():
                 d[k] = all_reduce_sum(v)
@@ -290,6 +312,8 @@ class CurvatureAccumulator:
         if missing:
             raise RuntimeError(f"curvature: no forward captured for {len(missing)} module(s), e.g. {missing[:3]}; "
                                "run the forward inside `capture()` with gradients enabled")
+        for name in self.module_names:  # allocated now, in the modules' order (what every later loop follows)
+            self.sums[name]
         loss = sampled_loss(logits, labels, self.likelihood, self.fisher, self.generator)
         names = list(self._captures)
         outputs = [self._captures[m].output for m in names]
@@ -319,8 +343,10 @@ class CurvatureAccumulator:
                 if s[k].device != a.device:
                     s[k] = s[k].to(a.device)
             if self.kind == "kfac":
-                s["A"] += (a.T @ a).to(self.dtype)
-                s["G"] += (g.T @ g).to(self.dtype)
+                if "A" in s:
+                    s["A"] += (a.T @ a).to(self.dtype)
+                if "G" in s:
+                    s["G"] += (g.T @ g).to(self.dtype)
             else:
                 s["D"] += (g.square().T @ a.square()).to(self.dtype)
             if cap.weight is not None:
@@ -392,6 +418,11 @@ class CurvatureAccumulator:
         self._check_ready()
         return diagonal_from_state(self.diagonal_state(), n_data)
 
+    def diagonal_state_keys(self) -> set:
+        """The keys :meth:`diagonal_state` writes for these modules (without allocating their sums)."""
+        per_module = (".Gdiag", ".Adiag") if self.kind == "kfac" else (".D",)
+        return {"n", "n_g"} | {f"{m}{k}" for m in self.shapes for k in per_module}
+
     def diagonal_state(self) -> Dict[str, torch.Tensor]:
         """What :meth:`diagonal` needs, compactly (CPU, float64): ``"<m>.Gdiag"``/``"<m>.Adiag"`` (the
         factors' diagonals, ``out + in + 1`` numbers per module) for KFAC, ``"<m>.D"`` for the diagonal
@@ -405,6 +436,19 @@ class CurvatureAccumulator:
             else:
                 state[f"{m}.D"] = s["D"].to("cpu", torch.float64)
         return state
+
+
+class _LazySums(dict):
+    """``{module: {factor: tensor}}`` whose entries are made by ``factory(module)`` when first indexed."""
+
+    def __init__(self, factory) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def __missing__(self, name: str) -> Dict[str, torch.Tensor]:
+        value = self._factory(name)
+        self[name] = value
+        return value
 
 
 def diagonal_from_state(state: Dict[str, torch.Tensor], n_data: float) -> Dict[str, torch.Tensor]:

@@ -92,6 +92,9 @@ class SpamLaplace:
         model = unwrap(model)
         self.model = model
         self.kv_groups_only = kv_groups_only
+        # what a posterior of another (pruned) copy of the model is built with (calibration_posterior)
+        self.settings = dict(prior=prior, prior_init=prior_init, fisher=fisher, seed=seed,
+                             kv_groups_only=kv_groups_only)
         self.specs: List[GroupSpec] = list(specs) if specs is not None else group_specs(model, kv_groups_only)
         if not self.specs:
             raise ValueError(f"{type(model).__name__} has no prunable groups left (every head and neuron was "
@@ -124,6 +127,14 @@ class SpamLaplace:
                    reduction=args.kfac_reduction, fisher=args.fisher_type, n_data=n_data or args.n_data,
                    temperature=args.temperature, max_rows_per_batch=args.curvature_max_rows or None, seed=args.seed,
                    kv_groups_only=args.kv_groups_only, hyper_lr=args.hyper_lr, n_hypersteps=args.n_hypersteps)
+
+    def calibration_posterior(self, model: nn.Module, mask_fisher: bool = False) -> "SpamLaplace":
+        """A posterior of ``model`` (this one's model after pruning, or a copy) for calibration statistics: this
+        one's prior kind, initial δ, Fisher type, seed, ``N``, temperature and group granularity, with token-level
+        KFAC (``expand``) whatever the training used, and the mask Fisher when ``mask_fisher``. Pruning rounds
+        build one per round (:func:`spam_hf.pruning.prune`)."""
+        return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.temperature,
+                           mask_fisher=mask_fisher, **self.settings)
 
     # ------------------------------------------------------------------ accumulation (fed by the trainer)
     def capture(self, model: nn.Module, attention_mask: Optional[torch.Tensor] = None):
@@ -335,7 +346,7 @@ class SpamLaplace:
             self.curvature.reset()
         retained = {k[len(RETAINED_PREFIX):]: v for k, v in tensors.items() if k.startswith(RETAINED_PREFIX)}
         if retained:
-            expected = set(self.curvature.diagonal_state()) - {"n_g"}  # n_g: absent from older files
+            expected = self.curvature.diagonal_state_keys() - {"n_g"}  # n_g: absent from older files
             if set(retained) - {"n_g"} != expected:
                 raise ValueError(f"the retained curvature does not match this model's prunable modules "
                                  f"({len(retained)} entries, expected {len(expected)})")

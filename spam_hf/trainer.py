@@ -5,8 +5,8 @@ only adds Trainer hooks around it. Per optimiser step the loss is ``mean_b ℓ_b
 (the prior replaces weight decay on covered parameters). On every ``curvature_every``-th step the
 training forward also feeds the curvature (one extra backward of a sampled loss from the same graph,
 no extra data pass). After ``marglik_burn_in`` steps and then every ``marglik_frequency`` steps the
-posterior takes ``n_hypersteps`` Adam steps on ``log δ``. ``prune()`` plans with
-:func:`spam_hf.pruning.plan` and applies the plan; the posterior is rebuilt for the smaller model.
+posterior takes ``n_hypersteps`` Adam steps on ``log δ``. ``prune()`` is a call into the pruning engine,
+:func:`spam_hf.pruning.prune`; the posterior is rebuilt for the smaller model.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from .arguments import SpamTrainingArguments
 from .distributed import all_reduce_sum, is_distributed, rank
 from .export import save_pruned
 from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap
-from .pruning import (DAMAGE_METHODS, EXACT_METHODS, PruningPlan, Selection, apply, compensate, geometric_targets,
-                      mask_groups, plan, prune_in_rounds)
+from .pruning import PruningConfig, PruningPlan, Selection, apply, compensate, mask_groups, plan, prune
 from .pruning.selection import group_costs, prunable_cost
 from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, kept_count, monotone_keep, read_keep, write_keep
 
@@ -233,11 +232,24 @@ class SpamTrainer(Trainer):
     def has_curvature(self, retained_only: bool = False) -> bool:
         return self.posterior.has_curvature(retained_only)
 
-    def plan(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
-             seed: int = 0, min_keep: float = 0.0) -> PruningPlan:
-        """:func:`spam_hf.pruning.plan` with this trainer's model and posterior (the model is untouched)."""
-        return plan(unwrap(self.model), self._sync_n(), sparsity=sparsity, method=method, budget=budget,
-                    seq_len=seq_len, min_keep=min_keep, seed=seed)
+    def plan(self, sparsity: Optional[float] = None, *, config: Optional[PruningConfig] = None,
+             **options) -> PruningPlan:
+        """:func:`spam_hf.pruning.plan` with this trainer's model (untouched): what one round of :meth:`prune`
+        would remove. Scores of the trained posterior (``opd``, ``fisher``) read it; scores of calibration
+        statistics (the default ``damage-obs``) get them from ``calibration_batches`` training batches first, in a
+        posterior like the trained one. ``config`` / ``options``: a :class:`~spam_hf.pruning.PruningConfig`."""
+        config = PruningConfig.build(sparsity, config, **options)
+        if config.kv_groups_only is None:
+            config = config.replace(kv_groups_only=self.args.kv_groups_only)
+        model, posterior = unwrap(self.model), self._sync_n()
+        score = config.resolved(is_peft_model(model)).score
+        if score.calibrated:
+            trained = posterior
+            posterior = trained.calibration_posterior(model, mask_fisher="mask_fisher" in score.needs)
+            posterior.carry_over(trained, {})
+            posterior.collect(self.get_train_dataloader(), max_batches=config.calibration_batches,
+                              progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+        return plan(model, posterior, config=config)
 
     def update_schedule_mask(self, target: float) -> Optional[PruningPlan]:
         """Mask (zero) the groups beyond ``target`` of the prunable parameters, scored on the current model with
@@ -250,7 +262,8 @@ class SpamTrainer(Trainer):
             method = "magnitude"
         if target <= 0:
             return None
-        p = self.plan(target, method=method)
+        # the live training sums, not calibration batches: the schedule scores between optimiser steps
+        p = plan(unwrap(self.model), self._sync_n(), target, method=method, kv_groups_only=self.args.kv_groups_only)
         keep = monotone_keep(p.keep, self.schedule_keep)
         if self.args.schedule_compensate and kept_count(keep, self.specs) < kept_count(self.schedule_keep, self.specs):
             self._compensate_schedule(keep)
@@ -288,65 +301,38 @@ class SpamTrainer(Trainer):
                 removed += float(group_costs(model, s, budget, seq_len)[dropped].sum())
         return removed / prunable_cost(model, self.specs, budget, seq_len)
 
-    def prune(self, sparsity: float, budget: str = "params", method: str = "opd", seq_len: int = 128,
-              seed: int = 0, min_keep: float = 0.0, rounds: int = 1, compensate: bool = False,
-              calibration_batches: int = 32, compensation: str = "least-squares") -> Selection:
-        """Plan (OPD scores by default, global selection under the budget), then remove the groups for real.
+    def prune(self, sparsity: Optional[float] = None, *, config: Optional[PruningConfig] = None,
+              **options) -> Selection:
+        """Remove groups for real with :func:`spam_hf.pruning.prune`: this trainer's model, its posterior as the
+        statistics, and its training batches as calibration (each process its shard).
 
-        With ``rounds > 1``, ``compensate`` or a damage score, pruning goes through
-        :func:`spam_hf.pruning.prune_in_rounds`: each round re-collects token-level KFAC factors (and the
-        mask Fisher) of the current model on ``calibration_batches`` training batches, scores, removes
-        its share of the budget and, with ``compensate``, refits O / down (``compensation``: ``least-squares``
-        or ``posterior``, :func:`spam_hf.pruning.compensation.compensate`).
+        ``config`` (a :class:`~spam_hf.pruning.PruningConfig`; default: its defaults, so ``method="auto"``) with
+        ``sparsity`` and any of its fields in ``options`` replaced, e.g. ``trainer.prune(0.7, method="opd")``.
+        By default (the score registry's): the damage left after compensation, in rounds with least-squares
+        compensation, for a full model; OPD in one shot for LoRA ranks.
 
         Returns the :class:`~spam_hf.pruning.Selection` (``to_dict()`` is the JSON report, indices of the
-        original groups); a one-shot plan is ``trainer.last_plan``. The posterior is rebuilt for the
-        smaller model (unit precisions of kept groups carried over).
+        original groups); the whole result is ``trainer.last_result``, a one-shot plan ``trainer.last_plan``. The
+        posterior is rebuilt for the smaller model (unit precisions of kept groups carried over).
         """
+        config = PruningConfig.build(sparsity, config, **options)
+        if config.kv_groups_only is None:
+            config = config.replace(kv_groups_only=self.args.kv_groups_only)
         if self.schedule_keep:  # every group the schedule masked goes (they score zero, so they go first)
-            masked = self.masked_fraction(budget, seq_len)
-            if masked > sparsity:
-                logger.info(f"the pruning schedule masked {masked:.1%} of prunable {budget}; removing all of it")
-                sparsity = masked
-        if rounds > 1 or compensate or method in DAMAGE_METHODS + EXACT_METHODS:
-            return self._prune_in_rounds(sparsity, budget, method, seq_len, min_keep, rounds, compensate,
-                                         calibration_batches, compensation)
-        pruning_plan = self.plan(sparsity, budget=budget, method=method, seq_len=seq_len, seed=seed,
-                                 min_keep=min_keep)
-        self._apply(pruning_plan)
-        self.last_plan = pruning_plan
-        logger.info(f"pruned {pruning_plan.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method}")
-        return pruning_plan.selection
-
-    def _prune_in_rounds(self, sparsity, budget, method, seq_len, min_keep, rounds, compensate,
-                         calibration_batches, compensation) -> Selection:
-        model = unwrap(self.model)
-        posterior = self._sync_n()
-
-        def make(m):
-            return SpamLaplace(m, prior=self.args.prior, prior_init=self.args.prior_init, reduction="expand",
-                               fisher=self.args.fisher_type, n_data=posterior.n_data,
-                               temperature=self.args.temperature, seed=self.args.seed,
-                               mask_fisher=method in EXACT_METHODS, kv_groups_only=self.args.kv_groups_only)
-
-        result = prune_in_rounds(model, make, self.get_train_dataloader(), geometric_targets(sparsity, rounds),
-                                 method=method, budget=budget, seq_len=seq_len, min_keep=min_keep,
-                                 compensate=compensate, max_batches=calibration_batches,
-                                 progress=self.is_local_process_zero() and not self.args.disable_tqdm,
-                                 kv_groups_only=self.args.kv_groups_only, start_from=posterior,
-                                 compensation=compensation)
+            masked = self.masked_fraction(config.budget, config.seq_len)
+            if masked > config.sparsity:
+                logger.info(f"the pruning schedule masked {masked:.1%} of prunable {config.budget}; removing all of it")
+                config = config.replace(sparsity=masked)
+        result = prune(unwrap(self.model), self._sync_n(), config, self.get_train_dataloader(),
+                       progress=self.is_local_process_zero() and not self.args.disable_tqdm)
         self._after_surgery(result.selection.keep)
-        logger.info(f"pruned {result.achieved:.1%} of prunable {budget} (target {sparsity:.1%}) with {method} in "
-                    f"{len(result.plans)} round(s){' with compensation' if compensate else ''}")
+        self.last_result = result
+        if len(result.plans) == 1 and not result.config.in_rounds:
+            self.last_plan = result.plans[0]
+        used = result.config
+        logger.info(f"pruned {result.achieved:.1%} of prunable {used.budget} (target {used.sparsity:.1%}) with "
+                    f"{used.method} in {len(result.plans)} round(s){' with compensation' if used.compensate else ''}")
         return result.selection
-
-    def _apply(self, pruning_plan: PruningPlan, base_only: bool = False) -> None:
-        model = unwrap(self.model)
-        if base_only:
-            apply(model.get_base_model(), pruning_plan)
-        else:
-            apply(model, pruning_plan)
-        self._after_surgery({} if base_only else pruning_plan.keep, same_groups=base_only)
 
     def _after_surgery(self, keep: Dict[str, torch.Tensor], same_groups: bool = False) -> None:
         """The model changed shape: a posterior for it (precisions of kept groups carried over, see
@@ -385,10 +371,11 @@ class SpamTrainer(Trainer):
                                      kv_groups_only=True, hyper_lr=self.args.hyper_lr)
         base_posterior.fit(self.get_train_dataloader(), max_batches=max_batches,
                            progress=self.is_local_process_zero() and not self.args.disable_tqdm)
-        pruning_plan = plan(merged, base_posterior, sparsity=sparsity, method="opd", budget=budget, seq_len=seq_len,
+        pruning_plan = plan(merged, base_posterior, sparsity, method="opd", budget=budget, seq_len=seq_len,
                             min_keep=min_keep)
         del merged
-        self._apply(pruning_plan, base_only=True)
+        apply(model.get_base_model(), pruning_plan)
+        self._after_surgery({}, same_groups=True)
         logger.info(f"pruned {pruning_plan.achieved:.1%} of the base model's prunable {budget} with OPD on merged weights")
         return pruning_plan.selection
 

@@ -55,7 +55,7 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=a.resume)
     train_s = time.perf_counter() - t0
     priors = {k: v.detach().clone() for k, v in trainer.prior.log_delta.items()}
-    one_shot = {k: v.tolist() for k, v in trainer.plan(0.5).keep.items()}
+    one_shot = {k: v.tolist() for k, v in trainer.plan(0.5, method="opd").keep.items()}
     rounds = trainer.prune(0.5, method="damage-exact", rounds=2, compensate=True, calibration_batches=2)
     kept = {k: v.tolist() for k, v in rounds.keep.items()}
     with open(os.path.join(a.out, f"rank{rank()}.json"), "w") as f:

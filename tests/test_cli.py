@@ -360,6 +360,27 @@ def test_causal_lm_compress_end_to_end(tiny_lm_setup, model_type, extra):
 
 
 @pytest.mark.slow
+def test_post_hoc_block_sequential_compress(tiny_lm_setup, capsys):
+    """The large-model path end to end: `--training none --sequential True` prunes a decoder one block at a time
+    and exports it; a score that needs every module at once is refused before any work."""
+    model_dir, train, valid, tmp = tiny_lm_setup("llama")
+    out = str(tmp / "seq")
+    common = ["compress", model_dir, "--train-file", train, "--validation-file", valid, "--training", "none",
+              "--sequential", "True", "--calibration-batches", "2", *FAST]
+    assert main(common + ["--sparsity", "0.3", "--output-dir", out]) == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["sequential"] and report["method"] == "damage-obs" and report["rounds"] == 1
+    assert report["selection"]["sparsity_achieved"] >= 0.3 and report["pruned"]["perplexity"] > 1.0
+    from spam_hf.export import from_pretrained
+
+    assert from_pretrained(os.path.join(out, "model")) is not None
+    capsys.readouterr()
+    bad = str(tmp / "bad")
+    assert main(common + ["--sparsity", "0.3", "--method", "damage-exact", "--output-dir", bad]) == 2
+    assert "needs every module's statistics at once" in capsys.readouterr().err and not os.path.exists(bad)
+
+
+@pytest.mark.slow
 def test_decoder_sequence_classification(tiny_lm_setup):
     """A decoder checkpoint with classification data: *ForSequenceClassification, padded with EOS."""
     model_dir, _, _, tmp = tiny_lm_setup("gpt2")

@@ -220,3 +220,26 @@ def test_expanded_sequence_loss_extrapolates_per_example():
     kfac_trace = float(kron.trace())
     print(f"{m}: tr(G⊗A) {kfac_trace:.4g}, exact empirical Fisher trace {exact:.4g}")
     assert exact / 4 < kfac_trace < exact * 4
+
+
+def test_factors_are_allocated_by_the_first_rows_and_output_factors_alone():
+    """An accumulator that never sees a batch holds no factor memory (a Trainer that only prunes a large model),
+    and its empty state round-trips; ``sides=("G",)`` keeps only the out × out factors, equal to the full ones."""
+    model = tiny_classifier("bert")
+    modules = prunable_modules(group_specs(model))
+    acc = CurvatureAccumulator(model, modules, fisher="empirical")
+    assert len(acc.sums) == 0
+    empty = CurvatureAccumulator(model, modules, fisher="empirical")
+    empty.load_state_dict(acc.state_dict())
+    assert len(empty.sums) == 0
+    g_only = CurvatureAccumulator(model, modules, fisher="empirical", sides=("G",))
+    b = tiny_batch()
+    for a in (acc, g_only):
+        with a.capture(model, b["attention_mask"]):
+            out = model(**b)
+        a.accumulate(out.logits, b["labels"])
+    assert set(acc.sums) == set(modules) and all(set(s) == {"G"} for s in g_only.sums.values())
+    for m in modules:
+        torch.testing.assert_close(g_only.sums[m]["G"], acc.sums[m]["G"])
+    with pytest.raises(ValueError, match="sides"):
+        CurvatureAccumulator(model, modules, sides=("B",))

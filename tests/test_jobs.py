@@ -113,20 +113,20 @@ def test_an_interrupted_export_leaves_the_old_one_and_no_partial_folder(tmp_path
         assert nothing is None
 
 
-def test_automatic_pruning_defaults():
-    """--method auto on a full model: damage-obs (the damage left after compensation) in rounds_for_sparsity
-    rounds, compensated (least squares, README "Group damage"); on LoRA: one-shot OPD. Explicit choices are kept."""
-    from spam_hf.arguments import PruneArguments, resolve_pruning
+def test_pruning_config_of_the_job_arguments():
+    """The jobs' pruning arguments become one resolved PruningConfig: --method auto on a full model is damage-obs
+    in rounds with compensation, on LoRA one-shot OPD; the other fields carry over under their config names."""
+    from spam_hf.arguments import PruneArguments
+    from spam_hf.jobs.finish import pruning_config
 
-    assert [resolve_pruning(PruneArguments(sparsity=s), lora=False) for s in (0.5, 0.7, 0.9)] == [
-        ("damage-obs", 2, True), ("damage-obs", 4, True), ("damage-obs", 7, True)]
+    args = PruneArguments(sparsity=0.7, budget="flops", flops_seq_len=64, min_keep=0.1, calibration_batches=3,
+                          prune_seed=5, compensation="posterior")
+    config = pruning_config(args, lora=False)
+    assert (config.method, config.rounds, config.compensate) == ("damage-obs", 4, True)
+    assert (config.sparsity, config.budget, config.seq_len, config.min_keep, config.calibration_batches,
+            config.seed, config.compensation) == (0.7, "flops", 64, 0.1, 3, 5, "posterior")
+    assert (pruning_config(args, lora=True).method, pruning_config(args, lora=True).rounds) == ("opd", 1)
     assert PruneArguments().compensation == "least-squares"
-    assert resolve_pruning(PruneArguments(sparsity=0.9), lora=True) == ("opd", 1, False)
-    assert resolve_pruning(PruneArguments(sparsity=0.9, method="opd"), lora=False) == ("opd", 1, False)
-    assert resolve_pruning(PruneArguments(sparsity=0.9, rounds=3, compensate=True), lora=False) == \
-        ("damage-obs", 3, True)
-    assert resolve_pruning(PruneArguments(sparsity=0.5, compensate=False), lora=False) == ("damage-obs", 2, False)
-    assert resolve_pruning(PruneArguments(sparsity=0.7, method="damage-exact"), lora=False) == ("damage-exact", 4, True)
 
 
 def test_automatic_schedule_defaults(tmp_path):

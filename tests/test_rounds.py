@@ -8,13 +8,7 @@ from spam_hf.architectures import group_specs
 from spam_hf.pruning import geometric_targets, prune_in_rounds, rounds_for_sparsity
 from spam_hf.pruning.selection import prunable_cost
 
-from conftest import tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
-
-
-class Loader(list):
-    @property
-    def dataset(self):
-        return range(sum(len(b["labels"]) for b in self))
+from conftest import BatchList as Loader, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 
 
 def test_geometric_targets():

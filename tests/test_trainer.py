@@ -140,8 +140,22 @@ def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
     weights = dict(full.model.named_parameters())
     for n, p in resumed.model.named_parameters():
         torch.testing.assert_close(p, weights[n], rtol=1e-6, atol=1e-8)
-    keep_full, keep_resumed = full.plan(0.5).keep, resumed.plan(0.5).keep
+    keep_full, keep_resumed = full.plan(0.5, method="opd").keep, resumed.plan(0.5, method="opd").keep
     assert {k: v.tolist() for k, v in keep_full.items()} == {k: v.tolist() for k, v in keep_resumed.items()}
+
+
+def test_plan_defaults_to_the_engine_score_and_leaves_the_model(tmp_path):
+    """trainer.plan() takes the engine's default (damage-obs on calibration batches it collects itself, in a
+    posterior like the trained one) and changes neither the weights nor the trained posterior."""
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    priors = {k: v.detach().clone() for k, v in trainer.prior.log_delta.items()}
+    p = trainer.plan(0.5, calibration_batches=2)
+    assert p.method == "damage-obs" and p.achieved >= 0.5
+    for n, t in trainer.model.named_parameters():
+        assert torch.equal(t, before[n]), n
+    assert all(torch.equal(v, priors[k]) for k, v in trainer.prior.log_delta.items())
 
 
 def test_posthoc_fit_without_weight_updates(tmp_path):
@@ -179,7 +193,7 @@ def test_prune_removes_groups_and_training_continues(tmp_path):
     assert os.path.exists(os.path.join(out, PRIOR_FILE))
     # the old curvature belongs to the unpruned shapes: a second OPD prune needs new curvature first
     with pytest.raises(RuntimeError, match="no curvature yet"):
-        trainer.prune(sparsity=0.5)
+        trainer.prune(sparsity=0.5, method="opd")
     assert trainer.prune(sparsity=0.5, method="magnitude").achieved >= 0.5
 
 

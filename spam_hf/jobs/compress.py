@@ -11,13 +11,14 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
-    SpamTrainingArguments, resolve_method, resolve_schedule
+    SpamTrainingArguments, resolve_schedule
 from ..architectures import group_specs
 from ..distributed import is_main_process
 from ..export.hub import check_hub
 from ..pruning import check_reachable
+from ..pruning.sequential import check_sequential
 from ..trainer import SpamTrainer, per_batch_mean_loss
-from .finish import RunContext, check_teacher, plain_args, prune_and_export, pruning_for
+from .finish import RunContext, check_teacher, plain_args, prune_and_export, pruning_config
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
 from .reporting import snapshot
@@ -85,7 +86,9 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     masked_dense = bool(schedule)
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
                     args.flops_seq_len, args.min_keep)  # before training
-    pruning_for(args, lora_args.enabled)  # a choice LoRA ranks cannot take fails now too
+    config = pruning_config(args, lora_args.enabled)  # a choice LoRA ranks cannot take fails now too
+    if config.sequential:
+        check_sequential(model, config)
     check_teacher(args, masked_dense, model.config)  # before training, not after it
     os.makedirs(out_dir, exist_ok=True)
     collator = collator_for(data, tokenizer)
@@ -105,8 +108,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         plain = Trainer(model=model, args=TrainingArguments(**plain_args(train_args)), train_dataset=data["train"],
                         data_collator=collator, processing_class=tokenizer)
         per_batch_mean_loss(plain).train()
-    if resolve_method(args.method, lora_args.enabled) in ("opd", "fisher") and \
-            (args.training != "spam" or not trainer.has_curvature()):
+    if "diagonal" in config.score.needs and (args.training != "spam" or not trainer.has_curvature()):
         trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
     # latency is measured later, dense and pruned interleaved (prune_and_export)
     dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size, False)

@@ -11,12 +11,13 @@ from typing import Optional
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments, resolve_pruning, resolve_recovery_lr
+from ..arguments import DataArguments, PruneArguments, resolve_recovery_lr
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import is_main_process
 from ..export import save_pruned
 from ..export.hub import push_folder
+from ..pruning import PruningConfig
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
 from .outputs import staged_folder, write_json
@@ -112,11 +113,16 @@ def teacher_for(model, ctx: RunContext, args: PruneArguments):
     return freeze(teacher)
 
 
-def pruning_for(args: PruneArguments, lora: bool):
-    """``(method, rounds, compensate)`` of :func:`resolve_pruning` (called before training too). On LoRA ranks
-    rounds, compensation (the remaining columns of ``lora_B`` refitted to the rank activations ``A x``) and
-    ``damage-exact`` (the Fisher of a mask on each rank's activation) work as on heads and neurons."""
-    return resolve_pruning(args, lora)
+def pruning_config(args: PruneArguments, lora: bool) -> PruningConfig:
+    """The resolved :class:`~spam_hf.pruning.PruningConfig` of a job's pruning arguments (called before training
+    too, so a choice that cannot work fails first): ``auto`` and the rounds / compensation defaults come from the
+    score registry (:meth:`PruningConfig.resolved`). On LoRA ranks rounds, compensation (the remaining columns of
+    ``lora_B`` refitted to the rank activations ``A x``) and ``damage-exact`` (the Fisher of a mask on each rank's
+    activation) work as on heads and neurons."""
+    return PruningConfig(sparsity=args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
+                         min_keep=args.min_keep, rounds=args.rounds, compensate=args.compensate,
+                         compensation=args.compensation, calibration_batches=args.calibration_batches,
+                         seed=args.prune_seed, sequential=args.sequential).resolved(lora)
 
 
 def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments, out_dir: str) -> dict:
@@ -126,14 +132,11 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     """
     lora = is_peft_model(trainer.model)
     args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))
-    method, rounds, compensate = pruning_for(args, lora)
+    config = pruning_config(args, lora)
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one
     dense_model = teacher if own_teacher else (frozen_copy(trainer.model) if args.measure_latency else None)
-    selection = trainer.prune(args.sparsity, budget=args.budget, method=method, seq_len=args.flops_seq_len,
-                              seed=args.prune_seed, min_keep=args.min_keep, rounds=rounds,
-                              compensate=compensate, calibration_batches=args.calibration_batches,
-                              compensation=args.compensation)
+    selection = trainer.prune(config=config)
     base_selection = None
     if ctx.base_sparsity:
         base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
@@ -152,17 +155,15 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     export_dir = os.path.join(out_dir, "model")
     merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
     if not is_main_process():  # data parallel: every process pruned the same groups; one writes
-        return build_report(ctx, args, pruned, selection, base_selection, method, rounds, compensate,
-                            export_dir, "", merged_dir)
+        return build_report(ctx, args, pruned, selection, base_selection, config, export_dir, "", merged_dir)
     # this job's own folders (compress, or prune into a new/empty folder), each written aside and renamed into place
     with staged_folder(export_dir) as stage, staged_folder(merged_dir) as merged_stage:
         kind = save_pruned(model, stage, tokenizer=ctx.tokenizer, merged_dir=merged_stage)
-        report = build_report(ctx, args, pruned, selection, base_selection, method, rounds, compensate,
-                              export_dir, kind, merged_dir)
+        report = build_report(ctx, args, pruned, selection, base_selection, config, export_dir, kind, merged_dir)
         if latency is not None:
             report["latency"] = latency
-        write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args, method=method,
-                     card_dir=stage)
+        write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args,
+                     method=config.method, card_dir=stage)
     write_json(report_path(export_dir), report)
     repo = getattr(args, "push_to_hub_repo", None)
     if repo:
@@ -172,8 +173,8 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     return report
 
 
-def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection, base_selection, method: str,
-                 rounds: int, compensate: bool, export_dir: str, kind: str, merged_dir: Optional[str]) -> dict:
+def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection, base_selection,
+                 config: PruningConfig, export_dir: str, kind: str, merged_dir: Optional[str]) -> dict:
     """``pruning_report.json``'s content: what was run, the dense and pruned snapshots, the selection."""
     return {
         "date": datetime.date.today().isoformat(),
@@ -185,8 +186,9 @@ def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection,
         "pruned": pruned,
         "selection": selection.to_dict(),
         **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
-        "method": method, "rounds": rounds, "compensate": compensate, "min_keep": args.min_keep,
-        **({"compensation": args.compensation} if compensate else {}),
+        "method": config.method, "rounds": config.rounds, "compensate": config.compensate, "min_keep": args.min_keep,
+        "sequential": config.sequential,
+        **({"compensation": config.compensation} if config.compensate else {}),
         **({"recovery": {"steps": args.recovery_steps, "epochs": args.recovery_epochs, "lr": args.recovery_lr,
                          "distill": args.distill, "distill_temperature": args.distill_temperature,
                          "distill_hidden_weight": args.distill_hidden_weight,

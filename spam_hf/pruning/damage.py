@@ -1,4 +1,4 @@
-"""Group scores for pruning: OPD (Optimal Posterior Damage) and baselines on the same groups.
+"""The formulas behind the group scores (the scores themselves, one module each, are in :mod:`.scores`).
 
 Per parameter (augmented ``[W | b]`` layout, ``out × (in+1)``):
 
@@ -46,13 +46,9 @@ import torch
 from torch import nn
 
 from ..architectures.base import GroupSpec
-from ..checks import check_choice
 from ..kron import KronEigen
 from ..priors import PriorPrecision, params_aug
 
-SCORE_METHODS = ("opd", "magnitude", "fisher", "random", "damage", "damage-out", "damage-obs", "damage-exact")
-DAMAGE_METHODS = ("damage", "damage-out", "damage-obs")  # need the KFAC factors
-EXACT_METHODS = ("damage-exact",)  # need the mask Fisher
 Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 LEAST_SQUARES_DAMPING = 0.01
 """``λ`` / mean diagonal of ``A`` of the least-squares refit (:func:`spam_hf.pruning.compensation.compensate`) and
@@ -90,6 +86,20 @@ def parameter_scores(model: nn.Module, modules: Iterable[str], method: str, prio
         else:
             with torch.no_grad():
                 out[m] = w2 * (h / temperature + prior.precision(m).matrix())
+    return out
+
+
+def group_sums(specs: Iterable[GroupSpec], per_param: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``{spec.name: FloatTensor[G]}``: per-parameter scores (``{module: out × (in+1)}``) summed over the slices each
+    group owns (its rows, bias entries included, and its columns)."""
+    out: Dict[str, torch.Tensor] = {}
+    for s in specs:
+        total = torch.zeros(s.count, dtype=torch.float64)
+        for m, idx in s.row_index.items():
+            total += per_param[m][idx].sum(dim=(1, 2))
+        for m, idx in s.col_index.items():
+            total += per_param[m][:, idx].sum(dim=(0, 2))
+        out[s.name] = total
     return out
 
 
@@ -208,46 +218,4 @@ def group_damage_exact(model: nn.Module, specs: Iterable[GroupSpec], mask_fisher
                     w2 = params[m].square() * prior.precision(m).matrix()
                     total += 0.5 * w2[:, idx].sum(dim=(0, 2))
             out[s.name] = total
-    return out
-
-
-def group_scores(model: nn.Module, specs: Iterable[GroupSpec], method: str = "opd",
-                 prior: Optional[PriorPrecision] = None, curvature: Optional[Dict[str, object]] = None,
-                 temperature: float = 1.0, seed: int = 0, factors: Optional[Factors] = None,
-                 mask_fisher: Optional[Dict[str, torch.Tensor]] = None,
-                 damage_prior: bool = False) -> Dict[str, torch.Tensor]:
-    """``{spec.name: FloatTensor[G]}``: the score of every group (higher = more important).
-
-    ``damage`` / ``damage-out`` / ``damage-obs`` need ``factors`` (full KFAC factors), ``damage-exact`` needs
-    ``mask_fisher``.
-    They count the likelihood's damage ``½ Δθᵀ H Δθ / T`` only, unless ``damage_prior`` adds ``½ Σ δ θ²``:
-    at marginal-likelihood priors ``δ_g ≈ n_g / Σθ²``, so that term is about ``n_g / 2`` for *every* group,
-    carries no ranking information and, measured on MiniLM, outweighs the data term tenfold and empties
-    whole layers (README, "Group damage").
-    """
-    check_choice("method", method, SCORE_METHODS)
-    specs = list(specs)
-    if method in EXACT_METHODS:
-        if mask_fisher is None:
-            raise ValueError("method 'damage-exact' needs the mask Fisher (SpamLaplace(mask_fisher=True).collect())")
-        return group_damage_exact(model, specs, mask_fisher, prior=prior if damage_prior else None,
-                                  temperature=temperature)
-    if method in DAMAGE_METHODS:
-        if factors is None:
-            raise ValueError(f"method {method!r} needs Kronecker factors (SpamLaplace.collect() then factors())")
-        return group_damage(model, specs, factors, prior=prior if damage_prior else None, temperature=temperature,
-                            consuming_only=method == "damage-out", compensated=method == "damage-obs")
-    if method == "random":
-        g = torch.Generator().manual_seed(seed)
-        return {s.name: torch.rand(s.count, generator=g, dtype=torch.float64) for s in specs}
-    modules = list(dict.fromkeys(m for s in specs for m in s.modules))
-    per_param = parameter_scores(model, modules, method, prior, curvature, temperature)
-    out: Dict[str, torch.Tensor] = {}
-    for s in specs:
-        total = torch.zeros(s.count, dtype=torch.float64)
-        for m, idx in s.row_index.items():
-            total += per_param[m][idx].sum(dim=(1, 2))
-        for m, idx in s.col_index.items():
-            total += per_param[m][:, idx].sum(dim=(0, 2))
-        out[s.name] = total
     return out

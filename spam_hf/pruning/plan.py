@@ -1,6 +1,7 @@
 """The pruning step as two verbs: :func:`plan` (decide, model untouched) and :func:`apply` (surgery).
 
     p = plan(model, posterior, sparsity=0.7)      # scores -> global selection -> per-layer report
+    p = plan(model, posterior, config=PruningConfig(sparsity=0.7, method="opd"))
     p.save("plan.json"); p = PruningPlan.load("plan.json")
     apply(model, p)                                 # heads / neurons / LoRA ranks removed for real
 
@@ -18,16 +19,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..architectures import get_family, group_specs
+from ..architectures import get_family, group_specs, is_peft_model
 from ..architectures.base import GroupSpec
-from ..checks import check_choice
 from ..distributed import broadcast_object
-from .damage import DAMAGE_METHODS, EXACT_METHODS, SCORE_METHODS, group_scores
+from .config import PruningConfig
+from .scores import Statistics, get_score, resolve_method
 from .selection import LayerReport, Selection, select_groups
 from .surgery import prune_groups
-
-CURVATURE_METHODS = ("opd", "fisher")  # the diagonal of the curvature
-POSTERIOR_METHODS = CURVATURE_METHODS + DAMAGE_METHODS + EXACT_METHODS  # need a posterior
 
 
 @dataclass
@@ -36,7 +34,7 @@ class PruningPlan:
 
     Attributes:
         selection: kept groups per spec, budget bookkeeping, per-layer report.
-        method: the score (``opd``, ``fisher``, ``magnitude``, ``random``).
+        method: the registered score that made it (:mod:`spam_hf.pruning.scores`).
         counts: ``{spec name: groups before pruning}`` (checked against the model by :func:`apply`).
         scores: ``{spec name: [score per group]}``.
         kv_groups_only: the group granularity of grouped-query attention the specs were made with.
@@ -88,52 +86,66 @@ class PruningPlan:
             return cls.from_dict(json.load(f))
 
 
-def plan(model: nn.Module, posterior=None, sparsity: float = 0.5, method: str = "opd", budget: str = "params",
-         seq_len: int = 128, min_keep: float = 0.0, seed: int = 0, kv_groups_only: Optional[bool] = None,
-         specs: Optional[List[GroupSpec]] = None, scores: Optional[Dict[str, torch.Tensor]] = None,
-         floors: Optional[Dict[str, int]] = None) -> PruningPlan:
-    """Score every group of ``model`` and choose which to remove; the model is not changed.
+@dataclass
+class PruningResult:
+    """What :func:`spam_hf.pruning.prune` (and :func:`~spam_hf.pruning.prune_in_rounds`) did.
+
+    Attributes:
+        plans: one :class:`PruningPlan` per round (one for a one-shot prune), each of the model as it was then.
+        achieved: the fraction of the original prunable cost removed.
+        compensated: per round, ``{module: columns refitted}`` (empty without compensation).
+        selection: all rounds as one selection of the *original* model's groups (for reports).
+        config: the resolved :class:`~spam_hf.pruning.PruningConfig` it ran with.
+    """
+
+    plans: List[PruningPlan]
+    achieved: float
+    compensated: List[dict]
+    selection: Selection
+    config: Optional[PruningConfig] = None
+
+
+def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,
+         config: Optional[PruningConfig] = None, specs: Optional[List[GroupSpec]] = None,
+         scores: Optional[Dict[str, torch.Tensor]] = None, floors: Optional[Dict[str, int]] = None,
+         **options) -> PruningPlan:
+    """Score every group of ``model`` and choose which to remove in one shot; the model is not changed.
 
     Args:
-        posterior: a :class:`~spam_hf.posterior.SpamLaplace` (its specs, priors, curvature and
-            temperature); needed by ``opd`` and ``fisher`` (curvature diagonal) and by ``damage`` /
-            ``damage-out`` (live KFAC factors, e.g. after :meth:`SpamLaplace.collect`), optional for
-            ``magnitude`` / ``random``.
-        sparsity: fraction in (0, 1) of the prunable ``budget`` (``params`` or ``flops``) to remove.
-        method: one of :data:`~spam_hf.pruning.damage.SCORE_METHODS`.
-        seq_len: sequence length of FLOP budgets.
-        min_keep: every layer keeps at least this fraction of its heads and of its neurons.
-        seed: seed of the ``random`` baseline.
-        kv_groups_only: group granularity of grouped-query attention (default: the posterior's, else False).
+        posterior: a :class:`~spam_hf.posterior.SpamLaplace` (its specs, priors, curvature and temperature): the
+            statistics the score reads (:attr:`Score.needs <spam_hf.pruning.scores.Score>`); ``None`` for scores
+            that read none (``magnitude``, ``random``). Calibration statistics (``damage*``) come from its live
+            sums, e.g. after :meth:`SpamLaplace.collect`.
+        sparsity, config, options: the :class:`~spam_hf.pruning.PruningConfig` (``config`` with ``sparsity`` and
+            any of its fields in ``options`` replaced, :meth:`PruningConfig.build`). Only the choice of groups is
+            made here: ``rounds`` and ``compensate`` are :func:`spam_hf.pruning.prune`'s.
         specs: the group specs (default: the posterior's, else the family's for ``model``).
-        scores: precomputed ``{spec name: FloatTensor[G]}`` (a score spam-hf does not compute, e.g. a
-            peer's); ``method`` then only names them in the plan.
+        scores: precomputed ``{spec name: FloatTensor[G]}`` (a score spam-hf does not compute, e.g. a peer's);
+            ``method`` (any string) then only names them in the plan.
         floors: ``{spec name: n}``, at least ``n`` groups kept in that spec (on top of ``min_keep``).
 
     With several processes (``torch.distributed``) every process must call it; all return the main
     process's plan.
     """
-    if scores is None:
-        check_choice("method", method, SCORE_METHODS)
-    if scores is None and method in POSTERIOR_METHODS and posterior is None:
-        raise ValueError(f"method {method!r} needs a posterior (SpamLaplace) with curvature")
+    label = options.pop("method", None) if scores is not None else None  # a score from outside the registry
+    config = PruningConfig.build(sparsity, config, **options)
+    method = label or resolve_method(config.method, is_peft_model(model))
+    kv_groups_only = config.kv_groups_only
     if kv_groups_only is None:
         kv_groups_only = posterior.kv_groups_only if posterior is not None else False
     if specs is None:
         specs = posterior.specs if posterior is not None else group_specs(model, kv_groups_only=kv_groups_only)
     if scores is None:
-        curvature = posterior.diagonal() if method in CURVATURE_METHODS else None
-        factors = posterior.factors() if method in DAMAGE_METHODS else None
-        mask_fisher = posterior.group_fisher() if method in EXACT_METHODS else None
-        scores = group_scores(model, specs, method, prior=posterior.prior if posterior is not None else None,
-                              curvature=curvature, temperature=posterior.temperature if posterior is not None else 1.0,
-                              seed=seed, factors=factors, mask_fisher=mask_fisher)
-    selection = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=seq_len, min_keep=min_keep,
-                              report_fields=get_family(model).report_fields, floors=floors)
+        score = get_score(method)
+        if score.needs_posterior and posterior is None:
+            raise ValueError(f"method {method!r} needs a posterior (SpamLaplace) with curvature")
+        scores = score(model, specs, Statistics.of(posterior, score.needs), seed=config.seed)
+    selection = select_groups(model, specs, scores, config.sparsity, budget=config.budget, seq_len=config.seq_len,
+                              min_keep=config.min_keep, report_fields=get_family(model).report_fields, floors=floors)
     # data parallel: every process scores, the main process's plan is the one all of them apply
     return broadcast_object(PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},
                                         scores={k: v.tolist() for k, v in scores.items()},
-                                        kv_groups_only=kv_groups_only, seq_len=seq_len))
+                                        kv_groups_only=kv_groups_only, seq_len=config.seq_len))
 
 
 def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:

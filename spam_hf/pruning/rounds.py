@@ -9,21 +9,20 @@ only the groups removed in that round are compensated, from statistics taken jus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..architectures import group_specs
-from ..checks import check_choice, validate_sparsity
+from ..architectures import group_specs, is_peft_model
+from ..checks import validate_sparsity
 from ..distill import frozen_copy
 from ..distributed import broadcast_parameters, is_distributed
-from .compensation import COMPENSATIONS
 from .compensation import compensate as compensate_groups
-from .plan import POSTERIOR_METHODS, PruningPlan, apply, plan
+from .config import PruningConfig
+from .plan import PruningResult, apply, plan
 from .reconstruction import refit_to_reference
-from .selection import DEFAULT_REPORT_FIELDS, LayerReport, Selection, prunable_cost
+from .selection import kept_selection, prunable_cost
 
 
 def geometric_targets(sparsity: float, rounds: int) -> List[float]:
@@ -35,47 +34,30 @@ def geometric_targets(sparsity: float, rounds: int) -> List[float]:
     return [1.0 - (1.0 - sparsity) ** (k / rounds) for k in range(1, rounds + 1)]
 
 
-def rounds_for_sparsity(sparsity: float, max_share: float = 0.3) -> int:
-    """The fewest geometric rounds in which none removes more than ``max_share`` of what is left:
-    ``⌈log(1 − s) / log(1 − max_share)⌉`` (2 at 50%, 4 at 70%, 7 at 90% for the default 0.3)."""
-    validate_sparsity(sparsity)
-    if not 0.0 < max_share < 1.0:
-        raise ValueError(f"max_share must be in (0, 1), got {max_share}")
-    return max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-max_share) - 1e-9))
-
-
-@dataclass
-class RoundsResult:
-    plans: List[PruningPlan]
-    achieved: float  # fraction of the original prunable cost removed
-    compensated: List[dict]
-    selection: Selection  # the rounds as one selection of the original model's groups (for reports)
-
-
-def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], object],
-                    calibration: Iterable, targets: Sequence[float], method: str = "damage", budget: str = "params",
-                    seq_len: int = 128, min_keep: float = 0.0, compensate: bool = True,
-                    max_batches: Optional[int] = None, progress: bool = False,
+def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], object], calibration: Iterable,
+                    targets: Sequence[float], config: Optional[PruningConfig] = None, *, progress: bool = False,
                     scores_fn: Optional[Callable[[nn.Module, object], dict]] = None,
-                    kv_groups_only: bool = False, start_from: Optional[object] = None,
-                    compensation: str = "least-squares") -> RoundsResult:
+                    start_from: Optional[object] = None, max_batches: Optional[int] = None,
+                    **options) -> PruningResult:
     """Prune ``model`` in place through cumulative ``targets`` (fractions of the original prunable cost).
 
     Args:
         make_posterior: builds a :class:`~spam_hf.posterior.SpamLaplace` for the current model (called
-            every round; the previous round's unit precisions of kept groups are carried over).
-        calibration: batches for the curvature of each round (``max_batches`` of them).
-        min_keep: every layer keeps at least this fraction of its *original* heads and of its neurons (the
-            floor does not shrink with the rounds).
-        method: any score; ``damage`` / ``damage-out`` and compensation use the round's KFAC factors.
-        compensate: move the consuming layers' remaining weights: ``compensation`` names how
-            (``least-squares`` or ``posterior`` from the round's KFAC factors,
-            :func:`spam_hf.pruning.compensation.compensate`; ``reference``: every consuming layer refitted in
-            forward order to the outputs of ``model`` as it was on entry, a frozen copy kept for the purpose,
-            :func:`spam_hf.pruning.reconstruction.refit_to_reference`).
+            every round; the previous round's unit precisions of kept groups are carried over), e.g.
+            :meth:`SpamLaplace.calibration_posterior`.
+        calibration: batches for the statistics of each round (``config.calibration_batches`` of them, or
+            ``max_batches``; ``None`` = all).
+        config, options: the :class:`~spam_hf.pruning.PruningConfig` (``options`` replace its fields; ``sparsity``
+            is ``targets[-1]``), resolved for ``model`` (:meth:`PruningConfig.resolved`). Used: ``method`` (any
+            score; the damage scores and compensation use the round's KFAC factors), ``budget``, ``seq_len``,
+            ``min_keep`` (every layer keeps at least this fraction of its *original* heads and of its neurons: the
+            floor does not shrink with the rounds), ``compensate`` and ``compensation`` (``least-squares`` or
+            ``posterior`` from the round's KFAC factors, :func:`spam_hf.pruning.compensation.compensate`;
+            ``reference``: every consuming layer refitted in forward order to the outputs of ``model`` as it was
+            on entry, a frozen copy kept for the purpose, :func:`spam_hf.pruning.reconstruction.refit_to_reference`),
+            ``kv_groups_only`` (must match ``make_posterior``'s).
         scores_fn: ``(model, posterior) -> {spec name: scores}`` for a score spam-hf does not compute (a
-            peer's); ``method`` then only names it.
-        kv_groups_only: the grouped-query-attention granularity (must match ``make_posterior``'s).
+            peer's); ``method`` (any string) then only names it.
         start_from: a posterior of the unpruned model (the trained one) whose unit precisions the first
             round starts from; later rounds start from the previous round's.
     """
@@ -83,9 +65,12 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
     for t in targets:
         validate_sparsity(t)
-    if not 0.0 <= min_keep < 1.0:
-        raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
-    check_choice("compensation", compensation, COMPENSATIONS)
+    label = options.pop("method", None) if scores_fn is not None else None  # a score from outside the registry
+    config = PruningConfig.build(targets[-1], config, **options).resolved(is_peft_model(model))
+    method, budget, seq_len, compensate = label or config.method, config.budget, config.seq_len, config.compensate
+    compensation, kv_groups_only = config.compensation, bool(config.kv_groups_only)
+    needs_statistics = compensate or scores_fn is not None or config.score.needs_posterior
+    max_batches = max_batches if max_batches is not None else config.calibration_batches
     if compensate and compensation == "reference" and is_distributed():
         raise ValueError("compensation 'reference' runs in one process (its statistics are not summed over "
                          "processes); use least-squares under torchrun / accelerate")
@@ -95,7 +80,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
     original = {s.name: torch.arange(s.count) for s in specs0}  # original index of every remaining group
     # min_keep is a fraction of each layer's original heads / neurons: a fraction of what earlier rounds left
     # would shrink the floor round after round (7 rounds at 90%: 77 of 1,536 neurons became 10)
-    floors = {s.name: math.ceil(min_keep * s.count) for s in specs0}
+    floors = {s.name: math.ceil(config.min_keep * s.count) for s in specs0}
     plans, compensated = [], []
     previous = (start_from, {}) if start_from is not None else None  # (posterior, keep) to carry precisions from
     for target in targets:
@@ -107,10 +92,14 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         posterior = make_posterior(model)
         if previous is not None:
             posterior.carry_over(*previous)
-        if compensate or scores_fn is not None or method in POSTERIOR_METHODS:
+        if needs_statistics:
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
-        p = plan(model, posterior, min(relative, 1.0 - 1e-9), method=method, budget=budget, seq_len=seq_len,
-                 floors=floors, scores=scores_fn(model, posterior) if scores_fn is not None else None)
+        round_config = config.replace(sparsity=min(relative, 1.0 - 1e-9), min_keep=0.0, kv_groups_only=kv_groups_only)
+        if scores_fn is not None:
+            p = plan(model, posterior, config=round_config, floors=floors, scores=scores_fn(model, posterior),
+                     method=method)
+        else:
+            p = plan(model, posterior, config=round_config, floors=floors)
         if reference is not None:
             compensated.append(refit_to_reference(model, reference, posterior.specs, p.keep, calibration,
                                                   max_batches=max_batches))
@@ -125,12 +114,6 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             original[name] = original[name][kept]
     broadcast_parameters(model)  # data parallel: every process holds the main process's compensated weights
     total = prunable_cost(model, group_specs(model, kv_groups_only), budget, seq_len)
-    achieved = 1.0 - total / total0
-    layers: dict = {}
-    for s in specs0:
-        rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
-        field_name = DEFAULT_REPORT_FIELDS[s.kind]
-        rep.kept[field_name], rep.total[field_name] = int(original[s.name].numel()), s.count
-    selection = Selection(keep=original, budget=budget, sparsity_target=float(targets[-1]), total_cost=total0,
-                          removed_cost=total0 - total, layers=[layers[k] for k in sorted(layers)])
-    return RoundsResult(plans=plans, achieved=achieved, compensated=compensated, selection=selection)
+    selection = kept_selection(specs0, original, budget, float(targets[-1]), total0, total)
+    return PruningResult(plans=plans, achieved=selection.achieved, compensated=compensated, selection=selection,
+                         config=config)

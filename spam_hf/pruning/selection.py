@@ -76,6 +76,20 @@ class Selection:
         }
 
 
+def kept_selection(specs: List[GroupSpec], kept: Dict[str, torch.Tensor], budget: str, target: float,
+                   total_before: float, total_after: float) -> Selection:
+    """A :class:`Selection` of the groups of ``specs`` (the model before pruning) that ``kept`` names (original
+    indices per spec), for work that removed groups in several steps (rounds, blocks): ``total_before`` /
+    ``total_after`` are the prunable costs before and after, the per-layer report counts what is left."""
+    layers: Dict[int, LayerReport] = {}
+    for s in specs:
+        rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
+        field_name = DEFAULT_REPORT_FIELDS[s.kind]
+        rep.kept[field_name], rep.total[field_name] = int(kept[s.name].numel()), s.count
+    return Selection(keep=dict(kept), budget=budget, sparsity_target=float(target), total_cost=total_before,
+                     removed_cost=total_before - total_after, layers=[layers[k] for k in sorted(layers)])
+
+
 def prunable_cost(model: nn.Module, specs: List[GroupSpec], budget: str, seq_len: int) -> float:
     """Total parameters (or FLOPs per sequence) of every module that some group touches."""
     mods = dict(model.named_modules())

@@ -1,0 +1,133 @@
+"""Memory and time of post-hoc pruning on random-weight decoders of real widths: all at once against block by block.
+
+Each measurement runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``) is its own. The model is a
+random-weight LLaMA-layout decoder with the widths of a published one (``--shape``) and ``--layers`` blocks; the
+calibration batches are random token ids (memory and time do not depend on the text). Both paths prune the same
+model to ``--sparsity`` with the default score (``damage-obs``) and least-squares compensation, from the same
+``--calibration-batches`` batches of ``--batch-size`` × ``--seq-len`` tokens, in fp32:
+
+* ``all-at-once``: :func:`spam_hf.pruning.prune` as ``spam-hf compress --training none`` runs it: KFAC factors of every
+  prunable module of the whole model collected together, one round (as many as the sparsity asks);
+* ``sequential``: the same call with ``sequential=True`` (:mod:`spam_hf.pruning.sequential`): output factors of
+  the consuming modules for the whole model, input factors one block at a time.
+
+Reported per path: wall time, peak RSS, the peak above the loaded model (``extra``) and that as a multiple of the
+fp32 block weights. Ratios against all-at-once are in the same run on the same machine.
+
+    python benchmarks/scale.py --shape qwen2.5-0.5b --layers 4 --out benchmarks/results/scale_qwen05_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SHAPES = {  # hidden, intermediate, query heads, KV heads, head width, vocabulary, layers of the real model
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 64, 151936, 24),
+    "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256, 16),
+    "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32),
+}
+PATHS = ("all-at-once", "sequential")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=2, help="blocks of the random model (default 2)")
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
+    p.add_argument("--out", default=None, help="JSON results (printed either way)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # run one path in this process
+    return p.parse_args()
+
+
+def build(a):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, heads, kv, head_dim, vocab, _ = SHAPES[a.shape]
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=head_dim, num_hidden_layers=a.layers, vocab_size=vocab,
+                         max_position_embeddings=max(a.seq_len, 128), tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(a.calibration_batches):
+        ids = torch.randint(0, vocab, (a.batch_size, a.seq_len), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return model, batches
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def run_one(a) -> dict:
+    import torch
+
+    from spam_hf.architectures import group_specs, prunable_modules
+    from spam_hf.pruning import PruningConfig, prune
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, batches = build(a)
+    mods = dict(model.named_modules())
+    block_bytes = sum(mods[m].weight.numel() * 4 for m in prunable_modules(group_specs(model)))
+    loaded = rss_bytes()
+    config = PruningConfig(sparsity=a.sparsity, calibration_batches=a.calibration_batches,
+                           sequential=a.one == "sequential")
+    t0 = time.perf_counter()
+    result = prune(model, None, config, batches)
+    wall = time.perf_counter() - t0
+    peak = rss_bytes()
+    return {"path": a.one, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**30, 3),
+            "loaded_rss_gib": round(loaded / 2**30, 3), "extra_gib": round((peak - loaded) / 2**30, 3),
+            "extra_over_block_weights": round((peak - loaded) / block_bytes, 2),
+            "block_weights_gib": round(block_bytes / 2**30, 3), "achieved": round(result.achieved, 4),
+            "rounds": result.config.rounds}
+
+
+def main() -> None:
+    a = parse()
+    if a.one:
+        print(json.dumps(run_one(a)))
+        return
+    rows = []
+    for path in a.paths.split(","):
+        cmd = [sys.executable, __file__, "--one", path, "--shape", a.shape, "--layers", str(a.layers),
+               "--sparsity", str(a.sparsity), "--calibration-batches", str(a.calibration_batches),
+               "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append({"path": path, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r for r in rows if r.get("path") == "all-at-once" and "error" not in r), None)
+    for r in rows:
+        if base is not None and "error" not in r:
+            r["extra_vs_all_at_once"] = round(r["extra_gib"] / max(base["extra_gib"], 1e-9), 3)
+            r["time_vs_all_at_once"] = round(r["wall_s"] / max(base["wall_s"], 1e-9), 3)
+    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU, "
+              f"{os.cpu_count()} threads", "command": "python " + " ".join(sys.argv), "shape": a.shape,
+              "layers": a.layers, "tokens": a.calibration_batches * a.batch_size * a.seq_len, "rows": rows}
+    print(json.dumps(result, indent=2))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The pruning engine: one call from statistics to a smaller model.
+
+    from spam_hf.pruning import PruningConfig, prune
+    result = prune(model, posterior, PruningConfig(sparsity=0.7), calibration=train_loader)
+    result.selection.to_dict()          # which groups of the original model are kept, per layer
+
+:func:`prune` resolves the config against the score registry (:meth:`PruningConfig.resolved`), then either plans
+and applies in one shot (scores of the trained posterior, ``opd`` / ``fisher``, or of the weights alone), or goes
+through :func:`~spam_hf.pruning.prune_in_rounds`: calibration statistics of the current model each round, global
+selection of that round's share of the budget, compensation, surgery; or, with ``sequential``, through
+:func:`~spam_hf.pruning.sequential.prune_sequential`, one block's statistics at a time. ``SpamTrainer.prune`` and
+the CLI's jobs are thin calls into it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+
+from ..architectures import is_peft_model
+from ..posterior import SpamLaplace
+from .config import PruningConfig
+from .plan import PruningResult, apply, plan
+from .rounds import geometric_targets, prune_in_rounds
+from .sequential import prune_sequential
+
+
+def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Optional[PruningConfig] = None,
+          calibration: Optional[Iterable] = None, *, progress: bool = False, **options) -> PruningResult:
+    """Remove groups of ``model`` in place until ``config.sparsity`` of its prunable budget is gone.
+
+    Args:
+        model: a transformers model of a registered family, or a peft LoRA model (its ranks are the groups).
+        statistics: the trained posterior (:class:`~spam_hf.posterior.SpamLaplace` of ``model``): its priors and
+            curvature diagonal for ``opd`` / ``fisher``, its settings (prior kind, ``N``, temperature, Fisher type)
+            for the calibration posteriors of the rounds, whose unit precisions start from its. ``None`` for
+            scores that read nothing (``magnitude``, ``random``); rounds then use a default posterior.
+        config: the :class:`PruningConfig` (default: its defaults); ``options`` replace its fields.
+        calibration: batches (a ``DataLoader``: rounds read ``len(calibration.dataset)`` as ``N`` when
+            ``statistics`` gives none) for calibration statistics; needed by rounds, compensation and the damage
+            scores.
+        progress: progress bars for the calibration passes.
+
+    Returns:
+        :class:`~spam_hf.pruning.PruningResult` (its ``config`` is the resolved one).
+
+    With several processes every process calls it with its shard of the calibration batches; the decisions are
+    the main process's and the weights are broadcast, so every process ends with the same model.
+    """
+    config = PruningConfig.build(options.pop("sparsity", None), config, **options).resolved(is_peft_model(model))
+    if config.kv_groups_only is None:
+        config = config.replace(kv_groups_only=statistics.kv_groups_only if statistics is not None else False)
+    if config.sequential:
+        if calibration is None:
+            raise ValueError("block-sequential pruning needs calibration batches (calibration=a DataLoader)")
+        return prune_sequential(model, statistics, config, calibration, progress=progress)
+    if not config.in_rounds:
+        p = plan(model, statistics, config=config)
+        apply(model, p)
+        return PruningResult(plans=[p], achieved=p.achieved, compensated=[], selection=p.selection, config=config)
+    if calibration is None:
+        raise ValueError(f"pruning with {config.method} in {config.rounds} round(s)"
+                         f"{' with compensation' if config.compensate else ''} needs calibration batches "
+                         "(calibration=a DataLoader of training batches)")
+    return prune_in_rounds(model, calibration_posteriors(statistics, config), calibration,
+                           geometric_targets(config.sparsity, config.rounds), config, progress=progress,
+                           start_from=statistics)
+
+
+def calibration_posteriors(statistics: Optional[SpamLaplace], config: PruningConfig) -> Callable[[nn.Module], SpamLaplace]:
+    """``model -> SpamLaplace``: the posterior each round collects its calibration statistics in (the mask Fisher
+    only when the score reads it): like ``statistics`` (:meth:`SpamLaplace.calibration_posterior`), or unit priors
+    with token-level KFAC when there is none."""
+    mask_fisher = "mask_fisher" in config.score.needs
+    if statistics is not None:
+        return lambda m: statistics.calibration_posterior(m, mask_fisher=mask_fisher)
+    return lambda m: SpamLaplace(m, reduction="expand", mask_fisher=mask_fisher,
+                                 kv_groups_only=bool(config.kv_groups_only))

@@ -1,0 +1,125 @@
+"""The score registry: what a group score is, which statistics it reads, how it prunes by default.
+
+A score turns statistics of a model into ``{spec.name: FloatTensor[G]}`` (higher = more important) for
+every group spec. Each score module registers one :class:`Score`; everything that needs to know what a
+score requires (``plan``, ``prune``, the CLI's ``--method``, post-hoc fitting in ``compress``) asks the
+registry instead of keeping its own list of names.
+
+Statistics a score can need (:data:`STATISTICS`):
+
+* ``diagonal``: the curvature diagonal ``diag H`` and the prior precisions of the *trained* posterior
+  (what training with SpamTrainer, or a post-hoc fit, leaves);
+* ``factors``: full KFAC factors ``(A, G)`` of calibration batches of the *current* model;
+* ``mask_fisher``: the Fisher of masks on the consuming modules' input columns, of calibration batches.
+
+The last two are calibration statistics: a posterior collects them for the model as it is when the
+score runs (every round of :func:`spam_hf.pruning.prune`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ...architectures.base import GroupSpec
+from ...checks import check_choice
+from ...priors import PriorPrecision
+
+STATISTICS = ("diagonal", "factors", "mask_fisher")
+CALIBRATION_STATISTICS = ("factors", "mask_fisher")
+Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Statistics:
+    """What a score reads. Fields a score does not need may be ``None``.
+
+    Attributes:
+        prior: the prior precisions ``δ`` (``opd``).
+        temperature: ``T`` of the tempered likelihood.
+        diagonal: ``{module: diag H}`` (``out × (in+1)``, float64), the trained curvature's diagonal.
+        factors: ``{module: (A, G)}`` float64 KFAC factors (``A`` over ``[x | 1]``, ``G`` extrapolated to ``N``).
+        mask_fisher: ``{consuming module: M}`` (``in × in``), the Fisher of input-column masks.
+    """
+
+    prior: Optional[PriorPrecision] = None
+    temperature: float = 1.0
+    diagonal: Optional[Dict[str, object]] = None
+    factors: Optional[Factors] = None
+    mask_fisher: Optional[Dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def of(cls, posterior, needs: Tuple[str, ...]) -> "Statistics":
+        """The statistics ``needs`` names, read from ``posterior`` (a :class:`~spam_hf.posterior.SpamLaplace`, or
+        ``None`` for scores that need nothing). Only what is needed is computed: factors and mask Fisher cost an
+        ``(in+1)²`` and an ``out²`` matrix per module."""
+        if posterior is None:
+            return cls()
+        return cls(prior=posterior.prior, temperature=posterior.temperature,
+                   diagonal=posterior.diagonal() if "diagonal" in needs else None,
+                   factors=posterior.factors() if "factors" in needs else None,
+                   mask_fisher=posterior.group_fisher() if "mask_fisher" in needs else None)
+
+
+ScoreFn = Callable[[nn.Module, List[GroupSpec], Statistics, int], Dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Score:
+    """One group score.
+
+    Attributes:
+        name: the ``--method`` value.
+        compute: ``(model, specs, statistics, seed) -> {spec.name: FloatTensor[G]}``.
+        needs: the :data:`STATISTICS` it reads.
+        rounds: on a full model, prune in rounds with compensation by default (scores that measure the damage
+            of removing a group from calibration statistics of the current model); otherwise one shot, no
+            compensation. LoRA ranks always default to one shot.
+        summary: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    compute: ScoreFn = field(repr=False)
+    needs: Tuple[str, ...] = ()
+    rounds: bool = False
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        for need in self.needs:
+            check_choice(f"statistics of score {self.name!r}", need, STATISTICS)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether it reads statistics of calibration batches of the current model (collected before scoring)."""
+        return any(n in CALIBRATION_STATISTICS for n in self.needs)
+
+    @property
+    def needs_posterior(self) -> bool:
+        return bool(self.needs)
+
+    def __call__(self, model: nn.Module, specs: List[GroupSpec], statistics: Statistics,
+                 seed: int = 0) -> Dict[str, torch.Tensor]:
+        for need in self.needs:
+            if getattr(statistics, need) is None:
+                raise ValueError(f"method {self.name!r} needs {_NEED_TEXT[need]}")
+        return self.compute(model, list(specs), statistics, seed)
+
+
+_NEED_TEXT = {
+    "diagonal": "curvature (train with SpamTrainer or fit priors post hoc first)",
+    "factors": "Kronecker factors (SpamLaplace.collect() on calibration batches, then factors())",
+    "mask_fisher": "the mask Fisher (SpamLaplace(mask_fisher=True).collect())",
+}
+
+REGISTRY: Dict[str, Score] = {}
+
+
+def register(score: Score) -> Score:
+    """Add ``score`` to the registry (its name must be new); returns it."""
+    if score.name in REGISTRY or score.name == "auto":
+        raise ValueError(f"a score named {score.name!r} is already registered")
+    REGISTRY[score.name] = score
+    return score

@@ -1,0 +1,308 @@
+"""Block-sequential pruning: one block's statistics at a time, for models whose statistics do not fit at once.
+
+All-at-once pruning (:func:`~spam_hf.pruning.prune_in_rounds`) holds KFAC factors of every prunable module of
+the model together; at Llama widths that is many times the block weights. Here (SparseGPT's and FLAP's order):
+
+1. **Output factors** (one forward and backward of the dense model over the calibration batches): the output
+   factor ``G = Σ g gᵀ`` (hidden × hidden) of every *consuming* module (O for heads, down for neurons), from
+   sampled labels as in training. ``2 · L · hidden²`` numbers; no input factor is formed.
+2. **Budget pass** (one forward, block by block): the calibration inputs of block 0 are recorded once; block
+   ``l`` runs on them with hooks on its consuming modules, which gives their input factors ``A = Σ a aᵀ / n``
+   (the wide ones: ``intermediate²`` for down). The block's groups are scored, ``A`` is freed, and the block's
+   outputs become block ``l+1``'s inputs. One global selection over every block's scores (the budget stays
+   global, as all-at-once) fixes how much of each block's prunable cost goes.
+3. **Compression pass** (one forward, block by block): block ``l`` sees the outputs of the already-compressed
+   blocks before it. Its input factors are collected again on those inputs; with ``rescore`` its groups are
+   scored again and the block's share of the budget (from pass 2) is removed by that score; the consuming
+   modules are refitted by least squares on those inputs (compensation), the groups cut, and the block's
+   (compressed) outputs passed on.
+
+Memory beyond the model: the ``G`` factors, one block's ``A`` factors, and the hidden states of the
+calibration batches at one block boundary. Output gradients are those of the *dense* model (pass 1): ``G`` is
+not refreshed after earlier blocks are cut (it would need a backward per block).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..architectures import get_family, group_specs, is_peft_model
+from ..architectures.base import GroupSpec
+from ..curvature import CurvatureAccumulator, _at_least_float32
+from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
+from ..posterior import likelihood_of
+from .compensation import compensate as compensate_groups
+from .config import PruningConfig
+from .plan import PruningPlan, PruningResult
+from .scores import Statistics
+from .selection import group_costs, kept_selection, prunable_cost, select_groups
+from .surgery import prune_groups
+
+logger = logging.get_logger("spam_hf")
+
+SEQUENTIAL_SCORES = ("damage-obs", "damage-out", "opd", "fisher", "magnitude", "random")
+"""Scores the block-sequential path computes: from the consuming modules' factors, the trained posterior's
+curvature diagonal, or the weights alone (``damage`` reads the row modules' factors too, ``damage-exact`` the
+mask Fisher; both need every module at once)."""
+
+
+class _Stop(Exception):
+    """Raised by the hook that records block 0's inputs, to end the forward there."""
+
+
+def check_sequential(model: nn.Module, config: PruningConfig) -> None:
+    """Refuse (one line) what the block-sequential path cannot do."""
+    if is_peft_model(model):
+        raise ValueError("block-sequential pruning is for heads and neurons of a full model, not LoRA ranks")
+    if config.method not in SEQUENTIAL_SCORES:
+        raise ValueError(f"block-sequential pruning scores with one of {', '.join(SEQUENTIAL_SCORES)}; "
+                         f"{config.method!r} needs every module's statistics at once")
+    if config.compensate and config.compensation != "least-squares":
+        raise ValueError("block-sequential pruning compensates by least squares on each block's inputs; "
+                         f"compensation {config.compensation!r} is for all-at-once pruning")
+
+
+def _batches(calibration: Iterable, max_batches: int) -> List[Dict[str, torch.Tensor]]:
+    out = []
+    for i, batch in enumerate(calibration):
+        if i >= max_batches:
+            break
+        out.append(batch)
+    if not out:
+        raise ValueError("block-sequential pruning got no calibration batches")
+    return out
+
+
+def _to(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _mask_of(batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    return batch.get("attention_mask")
+
+
+def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str, torch.Tensor]], n_data: float,
+                   fisher: str = "mc", seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Pass 1: ``{module: G}`` (float64, ``out × out``) over ``batches``, extrapolated to ``n_data`` as
+    :meth:`SpamLaplace.factors` does (``(N / n_g) Σ g gᵀ``); token rows (``expand``), sampled labels by default.
+    One forward and one backward per batch, in eval mode."""
+    acc = CurvatureAccumulator(model, modules, kind="kfac", reduction="expand", fisher=fisher,
+                               likelihood=likelihood_of(model), seed=seed, sides=("G",))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = _to(batch, device)
+            with torch.enable_grad(), acc.capture(model, _mask_of(batch)):
+                out = model(**batch)
+                acc.accumulate(out.logits, batch.get("labels"))
+    finally:
+        model.train(was_training)
+    acc.all_reduce()
+    scale = n_data / acc.n_g
+    return {m: acc.sums[m]["G"].to(torch.float64).cpu() * scale for m in modules}
+
+
+def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]) -> List[Tuple[tuple, dict]]:
+    """The positional and keyword inputs of the first block for each batch (hidden states first), recorded by a
+    pre-hook that stops the forward there: embeddings, masks and position embeddings as the model makes them."""
+    layers = get_family(model).layers(model)
+    device = next(model.parameters()).device
+    recorded: List[Tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        recorded.append((args, kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: v for k, v in _to(batch, device).items() if k != "labels"}
+                try:
+                    model(**inputs, **extra)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(recorded) != len(batches):
+        raise RuntimeError("block-sequential pruning could not record the first block's inputs")
+    return recorded
+
+
+def _run_block(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> List[Tuple[tuple, dict]]:
+    """Run ``block`` on every recorded input; the same inputs with its output as the new hidden states."""
+    out = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            y = block(*args, **kwargs)
+            hidden = y[0] if isinstance(y, (tuple, list)) else y
+            out.append(((hidden, *args[1:]), kwargs))
+    return out
+
+
+def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs: List[Tuple[tuple, dict]],
+                  masks: List[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """``{module: A}`` (float64, ``(in+1)²`` with the bias column last): ``Σ a aᵀ / n`` over the non-padding token
+    rows of ``modules``' inputs while ``block`` runs on ``inputs`` (what :meth:`SpamLaplace.factors` gives with
+    ``expand`` rows)."""
+    mods = dict(model.named_modules())
+    sums: Dict[str, torch.Tensor] = {}
+    rows = torch.zeros((), dtype=torch.float64)
+    current: Dict[str, Optional[torch.Tensor]] = {"mask": None}
+
+    def make_hook(name: str, biased: bool):
+        def hook(module, args, output):
+            x = _at_least_float32(args[0].detach())
+            x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
+            mask = current["mask"]
+            a = x[mask.to(x.device).bool()] if (mask is not None and x.dim() == 3) else x.reshape(-1, x.shape[-1])
+            if biased:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            sums[name] = sums.get(name, 0) + (a.T @ a).to(dtype)
+            if name == modules[0]:
+                rows.add_(float(a.shape[0]))
+        return hook
+
+    handles = [mods[m].register_forward_hook(make_hook(m, getattr(mods[m], "bias", None) is not None))
+               for m in modules]
+    try:
+        with torch.no_grad():
+            for (args, kwargs), mask in zip(inputs, masks):
+                current["mask"] = mask
+                block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    n = float(all_reduce_sum(rows.clone()))
+    return {m: all_reduce_sum(sums[m]).to(torch.float64).cpu() / max(n, 1.0) for m in modules}
+
+
+def _block_specs(specs: List[GroupSpec], layer: int) -> List[GroupSpec]:
+    return [s for s in specs if s.layer == layer]
+
+
+def _consuming(specs: List[GroupSpec]) -> List[str]:
+    return list(dict.fromkeys(m for s in specs for m in s.col_index))
+
+
+def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibration: Iterable,
+                     rescore: bool = True, progress: bool = False) -> PruningResult:
+    """Prune ``model`` in place one block at a time (module docstring); ``config`` must be resolved.
+
+    Args:
+        statistics: the trained posterior (``N``, temperature, Fisher type, seed; the curvature diagonal for
+            ``opd`` / ``fisher``), or ``None`` (``N`` = the calibration rows, temperature 1).
+        calibration: training batches; the first ``config.calibration_batches`` are used by every pass.
+        rescore: score each block again on the compressed blocks' outputs and remove its share of the budget by
+            that score; ``False`` keeps the budget pass's groups (the all-at-once choice on dense statistics).
+    """
+    from tqdm.auto import tqdm
+
+    check_sequential(model, config)
+    score = config.score
+    kv = bool(config.kv_groups_only)
+    batches = _batches(calibration, config.calibration_batches)
+    masks = [_mask_of(b) for b in batches]
+    specs0 = group_specs(model, kv)
+    family = get_family(model)
+    layers = family.layers(model)
+    if statistics is None and "diagonal" in score.needs:
+        raise ValueError(f"method {score.name!r} needs a posterior (SpamLaplace) with curvature")
+    # N only scales every G alike (no effect on choices or refits); the calibration rows without a posterior
+    n_data = float(statistics.n_data) if statistics is not None and statistics.n_data else \
+        float(sum(len(b["input_ids"]) for b in batches))
+    temperature = statistics.temperature if statistics is not None else 1.0
+    fisher = statistics.settings["fisher"] if statistics is not None else "mc"
+    seed = statistics.settings["seed"] if statistics is not None else 0
+    needs_factors = "factors" in score.needs or config.compensate
+    G = output_factors(model, _consuming(specs0), batches, n_data, fisher, seed) if needs_factors else {}
+    diagonal = statistics.diagonal() if "diagonal" in score.needs else None
+    prior = statistics.prior if statistics is not None else None
+
+    def block_scores(layer: int, specs: List[GroupSpec], A: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        factors = {m: (A[m], G[m]) for m in A} if "factors" in score.needs else None
+        stats = Statistics(prior=prior, temperature=temperature, diagonal=diagonal, factors=factors)
+        return score(model, specs, stats, seed=config.seed)
+
+    # pass 2: every block scored on dense inputs, one block's input factors at a time; one global selection
+    scores: Dict[str, torch.Tensor] = {}
+    inputs = block_inputs(model, batches)
+    for layer, block in enumerate(tqdm(layers, desc="sequential: budget", disable=not progress)):
+        specs = _block_specs(specs0, layer)
+        if specs:
+            A = input_factors(model, block, _consuming(specs), inputs, masks) if "factors" in score.needs else {}
+            scores.update(block_scores(layer, specs, A))
+            del A
+        inputs = _run_block(block, inputs)
+    del inputs
+    global_selection = select_groups(model, specs0, scores, config.sparsity, budget=config.budget,
+                                     seq_len=config.seq_len, min_keep=config.min_keep,
+                                     report_fields=family.report_fields)
+    global_plan = broadcast_object(PruningPlan(selection=global_selection, method=score.name,
+                                               counts={s.name: s.count for s in specs0},
+                                               scores={k: v.tolist() for k, v in scores.items()},
+                                               kv_groups_only=kv, seq_len=config.seq_len))
+    removed_by_layer = _removed_cost(model, specs0, global_plan.keep, config)
+    total0 = prunable_cost(model, specs0, config.budget, config.seq_len)
+
+    # pass 3: compress block by block on the outputs of the compressed blocks before it
+    kept: Dict[str, torch.Tensor] = {}
+    compensated: Dict[str, int] = {}
+    inputs = block_inputs(model, batches)
+    for layer, block in enumerate(tqdm(layers, desc="sequential: compress", disable=not progress)):
+        specs = _block_specs(specs0, layer)
+        if specs and removed_by_layer.get(layer, 0.0) > 0:
+            A = input_factors(model, block, _consuming(specs), inputs, masks) if needs_factors else {}
+            keep = {s.name: global_plan.keep[s.name] for s in specs}
+            if rescore:
+                keep = _block_keep(model, specs, block_scores(layer, specs, A), removed_by_layer[layer], config)
+            keep = broadcast_object(keep)
+            if config.compensate:
+                compensated.update(compensate_groups(model, specs, keep, {m: (A[m], G[m]) for m in A}))
+            del A
+            prune_groups(model, keep, kv_groups_only=kv)
+            block = family.layers(model)[layer]  # surgery may replace modules inside it
+            kept.update(keep)
+            logger.info(f"sequential: block {layer}: " + ", ".join(
+                f"{s.kind} {int(keep[s.name].numel())}/{s.count} kept" for s in specs))
+        inputs = _run_block(block, inputs)
+    del inputs
+    broadcast_parameters(model)
+    for s in specs0:
+        kept.setdefault(s.name, torch.arange(s.count))
+    total = prunable_cost(model, group_specs(model, kv), config.budget, config.seq_len)
+    selection = kept_selection(specs0, kept, config.budget, config.sparsity, total0, total)
+    return PruningResult(plans=[global_plan], achieved=selection.achieved,
+                         compensated=[compensated] if config.compensate else [], selection=selection, config=config)
+
+
+def _removed_cost(model: nn.Module, specs: List[GroupSpec], keep: Dict[str, torch.Tensor],
+                  config: PruningConfig) -> Dict[int, float]:
+    """``{layer: cost of the groups the global selection removes there}`` (the per-block budgets)."""
+    out: Dict[int, float] = {}
+    for s in specs:
+        dropped = sorted(set(range(s.count)) - set(torch.as_tensor(keep[s.name]).tolist()))
+        if dropped:
+            cost = float(group_costs(model, s, config.budget, config.seq_len)[dropped].sum())
+            out[s.layer] = out.get(s.layer, 0.0) + cost
+    return out
+
+
+def _block_keep(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torch.Tensor], removed: float,
+                config: PruningConfig) -> Dict[str, torch.Tensor]:
+    """The groups of one block to keep when ``removed`` of its prunable cost goes, chosen by ``scores``
+    (:func:`select_groups` within the block, GQA constraints and ``min_keep`` included)."""
+    block_total = prunable_cost(model, specs, config.budget, config.seq_len)
+    fraction = min(removed / block_total, 1.0 - 1e-9)
+    selection = select_groups(model, specs, scores, fraction, budget=config.budget, seq_len=config.seq_len,
+                              min_keep=config.min_keep, report_fields=get_family(model).report_fields)
+    return {s.name: selection.keep[s.name] for s in specs}

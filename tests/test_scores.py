@@ -1,0 +1,84 @@
+"""The score registry: every score declares its statistics and its default, and a new score is one registration."""
+
+import copy
+
+import pytest
+import torch
+
+from spam_hf import SpamLaplace
+from spam_hf.architectures import group_specs
+from spam_hf.pruning import PruningConfig, Score, Statistics, get_score, group_scores, plan, prune, register, \
+    score_names
+from spam_hf.pruning.scores.base import REGISTRY, STATISTICS
+
+from conftest import BatchList, tiny_batch, tiny_classifier
+
+
+def test_every_score_declares_statistics_and_rounds():
+    assert score_names() == ("opd", "magnitude", "fisher", "random", "damage", "damage-out", "damage-obs",
+                             "damage-exact")
+    for name in score_names():
+        score = get_score(name)
+        assert set(score.needs) <= set(STATISTICS) and score.summary, name
+        assert score.rounds == name.startswith("damage"), name  # the damage scores prune in rounds by default
+        assert score.calibrated == bool({"factors", "mask_fisher"} & set(score.needs)), name
+    assert get_score("opd").needs == ("diagonal",) and get_score("damage-obs").needs == ("factors",)
+    assert get_score("damage-exact").needs == ("mask_fisher",) and get_score("magnitude").needs == ()
+    with pytest.raises(ValueError, match="method must be one of opd, magnitude"):
+        get_score("taylor")
+
+
+def test_a_score_refuses_missing_statistics_by_name():
+    model = tiny_classifier("bert")
+    specs = group_specs(model)
+    for name, message in (("opd", "needs curvature"), ("damage-obs", "needs Kronecker factors"),
+                          ("damage-exact", "needs the mask Fisher")):
+        with pytest.raises(ValueError, match=message):
+            get_score(name)(model, specs, Statistics())
+
+
+def test_statistics_of_a_posterior_compute_only_what_is_needed(monkeypatch):
+    model = tiny_classifier("bert")
+    la = SpamLaplace(model, n_data=8)
+    calls = []
+    monkeypatch.setattr(la, "factors", lambda: calls.append("factors") or {})
+    monkeypatch.setattr(la, "diagonal", lambda: calls.append("diagonal") or {})
+    stats = Statistics.of(la, ("diagonal",))
+    assert calls == ["diagonal"] and stats.factors is None and stats.prior is la.prior
+    assert Statistics.of(None, ("factors",)) == Statistics()
+
+
+def _norm_score(model, specs, statistics, seed):
+    """A peer's score in one function: the Frobenius norm of each group's consuming columns."""
+    from spam_hf.priors import params_aug
+
+    params = params_aug(model, [m for s in specs for m in s.col_index])
+    return {s.name: sum(params[m][:, idx].square().sum(dim=(0, 2)) for m, idx in s.col_index.items()).double()
+            for s in specs}
+
+
+@pytest.fixture
+def norm_score():
+    score = register(Score("test-col-norm", _norm_score, summary="consuming columns' norm"))
+    yield score
+    del REGISTRY[score.name]
+
+
+def test_a_new_score_is_one_registration(norm_score):
+    """Registered, a score is a --method choice of the config, of plan and of the engine (rounds included), with
+    no other change; a name may be registered once."""
+    model = tiny_classifier("bert", num_labels=3)
+    specs = group_specs(model)
+    expected = _norm_score(model, specs, Statistics(), 0)
+    scores = group_scores(model, specs, "test-col-norm")
+    assert all(torch.equal(scores[k], expected[k]) for k in expected)
+    p = plan(model, None, 0.5, method="test-col-norm")
+    assert p.method == "test-col-norm" and p.achieved >= 0.5
+    pruned = copy.deepcopy(model)
+    result = prune(pruned, None, PruningConfig(sparsity=0.5, method="test-col-norm", rounds=2),
+                   BatchList([tiny_batch(batch=8, seed=s) for s in range(2)]))
+    assert len(result.plans) == 2 and result.achieved >= 0.5 and result.config.method == "test-col-norm"
+    with pytest.raises(ValueError, match="already registered"):
+        register(Score("test-col-norm", _norm_score))
+    with pytest.raises(ValueError, match="statistics of score"):
+        Score("bad", _norm_score, needs=("hessian",))
