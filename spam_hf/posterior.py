@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architectures import group_specs, prunable_modules
+from .architectures import consuming_modules, group_specs, prunable_modules
 from .architectures.base import GroupSpec
 from .curvature import CurvatureAccumulator, diagonal_from_state
 from .distributed import all_reduce_sum, is_distributed
@@ -78,6 +78,8 @@ class SpamLaplace:
         kv_groups_only: grouped-query attention in whole KV groups (see ``SpamTrainingArguments``).
         hyper_lr, n_hypersteps: Adam on ``log δ`` per :meth:`optimize_prior_precision`.
         specs: the group specs (default: from the model's family).
+        curvature_modules: collect curvature for these modules only (default: every prunable module); a posterior
+            with a subset gives factors and scores of those, not the marginal likelihood.
         mask_fisher: also accumulate the exact Fisher of masks on the consuming modules' input columns
             (for ``damage-exact`` scores; memory like the KFAC input factors of those modules).
     """
@@ -86,7 +88,8 @@ class SpamLaplace:
                  reduction: str = "auto", fisher: str = "mc", n_data: Optional[float] = None,
                  temperature: float = 1.0, max_rows_per_batch: Optional[int] = None, seed: int = 0,
                  kv_groups_only: bool = False, hyper_lr: float = 0.1, n_hypersteps: int = 20,
-                 specs: Optional[List[GroupSpec]] = None, mask_fisher: bool = False) -> None:
+                 specs: Optional[List[GroupSpec]] = None, mask_fisher: bool = False,
+                 curvature_modules: Optional[List[str]] = None) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         model = unwrap(model)
@@ -104,7 +107,9 @@ class SpamLaplace:
         if reduction == "auto":
             reduction = "expand" if self.likelihood == "causal_lm" else "reduce"
         self.prior = PriorPrecision(model, self.specs, kind=prior, init=prior_init)
-        self.curvature = CurvatureAccumulator(model, self.modules, kind=curvature, reduction=reduction, fisher=fisher,
+        # calibration posteriors of scores that read only some modules track only those (no log Z then)
+        self.curvature_modules: List[str] = list(curvature_modules) if curvature_modules is not None else self.modules
+        self.curvature = CurvatureAccumulator(model, self.curvature_modules, kind=curvature, reduction=reduction, fisher=fisher,
                                               likelihood=self.likelihood, max_rows_per_batch=max_rows_per_batch,
                                               seed=seed, mask_modules=[m for sp in self.specs for m in sp.col_index]
                                               if mask_fisher else ())
@@ -128,13 +133,17 @@ class SpamLaplace:
                    temperature=args.temperature, max_rows_per_batch=args.curvature_max_rows or None, seed=args.seed,
                    kv_groups_only=args.kv_groups_only, hyper_lr=args.hyper_lr, n_hypersteps=args.n_hypersteps)
 
-    def calibration_posterior(self, model: nn.Module, mask_fisher: bool = False) -> "SpamLaplace":
+    def calibration_posterior(self, model: nn.Module, mask_fisher: bool = False,
+                              consuming_only: bool = False) -> "SpamLaplace":
         """A posterior of ``model`` (this one's model after pruning, or a copy) for calibration statistics: this
         one's prior kind, initial δ, Fisher type, seed, ``N``, temperature and group granularity, with token-level
-        KFAC (``expand``) whatever the training used, and the mask Fisher when ``mask_fisher``. Pruning rounds
-        build one per round (:func:`spam_hf.pruning.prune`)."""
+        KFAC (``expand``) whatever the training used, the mask Fisher when ``mask_fisher``, and curvature of the
+        consuming modules alone (O, down, ``lora_B``) with ``consuming_only``. Pruning rounds build one per round
+        (:func:`spam_hf.pruning.prune`)."""
+        specs = group_specs(unwrap(model), self.settings["kv_groups_only"])
+        modules = consuming_modules(specs) if consuming_only else None
         return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.temperature,
-                           mask_fisher=mask_fisher, **self.settings)
+                           mask_fisher=mask_fisher, specs=specs, curvature_modules=modules, **self.settings)
 
     # ------------------------------------------------------------------ accumulation (fed by the trainer)
     def capture(self, model: nn.Module, attention_mask: Optional[torch.Tensor] = None):
@@ -207,9 +216,15 @@ class SpamLaplace:
     def mean_loss(self) -> float:
         return float(self.loss_sum) / max(self.loss_count, 1)
 
+    def _check_whole(self) -> None:
+        if self.curvature_modules != self.modules:
+            raise ValueError("this posterior collects curvature of some modules only (calibration statistics for "
+                             "pruning); it has no marginal likelihood")
+
     def log_marginal_likelihood(self, curvature: Optional[Curvature] = None) -> torch.Tensor:
         """``log Z(δ)`` (float64, differentiable in ``prior.log_delta``) with ``curvature`` (default: the
         live sums, :meth:`curvature_estimate`) and ``Σℓ ≈ N · mean loss``."""
+        self._check_whole()
         curvature = self.curvature_estimate() if curvature is None else curvature
         return log_marginal_likelihood(self.prior, curvature, params_aug(self.model, self.modules),
                                        loss_sum=self._n() * self.mean_loss(), temperature=self.temperature)
@@ -221,6 +236,7 @@ class SpamLaplace:
 
         Afterwards the live sums are reset and their diagonal is retained for pruning.
         """
+        self._check_whole()
         self.all_reduce()
         t0 = time.perf_counter()
         curv = self.curvature_estimate()
@@ -251,12 +267,15 @@ class SpamLaplace:
                 progress: bool = True) -> None:
         """Reset, then accumulate curvature and loss over ``dataloader`` (up to ``max_batches``) in eval mode,
         without touching the priors: calibration statistics for :meth:`factors`, group damage and
-        compensation. Batches are moved to the model's device; ``N`` defaults to ``len(dataloader.dataset)``.
+        compensation. Batches are moved to the model's device; ``N`` defaults to ``len(dataloader.dataset)`` (the
+        rows of the batches read, for a plain list of batches).
         Data parallel: each process reads its shard and the sums are then summed over processes."""
         from tqdm.auto import tqdm
 
-        if not self.n_data:
+        count_rows = not self.n_data and not hasattr(dataloader, "dataset")  # a plain list of batches: its rows
+        if not self.n_data and not count_rows:
             self.n_data = float(len(dataloader.dataset))
+        rows = 0
         model = self.model
         device = next(model.parameters()).device
         was_training = model.training
@@ -268,6 +287,7 @@ class SpamLaplace:
             for i, batch in enumerate(tqdm(dataloader, total=total, desc="curvature", disable=not progress)):
                 if max_batches is not None and i >= max_batches:
                     break
+                rows += len(batch["input_ids"]) if "input_ids" in batch else 0
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 with torch.enable_grad(), self.capture(model, batch.get("attention_mask")):
                     out = model(**batch)
@@ -275,6 +295,8 @@ class SpamLaplace:
                 self.add_loss(float(out.loss.detach()) if out.loss is not None else 0.0)
         finally:
             model.train(was_training)
+        if count_rows:
+            self.n_data = float(all_reduce_sum(torch.tensor(float(rows), dtype=torch.float64)))
         self.all_reduce()
 
     def fit(self, dataloader: Iterable[Dict[str, torch.Tensor]], max_batches: Optional[int] = None,

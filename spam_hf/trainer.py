@@ -245,7 +245,8 @@ class SpamTrainer(Trainer):
         score = config.resolved(is_peft_model(model)).score
         if score.calibrated:
             trained = posterior
-            posterior = trained.calibration_posterior(model, mask_fisher="mask_fisher" in score.needs)
+            posterior = trained.calibration_posterior(model, mask_fisher="mask_fisher" in score.needs,
+                                                      consuming_only=score.consuming_only)
             posterior.carry_over(trained, {})
             posterior.collect(self.get_train_dataloader(), max_batches=config.calibration_batches,
                               progress=self.is_local_process_zero() and not self.args.disable_tqdm)

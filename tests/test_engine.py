@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spam_hf import SpamLaplace
+from spam_hf.architectures import consuming_modules, group_specs
 from spam_hf.pruning import PruningConfig, apply, geometric_targets, plan, prune, prune_in_rounds
 
 from conftest import BatchList, tiny_batch, tiny_classifier
@@ -64,6 +65,14 @@ def test_calibration_posteriors_take_the_trained_settings():
     cal = la.calibration_posterior(copy.deepcopy(model), mask_fisher=True)
     assert (cal.prior.kind, cal.n_data, cal.temperature, cal.curvature.reduction) == ("layer", 77.0, 0.5, "expand")
     assert cal.curvature.fisher == "empirical" and cal.curvature.mask_modules
+    # the damage scores read the consuming modules alone: their calibration posteriors hold nothing else
+    lean = la.calibration_posterior(model, consuming_only=True)
+    assert lean.curvature_modules == consuming_modules(group_specs(model))
+    assert all(m.endswith(("attention.output.dense", "output.dense")) for m in lean.curvature_modules)
+    lean.collect(BatchList([tiny_batch(batch=4)]), progress=False)
+    assert set(lean.factors()) == set(lean.curvature_modules)
+    with pytest.raises(ValueError, match="no marginal likelihood"):
+        lean.optimize_prior_precision(n_steps=1)
 
 
 def test_rounds_without_calibration_or_statistics():

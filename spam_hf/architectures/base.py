@@ -379,6 +379,12 @@ def shrink_slices(model: nn.Module, specs: Iterable[GroupSpec],
     return changed
 
 
+def consuming_modules(specs: Iterable[GroupSpec]) -> List[str]:
+    """Names of the modules whose input columns groups own (O for heads, down for neurons, ``lora_B`` for ranks):
+    removing a group is removing those columns. First-seen order."""
+    return list(dict.fromkeys(m for s in specs for m in s.col_index))
+
+
 def prunable_modules(specs: Iterable[GroupSpec]) -> List[str]:
     """Names of every module that some group touches, in first-seen order."""
     out: Dict[str, None] = {}

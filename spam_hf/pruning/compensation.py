@@ -91,10 +91,17 @@ def conditional_mean(W: torch.Tensor, A: torch.Tensor, removed: torch.Tensor, da
     R, S = _kept_and_removed(W.shape[1], removed)
     out = W.clone()
     if S.numel() and R.numel():
-        A_RR = A[R][:, R] + damping * torch.eye(R.numel(), dtype=A.dtype)
-        jitter = 1e-10 * float(A_RR.diagonal().mean().clamp_min(1e-30))
-        A_RR = A_RR + jitter * torch.eye(R.numel(), dtype=A.dtype)
-        out[:, R] += torch.linalg.solve(A_RR, (W[:, S] @ A[S][:, R]).T).T
+        A_RR = A[R][:, R]  # one k × k copy, damped in place: no identity matrix, no LU (wide layers: k = 8k+)
+        diag = A_RR.diagonal()
+        diag += damping
+        diag += 1e-10 * float(diag.mean().clamp_min(1e-30))
+        rhs = (W[:, S] @ A[S][:, R]).T
+        L, info = torch.linalg.cholesky_ex(A_RR)
+        del A_RR
+        if int(info) == 0:
+            out[:, R] += torch.cholesky_solve(rhs, L).T
+        else:  # not positive definite in floating point (an undamped, rank-deficient A): a general solve
+            out[:, R] += torch.linalg.lstsq(A[R][:, R], rhs).solution.T
     out[:, S] = 0
     return out
 

@@ -103,6 +103,19 @@ def group_sums(specs: Iterable[GroupSpec], per_param: Dict[str, torch.Tensor]) -
     return out
 
 
+def _blocks(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``[G, r, r]``: the blocks ``X[idx[g]][:, idx[g]]``."""
+    return X[idx.unsqueeze(2), idx.unsqueeze(1)]
+
+
+def _gram_blocks(X: torch.Tensor, Y: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """``[G, r, r]``: ``X_gᵀ Y_g`` per group from sliced ``[out, G, r]`` tensors (``batch_first=False``, column
+    slices) or ``X_g Y_gᵀ`` from ``[G, r, in]`` ones (row slices)."""
+    if batch_first:
+        return torch.einsum("gri,gsi->grs", X, Y)
+    return torch.einsum("ogr,ogs->grs", X, Y)
+
+
 def _block_sums(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``[G]``: ``Σ_{i,j ∈ idx[g]} X_ij`` for each row ``idx[g]`` of ``idx`` (``LongTensor[G, r]``)."""
     return X[idx.unsqueeze(2), idx.unsqueeze(1)].sum(dim=(1, 2))
@@ -114,10 +127,13 @@ def schur_blocks(A: torch.Tensor, idx: torch.Tensor, damping: Optional[float] = 
     (default :data:`LEAST_SQUARES_DAMPING`). What of the inputs ``C`` the other inputs cannot reproduce linearly
     (their ridge regression's residual)."""
     lam = (LEAST_SQUARES_DAMPING if damping is None else damping) * float(A.diagonal().mean().clamp_min(0.0))
-    eye = torch.eye(A.shape[0], dtype=A.dtype)
     jitter = 1e-10 * float(A.diagonal().abs().mean().clamp_min(1e-30))  # a zero A (masked, or no inputs yet)
-    L = torch.linalg.cholesky(A + (lam + jitter) * eye)
+    damped = A.clone()  # damped in place: no identity matrix beside it (wide layers: 8k+ inputs)
+    damped.diagonal().add_(lam + jitter)
+    L = torch.linalg.cholesky(damped)
+    del damped
     inv = torch.cholesky_inverse(L)
+    del L
     block = inv[idx.unsqueeze(2), idx.unsqueeze(1)]
     return torch.linalg.inv(0.5 * (block + block.transpose(1, 2)))
 
@@ -160,17 +176,16 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
                 if tuple(A.shape) != (W.shape[1],) * 2 or tuple(G.shape) != (W.shape[0],) * 2:
                     raise ValueError(f"factors of {m!r} have shapes {tuple(A.shape)}, {tuple(G.shape)}; weights "
                                      f"{tuple(W.shape)}")
-                w2 = W.square() * (prior.precision(m).matrix() if prior is not None else 0.0)
                 if where == "rows":
-                    curv += _block_sums(G * (W @ A @ W.T), idx)
-                    prior_term += w2[idx].sum(dim=(1, 2))
-                elif compensated:
-                    WGW = W.T @ G @ W
-                    curv += (WGW[idx.unsqueeze(2), idx.unsqueeze(1)] * schur_blocks(A, idx)).sum(dim=(1, 2))
-                    prior_term += w2[:, idx].sum(dim=(0, 2))
-                else:
-                    curv += _block_sums((W.T @ G @ W) * A, idx)
-                    prior_term += w2[:, idx].sum(dim=(0, 2))
+                    curv += (_gram_blocks(W[idx], (W @ A)[idx], batch_first=True) * _blocks(G, idx)).sum(dim=(1, 2))
+                    if prior is not None:
+                        prior_term += (W.square() * prior.precision(m).matrix())[idx].sum(dim=(1, 2))
+                    continue
+                # columns C: the blocks (W_Cᵀ G W_C) of WᵀGW, never the (in+1)² matrix itself
+                WGW = _gram_blocks(W[:, idx], (G @ W)[:, idx], batch_first=False)
+                curv += (WGW * (schur_blocks(A, idx) if compensated else _blocks(A, idx))).sum(dim=(1, 2))
+                if prior is not None:
+                    prior_term += (W.square() * prior.precision(m).matrix())[:, idx].sum(dim=(0, 2))
             out[s.name] = 0.5 * curv / temperature + 0.5 * prior_term
     return out
 

@@ -63,17 +63,21 @@ def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Op
         raise ValueError(f"pruning with {config.method} in {config.rounds} round(s)"
                          f"{' with compensation' if config.compensate else ''} needs calibration batches "
                          "(calibration=a DataLoader of training batches)")
-    return prune_in_rounds(model, calibration_posteriors(statistics, config), calibration,
+    return prune_in_rounds(model, calibration_posteriors(model, statistics, config), calibration,
                            geometric_targets(config.sparsity, config.rounds), config, progress=progress,
                            start_from=statistics)
 
 
-def calibration_posteriors(statistics: Optional[SpamLaplace], config: PruningConfig) -> Callable[[nn.Module], SpamLaplace]:
-    """``model -> SpamLaplace``: the posterior each round collects its calibration statistics in (the mask Fisher
-    only when the score reads it): like ``statistics`` (:meth:`SpamLaplace.calibration_posterior`), or unit priors
-    with token-level KFAC when there is none."""
-    mask_fisher = "mask_fisher" in config.score.needs
-    if statistics is not None:
-        return lambda m: statistics.calibration_posterior(m, mask_fisher=mask_fisher)
-    return lambda m: SpamLaplace(m, reduction="expand", mask_fisher=mask_fisher,
-                                 kv_groups_only=bool(config.kv_groups_only))
+def calibration_posteriors(model: nn.Module, statistics: Optional[SpamLaplace],
+                           config: PruningConfig) -> Callable[[nn.Module], SpamLaplace]:
+    """``model -> SpamLaplace``: the posterior each round collects its calibration statistics in
+    (:meth:`SpamLaplace.calibration_posterior` of ``statistics``, or of unit priors when there is none): the mask
+    Fisher only when the score reads it, and only the consuming modules' curvature when nothing else is read."""
+    score = config.score
+    mask_fisher = "mask_fisher" in score.needs
+    # scores of the consuming modules' statistics, and scores of the weights alone (whose rounds need statistics
+    # for compensation only), collect curvature of O / down / lora_B alone: a third of the factors at LLM widths
+    consuming_only = score.consuming_only or not score.needs
+    if statistics is None:
+        statistics = SpamLaplace(model, reduction="expand", kv_groups_only=bool(config.kv_groups_only))
+    return lambda m: statistics.calibration_posterior(m, mask_fisher=mask_fisher, consuming_only=consuming_only)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..architectures import get_family, group_specs, is_peft_model
+from ..architectures import consuming_modules, get_family, group_specs, is_peft_model
 from ..architectures.base import GroupSpec
 from ..curvature import CurvatureAccumulator, _at_least_float32
 from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
@@ -86,11 +86,20 @@ def _mask_of(batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
     return batch.get("attention_mask")
 
 
+def _rows_of(batch: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+    """The batch as one-sequence batches (sums over them equal the batch's; Monte-Carlo labels are drawn in the
+    same row order)."""
+    n = len(batch["input_ids"])
+    return [{k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v for k, v in batch.items()}
+            for i in range(n)]
+
+
 def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str, torch.Tensor]], n_data: float,
                    fisher: str = "mc", seed: int = 0) -> Dict[str, torch.Tensor]:
     """Pass 1: ``{module: G}`` (float64, ``out × out``) over ``batches``, extrapolated to ``n_data`` as
     :meth:`SpamLaplace.factors` does (``(N / n_g) Σ g gᵀ``); token rows (``expand``), sampled labels by default.
-    One forward and one backward per batch, in eval mode."""
+    One forward and one backward per sequence (an LM's logits and their gradient are one sequence × vocabulary
+    at a time), in eval mode."""
     acc = CurvatureAccumulator(model, modules, kind="kfac", reduction="expand", fisher=fisher,
                                likelihood=likelihood_of(model), seed=seed, sides=("G",))
     device = next(model.parameters()).device
@@ -98,10 +107,11 @@ def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str,
     model.eval()
     try:
         for batch in batches:
-            batch = _to(batch, device)
-            with torch.enable_grad(), acc.capture(model, _mask_of(batch)):
-                out = model(**batch)
-                acc.accumulate(out.logits, batch.get("labels"))
+            for row in _rows_of(_to(batch, device)):  # one sequence at a time: an LM's logits are rows × vocab
+                with torch.enable_grad(), acc.capture(model, _mask_of(row)):
+                    out = model(**row)
+                    acc.accumulate(out.logits, row.get("labels"))
+                del out
     finally:
         model.train(was_training)
     acc.all_reduce()
@@ -190,10 +200,6 @@ def _block_specs(specs: List[GroupSpec], layer: int) -> List[GroupSpec]:
     return [s for s in specs if s.layer == layer]
 
 
-def _consuming(specs: List[GroupSpec]) -> List[str]:
-    return list(dict.fromkeys(m for s in specs for m in s.col_index))
-
-
 def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibration: Iterable,
                      rescore: bool = True, progress: bool = False) -> PruningResult:
     """Prune ``model`` in place one block at a time (module docstring); ``config`` must be resolved.
@@ -224,7 +230,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     fisher = statistics.settings["fisher"] if statistics is not None else "mc"
     seed = statistics.settings["seed"] if statistics is not None else 0
     needs_factors = "factors" in score.needs or config.compensate
-    G = output_factors(model, _consuming(specs0), batches, n_data, fisher, seed) if needs_factors else {}
+    G = output_factors(model, consuming_modules(specs0), batches, n_data, fisher, seed) if needs_factors else {}
     diagonal = statistics.diagonal() if "diagonal" in score.needs else None
     prior = statistics.prior if statistics is not None else None
 
@@ -239,7 +245,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     for layer, block in enumerate(tqdm(layers, desc="sequential: budget", disable=not progress)):
         specs = _block_specs(specs0, layer)
         if specs:
-            A = input_factors(model, block, _consuming(specs), inputs, masks) if "factors" in score.needs else {}
+            A = input_factors(model, block, consuming_modules(specs), inputs, masks) if "factors" in score.needs else {}
             scores.update(block_scores(layer, specs, A))
             del A
         inputs = _run_block(block, inputs)
@@ -261,7 +267,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     for layer, block in enumerate(tqdm(layers, desc="sequential: compress", disable=not progress)):
         specs = _block_specs(specs0, layer)
         if specs and removed_by_layer.get(layer, 0.0) > 0:
-            A = input_factors(model, block, _consuming(specs), inputs, masks) if needs_factors else {}
+            A = input_factors(model, block, consuming_modules(specs), inputs, masks) if needs_factors else {}
             keep = {s.name: global_plan.keep[s.name] for s in specs}
             if rescore:
                 keep = _block_keep(model, specs, block_scores(layer, specs, A), removed_by_layer[layer], config)

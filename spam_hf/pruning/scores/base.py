@@ -78,6 +78,8 @@ class Score:
         rounds: on a full model, prune in rounds with compensation by default (scores that measure the damage
             of removing a group from calibration statistics of the current model); otherwise one shot, no
             compensation. LoRA ranks always default to one shot.
+        consuming_only: its calibration statistics are those of the consuming modules alone (O, down, ``lora_B``:
+            the columns a group owns), so a calibration posterior need not hold factors of the other modules.
         summary: one line for ``--help`` and the docs.
     """
 
@@ -85,6 +87,7 @@ class Score:
     compute: ScoreFn = field(repr=False)
     needs: Tuple[str, ...] = ()
     rounds: bool = False
+    consuming_only: bool = False
     summary: str = ""
 
     def __post_init__(self) -> None:

@@ -11,6 +11,6 @@ def damage_exact_scores(model, specs, statistics, seed):
     return group_damage_exact(model, specs, statistics.mask_fisher, temperature=statistics.temperature)
 
 
-DAMAGE_EXACT = register(Score("damage-exact", damage_exact_scores, needs=("mask_fisher",), rounds=True,
+DAMAGE_EXACT = register(Score("damage-exact", damage_exact_scores, needs=("mask_fisher",), rounds=True, consuming_only=True,
                               summary="the damage of zeroing a group's consuming columns from the mask Fisher "
                                       "(no Kronecker approximation, before compensation)"))

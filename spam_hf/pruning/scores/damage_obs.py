@@ -12,5 +12,5 @@ def damage_obs_scores(model, specs, statistics, seed):
     return group_damage(model, specs, statistics.factors, temperature=statistics.temperature, compensated=True)
 
 
-DAMAGE_OBS = register(Score("damage-obs", damage_obs_scores, needs=("factors",), rounds=True,
+DAMAGE_OBS = register(Score("damage-obs", damage_obs_scores, needs=("factors",), rounds=True, consuming_only=True,
                             summary="the damage of removing a group that is left after compensation (default)"))

@@ -10,5 +10,5 @@ def damage_out_scores(model, specs, statistics, seed):
     return group_damage(model, specs, statistics.factors, temperature=statistics.temperature, consuming_only=True)
 
 
-DAMAGE_OUT = register(Score("damage-out", damage_out_scores, needs=("factors",), rounds=True,
+DAMAGE_OUT = register(Score("damage-out", damage_out_scores, needs=("factors",), rounds=True, consuming_only=True,
                             summary="the damage of zeroing a group's consuming columns (KFAC, before compensation)"))
