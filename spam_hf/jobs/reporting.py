@@ -37,11 +37,17 @@ def fmt_flops(x: float) -> str:
 
 
 def evaluate_metric(trainer: Trainer, dataset, metric: str) -> float:
-    """``metric`` on ``dataset``; perplexity is ``exp`` of the mean token loss."""
-    res = trainer.evaluate(eval_dataset=dataset)
-    if metric == "perplexity":
-        return float(math.exp(min(res["eval_loss"], 700.0)))
-    return float(res[f"eval_{metric}"])
+    """``metric`` on ``dataset``; perplexity is ``exp`` of the mean token loss, evaluated with the loss alone (the
+    Trainer would otherwise keep every block's logits, blocks × length × vocabulary floats)."""
+    if metric != "perplexity":
+        return float(trainer.evaluate(eval_dataset=dataset)[f"eval_{metric}"])
+    loss_only = trainer.args.prediction_loss_only
+    trainer.args.prediction_loss_only = True
+    try:
+        res = trainer.evaluate(eval_dataset=dataset)
+    finally:
+        trainer.args.prediction_loss_only = loss_only
+    return float(math.exp(min(res["eval_loss"], 700.0)))
 
 
 def snapshot(trainer: Trainer, dataset, metric: str, seq_len: int, latency_batch: int,
