@@ -334,6 +334,10 @@ class CompressArguments(PruneArguments):
     push_to_hub_repo: Optional[str] = field(default=None, metadata={"help": "Push the exported model to this Hub repo "
                                                                             "(CLI: --push-to-hub REPO)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "Print the predicted peak memory of each stage (training, statistics, evaluation, export) and the "
+                "prunable groups per layer, from the model's config alone, and stop. The last line reads "
+                "'peak memory: N GiB'."})
 
 
 @dataclass

@@ -154,6 +154,11 @@ def cmd_compress(argv: List[str]) -> int:
 
     command = "spam-hf compress " + " ".join(shlex.quote(a) for a in argv)
     model_args, data_args, args, lora_args, train_args = parse_compress(argv)
+    if args.dry_run:
+        from .jobs.dry_run import dry_run
+
+        dry_run(model_args, data_args, args, train_args, lora_args)
+        return 0
     compress(model_args, data_args, args, train_args, command=command, lora_args=lora_args)
     return 0
 

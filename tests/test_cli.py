@@ -359,6 +359,25 @@ def test_causal_lm_compress_end_to_end(tiny_lm_setup, model_type, extra):
     assert m.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
 
 
+def test_dry_run_predicts_every_stage_from_the_config_and_writes_nothing(tiny_lm_setup, capsys):
+    """`compress --dry-run` reads the config alone: the groups per layer, one line per stage, and a last line
+    scripts can read; the output folder is not created."""
+    import re
+
+    model_dir, train, valid, tmp = tiny_lm_setup("llama")
+    out = tmp / "never"
+    for extra in ([], ["--sequential", "True", "--training", "none"]):
+        capsys.readouterr()
+        assert main(["compress", model_dir, "--train-file", train, "--dry-run", "True", "--output-dir", str(out),
+                     *extra]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert re.fullmatch(r"peak memory: \d+\.\d GiB", lines[-1]), lines[-1]
+        assert any("prunable groups per layer: 4 heads, 2 kv heads, 48 neurons" in x for x in lines)
+        assert any(x.strip().startswith("statistics") for x in lines)
+        assert any(x.strip().startswith("training") for x in lines) == (not extra)
+        assert not out.exists()
+
+
 @pytest.mark.slow
 def test_post_hoc_block_sequential_compress(tiny_lm_setup, capsys):
     """The large-model path end to end: `--training none --sequential True` prunes a decoder one block at a time

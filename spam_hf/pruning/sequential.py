@@ -96,7 +96,7 @@ def _rows_of(batch: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
 
 def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str, torch.Tensor]], n_data: float,
                    fisher: str = "mc", seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Pass 1: ``{module: G}`` (float64, ``out × out``) over ``batches``, extrapolated to ``n_data`` as
+    """Pass 1: ``{module: G}`` (the sums' dtype, ``out × out``) over ``batches``, extrapolated to ``n_data`` as
     :meth:`SpamLaplace.factors` does (``(N / n_g) Σ g gᵀ``); token rows (``expand``), sampled labels by default.
     One forward and one backward per sequence (an LM's logits and their gradient are one sequence × vocabulary
     at a time), in eval mode."""
@@ -116,7 +116,7 @@ def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str,
         model.train(was_training)
     acc.all_reduce()
     scale = n_data / acc.n_g
-    return {m: acc.sums[m]["G"].to(torch.float64).cpu() * scale for m in modules}
+    return {m: acc.sums[m]["G"].cpu().mul_(scale) for m in modules}  # float32: float64 one block at a time
 
 
 def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]) -> List[Tuple[tuple, dict]]:
@@ -235,7 +235,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     prior = statistics.prior if statistics is not None else None
 
     def block_scores(layer: int, specs: List[GroupSpec], A: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        factors = {m: (A[m], G[m]) for m in A} if "factors" in score.needs else None
+        factors = {m: (A[m], G[m].to(torch.float64)) for m in A} if "factors" in score.needs else None
         stats = Statistics(prior=prior, temperature=temperature, diagonal=diagonal, factors=factors)
         return score(model, specs, stats, seed=config.seed)
 
@@ -273,7 +273,8 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
                 keep = _block_keep(model, specs, block_scores(layer, specs, A), removed_by_layer[layer], config)
             keep = broadcast_object(keep)
             if config.compensate:
-                compensated.update(compensate_groups(model, specs, keep, {m: (A[m], G[m]) for m in A}))
+                compensated.update(compensate_groups(model, specs, keep, {m: (A[m], G[m].to(torch.float64))
+                                                                          for m in A}))
             del A
             prune_groups(model, keep, kv_groups_only=kv)
             block = family.layers(model)[layer]  # surgery may replace modules inside it

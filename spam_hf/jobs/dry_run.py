@@ -1,0 +1,63 @@
+"""``compress --dry-run``: will the job fit? The predicted peak memory of every stage, from the config alone."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ..architectures import get_family, group_specs
+from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, SpamTrainingArguments
+from ..memory import gib, peak, predict
+from .finish import pruning_config
+from .resolve import resolve_model
+
+
+def meta_model(path: str, causal_lm: bool):
+    """The model ``path``'s config describes, on the ``meta`` device (shapes and dtypes, no weights)."""
+    config = AutoConfig.from_pretrained(path)
+    get_family(config.model_type)  # an unsupported architecture fails here
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    with torch.device("meta"):
+        auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+        model = auto.from_config(config)
+    if isinstance(dtype, torch.dtype) and dtype != torch.float32:
+        model = model.to(dtype)  # a checkpoint loads in float32 unless told otherwise; say what it holds
+    return model
+
+
+def dry_run(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
+            train_args: SpamTrainingArguments, lora_args: Optional[LoraArguments] = None) -> dict:
+    """Print the prunable groups per layer and the predicted peak of each stage (:func:`spam_hf.memory.predict`);
+    the last line is ``peak memory: N GiB``. Nothing is loaded but the config, nothing is written."""
+    lora_args = lora_args or LoraArguments()
+    path = resolve_model(model_args.model_name_or_path)
+    causal_lm = data_args.is_causal_lm
+    model = meta_model(path, causal_lm)
+    config = pruning_config(args, lora_args.enabled)
+    kv = train_args.kv_groups_only
+    specs = group_specs(model, kv)
+    per_layer = {}
+    for s in specs:
+        per_layer.setdefault(s.layer, []).append(f"{s.count} {s.kind.replace('_', ' ')}s")
+    n_params = sum(p.numel() for p in model.parameters())
+    stages = predict(model, training=args.training, curvature=train_args.curvature, sequential=config.sequential,
+                     consuming_only=config.score.consuming_only or not config.score.needs,
+                     batch_size=train_args.per_device_train_batch_size, seq_len=data_args.max_seq_length,
+                     calibration_batches=config.calibration_batches,
+                     eval_batch_size=train_args.per_device_eval_batch_size, causal_lm=causal_lm,
+                     measure_latency=args.measure_latency, kv_groups_only=kv)
+    print(f"dry run: {type(model).__name__} ({len(per_layer)} layers, {n_params:,} parameters, "
+          f"{str(next(model.parameters()).dtype).replace('torch.', '')})")
+    groups = sorted(set(", ".join(v) for v in per_layer.values()))
+    print("prunable groups per layer: " + ("; ".join(groups) if len(groups) > 1 else groups[0]))
+    print(f"pruning: {config.method}, " + ("block by block" if config.sequential else
+                                          f"{config.rounds} round(s) all at once"))
+    for st in stages:
+        detail = ", ".join(f"{k} {gib(v)}" for k, v in st.parts.items() if v)
+        print(f"  {st.name:<11} {gib(st.bytes):>10}   {st.note + ': ' if st.note else ''}{detail}")
+    total = peak(stages)
+    print(f"peak memory: {total / 2**30:.1f} GiB")
+    return {"stages": {st.name: st.bytes for st in stages}, "peak_bytes": total,
+            "groups_per_layer": {k: v for k, v in per_layer.items()}}
