@@ -242,11 +242,11 @@ class PruneArguments:
         "help": "Training batches per round for the statistics of damage scores, rounds and compensation (fresh "
                 "random batches each round). 32 (README 'Group damage': at 70%% removed through the CLI 83.8 ± 0.9 "
                 "against 81.7 ± 1.3 with 8, every seed ahead)."})
-    sequential: bool = field(default=False, metadata={
+    sequential: Optional[bool] = field(default=None, metadata={
         "help": "Prune one block at a time: only one block's statistics exist at once, each block is compensated on "
-                "the outputs of the blocks already pruned, and the budget stays global. For models whose "
-                "statistics do not fit at once; takes damage-obs, damage-out, opd, fisher, magnitude or random "
-                "and least-squares compensation."})
+                "the outputs of the blocks already pruned, and the budget stays global. Takes damage-obs, "
+                "damage-out, opd, fisher, magnitude or random and least-squares compensation. Default: only when "
+                "the statistics of all blocks at once would not fit in the memory available."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
     recovery_lr: Optional[float] = field(default=None, metadata={

@@ -158,6 +158,26 @@ def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac"
     return stages
 
 
+def available_bytes(device) -> int:
+    """Memory free for new tensors on ``device``: the accelerator's free memory, or the host's available memory
+    (``MemAvailable`` of ``/proc/meminfo``; the physical memory where that file does not exist)."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def peak(stages: List[Stage]) -> int:
     return max(st.bytes for st in stages)
 

@@ -169,3 +169,23 @@ def test_min_keep_defaults_to_no_floor_and_is_validated():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="min_keep must be in"):
             PruneArguments(min_keep=bad)
+
+
+def test_block_by_block_is_chosen_only_when_all_at_once_would_not_fit(monkeypatch):
+    """--sequential left to the default: all at once where the predicted statistics fit in 80% of the available
+    memory, block by block where they do not; never for a score or compensation it cannot take."""
+    import spam_hf.jobs.finish as finish
+    from spam_hf.pruning import PruningConfig
+
+    from conftest import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    config = PruningConfig(sparsity=0.5).resolved(False)
+    monkeypatch.setattr(finish, "available_bytes", lambda device: 2 ** 40)
+    assert not finish.choose_sequential(model, config, 4, 32).sequential
+    monkeypatch.setattr(finish, "available_bytes", lambda device: 1024)
+    chosen = finish.choose_sequential(model, config, 4, 32)
+    assert chosen.sequential and chosen.rounds == 1 and chosen.method == "damage-obs"
+    for kept in (PruningConfig(sparsity=0.5, method="damage-exact").resolved(False),
+                 PruningConfig(sparsity=0.5, compensation="posterior").resolved(False)):
+        assert not finish.choose_sequential(model, kept, 4, 32).sequential

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from ..architectures import get_family, group_specs
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, SpamTrainingArguments
 from ..memory import gib, peak, predict
-from .finish import pruning_config
+from .finish import choose_sequential, pruning_config
 from .resolve import resolve_model
 
 
@@ -36,6 +36,9 @@ def dry_run(model_args: ModelArguments, data_args: DataArguments, args: Compress
     causal_lm = data_args.is_causal_lm
     model = meta_model(path, causal_lm)
     config = pruning_config(args, lora_args.enabled)
+    if args.sequential is None:  # what the job would choose on this machine
+        config = choose_sequential(model, config, train_args.per_device_train_batch_size, data_args.max_seq_length,
+                                   device="cuda" if torch.cuda.is_available() and not train_args.use_cpu else "cpu")
     kv = train_args.kv_groups_only
     specs = group_specs(model, kv)
     per_layer = {}

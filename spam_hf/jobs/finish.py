@@ -9,19 +9,25 @@ from dataclasses import dataclass
 from typing import Optional
 
 from transformers import AutoConfig, Trainer, TrainingArguments
+from transformers.utils import logging
 
 from ..architectures import is_peft_model
 from ..arguments import DataArguments, PruneArguments, resolve_recovery_lr
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
-from ..distributed import is_main_process
+from ..distributed import broadcast_object, is_main_process
 from ..export import save_pruned
 from ..export.hub import push_folder
+from ..memory import PROCESS_BYTES, available_bytes, gib, predict
+from ..posterior import unwrap
 from ..pruning import PruningConfig
+from ..pruning.sequential import SEQUENTIAL_SCORES
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
 from .outputs import staged_folder, write_json
 from .reporting import device_name, evaluate_metric, report_path, snapshot, write_report
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -122,7 +128,27 @@ def pruning_config(args: PruneArguments, lora: bool) -> PruningConfig:
     return PruningConfig(sparsity=args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
                          min_keep=args.min_keep, rounds=args.rounds, compensate=args.compensate,
                          compensation=args.compensation, calibration_batches=args.calibration_batches,
-                         seed=args.prune_seed, sequential=args.sequential).resolved(lora)
+                         seed=args.prune_seed, sequential=bool(args.sequential)).resolved(lora)
+
+
+def choose_sequential(model, config: PruningConfig, batch_size: int, seq_len: int, device=None) -> PruningConfig:
+    """``--sequential`` left to the default: block by block when the statistics of all blocks at once
+    (:func:`spam_hf.memory.predict`: factors, one calibration batch, scoring) would exceed 80% of the memory
+    available on ``device`` (default: the model's), and the score and model allow it; all at once otherwise (the
+    measured default where memory was never the problem)."""
+    if config.sequential or is_peft_model(model) or config.method not in SEQUENTIAL_SCORES or \
+            (config.compensate and config.compensation != "least-squares"):
+        return config
+    stage = predict(model, training="none", consuming_only=config.score.consuming_only or not config.score.needs,
+                    batch_size=batch_size, seq_len=seq_len, calibration_batches=config.calibration_batches,
+                    measure_latency=False)[0]
+    need = stage.bytes - stage.parts["weights"] - PROCESS_BYTES  # the weights are already resident
+    free = available_bytes(device if device is not None else next(model.parameters()).device)
+    if not broadcast_object(need > 0.8 * free):  # data parallel: the main process decides for all
+        return config
+    logger.warning(f"statistics of all blocks at once would need {gib(need)} of {gib(free)} available: pruning "
+                   "block by block (--sequential True; --sequential False forces all at once)")
+    return config.replace(sequential=True, rounds=1)
 
 
 def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments, out_dir: str) -> dict:
@@ -133,6 +159,9 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     lora = is_peft_model(trainer.model)
     args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))
     config = pruning_config(args, lora)
+    if args.sequential is None:
+        config = choose_sequential(unwrap(trainer.model), config, ctx.train_args.per_device_train_batch_size,
+                                   ctx.data_args.max_seq_length)
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one
     dense_model = teacher if own_teacher else (frozen_copy(trainer.model) if args.measure_latency else None)
