@@ -1,7 +1,8 @@
 """``spam-hf``: compress / prune / evaluate, parsed with ``HfArgumentParser`` from the library's dataclasses.
 
 Bad input (sparsity outside (0, 1), unknown architecture, missing columns, ...) prints one line
-``spam-hf: error: ...`` and exits with code 2, before anything is written.
+``spam-hf: error: ...`` and exits with code 2, before anything is written. Any other failure is one line too,
+with its exception type; ``--debug`` (or ``SPAM_HF_DEBUG=1``) prints the traceback above it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import traceback
 from typing import Dict, List, Optional, Tuple
 
 import yaml
@@ -32,6 +34,9 @@ examples:
   spam-hf compress --recipe recipes/minilm-sst2.yaml
   spam-hf prune out/run --sparsity 0.95
   spam-hf evaluate out/run/model --train-file train.tsv --validation-file dev.tsv
+  spam-hf compress ./my-llama --train-file wiki.txt --training none --sparsity 0.3 --dry-run True   # will it fit?
+
+--debug (any command) prints the traceback behind a one-line error.
 """
 
 DEMO_DEFAULTS = {  # the offline default job: small, real, < 10 minutes on 2 CPU cores
@@ -192,6 +197,9 @@ def cmd_evaluate(argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug (or SPAM_HF_DEBUG=1): the full traceback above the one-line error
+    debug = "--debug" in argv or os.environ.get("SPAM_HF_DEBUG", "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -214,9 +222,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CliError, ValueError, OSError, FloatingPointError, PushError, SafetensorError) as e:
         # OSError: unreadable / corrupt files (transformers reports a bad config.json as one);
         # SafetensorError: a truncated weights, prior or curvature file
+        if debug:
+            traceback.print_exc()
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         return _fail("interrupted; checkpoints written so far are kept in the output directory")
+    except Exception as e:  # anything else (a truncated optimizer.pt makes torch raise RuntimeError): one line too
+        if debug:
+            traceback.print_exc()
+        first = (str(e).splitlines() or [""])[0]
+        return _fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)")
     finally:
         # torchrun / accelerate launch: every process waits for the main one to finish writing, then leaves the
         # process group (exiting with it alive can abort a process under Gloo)

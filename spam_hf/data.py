@@ -63,18 +63,29 @@ def _load_files(train: str, validation: Optional[str]) -> DatasetDict:
         files["validation"] = validation
     header_lines = 1 if ext in (".tsv", ".csv") else 0
     for split, path in files.items():
-        with open(path) as f:
-            rows = sum(1 for line in f if line.strip())
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = sum(1 for line in f if line.strip())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the {split} file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
         if rows <= header_lines:
             raise ValueError(f"the {split} data set is empty: {path} has no data rows")
     if ext in (".tsv", ".csv"):
         kw = dict(delimiter="\t", quoting=3) if ext == ".tsv" else {}
-        return load_dataset("csv", data_files=files, keep_default_na=False, **kw)
-    if ext in (".json", ".jsonl"):
-        return load_dataset("json", data_files=files)
-    if ext in LM_EXTENSIONS:
-        return load_dataset("text", data_files=files)
-    raise ValueError(f"unsupported data file type {ext!r} for {train}; use .csv, .tsv, .json, .jsonl or .txt")
+        builder, kw = "csv", dict(keep_default_na=False, **kw)
+    elif ext in (".json", ".jsonl"):
+        builder, kw = "json", {}
+    elif ext in LM_EXTENSIONS:
+        builder, kw = "text", {}
+    else:
+        raise ValueError(f"unsupported data file type {ext!r} for {train}; use .csv, .tsv, .json, .jsonl or .txt")
+    try:
+        return load_dataset(builder, data_files=files, **kw)
+    except Exception as e:  # a corrupt JSON / CSV file: datasets' own message does not say which one
+        cause = e.__cause__ or e
+        first = (str(cause).splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"could not read {' or '.join(files.values())} as {ext} data: {type(cause).__name__}: "
+                         f"{first}") from None
 
 
 def _hub_offline() -> bool:
@@ -153,6 +164,11 @@ def _normalise_labels(dsd: DatasetDict, label: str) -> DatasetDict:
 
         values = sorted({as_int(v) for v in dsd["train"][label]},
                         key=lambda v: (not isinstance(v, int), v if isinstance(v, int) else 0, str(v)))
+        fractional = [v for v in values if isinstance(v, float)]
+        if fractional:  # 0.5, 1.5: a regression target, not classes
+            raise ValueError(f"column {label!r} holds non-integer numbers ({', '.join(map(str, fractional[:3]))}"
+                             f"{', ...' if len(fractional) > 3 else ''}): spam-hf trains classifiers; give integer "
+                             "or text class labels")
         ints = all(isinstance(v, int) for v in values)
         if ints and values[0] < 0:
             raise ValueError(f"labels must be >= 0; found {values[0]} in column {label!r}")
@@ -160,7 +176,7 @@ def _normalise_labels(dsd: DatasetDict, label: str) -> DatasetDict:
             k = len(values)
             names = list(range(k))
         else:
-            if ints:
+            if ints and values != list(range(len(values))):  # 0.0 / 1.0 are 0 / 1, said nothing about
                 logger.warning(f"labels {values[:10]} are not 0..{len(values) - 1}: they become classes 0..{len(values) - 1} "
                                "in that order (their names keep the original values)")
             mapping = {v: i for i, v in enumerate(values)}

@@ -54,12 +54,16 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
         assert rc == 2 and message in capsys.readouterr().err
     assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before
     assert json.load(open(os.path.join(out, "pruned-0.8", "pruning_report.json"))) == rep2
-    for f in ("spam_prior.safetensors", "spam_curvature.safetensors"):  # truncated posterior files: exit 2
-        broken = tmp / f"broken-{f}"
+    for f in ("spam_prior.safetensors", "spam_curvature.safetensors", "spam_hyper.safetensors"):
+        broken = tmp / f"broken-{f}"  # a truncated posterior file: exit 2, and nothing that blocks the retry
         shutil.copytree(out, broken)
-        (broken / "dense" / f).write_bytes((broken / "dense" / f).read_bytes()[:50])
+        good = (broken / "dense" / f).read_bytes()
+        (broken / "dense" / f).write_bytes(good[:50])
         assert main(["prune", str(broken), "--sparsity", "0.6", "--measure-latency", "False"]) == 2
         assert "Traceback" not in capsys.readouterr().err
+        assert not (broken / "pruned-0.6").exists()  # it used to keep pruned-0.6/trainer_tmp: "not empty"
+        (broken / "dense" / f).write_bytes(good)
+        assert main(["prune", str(broken), "--sparsity", "0.6", "--measure-latency", "False"]) == 0
     assert main(["prune", out, "--sparsity", "0.999", "--output-dir", str(tmp / "p999")]) == 2
     assert "would remove every head and neuron" in capsys.readouterr().err and not (tmp / "p999").exists()
     busy = tmp / "busy"
@@ -560,7 +564,7 @@ def test_corrupt_inputs_exit_2_with_one_line(tiny_setup, tmp_path, capsys):
     shutil.copytree(model_dir, bad_weights)
     w = bad_weights / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
-    cases.append((["compress", str(bad_weights), "--train-file", train], ""))
+    cases.append((["compress", str(bad_weights), "--train-file", train], f"the weights in {bad_weights} cannot be read"))
     for argv, message in cases:
         out = tmp_path / "out"
         assert main(argv + ["--output-dir", str(out), *FAST]) == 2, argv
@@ -600,3 +604,47 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_like_the_uninterrupted_run(
     assert not os.path.exists(os.path.join(killed, "model"))
     assert main(common + ["--output-dir", killed, "--resume_from_checkpoint", "last"]) == 0
     _assert_same_run(out, killed)
+
+
+def test_unexpected_failures_are_one_line_and_debug_shows_the_traceback(tiny_setup, capsys, monkeypatch):
+    """An exception of a type the CLI does not expect (torch's RuntimeError from a truncated optimizer.pt) is still
+    one line with its type and a hint; --debug (or SPAM_HF_DEBUG=1) adds the traceback. An empty --output-dir is
+    refused before any work."""
+    import spam_hf.jobs as jobs
+
+    model_dir, train, dev, tmp = tiny_setup
+
+    def broken(*a, **kw):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    monkeypatch.setattr(jobs, "compress", broken)
+    argv = ["compress", model_dir, "--train-file", train, "--output-dir", str(tmp / "x"), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("spam-hf: error: RuntimeError: PytorchStreamReader failed reading zip archive: failed "
+                           "finding central directory (run with --debug for the traceback)")
+    assert main(argv + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("spam-hf: error:")
+    monkeypatch.setenv("SPAM_HF_DEBUG", "1")
+    assert main(argv) == 2 and "Traceback" in capsys.readouterr().err
+    monkeypatch.delenv("SPAM_HF_DEBUG")
+    monkeypatch.undo()
+    assert main(["compress", model_dir, "--train-file", train, "--output-dir", "", *FAST]) == 2
+    assert "--output-dir is empty" in capsys.readouterr().err
+
+
+def test_prune_names_a_broken_run_config(tmp_path, capsys):
+    """`spam-hf prune` on a run whose run_config.json is `{}` or not JSON: one line naming the file (it was a
+    KeyError traceback), nothing written."""
+    from spam_hf.posterior import STATE_FILE
+
+    run = tmp_path / "run"
+    (run / "dense").mkdir(parents=True)
+    (run / "dense" / STATE_FILE).write_text("{}")
+    for text, message in (("{}", "is not a spam-hf run config: it has no 'model'"), ("{ nope", "is not valid JSON")):
+        (run / "run_config.json").write_text(text)
+        assert main(["prune", str(run), "--sparsity", "0.5"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(run / "run_config.json") in err and "Traceback" not in err
+        assert not (run / "pruned-0.5").exists()

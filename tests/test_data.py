@@ -119,3 +119,33 @@ def test_labels_with_gaps_become_contiguous_classes(tmp_path):
     raw, _, _, label = load_raw_data(DataArguments(train_file=_tsv(tmp_path / "c.tsv", [("a", 1), ("b", 0)]),
                                                    validation_file=_tsv(tmp_path / "v.tsv", [("e", 0)])))
     assert raw.num_labels == 2 and raw["train"][label] == [1, 0]
+
+
+def test_fractional_labels_are_an_error_and_integral_floats_are_classes(tmp_path, caplog):
+    """Labels 0.5 / 1.5 (a regression file) used to become a 4-class problem; integral floats (0.0 / 1.0 in JSON)
+    are the classes 0 / 1 without the old self-contradicting 'labels [0, 1] are not 0..1' warning."""
+    import json
+    import logging
+
+    train = _tsv(tmp_path / "t.tsv", [("a", 0.5), ("b", 1.5), ("c", 0.5), ("d", 2.0)])
+    with pytest.raises(ValueError, match=r"column 'label' holds non-integer numbers \(0.5, 1.5\)"):
+        load_raw_data(DataArguments(train_file=train, validation_file=_tsv(tmp_path / "v.tsv", [("e", 0.5)])))
+    rows = [{"sentence": s, "label": v} for s, v in (("a", 0.0), ("b", 1.0), ("c", 1.0))]
+    for name, data in (("t.jsonl", rows), ("v.jsonl", rows[:1])):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in data) + "\n")
+    with caplog.at_level(logging.WARNING):
+        raw, _, _, label = load_raw_data(DataArguments(train_file=str(tmp_path / "t.jsonl"),
+                                                       validation_file=str(tmp_path / "v.jsonl")))
+    assert raw.num_labels == 2 and raw["train"][label] == [0, 1, 1]
+    assert "are not 0.." not in caplog.text
+
+
+def test_unreadable_data_files_name_the_file(tmp_path):
+    binary = tmp_path / "train.tsv"
+    binary.write_bytes(b"sentence\tlabel\n\x86\x87\xff\t1\n")
+    with pytest.raises(ValueError, match=f"{binary} is not UTF-8 text"):
+        load_raw_data(DataArguments(train_file=str(binary)))
+    broken = tmp_path / "train.jsonl"
+    broken.write_text('{"sentence": "a", "label": 1}\n{"sentence": \n')
+    with pytest.raises(ValueError, match=f"could not read {broken}"):
+        load_raw_data(DataArguments(train_file=str(broken)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import List, Optional
@@ -59,8 +60,9 @@ def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]]
         kw = dict(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kw["pad_token_id"] = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                               ignore_mismatched_sizes=True, **kw)
+    with weights_named(path):
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True, **kw)
     get_family(model)
     return model
 
@@ -68,10 +70,24 @@ def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]]
 def load_model(path: str, data, tokenizer=None):
     """``AutoModelForCausalLM`` for packed LM data, else a sequence classifier with the data's labels."""
     if getattr(data, "num_labels", None) is None:
-        model = AutoModelForCausalLM.from_pretrained(path)
+        with weights_named(path):
+            model = AutoModelForCausalLM.from_pretrained(path)
         get_family(model)
         return model
     return load_classifier(path, data.num_labels, data.label_names, tokenizer)
+
+
+@contextlib.contextmanager
+def weights_named(path: str):
+    """A weights file that cannot be read (truncated safetensors: "incomplete metadata") is an error that names
+    the model folder."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"the weights in {path} cannot be read ({first})") from None
 
 
 def wrap_lora(model, lora_args: LoraArguments):

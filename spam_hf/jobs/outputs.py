@@ -20,6 +20,8 @@ def check_output_dir(path: str, overwrite: bool) -> None:
     Writability is probed for real (a temporary folder created and removed in the nearest existing
     ancestor), so read-only mounts and files in the way are caught as well as permission bits.
     """
+    if not str(path).strip():
+        raise ValueError("--output-dir is empty; give the folder to write the run into")
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise ValueError(f"output dir {path!r} exists and is not a directory")

@@ -35,14 +35,12 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
         raise ValueError(f"{run_dir!r} is not a spam-hf compress run (no {RUN_CONFIG} or dense/{STATE_FILE})")
     out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
     check_reprune_output(run_dir, out, overwrite_output_dir)
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_run_config(cfg_path)
     # pruned during training (only SpaM training has a schedule): dense/ is the masked model
     masked_dense = cfg.get("compress", {}).get("training", "spam") == "spam" and \
         bool(cfg["training"].get("schedule_sparsity"))
     data_args = DataArguments(**cfg["data"])
-    with open(os.path.join(dense_dir, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_json(os.path.join(dense_dir, STATE_FILE))
     scratch = os.path.join(out, "trainer_tmp")  # the Trainer's own output dir; removed when done
     known = {f.name for f in dataclasses.fields(SpamTrainingArguments) if f.init}
     tr = {k: v for k, v in cfg["training"].items() if k in known}
@@ -50,12 +48,50 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     train_args = SpamTrainingArguments(**tr)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     data = load_data_for(tokenizer, data_args)
-    metric = data_args.metric
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
     check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
                     args.flops_seq_len, args.min_keep)
     check_teacher(args, masked_dense, model.config)
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)  # only now: a refused request leaves no folder behind
+    try:
+        return _prune_run(run_dir, cfg, args, out, scratch, model, data, tokenizer, data_args, train_args,
+                          masked_dense, command)
+    except BaseException:
+        # a failed job (a truncated posterior file, a full disk, Ctrl-C) leaves nothing that blocks its retry
+        if created and os.path.isdir(out) and not [f for f in os.listdir(out) if f != "trainer_tmp"]:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_json(path: str):
+    """A JSON file of a run; a file that is not JSON is one line that names it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+RUN_CONFIG_KEYS = ("model", "resolved_model", "data", "compress", "training")
+
+
+def read_run_config(path: str) -> dict:
+    """``run_config.json`` of a compress run, with one-line errors that name it when it is not JSON or lacks a
+    section that ``prune`` rebuilds the run from."""
+    cfg = read_json(path)
+    missing = [k for k in RUN_CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"{path} is not a spam-hf run config: it has no {', '.join(repr(k) for k in missing)}")
+    return cfg
+
+
+def _prune_run(run_dir, cfg, args, out, scratch, model, data, tokenizer, data_args, train_args, masked_dense,
+               command):
+    metric = data_args.metric
+    dense_dir = os.path.join(run_dir, "dense")
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator_for(data, tokenizer), processing_class=tokenizer,
                           compute_metrics=metrics_for(metric))
@@ -74,7 +110,4 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
                      base_name=display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"]), command=command,
                      merged=lora_args.lora_merge, base_sparsity=base_sparsity(lora_args, args),
                      masked_dense=masked_dense)
-    try:
-        return prune_and_export(trainer, ctx, args, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return prune_and_export(trainer, ctx, args, out)
