@@ -6,8 +6,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+WRITER = {"type": "user", "name": "user", "orgs": [{"name": "team", "roleInOrg": "write"},
+                                                    {"name": "readers", "roleInOrg": "read"}],
+          "auth": {"type": "access_token", "accessToken": {"role": "write"}}}
+READER = {**WRITER, "auth": {"type": "access_token", "accessToken": {"role": "read"}}}
+
+
 class FakeHub:
-    def __init__(self, fail_commit: bool = False):
+    def __init__(self, fail_commit: bool = False, tokens=None):
+        self.tokens = tokens if tokens is not None else {"hf_test": WRITER, "hf_read": READER}  # token -> whoami
         self.repos = {}  # repo_id -> {path: bytes}
         self.commits = []
         self.requests = []
@@ -35,6 +42,11 @@ class FakeHub:
             def do_GET(self):
                 hub.requests.append(("GET", self.path))
                 parts = self.path.split("?")[0].strip("/").split("/")
+                if parts == ["api", "whoami-v2"]:
+                    token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+                    if token not in hub.tokens:
+                        return self._send(401, {"error": "Invalid credentials in Authorization header"})
+                    return self._send(200, hub.tokens[token])
                 if parts[:2] == ["api", "models"] and len(parts) >= 4:
                     repo = "/".join(parts[2:4])
                     if repo in hub.repos:

@@ -71,3 +71,27 @@ def test_unreachable_hub_is_a_clear_error(tmp_path):
     folder = make_folder(tmp_path)
     with pytest.raises(PushError, match="cannot reach the Hub"):
         push_folder(folder, "user/x", token="hf_test", endpoint="http://127.0.0.1:9")
+
+
+def test_the_pre_check_verifies_write_access_before_any_work(tmp_path, monkeypatch):
+    """check_hub (run by compress before training) asks whoami: no token, a refused token, a read-only token or
+    a namespace the user cannot write to is a PushError now (it used to pass an anonymous lookup and fail with a
+    401 after the whole job); the user's own namespace and an organisation with a write role pass."""
+    from spam_hf.export.hub import check_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved token either
+    with FakeHub() as hub:
+        check_hub("user/new-model", token="hf_test", endpoint=hub.url)
+        check_hub("team/new-model", token="hf_test", endpoint=hub.url)
+        for repo, token, message in (("user/x", "hf_read", "it is read-only"),
+                                     ("readers/x", "hf_test", "cannot write to 'readers'"),
+                                     ("someone-else/x", "hf_test", "it can write to team, user"),
+                                     ("user/x", "hf_bogus", r"refused the token \(401\)")):
+            with pytest.raises(PushError, match=message):
+                check_hub(repo, token=token, endpoint=hub.url)
+        import huggingface_hub.constants as c
+
+        monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        with pytest.raises(PushError, match="no Hub token"):
+            check_hub("user/x", endpoint=hub.url)

@@ -15,14 +15,60 @@ class PushError(RuntimeError):
 
 
 def check_hub(repo_id: str, token: Optional[str] = None, endpoint: Optional[str] = None) -> None:
-    """Before a long job that ends with a push: the Hub must answer (``repo_exists``), else :class:`PushError`
-    now, in one line (offline mode, no network), instead of after training."""
+    """Before a long job that ends with a push: the Hub must answer and the token must be able to write to
+    ``repo_id``'s namespace (``whoami``: a token at all, not read-only, the user or one of their organisations with
+    a write role), else :class:`PushError` now, in one line, instead of a 401 after training."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    from huggingface_hub import constants
+
+    api = HfApi(endpoint=endpoint, token=token)
+    hint = "nothing was trained or written"
+    if constants.HF_HUB_OFFLINE:
+        raise PushError(f"--push-to-hub {repo_id}: the Hub cannot be reached now (offline mode: HF_HUB_OFFLINE is "
+                        f"set); {hint}. Drop --push-to-hub, or push later with `hf upload`")
     try:
-        HfApi(endpoint=endpoint, token=token).repo_exists(repo_id)
+        me = api.whoami()
+    except LocalTokenNotFoundError:
+        raise PushError(f"--push-to-hub {repo_id}: no Hub token (log in with `hf auth login` or set HF_TOKEN); "
+                        f"{hint}") from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise PushError(f"--push-to-hub {repo_id}: the Hub refused the token ({status}); {hint}") from None
+        raise PushError(f"--push-to-hub {repo_id}: the Hub cannot be reached now ({type(e).__name__}: {e}); {hint}. "
+                        "Drop --push-to-hub, or push later with `hf upload`") from None
     except Exception as e:
-        raise PushError(f"--push-to-hub {repo_id}: the Hub cannot be reached now ({type(e).__name__}: {e}); "
-                        "nothing was trained or written. Drop --push-to-hub, or push later with "
-                        "`huggingface-cli upload`") from None
+        raise PushError(f"--push-to-hub {repo_id}: the Hub cannot be reached now ({type(e).__name__}: {e}); {hint}. "
+                        "Drop --push-to-hub, or push later with `hf upload`") from None
+    namespace = repo_id.split("/")[0] if "/" in repo_id else me.get("name")
+    allowed = writable_namespaces(me)
+    if allowed is not None and namespace not in allowed:
+        who = me.get("name", "this token")
+        can = f"it can write to {', '.join(sorted(allowed))}" if allowed else "it is read-only"
+        raise PushError(f"--push-to-hub {repo_id}: the token of {who} cannot write to {namespace!r} ({can}); "
+                        f"{hint}")
+
+
+WRITE_ROLES = ("admin", "write", "contributor")
+
+
+def writable_namespaces(me: dict) -> Optional[set]:
+    """The namespaces a ``whoami`` answer may create and write repositories in: the user's and those of
+    organisations where their role writes, none for a read-only token; for a fine-grained token the entities
+    scoped with ``repo.write``. ``None`` when the answer does not say (then the push itself decides)."""
+    token = (me.get("auth") or {}).get("accessToken") or {}
+    role = token.get("role")
+    if role == "read":
+        return set()
+    if role == "fineGrained":
+        scoped = (token.get("fineGrained") or {}).get("scoped") or []
+        return {e["entity"]["name"] for e in scoped
+                if "repo.write" in e.get("permissions", []) and "name" in e.get("entity", {})}
+    if "name" not in me:
+        return None
+    orgs = {o["name"] for o in me.get("orgs", []) if o.get("roleInOrg", "write") in WRITE_ROLES and "name" in o}
+    return {me["name"]} | orgs
 
 
 def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False,
