@@ -12,13 +12,17 @@ posterior takes ``n_hypersteps`` Adam steps on ``log δ``. ``prune()`` is a call
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
+import shutil
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .architectures import is_peft_model
@@ -31,6 +35,47 @@ from .pruning.selection import group_costs, prunable_cost
 from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, kept_count, monotone_keep, read_keep, write_keep
 
 logger = logging.get_logger(__name__)
+
+
+COMPLETE_FILE = "spam_checkpoint_complete.json"
+"""Written into a training checkpoint after every other file of it: the checkpoint is whole."""
+
+
+def mark_complete(folder: str, step: int) -> None:
+    """Write :data:`COMPLETE_FILE` into ``folder`` by an atomic rename (a half-written mark never exists)."""
+    tmp = os.path.join(folder, f".{COMPLETE_FILE}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": int(step)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, COMPLETE_FILE))
+
+
+def is_complete(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, COMPLETE_FILE))
+
+
+def check_complete(folder: str) -> None:
+    """``ValueError`` for a checkpoint that was never finished (no :data:`COMPLETE_FILE`)."""
+    if os.path.isdir(folder) and not is_complete(folder):
+        raise ValueError(f"checkpoint {folder!r} was never finished (the run stopped while writing it, or it was "
+                         f"written before spam-hf marked complete checkpoints): resume from an earlier one")
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was finished; newer unfinished ones are named in a
+    warning and skipped."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
+                   and os.path.isdir(os.path.join(output_dir, name)))
+    for _, name in reversed(found):
+        path = os.path.join(output_dir, name)
+        if is_complete(path):
+            return path
+        logger.warning(f"skipping {path}: it was never finished (the run stopped while writing it)")
+    return None
 
 
 def per_batch_mean_loss(trainer: Trainer) -> Trainer:
@@ -411,13 +456,36 @@ class SpamTrainer(Trainer):
             os.makedirs(output_dir, exist_ok=True)
             self.posterior.save_live(os.path.join(output_dir, LIVE_FILE.format(rank=rank())))
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then :data:`COMPLETE_FILE` written into it (by an atomic rename) once every
+        file is there, then the rotation of older checkpoints. A checkpoint without the mark was never finished
+        (killed, disk full) and is never resumed from (:func:`last_complete_checkpoint`); one that fails while
+        being written is removed."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        existed = os.path.exists(folder)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotation waits until the new checkpoint is marked complete
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if not existed and self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(output_dir=os.path.dirname(folder), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint:
             ckpt = resume_from_checkpoint
             if ckpt is True:
-                ckpt = get_last_checkpoint(self.args.output_dir)
+                ckpt = last_complete_checkpoint(self.args.output_dir)
                 if ckpt is None:
-                    raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+                    raise ValueError(f"no complete checkpoint found in {self.args.output_dir} to resume from")
+            check_complete(ckpt)
             if os.path.exists(os.path.join(ckpt, PRIOR_FILE)):
                 self.load_spam_state(ckpt)
                 live = os.path.join(ckpt, LIVE_FILE.format(rank=rank()))

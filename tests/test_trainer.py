@@ -275,3 +275,36 @@ def test_sharded_training_is_refused_in_one_line(tmp_path, monkeypatch, flag):
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
     with pytest.raises(ValueError, match="FSDP and DeepSpeed"):
         make_trainer(tmp_path)
+
+
+def test_unfinished_checkpoints_are_never_resumed_from(tmp_path, monkeypatch, caplog):
+    """Every training checkpoint is marked complete after its last file; one whose writing fails (a full disk) is
+    removed, and one without the mark (a kill while writing) is skipped by `resume_from_checkpoint=True` with a
+    warning naming it and refused when named. Rotation keeps complete checkpoints only after the new one is marked."""
+    import errno
+    import logging
+
+    from spam_hf.trainer import COMPLETE_FILE
+
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=4, num_train_epochs=1, save_total_limit=2)
+    trainer.train()
+    run = tmp_path / "run"
+    ckpts = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
+    assert ckpts == ["checkpoint-4", "checkpoint-8"] and all((run / c / COMPLETE_FILE).exists() for c in ckpts)
+    (run / "checkpoint-8" / COMPLETE_FILE).unlink()  # as if killed while checkpoint-8 was written
+    resumed = make_trainer(tmp_path, save_strategy="no", num_train_epochs=1)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=True)
+    assert f"skipping {run / 'checkpoint-8'}" in caplog.text
+    assert resumed.state.global_step == 8
+    with pytest.raises(ValueError, match="was never finished"):
+        make_trainer(tmp_path).train(resume_from_checkpoint=str(run / "checkpoint-8"))
+    full = make_trainer(tmp_path / "full", save_strategy="steps", save_steps=4, num_train_epochs=1)
+
+    def disk_full(output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(full, "_save_rng_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        full.train()
+    assert not (tmp_path / "full" / "run" / "checkpoint-4").exists()

@@ -17,7 +17,7 @@ from ..distributed import is_main_process
 from ..export.hub import check_hub
 from ..pruning import check_reachable
 from ..pruning.sequential import check_sequential
-from ..trainer import SpamTrainer, per_batch_mean_loss
+from ..trainer import SpamTrainer, check_complete, last_complete_checkpoint, per_batch_mean_loss
 from .finish import RunContext, check_teacher, plain_args, prune_and_export, pruning_config
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
@@ -35,21 +35,20 @@ def base_sparsity(lora_args: LoraArguments, args: PruneArguments) -> Optional[fl
 
 
 def resume_point(train_args: SpamTrainingArguments):
-    """``--resume_from_checkpoint``: a checkpoint folder, or ``True`` for the last one in the output dir
-    (``true`` / ``last``); ``None`` when not resuming. A folder that does not exist is an error now, not
-    after loading the data."""
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``True`` for the last complete one in the output dir
+    (``true`` / ``last``; unfinished ones are skipped with a warning); ``None`` when not resuming. A folder that
+    does not exist, or was never finished, is an error now, not after loading the data."""
     value = train_args.resume_from_checkpoint
     if value in (None, "", False):
         return None
     if value is True or str(value).lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(train_args.output_dir) if os.path.isdir(train_args.output_dir) else None
+        last = last_complete_checkpoint(train_args.output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint: no checkpoint-* folder in {train_args.output_dir!r}")
+            raise ValueError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {train_args.output_dir!r}")
         return last
     if not os.path.isdir(value):
         raise ValueError(f"--resume_from_checkpoint: {value!r} is not a checkpoint folder")
+    check_complete(value)
     return value
 
 
