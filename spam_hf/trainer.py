@@ -21,8 +21,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import rotate_checkpoints
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME, rotate_checkpoints
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 
 from .architectures import is_peft_model
@@ -37,6 +38,8 @@ from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, kept_count, monot
 logger = logging.get_logger(__name__)
 
 
+STEPS_FILE = "spam_steps.json"
+"""The trainer's step bookkeeping (steps since the last prior update), in checkpoints and in ``dense/``."""
 COMPLETE_FILE = "spam_checkpoint_complete.json"
 """Written into a training checkpoint after every other file of it: the checkpoint is whole."""
 
@@ -101,12 +104,7 @@ class _MarglikCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        # a last update when the tail since the previous one is long enough to estimate curvature from;
-        # otherwise the previous update's curvature stays the one used for pruning
-        if args.marglik_frequency and t.posterior.live_rows > 0 and \
-                (t._steps_since_update * 2 >= args.marglik_frequency or not t.posterior.has_curvature(retained_only=True)):
-            t.update_priors()
+        self.trainer.final_prior_update()
         return control
 
 
@@ -263,6 +261,14 @@ class SpamTrainer(Trainer):
         self.log({"log_marglik": value / posterior.n_data, **posterior.prior.summary()})
         self._steps_since_update = 0
         return value
+
+    def final_prior_update(self) -> None:
+        """What ends training: a last prior update when the tail since the previous one is long enough to estimate
+        curvature from; otherwise the previous update's curvature stays the one used for pruning."""
+        freq = self.args.marglik_frequency
+        if freq and self.posterior.live_rows > 0 and \
+                (self._steps_since_update * 2 >= freq or not self.posterior.has_curvature(retained_only=True)):
+            self.update_priors()
 
     def fit_priors_posthoc(self, dataset=None, max_batches: Optional[int] = None, n_steps: int = 200) -> float:
         """Post-hoc SpaM: :meth:`SpamLaplace.fit` on the training data (or ``dataset``), no weight updates."""
@@ -433,6 +439,8 @@ class SpamTrainer(Trainer):
         self.posterior.save(output_dir)
         if self.schedule_keep is not None:
             write_keep(os.path.join(output_dir, SCHEDULE_FILE), self.schedule_keep)
+        with open(os.path.join(output_dir, STEPS_FILE), "w") as f:
+            json.dump({"steps_since_update": self._steps_since_update}, f)
 
     def load_spam_state(self, directory: str) -> None:
         """Restore what :meth:`save_spam_state` wrote (a clear error on structural mismatch)."""
@@ -440,6 +448,10 @@ class SpamTrainer(Trainer):
         path = os.path.join(directory, SCHEDULE_FILE)
         if os.path.exists(path):
             self.schedule_keep = read_keep(path)
+        path = os.path.join(directory, STEPS_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                self._steps_since_update = int(json.load(f)["steps_since_update"])
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The Trainer's save, plus the SpaM state; after :meth:`prune` the model is saved with
@@ -455,6 +467,26 @@ class SpamTrainer(Trainer):
         if _internal_call and is_distributed():  # a checkpoint: each process's own live sums (main's are not all)
             os.makedirs(output_dir, exist_ok=True)
             self.posterior.save_live(os.path.join(output_dir, LIVE_FILE.format(rank=rank())))
+
+    @staticmethod
+    def _finished_state(ckpt: str) -> Optional[TrainerState]:
+        """The checkpoint's Trainer state when it was taken at the last step (training had finished), else None."""
+        path = os.path.join(ckpt, TRAINER_STATE_NAME)
+        if not os.path.exists(path):
+            return None
+        state = TrainerState.load_from_json(path)
+        return state if state.max_steps and state.global_step >= state.max_steps else None
+
+    def _resume_finished(self, ckpt: str, state: TrainerState) -> TrainOutput:
+        """Resume from the checkpoint of the last step: no step is trained (the Trainer would train one past
+        ``max_steps``); the weights, the random state and the SpaM state are the checkpoint's, and what ended the
+        uninterrupted run after that checkpoint (the final prior update) happens again."""
+        self._load_from_checkpoint(ckpt)
+        self._load_rng_state(ckpt)
+        self.state = state
+        self.final_prior_update()
+        logger.info(f"{ckpt} was taken at the last step ({state.global_step}): training had finished")
+        return TrainOutput(state.global_step, float("nan"), {})
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then :data:`COMPLETE_FILE` written into it (by an atomic rename) once every
@@ -493,6 +525,9 @@ class SpamTrainer(Trainer):
                     self.posterior.load_live(live)
                 logger.info(f"restored SpaM priors and curvature from {ckpt}")
             resume_from_checkpoint = ckpt
+            finished = self._finished_state(ckpt)
+            if finished is not None:
+                return self._resume_finished(ckpt, finished)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         best = self.state.best_model_checkpoint
         if self.args.load_best_model_at_end and best and os.path.exists(os.path.join(best, PRIOR_FILE)):

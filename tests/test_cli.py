@@ -519,7 +519,7 @@ def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, 
     assert "not empty; pass --overwrite-output-dir" in capsys.readouterr().err
     assert _contents(busy) == _contents(_busy_folder(tmp / "busy-copy"))
     assert main(common + ["--output-dir", str(tmp / "none"), "--resume_from_checkpoint", "last"]) == 2
-    assert "no checkpoint-* folder" in capsys.readouterr().err
+    assert "no complete checkpoint-* folder" in capsys.readouterr().err
 
 
 def _busy_folder(path):
@@ -540,14 +540,60 @@ def test_resume_from_a_checkpoint_outside_the_output_dir_needs_overwrite(tiny_se
     refused before any work, and the user's export and run config in it are left as they were (the run used
     to go ahead, delete `model/` and overwrite `run_config.json`)."""
     model_dir, train, dev, tmp = tiny_setup
+    from spam_hf.trainer import mark_complete
+
     ckpt = tmp / "elsewhere" / "checkpoint-8"
     ckpt.mkdir(parents=True)
+    mark_complete(str(ckpt), 8)
     busy = _busy_folder(tmp / "busy")
     before = _contents(busy)
     rc = main(["compress", model_dir, "--train-file", train, "--output-dir", str(busy),
                "--resume_from_checkpoint", str(ckpt), *FAST])
     assert rc == 2 and "not empty; pass --overwrite-output-dir" in capsys.readouterr().err
     assert _contents(busy) == before
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_last_checkpoint_then_resume_is_exact(tiny_setup):
+    """A real `spam-hf compress` killed with SIGKILL after training's last checkpoint (while it prunes), resumed
+    with `--resume_from_checkpoint last`: no step past max_steps, and the uninterrupted run's weights, priors,
+    hyper-optimiser state, curvature keys and pruning decision (it used to train one more step and take an extra
+    prior update)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    model_dir, train, dev, tmp = tiny_setup
+    common = ["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5", *FAST,
+              "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "6"]
+    out = str(tmp / "full")
+    assert main(common + ["--output-dir", out]) == 0
+    killed = str(tmp / "killed")
+    slow_prune = ("import sys, time, spam_hf.jobs; c = sys.modules['spam_hf.jobs.compress']; f = c.prune_and_export; "
+                  "c.prune_and_export = lambda *a, **k: (time.sleep(120), f(*a, **k))[1]; "
+                  "from spam_hf.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", slow_prune, *common, "--output-dir", killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    marker = os.path.join(killed, "run_config.json")  # written after training, just before pruning
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert os.path.exists(os.path.join(killed, "checkpoint-12")) and not os.path.exists(os.path.join(killed, "model"))
+    assert main(common + ["--output-dir", killed, "--resume_from_checkpoint", "last"]) == 0
+    assert not os.path.exists(os.path.join(killed, "checkpoint-13"))
+    _assert_same_run(out, killed)
+    for f in ("spam_hyper.safetensors", "spam_curvature.safetensors"):
+        a, b = (load_file(os.path.join(d, "dense", f)) for d in (out, killed))
+        assert sorted(a) == sorted(b), f
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
 
 
 def test_corrupt_inputs_exit_2_with_one_line(tiny_setup, tmp_path, capsys):
