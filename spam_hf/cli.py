@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from typing import Dict, List, Optional, Tuple
 
@@ -213,6 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .export.hub import PushError
 
     finished = False
+    previous = _interrupt_on_sigterm()
     try:
         code = handlers[sub](rest)
         finished = True
@@ -225,17 +228,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug:
             traceback.print_exc()
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except KeyboardInterrupt:
-        return _fail("interrupted; checkpoints written so far are kept in the output directory")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        return _fail("interrupted; finished checkpoints are kept in the output directory, an unfinished export or "
+                     "checkpoint is removed")
     except Exception as e:  # anything else (a truncated optimizer.pt makes torch raise RuntimeError): one line too
         if debug:
             traceback.print_exc()
         first = (str(e).splitlines() or [""])[0]
         return _fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         # torchrun / accelerate launch: every process waits for the main one to finish writing, then leaves the
         # process group (exiting with it alive can abort a process under Gloo)
         shutdown(wait=finished)
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (a scheduler's stop, `kill`) ends the job as Ctrl-C does, through the same clean-ups (a staged export
+    or checkpoint is removed, a half-created Hub repo deleted); returns the handler it replaced (``None`` off the
+    main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -596,6 +596,70 @@ def test_sigkill_after_the_last_checkpoint_then_resume_is_exact(tiny_setup):
             torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_sigterm_during_export_leaves_no_partial_export(tiny_setup):
+    """SIGTERM (a scheduler stopping the job) while the export is written ends the job like Ctrl-C: exit 2 with one
+    line, no `model/` and no hidden `.model.partial-*` folder (a default SIGTERM left the partial folder behind)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir, train, dev, tmp = tiny_setup
+    out = str(tmp / "term")
+    slow_export = ("import sys, time, spam_hf.jobs\n"
+                   "f = sys.modules['spam_hf.jobs.finish']\n"
+                   "def half(model, directory, **kw):\n"
+                   "    open(directory + '/model.safetensors', 'wb').write(b'half'); time.sleep(120)\n"
+                   "f.save_pruned = half\n"
+                   "from spam_hf.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", slow_export, "compress", model_dir, "--train-file", train,
+                             "--validation-file", dev, "--sparsity", "0.5", "--output-dir", out, *FAST],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 300
+
+    def partial():
+        return [f for f in os.listdir(out) if ".partial-" in f] if os.path.isdir(out) else []
+
+    while not any(os.path.exists(os.path.join(out, p, "model.safetensors")) for p in partial()) \
+            and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the export"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 2
+    err = proc.stderr.read()
+    assert "spam-hf: error: interrupted" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "model")) and not partial()
+    assert os.path.exists(os.path.join(out, "dense", "model.safetensors"))  # the trained model is kept
+
+
+@pytest.mark.slow
+def test_lora_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup):
+    """A LoRA run (rank priors, ranks masked on the schedule) resumed from its first epoch's checkpoint: the
+    adapter, the priors, the schedule's masks and the pruned ranks equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    model_dir, train, dev, tmp = tiny_setup
+    common = ["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5", *FAST,
+              "--lora-r", "4", "--num_train_epochs", "2", "--save_strategy", "epoch", "--save_total_limit", "3"]
+    out = str(tmp / "full")
+    assert main(common + ["--output-dir", out]) == 0
+    resumed = str(tmp / "resumed")
+    shutil.copytree(out, resumed, ignore=lambda d, names: [n for n in names if d == out and (
+        n in ("checkpoint-16", "dense", "model", "recovery") or n.endswith((".json", ".png")))])
+    assert main(common + ["--output-dir", resumed, "--resume_from_checkpoint", os.path.join(resumed, "checkpoint-8")]) == 0
+    files = sorted(f for f in os.listdir(os.path.join(out, "dense")) if f.endswith(".safetensors"))
+    assert "adapter_model.safetensors" in files and "spam_prior.safetensors" in files
+    for f in files:
+        a, b = (load_file(os.path.join(d, "dense", f)) for d in (out, resumed))
+        assert sorted(a) == sorted(b), f
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+    reports = [json.load(open(os.path.join(d, "pruning_report.json"))) for d in (out, resumed)]
+    assert reports[0]["selection"]["keep"] == reports[1]["selection"]["keep"]
+
+
 def test_corrupt_inputs_exit_2_with_one_line(tiny_setup, tmp_path, capsys):
     """The exit-2 contract for broken inputs: a directory as train file, a corrupt config.json, truncated
     weights (compress), truncated prior / curvature files (prune). Nothing is left in the output dir."""
