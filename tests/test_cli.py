@@ -520,6 +520,13 @@ def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, 
     assert _contents(busy) == _contents(_busy_folder(tmp / "busy-copy"))
     assert main(common + ["--output-dir", str(tmp / "none"), "--resume_from_checkpoint", "last"]) == 2
     assert "no complete checkpoint-* folder" in capsys.readouterr().err
+    truncated = tmp / "trunc" / "checkpoint-8"  # a truncated optimizer.pt: torch's RuntimeError, still one line
+    shutil.copytree(first, truncated)
+    (truncated / "optimizer.pt").write_bytes((truncated / "optimizer.pt").read_bytes()[:100])
+    assert main(common + ["--output-dir", str(tmp / "trunc-out"), "--resume_from_checkpoint", str(truncated)]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("spam-hf: error: ")]
+    assert "Traceback" not in err and len(lines) == 1 and "--debug" in lines[0], err[-2000:]
 
 
 def _busy_folder(path):
