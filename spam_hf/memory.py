@@ -17,8 +17,9 @@ per batch (``batch × length``), ``d_max`` the widest input of a consuming modul
   slices).
   Block by block (``--sequential``): ``P`` + the output factors of every consuming module (``4·Σ out²``) + the
   larger of the output-gradient pass (one sequence with gradients and its logits) and one block's pass (its
-  input factors in float64, ``8·Σ(in+1)²``, the scoring transient, the hidden states of every calibration token
-  at one block boundary twice, ``2·4·T·H``, and one batch through the block).
+  input factors, ``4·Σ(in+1)²``, the scoring transient in float32, the hidden states of every calibration token
+  at one block boundary twice, ``2·4·T·H``, and one batch through the block), all in float32 on the model's
+  device.
 * **evaluate**: ``P`` + one evaluation batch's logits (``2·4·t·V``) and its activations without gradients.
 * **export**: ``P`` + the largest tensor (written shard by shard), + ``P`` again when the latency of the dense
   model is measured beside the pruned one.
@@ -100,10 +101,10 @@ def _activations(shape: Shape, tokens: int, grad: bool) -> int:
     return FLOAT * tokens * per_token
 
 
-def _scoring_transient(shape: Shape, modules: List[str]) -> int:
+def _scoring_transient(shape: Shape, modules: List[str], itemsize: int = DOUBLE) -> int:
     widest = max(modules, key=lambda m: shape.linear[m][1])
     out, d = shape.linear[widest]
-    return DOUBLE * (2 * d * d + 4 * out * d)
+    return itemsize * (2 * d * d + 4 * out * d)
 
 
 def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac", sequential: bool = False,
@@ -138,7 +139,7 @@ def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac"
     modules = s.consuming if consuming_only or sequential else all_modules
     if sequential:
         g_pass = _activations(s, seq_len, True) + 3 * seq_len * logits
-        block = (DOUBLE * sum(s.linear[m][1] ** 2 for m in s.consuming[:2]) + _scoring_transient(s, s.consuming)
+        block = (FLOAT * sum(s.linear[m][1] ** 2 for m in s.consuming[:2]) + _scoring_transient(s, s.consuming, FLOAT)
                  + 2 * FLOAT * calibration_batches * t * s.hidden + 3 * FLOAT * t * s.intermediate)
         parts = {"weights": s.weights, "output factors": FLOAT * sum(s.linear[m][0] ** 2 for m in modules),
                  "one block (or the gradient pass)": max(g_pass, block)}

@@ -35,6 +35,7 @@ def test_dense_statistics_give_the_all_at_once_selection(kind, kv_groups_only):
     """Without re-scoring, the block-sequential choice is the one-shot damage-obs plan on the dense model's
     calibration statistics (KFAC factors of every module at once, collected by SpamLaplace): the same groups."""
     model, batches = _model_and_batches(kind)
+    model = model.double()  # both paths in float64: the same numbers, so the same choice even at near-ties
     rows = float(sum(len(b["input_ids"]) for b in batches))
     la = SpamLaplace(copy.deepcopy(model), reduction="expand", n_data=rows, kv_groups_only=kv_groups_only)
     la.collect(batches, progress=False)
@@ -86,3 +87,14 @@ def test_through_the_engine_with_a_posterior_and_refusals():
             prune(fresh, None, config, batches)
     with pytest.raises(ValueError, match="needs calibration batches"):
         prune(fresh, None, PruningConfig(sequential=True))
+
+
+def test_float32_statistics_score_like_float64():
+    """The block-by-block path computes in the model's float32 on its device (float64 only for float64 models):
+    its scores match the float64 ones to 1e-4 relative, so float32 costs nothing a choice can see here."""
+    model, batches = _model_and_batches("llama")
+    config = PruningConfig(sparsity=0.5, compensate=False, sequential=True).resolved(False)
+    single = prune_sequential(copy.deepcopy(model), None, config, batches, rescore=False).plans[0]
+    double = prune_sequential(model.double(), None, config, batches, rescore=False).plans[0]
+    for name, scores in double.scores.items():
+        torch.testing.assert_close(torch.tensor(single.scores[name]), torch.tensor(scores), rtol=1e-4, atol=1e-8)

@@ -62,20 +62,22 @@ def removed_columns(specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor]) -
     return removed
 
 
-def augmented_weight(module: nn.Module) -> torch.Tensor:
-    """``[W | b]`` (``out × (in+1)``, float64, CPU; ``W`` alone without a bias): the weights a refit moves."""
-    w = weight_out_in(module).detach().double().cpu()
+def augmented_weight(module: nn.Module, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[W | b]`` (``out × (in+1)``; ``W`` alone without a bias): the weights a refit moves, float64 on the CPU, or
+    in the dtype and on the device of ``like`` (the statistics it is refitted with)."""
+    dtype, device = (like.dtype, like.device) if like is not None else (torch.float64, torch.device("cpu"))
+    w = weight_out_in(module).detach().to(device, dtype)
     bias = getattr(module, "bias", None)
-    return torch.cat([w, bias.detach().double().cpu().unsqueeze(1)], 1) if bias is not None else w
+    return torch.cat([w, bias.detach().to(device, dtype).unsqueeze(1)], 1) if bias is not None else w
 
 
 def set_augmented_weight(module: nn.Module, new: torch.Tensor) -> None:
     """Write ``[W | b]`` (as :func:`augmented_weight` gives it) back into ``module``, in place."""
     w = weight_out_in(module)
     bias = getattr(module, "bias", None)
-    w.copy_(new[:, : w.shape[1]].to(w.dtype))
+    w.copy_(new[:, : w.shape[1]].to(w.device, w.dtype))
     if bias is not None:
-        bias.copy_(new[:, -1].to(bias.dtype))
+        bias.copy_(new[:, -1].to(bias.device, bias.dtype))
 
 
 def _kept_and_removed(k: int, removed: torch.Tensor):
@@ -168,7 +170,7 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
                 continue
             A, G = factors[m]
             module = mods[m]
-            W = augmented_weight(module)
+            W = augmented_weight(module, like=A)  # refitted where, and in the precision, the statistics are
             if tuple(A.shape) != (W.shape[1], W.shape[1]):
                 raise ValueError(f"input factor of {m!r} has shape {tuple(A.shape)}, the layer has {W.shape[1]} inputs")
             removed_cols = torch.tensor(sorted(set(cols)))

@@ -172,20 +172,23 @@ def group_damage(model: nn.Module, specs: Iterable[GroupSpec], factors: Factors,
                 if m not in factors:
                     raise ValueError(f"no Kronecker factors for module {m!r}")
                 A, G = factors[m]
-                W = params[m]
+                W = params[m].to(A.device, A.dtype)  # computed where, and in the precision, the factors are
                 if tuple(A.shape) != (W.shape[1],) * 2 or tuple(G.shape) != (W.shape[0],) * 2:
                     raise ValueError(f"factors of {m!r} have shapes {tuple(A.shape)}, {tuple(G.shape)}; weights "
                                      f"{tuple(W.shape)}")
+                w2 = params[m].square() * prior.precision(m).matrix() if prior is not None else None
                 if where == "rows":
-                    curv += (_gram_blocks(W[idx], (W @ A)[idx], batch_first=True) * _blocks(G, idx)).sum(dim=(1, 2))
-                    if prior is not None:
-                        prior_term += (W.square() * prior.precision(m).matrix())[idx].sum(dim=(1, 2))
+                    term = (_gram_blocks(W[idx], (W @ A)[idx], batch_first=True) * _blocks(G, idx)).sum(dim=(1, 2))
+                    curv += term.to(curv.device, curv.dtype)
+                    if w2 is not None:
+                        prior_term += w2[idx].sum(dim=(1, 2))
                     continue
                 # columns C: the blocks (W_Cᵀ G W_C) of WᵀGW, never the (in+1)² matrix itself
                 WGW = _gram_blocks(W[:, idx], (G @ W)[:, idx], batch_first=False)
-                curv += (WGW * (schur_blocks(A, idx) if compensated else _blocks(A, idx))).sum(dim=(1, 2))
-                if prior is not None:
-                    prior_term += (W.square() * prior.precision(m).matrix())[:, idx].sum(dim=(0, 2))
+                term = (WGW * (schur_blocks(A, idx) if compensated else _blocks(A, idx))).sum(dim=(1, 2))
+                curv += term.to(curv.device, curv.dtype)
+                if w2 is not None:
+                    prior_term += w2[:, idx].sum(dim=(0, 2))
             out[s.name] = 0.5 * curv / temperature + 0.5 * prior_term
     return out
 

@@ -116,7 +116,7 @@ def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str,
         model.train(was_training)
     acc.all_reduce()
     scale = n_data / acc.n_g
-    return {m: acc.sums[m]["G"].cpu().mul_(scale) for m in modules}  # float32: float64 one block at a time
+    return {m: acc.sums[m]["G"].mul_(scale) for m in modules}  # the sums' dtype, on the model's device
 
 
 def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]) -> List[Tuple[tuple, dict]]:
@@ -160,9 +160,9 @@ def _run_block(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> List[Tuple
 
 def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs: List[Tuple[tuple, dict]],
                   masks: List[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """``{module: A}`` (float64, ``(in+1)²`` with the bias column last): ``Σ a aᵀ / n`` over the non-padding token
-    rows of ``modules``' inputs while ``block`` runs on ``inputs`` (what :meth:`SpamLaplace.factors` gives with
-    ``expand`` rows)."""
+    """``{module: A}`` (``(in+1)²`` with the bias column last): ``Σ a aᵀ / n`` over the non-padding token rows of
+    ``modules``' inputs while ``block`` runs on ``inputs`` (what :meth:`SpamLaplace.factors` gives with ``expand``
+    rows), on the model's device in float32 (float64 for a float64 model): scores and refits are computed there."""
     mods = dict(model.named_modules())
     sums: Dict[str, torch.Tensor] = {}
     rows = torch.zeros((), dtype=torch.float64)
@@ -193,7 +193,7 @@ def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs
         for h in handles:
             h.remove()
     n = float(all_reduce_sum(rows.clone()))
-    return {m: all_reduce_sum(sums[m]).to(torch.float64).cpu() / max(n, 1.0) for m in modules}
+    return {m: all_reduce_sum(sums[m]).div_(max(n, 1.0)) for m in modules}
 
 
 def _block_specs(specs: List[GroupSpec], layer: int) -> List[GroupSpec]:
@@ -235,7 +235,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     prior = statistics.prior if statistics is not None else None
 
     def block_scores(layer: int, specs: List[GroupSpec], A: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        factors = {m: (A[m], G[m].to(torch.float64)) for m in A} if "factors" in score.needs else None
+        factors = {m: (A[m], G[m].to(A[m].dtype)) for m in A} if "factors" in score.needs else None
         stats = Statistics(prior=prior, temperature=temperature, diagonal=diagonal, factors=factors)
         return score(model, specs, stats, seed=config.seed)
 
@@ -273,7 +273,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
                 keep = _block_keep(model, specs, block_scores(layer, specs, A), removed_by_layer[layer], config)
             keep = broadcast_object(keep)
             if config.compensate:
-                compensated.update(compensate_groups(model, specs, keep, {m: (A[m], G[m].to(torch.float64))
+                compensated.update(compensate_groups(model, specs, keep, {m: (A[m], G[m].to(A[m].dtype))
                                                                           for m in A}))
             del A
             prune_groups(model, keep, kv_groups_only=kv)
