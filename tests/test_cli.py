@@ -529,6 +529,23 @@ def test_cli_resume_from_checkpoint_ends_like_the_uninterrupted_run(tiny_setup, 
     assert "Traceback" not in err and len(lines) == 1 and "--debug" in lines[0], err[-2000:]
 
 
+def _run_and_kill(code, argv, marker):
+    """Run ``python -c code ARGV`` and kill it with SIGKILL as soon as ``marker`` exists (it must still be running)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
 def _busy_folder(path):
     """An output folder a user already holds an export and a run config in."""
     (path / "model").mkdir(parents=True)
@@ -566,11 +583,6 @@ def test_sigkill_after_the_last_checkpoint_then_resume_is_exact(tiny_setup):
     with `--resume_from_checkpoint last`: no step past max_steps, and the uninterrupted run's weights, priors,
     hyper-optimiser state, curvature keys and pruning decision (it used to train one more step and take an extra
     prior update)."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
 
     model_dir, train, dev, tmp = tiny_setup
@@ -582,16 +594,8 @@ def test_sigkill_after_the_last_checkpoint_then_resume_is_exact(tiny_setup):
     slow_prune = ("import sys, time, spam_hf.jobs; c = sys.modules['spam_hf.jobs.compress']; f = c.prune_and_export; "
                   "c.prune_and_export = lambda *a, **k: (time.sleep(120), f(*a, **k))[1]; "
                   "from spam_hf.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", slow_prune, *common, "--output-dir", killed],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    marker = os.path.join(killed, "run_config.json")  # written after training, just before pruning
-    deadline = time.time() + 300
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    # run_config.json is written after training, just before pruning
+    _run_and_kill(slow_prune, [*common, "--output-dir", killed], os.path.join(killed, "run_config.json"))
     assert os.path.exists(os.path.join(killed, "checkpoint-12")) and not os.path.exists(os.path.join(killed, "model"))
     assert main(common + ["--output-dir", killed, "--resume_from_checkpoint", "last"]) == 0
     assert not os.path.exists(os.path.join(killed, "checkpoint-13"))
@@ -696,28 +700,14 @@ def test_corrupt_inputs_exit_2_with_one_line(tiny_setup, tmp_path, capsys):
 def test_sigkill_after_a_checkpoint_then_resume_ends_like_the_uninterrupted_run(tiny_setup):
     """A real `spam-hf compress` process killed with SIGKILL after a checkpoint, resumed from the CLI with
     `--resume_from_checkpoint last`: the same weights, priors and pruning decision as the uninterrupted run."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     model_dir, train, dev, tmp = tiny_setup
     common = ["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5", *FAST,
               "--num_train_epochs", "6", "--save_strategy", "epoch"]
     out = str(tmp / "full")
     assert main(common + ["--output-dir", out]) == 0
     killed = str(tmp / "killed")
-    cmd = [sys.executable, "-c", "import sys; from spam_hf.cli import main; sys.exit(main(sys.argv[1:]))",
-           *common, "--output-dir", killed]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    marker = os.path.join(killed, "checkpoint-16", "trainer_state.json")
-    deadline = time.time() + 300
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    _run_and_kill("import sys; from spam_hf.cli import main; sys.exit(main(sys.argv[1:]))",
+                  [*common, "--output-dir", killed], os.path.join(killed, "checkpoint-16", "trainer_state.json"))
     assert not os.path.exists(os.path.join(killed, "model"))
     assert main(common + ["--output-dir", killed, "--resume_from_checkpoint", "last"]) == 0
     _assert_same_run(out, killed)
