@@ -98,3 +98,14 @@ def test_float32_statistics_score_like_float64():
     double = prune_sequential(model.double(), None, config, batches, rescore=False).plans[0]
     for name, scores in double.scores.items():
         torch.testing.assert_close(torch.tensor(single.scores[name]), torch.tensor(scores), rtol=1e-4, atol=1e-8)
+
+
+def test_a_bfloat16_model_stays_bfloat16():
+    """The model keeps its dtype: statistics, scores and refits run in float32 beside it, the weights are written
+    back in bfloat16, and the pruned model still computes finite logits."""
+    model, batches = _model_and_batches("llama", n=4, batch=8)
+    model = model.to(torch.bfloat16)
+    result = prune(model, None, PruningConfig(sparsity=0.5, sequential=True, calibration_batches=4), batches)
+    assert result.achieved >= 0.5 and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(**tiny_lm_batch(seed=9)).logits.float()).all()
