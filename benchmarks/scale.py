@@ -46,6 +46,7 @@ SHAPES = {  # hidden, intermediate, query heads, KV heads, head width, vocabular
     "qwen2.5-0.5b": (896, 4864, 14, 2, 64, 151936, 24, True),
     "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256, 16, True),
     "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32, False),
+    "tiny": (64, 128, 4, 2, 16, 30522, 2, True),  # the smoke test's (MiniLM's vocabulary: its tokenizer's ids)
 }
 PATHS = ("all-at-once", "sequential")
 

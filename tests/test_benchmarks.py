@@ -308,3 +308,27 @@ def test_table_prune_groups_outputs_by_label(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(BENCH, "table_prune.py"), "--group", "x=" + str(tmp_path),
                           "--out", out], capture_output=True, text=True)
     assert res.returncode != 0 and "no pruning_report.json" in res.stderr
+
+
+def test_scale_smoke(tmp_path):
+    """benchmarks/scale.py on its tiny shape: both pruning paths in child processes, then the whole compress job
+    (with its dry run's prediction) on generated text."""
+    from conftest import write_text
+
+    out = str(tmp_path / "scale.json")
+    run("scale.py", "--shape", "tiny", "--layers", "2", "--calibration-batches", "2", "--batch-size", "2",
+        "--seq-len", "16", "--out", out)
+    rows = {r["path"]: r for r in json.load(open(out))["rows"]}
+    assert set(rows) == {"all-at-once", "sequential"} and all(r["achieved"] >= 0.3 for r in rows.values())
+    assert rows["sequential"]["extra_vs_all_at_once"] > 0
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, seed in (("test.txt", 0), ("valid.txt", 1)):
+        write_text(data / name, 400, seed)
+    out = str(tmp_path / "scale_cli.json")
+    run("scale.py", "--cli", "--shape", "tiny", "--data-dir", str(data), "--work-dir", str(tmp_path / "work"),
+        "--calibration-batches", "2", "--batch-size", "2", "--seq-len", "16", "--extra=--sequential=True",
+        "--out", out)
+    row = json.load(open(out))["rows"][0]
+    assert row["returncode"] == 0 and row["sequential"] and row["achieved"] >= 0.3
+    assert row["predicted_peak_gib"] > 0 and row["peak_rss_gib"] > row["weights_gib"]
