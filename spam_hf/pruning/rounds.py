@@ -45,8 +45,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         make_posterior: builds a :class:`~spam_hf.posterior.SpamLaplace` for the current model (called
             every round; the previous round's unit precisions of kept groups are carried over), e.g.
             :meth:`SpamLaplace.calibration_posterior`.
-        calibration: batches for the statistics of each round (``config.calibration_batches`` of them, or
-            ``max_batches``; ``None`` = all).
+        calibration: batches for the statistics of each round: the first ``max_batches`` of them (default
+            ``config.calibration_batches``).
         config, options: the :class:`~spam_hf.pruning.PruningConfig` (``options`` replace its fields; ``sparsity``
             is ``targets[-1]``), resolved for ``model`` (:meth:`PruningConfig.resolved`). Used: ``method`` (any
             score; the damage scores and compensation use the round's KFAC factors), ``budget``, ``seq_len``,
