@@ -86,7 +86,7 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     assert main(["prune", out, "--sparsity", "0.6", "--output-dir", str(tmp / "full"), "--measure-latency", "False"]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
-    assert not (tmp / "full" / "model").exists() and not [f for f in os.listdir(tmp / "full") if ".partial-" in f]
+    assert not (tmp / "full").exists()  # the folder this prune created is gone: no model, no partial, no scratch
     monkeypatch.undo()
     # evaluate any checkpoint: its numbers against a direct computation on the reloaded model
     from transformers import AutoTokenizer
