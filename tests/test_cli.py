@@ -394,6 +394,11 @@ def test_post_hoc_block_sequential_compress(tiny_lm_setup, capsys):
     report = json.load(open(os.path.join(out, "pruning_report.json")))
     assert report["sequential"] and report["method"] == "damage-obs" and report["rounds"] == 1
     assert report["selection"]["sparsity_achieved"] >= 0.3 and report["pruned"]["perplexity"] > 1.0
+    # re-pruned from the saved run, block by block again, at another sparsity
+    assert main(["prune", out, "--sparsity", "0.5", "--sequential", "True", "--calibration-batches", "2",
+                 "--measure-latency", "False"]) == 0
+    again = json.load(open(os.path.join(out, "pruned-0.5", "pruning_report.json")))
+    assert again["sequential"] and again["selection"]["sparsity_achieved"] >= 0.5
     from spam_hf.export import from_pretrained
 
     assert from_pretrained(os.path.join(out, "model")) is not None
