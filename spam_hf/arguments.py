@@ -223,8 +223,8 @@ class PruneArguments:
     method: str = choice("auto", ("auto",) + score_names(),
                          "Group scores. 'auto': damage-obs (the damage of removing each whole head / neuron that "
                          "is left after compensation) for a full model, opd for LoRA ranks. damage-exact: the damage "
-                         "before compensation; opd: the diagonal posterior precision; fisher, magnitude, random: "
-                         "baselines.")
+                         "before compensation; opd: the diagonal posterior precision; fisher, magnitude, random, "
+                         "wanda-sp: baselines.")
     rounds: int = field(default=0, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
                                                      "statistics on --calibration-batches training batches each "
                                                      "round. 0 = auto: with a damage score on a full model, as many "
@@ -245,7 +245,7 @@ class PruneArguments:
     sequential: Optional[bool] = field(default=None, metadata={
         "help": "Prune one block at a time: only one block's statistics exist at once, each block is compensated on "
                 "the outputs of the blocks already pruned, and the budget stays global. Takes damage-obs, "
-                "damage-out, opd, fisher, magnitude or random and least-squares compensation. Default: only when "
+                "damage-out, opd, fisher, magnitude, random or wanda-sp and least-squares compensation. Default: only when "
                 "the statistics of all blocks at once would not fit in the memory available."})
     recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
     recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})

@@ -16,7 +16,7 @@ from conftest import BatchList, tiny_batch, tiny_classifier
 
 def test_every_score_declares_statistics_and_rounds():
     assert score_names() == ("opd", "magnitude", "fisher", "random", "damage", "damage-out", "damage-obs",
-                             "damage-exact")
+                             "damage-exact", "wanda-sp")
     for name in score_names():
         score = get_score(name)
         assert set(score.needs) <= set(STATISTICS) and score.summary, name
@@ -82,3 +82,33 @@ def test_a_new_score_is_one_registration(norm_score):
         register(Score("test-col-norm", _norm_score))
     with pytest.raises(ValueError, match="statistics of score"):
         Score("bad", _norm_score, needs=("hessian",))
+
+
+def test_wanda_sp_is_the_explicit_sum_over_consuming_columns():
+    """wanda-sp against a brute-force loop: Σ_i Σ_{j∈C} |W_ij| · √(mean over tokens of x_j²), from the inputs of the
+    consuming modules recorded by hooks (bias column: 1); the same through a calibration posterior's factors."""
+    model = tiny_classifier("bert", num_labels=3).eval()
+    specs = group_specs(model)
+    b = tiny_batch(batch=4)
+    mods = dict(model.named_modules())
+    inputs = {}
+    hooks = [mods[m].register_forward_hook(lambda mod, a, o, m=m: inputs.__setitem__(m, a[0].detach()))
+             for m in {m for s in specs for m in s.col_index}]
+    with torch.no_grad():
+        model(**b)
+    for h in hooks:
+        h.remove()
+    mask = b["attention_mask"].bool()
+    la = SpamLaplace(model, reduction="expand", n_data=4)
+    la.collect(BatchList([b]), progress=False)
+    scores = group_scores(model, specs, "wanda-sp", factors=la.factors())
+    for s in specs:
+        for g in range(s.count):
+            expected = 0.0
+            for m, idx in s.col_index.items():
+                x = inputs[m][mask].double()  # non-padding tokens × in
+                W = mods[m].weight.detach().double()
+                for j in idx[g].tolist():
+                    rms = float(x[:, j].square().mean().sqrt()) if j < W.shape[1] else 1.0
+                    expected += float(W[:, j].abs().sum()) * rms
+            assert float(scores[s.name][g]) == pytest.approx(expected, rel=1e-5), (s.name, g)

@@ -39,16 +39,18 @@ from ..posterior import likelihood_of
 from .compensation import compensate as compensate_groups
 from .config import PruningConfig
 from .plan import PruningPlan, PruningResult
-from .scores import Statistics
+from .scores import Statistics, get_score, score_names
 from .selection import group_costs, kept_selection, prunable_cost, select_groups
 from .surgery import prune_groups
 
 logger = logging.get_logger("spam_hf")
 
-SEQUENTIAL_SCORES = ("damage-obs", "damage-out", "opd", "fisher", "magnitude", "random")
-"""Scores the block-sequential path computes: from the consuming modules' factors, the trained posterior's
-curvature diagonal, or the weights alone (``damage`` reads the row modules' factors too, ``damage-exact`` the
-mask Fisher; both need every module at once)."""
+def sequential_ok(score) -> bool:
+    """Whether the block-sequential path computes ``score``: from the consuming modules' factors, the trained
+    posterior's curvature diagonal, or the weights alone (``damage`` reads the row modules' factors too,
+    ``damage-exact`` the mask Fisher; both need every module at once)."""
+    needs = set(score.needs)
+    return needs <= {"diagonal"} or (score.consuming_only and needs <= {"factors"})
 
 
 class _Stop(Exception):
@@ -59,8 +61,9 @@ def check_sequential(model: nn.Module, config: PruningConfig) -> None:
     """Refuse (one line) what the block-sequential path cannot do."""
     if is_peft_model(model):
         raise ValueError("block-sequential pruning is for heads and neurons of a full model, not LoRA ranks")
-    if config.method not in SEQUENTIAL_SCORES:
-        raise ValueError(f"block-sequential pruning scores with one of {', '.join(SEQUENTIAL_SCORES)}; "
+    if not sequential_ok(config.score):
+        usable = [n for n in score_names() if sequential_ok(get_score(n))]
+        raise ValueError(f"block-sequential pruning scores with one of {', '.join(usable)}; "
                          f"{config.method!r} needs every module's statistics at once")
     if config.compensate and config.compensation != "least-squares":
         raise ValueError("block-sequential pruning compensates by least squares on each block's inputs; "
