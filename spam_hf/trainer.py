@@ -21,7 +21,12 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+
+try:  # transformers 5.2x: a module function; older ones rotate through Trainer._rotate_checkpoints
+    from transformers.trainer import rotate_checkpoints
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    rotate_checkpoints = None
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
@@ -507,8 +512,11 @@ class SpamTrainer(Trainer):
             self.args.save_total_limit = limit
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
-            rotate_checkpoints(output_dir=os.path.dirname(folder), save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            if rotate_checkpoints is not None:
+                rotate_checkpoints(output_dir=os.path.dirname(folder), save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            else:
+                self._rotate_checkpoints(use_mtime=False, output_dir=os.path.dirname(folder))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint:
