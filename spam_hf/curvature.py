@@ -170,21 +170,21 @@ class CurvatureAccumulator:
         self.reduced = False  # the sums are already summed over processes (all_reduce)
         self.sums: Dict[str, Dict[str, torch.Tensor]] = _LazySums(self._zeros)
 
-    def _zeros(self, name: str) -> Dict[str, torch.Tensor]:
-        """Zero sums of module ``name``: ``A`` ((in+1)²) and ``G`` (out²) for KFAC (those in ``sides``), ``D``
-        (out × (in+1)) for the diagonal, and ``M`` (in²) for a mask module."""
+    def _sizes(self, name: str) -> Dict[str, tuple]:
+        """The sums of module ``name`` and their shapes: ``A`` ((in+1)²) and ``G`` (out²) for KFAC (those in
+        ``sides``), ``D`` (out × (in+1)) for the diagonal, and ``M`` (in²) for a mask module."""
         if name not in self.shapes:
             raise KeyError(name)
         out, inp = self.shapes[name]
-        if self.kind == "kfac":
-            size = {"A": inp, "G": out}
-            sums = {k: torch.zeros(size[k], size[k], dtype=self.dtype) for k in self.sides}
-        else:
-            sums = {"D": torch.zeros(out, inp, dtype=self.dtype)}
+        sizes = {k: (n, n) for k, n in (("A", inp), ("G", out)) if k in self.sides} if self.kind == "kfac" \
+            else {"D": (out, inp)}
         if name in self.mask_modules:
             width = inp - int(name in self._biased)
-            sums["M"] = torch.zeros(width, width, dtype=self.dtype)
-        return sums
+            sizes["M"] = (width, width)
+        return sizes
+
+    def _zeros(self, name: str) -> Dict[str, torch.Tensor]:
+        return {k: torch.zeros(shape, dtype=self.dtype) for k, shape in self._sizes(name).items()}
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
@@ -201,18 +201,19 @@ class CurvatureAccumulator:
         empty = float(state["n"].reshape(())) <= 0  # saved before any rows: no factors were allocated
         self.sums = _LazySums(self._zeros)
         for m in self.shapes:
-            expected = self._zeros(m)
-            if empty and not any(f"{m}.{k}" in state for k in expected):
+            sizes = self._sizes(m)
+            if empty and not any(f"{m}.{k}" in state for k in sizes):
                 continue
-            for k, v in expected.items():
+            loaded = {}
+            for k, shape in sizes.items():
                 key = f"{m}.{k}"
                 if key not in state:
                     raise ValueError(f"curvature state has no factor {key!r} (curvature kind {self.kind!r})")
-                if tuple(state[key].shape) != tuple(v.shape):
+                if tuple(state[key].shape) != shape:
                     raise ValueError(f"curvature factor {key!r} has shape {tuple(state[key].shape)}, "
-                                     f"the model needs {tuple(v.shape)}")
-                expected[k] = state[key].to(self.dtype).clone()
-            self.sums[m] = expected
+                                     f"the model needs {shape}")
+                loaded[k] = state[key].to(self.dtype).clone()
+            self.sums[m] = loaded
         self.reduced = False  # saved sums are a process's own (checkpoints are written between reductions)
         self.n = state["n"].to(torch.float64).reshape(())
         # files written before n_seen existed: no subsampling record, and n_units only with a mask Fisher

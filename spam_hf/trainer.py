@@ -37,7 +37,7 @@ from .distributed import all_reduce_sum, is_distributed, rank
 from .export import save_pruned
 from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap
 from .pruning import PruningConfig, PruningPlan, Selection, apply, compensate, mask_groups, plan, prune
-from .pruning.selection import group_costs, prunable_cost
+from .pruning.selection import prunable_cost, removed_cost
 from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, kept_count, monotone_keep, read_keep, write_keep
 
 logger = logging.get_logger(__name__)
@@ -294,15 +294,13 @@ class SpamTrainer(Trainer):
         would remove. Scores of the trained posterior (``opd``, ``fisher``) read it; scores of calibration
         statistics (the default ``damage-obs``) get them from ``calibration_batches`` training batches first, in a
         posterior like the trained one. ``config`` / ``options``: a :class:`~spam_hf.pruning.PruningConfig`."""
-        config = PruningConfig.build(sparsity, config, **options)
-        if config.kv_groups_only is None:
-            config = config.replace(kv_groups_only=self.args.kv_groups_only)
+        config = PruningConfig.build(sparsity, config, **options)  # kv_groups_only: the posterior's (the args')
         model, posterior = unwrap(self.model), self._sync_n()
         score = config.resolved(is_peft_model(model)).score
         if score.calibrated:
             trained = posterior
             posterior = trained.calibration_posterior(model, mask_fisher="mask_fisher" in score.needs,
-                                                      consuming_only=score.consuming_only)
+                                                      consuming_only=score.collects_consuming_only)
             posterior.carry_over(trained, {})
             posterior.collect(self.get_train_dataloader(), max_batches=config.calibration_batches,
                               progress=self.is_local_process_zero() and not self.args.disable_tqdm)
@@ -320,7 +318,7 @@ class SpamTrainer(Trainer):
         if target <= 0:
             return None
         # the live training sums, not calibration batches: the schedule scores between optimiser steps
-        p = plan(unwrap(self.model), self._sync_n(), target, method=method, kv_groups_only=self.args.kv_groups_only)
+        p = plan(unwrap(self.model), self._sync_n(), target, method=method)
         keep = monotone_keep(p.keep, self.schedule_keep)
         if self.args.schedule_compensate and kept_count(keep, self.specs) < kept_count(self.schedule_keep, self.specs):
             self._compensate_schedule(keep)
@@ -350,12 +348,8 @@ class SpamTrainer(Trainer):
         if not self.schedule_keep:
             return 0.0
         model = unwrap(self.model)
-        removed = 0.0
-        for s in self.specs:
-            kept = set(self.schedule_keep.get(s.name, torch.arange(s.count)).tolist())
-            dropped = [g for g in range(s.count) if g not in kept]
-            if dropped:
-                removed += float(group_costs(model, s, budget, seq_len)[dropped].sum())
+        removed = sum(removed_cost(model, s, self.schedule_keep.get(s.name, torch.arange(s.count)), budget, seq_len)
+                      for s in self.specs)
         return removed / prunable_cost(model, self.specs, budget, seq_len)
 
     def prune(self, sparsity: Optional[float] = None, *, config: Optional[PruningConfig] = None,
@@ -372,9 +366,7 @@ class SpamTrainer(Trainer):
         original groups); the whole result is ``trainer.last_result``, a one-shot plan ``trainer.last_plan``. The
         posterior is rebuilt for the smaller model (unit precisions of kept groups carried over).
         """
-        config = PruningConfig.build(sparsity, config, **options)
-        if config.kv_groups_only is None:
-            config = config.replace(kv_groups_only=self.args.kv_groups_only)
+        config = PruningConfig.build(sparsity, config, **options)  # kv_groups_only: the posterior's (the args')
         if self.schedule_keep:  # every group the schedule masked goes (they score zero, so they go first)
             masked = self.masked_fraction(config.budget, config.seq_len)
             if masked > config.sparsity:

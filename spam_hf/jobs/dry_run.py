@@ -46,7 +46,7 @@ def dry_run(model_args: ModelArguments, data_args: DataArguments, args: Compress
         per_layer.setdefault(s.layer, []).append(f"{s.count} {s.kind.replace('_', ' ')}s")
     n_params = sum(p.numel() for p in model.parameters())
     stages = predict(model, training=args.training, curvature=train_args.curvature, sequential=config.sequential,
-                     consuming_only=config.score.consuming_only or not config.score.needs,
+                     consuming_only=config.score.collects_consuming_only,
                      batch_size=train_args.per_device_train_batch_size, seq_len=data_args.max_seq_length,
                      calibration_batches=config.calibration_batches,
                      eval_batch_size=train_args.per_device_eval_batch_size, causal_lm=causal_lm,
@@ -63,4 +63,4 @@ def dry_run(model_args: ModelArguments, data_args: DataArguments, args: Compress
     total = peak(stages)
     print(f"peak memory: {total / 2**30:.1f} GiB")
     return {"stages": {st.name: st.bytes for st in stages}, "peak_bytes": total,
-            "groups_per_layer": {k: v for k, v in per_layer.items()}}
+            "groups_per_layer": per_layer}

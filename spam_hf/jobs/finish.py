@@ -21,7 +21,7 @@ from ..export.hub import push_folder
 from ..memory import PROCESS_BYTES, available_bytes, gib, predict
 from ..posterior import unwrap
 from ..pruning import PruningConfig
-from ..pruning.sequential import sequential_ok
+from ..pruning.sequential import sequential_refusal
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
 from .outputs import staged_folder, write_json
@@ -136,10 +136,9 @@ def choose_sequential(model, config: PruningConfig, batch_size: int, seq_len: in
     (:func:`spam_hf.memory.predict`: factors, one calibration batch, scoring) would exceed 80% of the memory
     available on ``device`` (default: the model's), and the score and model allow it; all at once otherwise (the
     measured default where memory was never the problem)."""
-    if config.sequential or is_peft_model(model) or not sequential_ok(config.score) or \
-            (config.compensate and config.compensation != "least-squares"):
+    if config.sequential or sequential_refusal(model, config) is not None:
         return config
-    stage = predict(model, training="none", consuming_only=config.score.consuming_only or not config.score.needs,
+    stage = predict(model, training="none", consuming_only=config.score.collects_consuming_only,
                     batch_size=batch_size, seq_len=seq_len, calibration_batches=config.calibration_batches,
                     measure_latency=False)[0]
     need = stage.bytes - stage.parts["weights"] - PROCESS_BYTES  # the weights are already resident

@@ -118,7 +118,7 @@ def _gram_blocks(X: torch.Tensor, Y: torch.Tensor, batch_first: bool) -> torch.T
 
 def _block_sums(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``[G]``: ``Σ_{i,j ∈ idx[g]} X_ij`` for each row ``idx[g]`` of ``idx`` (``LongTensor[G, r]``)."""
-    return X[idx.unsqueeze(2), idx.unsqueeze(1)].sum(dim=(1, 2))
+    return _blocks(X, idx).sum(dim=(1, 2))
 
 
 def schur_blocks(A: torch.Tensor, idx: torch.Tensor, damping: Optional[float] = None) -> torch.Tensor:
@@ -134,7 +134,7 @@ def schur_blocks(A: torch.Tensor, idx: torch.Tensor, damping: Optional[float] = 
     del damped
     inv = torch.cholesky_inverse(L)
     del L
-    block = inv[idx.unsqueeze(2), idx.unsqueeze(1)]
+    block = _blocks(inv, idx)
     return torch.linalg.inv(0.5 * (block + block.transpose(1, 2)))
 
 

@@ -58,7 +58,7 @@ def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Op
     if not config.in_rounds:
         p = plan(model, statistics, config=config)
         apply(model, p)
-        return PruningResult(plans=[p], achieved=p.achieved, compensated=[], selection=p.selection, config=config)
+        return PruningResult(plans=[p], compensated=[], selection=p.selection, config=config)
     if calibration is None:
         raise ValueError(f"pruning with {config.method} in {config.rounds} round(s)"
                          f"{' with compensation' if config.compensate else ''} needs calibration batches "
@@ -75,9 +75,8 @@ def calibration_posteriors(model: nn.Module, statistics: Optional[SpamLaplace],
     Fisher only when the score reads it, and only the consuming modules' curvature when nothing else is read."""
     score = config.score
     mask_fisher = "mask_fisher" in score.needs
-    # scores of the consuming modules' statistics, and scores of the weights alone (whose rounds need statistics
-    # for compensation only), collect curvature of O / down / lora_B alone: a third of the factors at LLM widths
-    consuming_only = score.consuming_only or not score.needs
+    # curvature of O / down / lora_B alone where that is all that is read: a third of the factors at LLM widths
+    consuming_only = score.collects_consuming_only
     if statistics is None:
         statistics = SpamLaplace(model, reduction="expand", kv_groups_only=bool(config.kv_groups_only))
     return lambda m: statistics.calibration_posterior(m, mask_fisher=mask_fisher, consuming_only=consuming_only)

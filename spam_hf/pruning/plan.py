@@ -92,17 +92,20 @@ class PruningResult:
 
     Attributes:
         plans: one :class:`PruningPlan` per round (one for a one-shot prune), each of the model as it was then.
-        achieved: the fraction of the original prunable cost removed.
         compensated: per round, ``{module: columns refitted}`` (empty without compensation).
-        selection: all rounds as one selection of the *original* model's groups (for reports).
+        selection: all rounds as one selection of the *original* model's groups (for reports); its ``achieved``
+            (also ``result.achieved``) is the fraction of the original prunable cost removed.
         config: the resolved :class:`~spam_hf.pruning.PruningConfig` it ran with.
     """
 
     plans: List[PruningPlan]
-    achieved: float
     compensated: List[dict]
     selection: Selection
     config: Optional[PruningConfig] = None
+
+    @property
+    def achieved(self) -> float:
+        return self.selection.achieved
 
 
 def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,

@@ -115,5 +115,4 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
     broadcast_parameters(model)  # data parallel: every process holds the main process's compensated weights
     total = prunable_cost(model, group_specs(model, kv_groups_only), budget, seq_len)
     selection = kept_selection(specs0, original, budget, float(targets[-1]), total0, total)
-    return PruningResult(plans=plans, achieved=selection.achieved, compensated=compensated, selection=selection,
-                         config=config)
+    return PruningResult(plans=plans, compensated=compensated, selection=selection, config=config)

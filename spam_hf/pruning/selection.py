@@ -76,6 +76,12 @@ class Selection:
         }
 
 
+def removed_cost(model: nn.Module, spec: GroupSpec, kept, budget: str, seq_len: int) -> float:
+    """The cost (parameters, or FLOPs at ``seq_len``) of the groups of ``spec`` not in ``kept`` (indices)."""
+    dropped = sorted(set(range(spec.count)) - set(torch.as_tensor(kept).tolist()))
+    return float(group_costs(model, spec, budget, seq_len)[dropped].sum()) if dropped else 0.0
+
+
 def kept_selection(specs: List[GroupSpec], kept: Dict[str, torch.Tensor], budget: str, target: float,
                    total_before: float, total_after: float) -> Selection:
     """A :class:`Selection` of the groups of ``specs`` (the model before pruning) that ``kept`` names (original

@@ -40,7 +40,7 @@ from .compensation import compensate as compensate_groups
 from .config import PruningConfig
 from .plan import PruningPlan, PruningResult
 from .scores import Statistics, get_score, score_names
-from .selection import group_costs, kept_selection, prunable_cost, select_groups
+from .selection import kept_selection, prunable_cost, removed_cost, select_groups
 from .surgery import prune_groups
 
 logger = logging.get_logger("spam_hf")
@@ -57,17 +57,25 @@ class _Stop(Exception):
     """Raised by the hook that records block 0's inputs, to end the forward there."""
 
 
-def check_sequential(model: nn.Module, config: PruningConfig) -> None:
-    """Refuse (one line) what the block-sequential path cannot do."""
+def sequential_refusal(model: nn.Module, config: PruningConfig) -> Optional[str]:
+    """Why the block-sequential path cannot prune ``model`` as ``config`` (resolved) says, or ``None``."""
     if is_peft_model(model):
-        raise ValueError("block-sequential pruning is for heads and neurons of a full model, not LoRA ranks")
+        return "block-sequential pruning is for heads and neurons of a full model, not LoRA ranks"
     if not sequential_ok(config.score):
         usable = [n for n in score_names() if sequential_ok(get_score(n))]
-        raise ValueError(f"block-sequential pruning scores with one of {', '.join(usable)}; "
-                         f"{config.method!r} needs every module's statistics at once")
+        return (f"block-sequential pruning scores with one of {', '.join(usable)}; {config.method!r} needs every "
+                "module's statistics at once")
     if config.compensate and config.compensation != "least-squares":
-        raise ValueError("block-sequential pruning compensates by least squares on each block's inputs; "
-                         f"compensation {config.compensation!r} is for all-at-once pruning")
+        return ("block-sequential pruning compensates by least squares on each block's inputs; compensation "
+                f"{config.compensation!r} is for all-at-once pruning")
+    return None
+
+
+def check_sequential(model: nn.Module, config: PruningConfig) -> None:
+    """Refuse (one line) what the block-sequential path cannot do."""
+    reason = sequential_refusal(model, config)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _batches(calibration: Iterable, max_batches: int) -> List[Dict[str, torch.Tensor]]:
@@ -237,8 +245,12 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     diagonal = statistics.diagonal() if "diagonal" in score.needs else None
     prior = statistics.prior if statistics is not None else None
 
-    def block_scores(layer: int, specs: List[GroupSpec], A: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        factors = {m: (A[m], G[m].to(A[m].dtype)) for m in A} if "factors" in score.needs else None
+    def paired(A: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
+        """``{module: (A, G)}``: a block's input factors with the output factors, in the input factors' dtype."""
+        return {m: (A[m], G[m].to(A[m].dtype)) for m in A}
+
+    def block_scores(specs: List[GroupSpec], A: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        factors = paired(A) if "factors" in score.needs else None
         stats = Statistics(prior=prior, temperature=temperature, diagonal=diagonal, factors=factors)
         return score(model, specs, stats, seed=config.seed)
 
@@ -249,7 +261,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
         specs = _block_specs(specs0, layer)
         if specs:
             A = input_factors(model, block, consuming_modules(specs), inputs, masks) if "factors" in score.needs else {}
-            scores.update(block_scores(layer, specs, A))
+            scores.update(block_scores(specs, A))
             del A
         inputs = _run_block(block, inputs)
     del inputs
@@ -273,11 +285,10 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
             A = input_factors(model, block, consuming_modules(specs), inputs, masks) if needs_factors else {}
             keep = {s.name: global_plan.keep[s.name] for s in specs}
             if rescore:
-                keep = _block_keep(model, specs, block_scores(layer, specs, A), removed_by_layer[layer], config)
+                keep = _block_keep(model, specs, block_scores(specs, A), removed_by_layer[layer], config)
             keep = broadcast_object(keep)
             if config.compensate:
-                compensated.update(compensate_groups(model, specs, keep, {m: (A[m], G[m].to(A[m].dtype))
-                                                                          for m in A}))
+                compensated.update(compensate_groups(model, specs, keep, paired(A)))
             del A
             prune_groups(model, keep, kv_groups_only=kv)
             block = family.layers(model)[layer]  # surgery may replace modules inside it
@@ -291,8 +302,8 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
         kept.setdefault(s.name, torch.arange(s.count))
     total = prunable_cost(model, group_specs(model, kv), config.budget, config.seq_len)
     selection = kept_selection(specs0, kept, config.budget, config.sparsity, total0, total)
-    return PruningResult(plans=[global_plan], achieved=selection.achieved,
-                         compensated=[compensated] if config.compensate else [], selection=selection, config=config)
+    return PruningResult(plans=[global_plan], compensated=[compensated] if config.compensate else [],
+                         selection=selection, config=config)
 
 
 def _removed_cost(model: nn.Module, specs: List[GroupSpec], keep: Dict[str, torch.Tensor],
@@ -300,10 +311,7 @@ def _removed_cost(model: nn.Module, specs: List[GroupSpec], keep: Dict[str, torc
     """``{layer: cost of the groups the global selection removes there}`` (the per-block budgets)."""
     out: Dict[int, float] = {}
     for s in specs:
-        dropped = sorted(set(range(s.count)) - set(torch.as_tensor(keep[s.name]).tolist()))
-        if dropped:
-            cost = float(group_costs(model, s, config.budget, config.seq_len)[dropped].sum())
-            out[s.layer] = out.get(s.layer, 0.0) + cost
+        out[s.layer] = out.get(s.layer, 0.0) + removed_cost(model, s, keep[s.name], config.budget, config.seq_len)
     return out
 
 

@@ -100,6 +100,12 @@ class Score:
         return any(n in CALIBRATION_STATISTICS for n in self.needs)
 
     @property
+    def collects_consuming_only(self) -> bool:
+        """Calibration statistics for it (and for compensation around it) are the consuming modules' alone: it reads
+        only theirs, or no statistics at all (then only compensation reads any)."""
+        return self.consuming_only or not self.needs
+
+    @property
     def needs_posterior(self) -> bool:
         return bool(self.needs)
 
