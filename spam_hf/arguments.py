@@ -108,6 +108,9 @@ class SpamTrainingArguments(TrainingArguments):
                                                   "estimate); 'empirical': empirical Fisher.")
     kfac_reduction: str = choice("auto", ("auto",) + REDUCTIONS, "'reduce' (sequence-level losses), 'expand' "
                                                                  "(token-level losses) or 'auto' (by task).")
+    kfac_diagonal_from: int = field(default=4096, metadata={"help": "Kronecker factors at least this wide (the MLP "
+                                                                    "of an LLM) keep only their diagonal while "
+                                                                    "priors are learnt; 0 keeps every factor whole."})
     curvature_every: int = field(default=4, metadata={"help": "Accumulate curvature on every k-th optimiser step "
                                                               "(amortises the extra backward)."})
     curvature_max_rows: int = field(default=1024, metadata={"help": "At most this many rows (tokens for 'expand') "
@@ -149,6 +152,8 @@ class SpamTrainingArguments(TrainingArguments):
             raise ValueError(f"prior_init must be > 0, got {self.prior_init}")
         if self.curvature_every < 1:
             raise ValueError(f"curvature_every must be >= 1, got {self.curvature_every}")
+        if self.kfac_diagonal_from < 0:
+            raise ValueError(f"kfac_diagonal_from must be >= 0 (0 keeps every factor whole), got {self.kfac_diagonal_from}")
         if self.marglik_frequency < 0 or self.marglik_burn_in < 0 or self.n_hypersteps < 1:
             raise ValueError("marglik_frequency and marglik_burn_in must be >= 0 and n_hypersteps >= 1")
         if not self.temperature > 0:

@@ -7,6 +7,13 @@ For a layer with input ``a`` (augmented with a 1 for the bias) and ``g`` the gra
   extrapolated to the ``N`` training examples (tokens for token-level losses).
 * diagonal: ``diag H ≈ (N / n_g) Σ (g∘g)(a∘a)ᵀ``.
 
+Wide factors (``diagonal_from``): a KFAC factor of width ``d ≥ diagonal_from`` (the MLP of an LLM: down's input,
+gate's and up's outputs; the input of a LoRA ``A`` on down) keeps only its diagonal, ``Σ a∘a`` or ``Σ g∘g``:
+``H ≈ G ⊗ diag(A)`` (or ``diag(G) ⊗ A``). That is ``d`` numbers instead of ``d²`` and no ``O(d³)``
+eigendecomposition, and a unit prior on that side (MLP neurons are down's input columns and gate's / up's output
+rows) stays exact in the log-determinant (:mod:`spam_hf.kron`). Group damage and compensation need the whole
+factors: calibration posteriors never use the approximation.
+
 ``n_g`` is the number of loss units (examples) the summed rows stand for: ``n`` for one row per example
 (``"reduce"``) and for token-level losses, but ``examples · n / rows before subsampling`` when a
 sequence-level loss is expanded into token rows, whose ``Σ_t g_t g_tᵀ`` belongs to one example.
@@ -126,8 +133,12 @@ class CurvatureAccumulator:
                  reduction: str = "reduce", fisher: str = "mc", likelihood: str = "classification",
                  max_rows_per_batch: Optional[int] = None, seed: int = 0,
                  accumulate_dtype: Optional[torch.dtype] = None, mask_modules: Iterable[str] = (),
-                 sides: Iterable[str] = ("A", "G")) -> None:
+                 sides: Iterable[str] = ("A", "G"), diagonal_from: Optional[int] = None) -> None:
         check_choice("curvature", kind, CURVATURE_KINDS)
+        if diagonal_from is not None and diagonal_from < 1:
+            raise ValueError(f"diagonal_from must be a positive width (or None for whole factors), got {diagonal_from}")
+        # KFAC factors at least this wide keep only their diagonal (module docstring); None: every factor whole
+        self.diagonal_from = diagonal_from
         # KFAC: which factors to keep; ("G",) holds only the out × out output factors (block-sequential pruning
         # takes the wide input factors one block at a time from the block's inputs)
         self.sides = tuple(sides)
@@ -172,16 +183,25 @@ class CurvatureAccumulator:
 
     def _sizes(self, name: str) -> Dict[str, tuple]:
         """The sums of module ``name`` and their shapes: ``A`` ((in+1)²) and ``G`` (out²) for KFAC (those in
-        ``sides``), ``D`` (out × (in+1)) for the diagonal, and ``M`` (in²) for a mask module."""
+        ``sides``; a vector, the diagonal, for a factor of ``diagonal_from`` or more), ``D`` (out × (in+1)) for the
+        diagonal, and ``M`` (in²) for a mask module."""
         if name not in self.shapes:
             raise KeyError(name)
         out, inp = self.shapes[name]
-        sizes = {k: (n, n) for k, n in (("A", inp), ("G", out)) if k in self.sides} if self.kind == "kfac" \
-            else {"D": (out, inp)}
+        sizes = {k: self._factor_shape(n) for k, n in (("A", inp), ("G", out)) if k in self.sides} \
+            if self.kind == "kfac" else {"D": (out, inp)}
         if name in self.mask_modules:
             width = inp - int(name in self._biased)
             sizes["M"] = (width, width)
         return sizes
+
+    def _factor_shape(self, n: int) -> tuple:
+        return (n,) if self.diagonal_from is not None and n >= self.diagonal_from else (n, n)
+
+    @property
+    def whole_factors(self) -> bool:
+        """Whether every KFAC factor is kept whole (what group damage and compensation need)."""
+        return self.kind == "kfac" and all(len(self._factor_shape(n)) == 2 for shp in self.shapes.values() for n in shp)
 
     def _zeros(self, name: str) -> Dict[str, torch.Tensor]:
         return {k: torch.zeros(shape, dtype=self.dtype) for k, shape in self._sizes(name).items()}
@@ -344,10 +364,9 @@ class CurvatureAccumulator:
                 if s[k].device != a.device:
                     s[k] = s[k].to(a.device)
             if self.kind == "kfac":
-                if "A" in s:
-                    s["A"] += (a.T @ a).to(self.dtype)
-                if "G" in s:
-                    s["G"] += (g.T @ g).to(self.dtype)
+                for k, x in (("A", a), ("G", g)):
+                    if k in s:
+                        s[k] += (x.square().sum(0) if s[k].dim() == 1 else x.T @ x).to(self.dtype)
             else:
                 s["D"] += (g.square().T @ a.square()).to(self.dtype)
             if cap.weight is not None:
@@ -432,11 +451,16 @@ class CurvatureAccumulator:
                                           "n_g": torch.tensor([self.n_g], dtype=torch.float64)}
         for m, s in self.sums.items():
             if self.kind == "kfac":
-                state[f"{m}.Gdiag"] = s["G"].diagonal().to("cpu", torch.float64)
-                state[f"{m}.Adiag"] = s["A"].diagonal().to("cpu", torch.float64)
+                state[f"{m}.Gdiag"] = _diagonal(s["G"]).to("cpu", torch.float64)
+                state[f"{m}.Adiag"] = _diagonal(s["A"]).to("cpu", torch.float64)
             else:
                 state[f"{m}.D"] = s["D"].to("cpu", torch.float64)
         return state
+
+
+def _diagonal(factor: torch.Tensor) -> torch.Tensor:
+    """The diagonal of a KFAC factor sum: a matrix's diagonal, or the vector a wide factor keeps."""
+    return factor if factor.dim() == 1 else factor.diagonal()
 
 
 class _LazySums(dict):

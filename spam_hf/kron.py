@@ -12,6 +12,15 @@ and, for an elementwise precision matrix ``Δ`` (``out × (in+1)``),
     log det(G ⊗ A / T + diag(vec Δ)) ≤ Σ_ij log(g_i a_j / T + δ̃_ij),  δ̃ = (Q_G∘Q_G)ᵀ Δ (Q_A∘Q_A)
 
 (Hadamard's inequality applied in the Kronecker eigenbasis; equality when Δ is constant).
+
+**Wide factors.** A factor given as a vector (``A`` of width ``in+1`` as ``[in+1]``, or ``G`` as ``[out]``) is
+the diagonal of that factor: ``H ≈ G ⊗ diag(a)`` (or ``diag(g) ⊗ A``). Its eigenvectors are the unit vectors
+(``Q_A = I``, never formed), so the same formulas hold with ``Q_A∘Q_A = I``. A unit prior on the rows or columns
+of the diagonal side is then exact, not a bound: for ``Δ = 1 vᵀ`` (one precision per input column) and
+``A = diag(a)``, ``G ⊗ diag(a)/T + diag(vec Δ)`` is block-diagonal over columns ``j`` with blocks
+``a_j G / T + v_j I``, whose log-determinant is ``Σ_i log(g_i a_j / T + v_j)``. This is what
+:class:`~spam_hf.curvature.CurvatureAccumulator` keeps for factors of ``diagonal_from`` or more (an LLM's MLP):
+``d`` numbers instead of ``d²``, and no ``O(d³)`` eigendecomposition.
 """
 
 from __future__ import annotations
@@ -112,13 +121,15 @@ class KronEigen:
 
     def __init__(self, G: torch.Tensor, A: torch.Tensor, keep_vectors: bool = False) -> None:
         """``keep_vectors``: keep ``Q_G``/``Q_A`` themselves (only :meth:`dense` needs them); by default only
-        their elementwise squares are kept, which halves the memory of a decomposed layer.
+        their elementwise squares are kept, which halves the memory of a decomposed layer. A 1-D ``G`` or ``A`` is
+        a diagonal factor (module docstring): its eigenvalues are its entries and it is not decomposed.
 
         The eigendecomposition is float64 whatever the factors' dtype; the squared eigenvectors are
         stored in the factors' dtype (float32 factors: half the memory; the projection sums
         non-negative terms, so float32 costs ~1e-7 relative) and every result is float64."""
-        if G.dim() != 2 or A.dim() != 2 or G.shape[0] != G.shape[1] or A.shape[0] != A.shape[1]:
-            raise ValueError(f"Kronecker factors must be square matrices, got G {tuple(G.shape)} and A {tuple(A.shape)}")
+        if any(F.dim() not in (1, 2) or (F.dim() == 2 and F.shape[0] != F.shape[1]) for F in (G, A)):
+            raise ValueError(f"Kronecker factors must be square matrices or diagonals (vectors), got G {tuple(G.shape)} "
+                             f"and A {tuple(A.shape)}")
         # eigendecomposed where the factors live (a GPU when training there), kept on the CPU
         store = G.dtype if G.dtype in (torch.float32, torch.float64) else torch.float32
         self.g, self._QG2, Q_G, self.diag_G = self._eigh(G, store, keep_vectors)
@@ -127,8 +138,15 @@ class KronEigen:
 
     @staticmethod
     def _eigh(F: torch.Tensor, store: torch.dtype, keep_vectors: bool):
-        """``(eigenvalues ≥ 0, squared eigenvectors in store dtype, eigenvectors or None, diagonal)``, on the CPU."""
+        """``(eigenvalues ≥ 0, squared eigenvectors in store dtype, eigenvectors or None, diagonal)``, on the CPU;
+        a diagonal factor (a vector) gives ``None`` for both eigenvector matrices (they are the identity)."""
         F = F.detach().to(torch.float64)
+        if F.dim() == 1:
+            if not torch.isfinite(F).all():
+                raise FloatingPointError(f"a diagonal Kronecker factor ({F.shape[0]}) has NaN or infinite entries: the "
+                                         "training losses or activations diverged; lower the learning rate")
+            diag = F.cpu()
+            return diag.clamp_min(0.0), None, None, diag
         diag = F.diagonal().cpu()
         vals, Q = symmetric_eigh(0.5 * (F + F.T))
         del F
@@ -150,10 +168,14 @@ class KronEigen:
 
     def project(self, precision: Precision) -> torch.Tensor:
         """``δ̃ = (Q_G∘Q_G)ᵀ Δ (Q_A∘Q_A)`` (``out × (in+1)``); ``O(out² + in²)`` when Δ is rank one."""
-        dt = self._QG2.dtype
         if precision.is_rank_one:
-            return torch.outer((self._QG2.T @ precision.u.to(dt)).double(), (self._QA2.T @ precision.v.to(dt)).double())
-        return (self._QG2.T @ precision.dense.to(dt) @ self._QA2).double()
+            return torch.outer(_project(self._QG2, precision.u), _project(self._QA2, precision.v))
+        dense = precision.dense
+        if self._QG2 is not None:
+            dense = self._QG2.T @ dense.to(self._QG2.dtype)
+        if self._QA2 is not None:
+            dense = dense.to(self._QA2.dtype) @ self._QA2
+        return dense.double()
 
     def logdet(self, precision: Precision, temperature: float = 1.0) -> torch.Tensor:
         """``Σ_ij log(g_i a_j / T + δ̃_ij)``: exact for constant Δ, an upper bound otherwise."""
@@ -165,8 +187,18 @@ class KronEigen:
 
     def dense(self) -> torch.Tensor:
         """The dense ``G ⊗ A`` (for tests on tiny layers only; needs ``keep_vectors=True``)."""
-        if self.Q_G is None:
-            raise ValueError("dense() needs KronEigen(..., keep_vectors=True)")
-        G = self.Q_G @ torch.diag(self.g) @ self.Q_G.T
-        A = self.Q_A @ torch.diag(self.a) @ self.Q_A.T
-        return torch.kron(G, A)
+        def factor(Q, vals, Q2):
+            if Q2 is None:
+                return torch.diag(vals)  # a diagonal factor
+            if Q is None:
+                raise ValueError("dense() needs KronEigen(..., keep_vectors=True)")
+            return Q @ torch.diag(vals) @ Q.T
+
+        return torch.kron(factor(self.Q_G, self.g, self._QG2), factor(self.Q_A, self.a, self._QA2))
+
+
+def _project(Q2: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``(Q∘Q)ᵀ x`` in float64; ``x`` itself for a diagonal factor (``Q2 is None``: ``Q = I``)."""
+    if Q2 is None:
+        return x.double()
+    return (Q2.T @ x.to(Q2.dtype)).double()

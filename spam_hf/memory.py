@@ -6,10 +6,11 @@ read. Every figure is bytes; a stage's peak is what it holds at its fullest mome
 per batch (``batch × length``), ``d_max`` the widest input of a consuming module (down's ``intermediate + 1``).
 
 * **training** (``spam``): ``P`` + gradients and Adam moments of the trained parameters (4 + 8 bytes each,
-  fp32) + the curvature sums of every prunable module (KFAC ``4·Σ[(in+1)² + out²]``, diagonal ``4·Σ out·(in+1)``)
+  fp32) + the curvature sums of every prunable module (KFAC ``4·Σ[(in+1)² + out²]``, with ``d`` instead of
+  ``d²`` for a factor of ``diagonal_from`` or more, which keeps its diagonal; diagonal ``4·Σ out·(in+1)``)
   + the activations of one batch with gradients + its logits (``3·4·t·V`` for a causal LM: logits, their
-  gradient, the sampled-loss softmax) + a prior update's float64 eigendecomposition of the widest factor
-  (``3·8·d_max²``). ``plain`` training has no curvature and no prior update.
+  gradient, the sampled-loss softmax) + a prior update's float64 eigendecomposition of the widest factor kept
+  whole (``3·8·d²``). ``plain`` training has no curvature and no prior update.
 * **statistics** (pruning after training), all at once: ``P`` + the calibration posterior's factors in fp32
   and their float64 copies (``12·Σ[(in+1)² + out²]`` over the consuming modules for the damage scores, over
   every module otherwise) + one calibration batch with gradients + the scoring transient of the widest module
@@ -99,6 +100,16 @@ def kfac_floats(shape: Shape, modules: List[str]) -> int:
     return sum(shape.linear[m][1] ** 2 + shape.linear[m][0] ** 2 for m in modules)
 
 
+def training_kfac_floats(shape: Shape, diagonal_from: Optional[int]) -> int:
+    """The numbers of the training curvature's KFAC sums: ``d²`` per factor of width ``d``, or ``d`` where
+    ``d ≥ diagonal_from`` (the factor keeps its diagonal)."""
+    return sum(_factor_floats(d, diagonal_from) for dims in shape.linear.values() for d in dims)
+
+
+def _factor_floats(d: int, diagonal_from: Optional[int]) -> int:
+    return d if diagonal_from and d >= diagonal_from else d * d
+
+
 def _activations(shape: Shape, tokens: int, grad: bool) -> int:
     per_token = (8 * shape.hidden + 5 * shape.intermediate) * shape.layers if grad else 3 * shape.intermediate
     return FLOAT * tokens * per_token
@@ -113,7 +124,7 @@ def _scoring_transient(shape: Shape, modules: List[str], itemsize: int = DOUBLE)
 def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac", sequential: bool = False,
             consuming_only: bool = True, batch_size: int = 8, seq_len: int = 128, calibration_batches: int = 32,
             eval_batch_size: int = 8, causal_lm: Optional[bool] = None, measure_latency: bool = True,
-            kv_groups_only: bool = False) -> List[Stage]:
+            kv_groups_only: bool = False, diagonal_from: Optional[int] = 4096) -> List[Stage]:
     """The predicted peak of every stage of ``compress`` (module docstring), in order.
 
     Args:
@@ -122,6 +133,8 @@ def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac"
         sequential: block-by-block statistics (``--sequential``), else all at once.
         consuming_only: the pruning score reads the consuming modules' statistics alone (the damage scores).
         causal_lm: logits over the vocabulary per token (default: the model's class name says so).
+        diagonal_from: training's KFAC factors at least this wide keep their diagonal (``--kfac_diagonal_from``;
+            ``None`` or 0: all whole).
     """
     s = shape_of(model, kv_groups_only)
     if causal_lm is None:
@@ -134,10 +147,10 @@ def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac"
         parts = {"weights": s.weights, "gradients + Adam": 12 * s.trainable,
                  "activations": _activations(s, t, True), "logits": 3 * t * logits}
         if training == "spam":
-            parts["curvature sums"] = FLOAT * (kfac_floats(s, all_modules) if curvature == "kfac" else
+            parts["curvature sums"] = FLOAT * (training_kfac_floats(s, diagonal_from) if curvature == "kfac" else
                                               sum(o * i for o, i in s.linear.values()))
-            widest = max(max(s.linear[m]) for m in all_modules)
-            parts["prior update"] = 3 * DOUBLE * widest * widest if curvature == "kfac" else 0
+            whole = [d for dims in s.linear.values() for d in dims if _factor_floats(d, diagonal_from) == d * d]
+            parts["prior update"] = 3 * DOUBLE * max(whole, default=0) ** 2 if curvature == "kfac" else 0
         stages.append(Stage("training", PROCESS_BYTES + sum(parts.values()), parts))
     modules = s.consuming if consuming_only or sequential else all_modules
     if sequential:

@@ -42,6 +42,8 @@ HYPER_FILE = "spam_hyper.safetensors"
 STATE_FILE = "spam_state.json"
 RETAINED_PREFIX = "retained."
 LIVE_FILE = "spam_live_rank{rank}.safetensors"  # data parallel checkpoints: each process's own live sums
+DIAGONAL_FROM = 4096
+"""KFAC factors at least this wide keep only their diagonal while learning priors (an LLM's MLP; no encoder)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -80,6 +82,8 @@ class SpamLaplace:
         specs: the group specs (default: from the model's family).
         curvature_modules: collect curvature for these modules only (default: every prunable module); a posterior
             with a subset gives factors and scores of those, not the marginal likelihood.
+        diagonal_from: KFAC factors at least this wide keep only their diagonal, ``H ≈ G ⊗ diag(A)``
+            (:mod:`spam_hf.curvature`; the MLP of an LLM); ``None`` keeps every factor whole.
         mask_fisher: also accumulate the exact Fisher of masks on the consuming modules' input columns
             (for ``damage-exact`` scores; memory like the KFAC input factors of those modules).
     """
@@ -89,7 +93,7 @@ class SpamLaplace:
                  temperature: float = 1.0, max_rows_per_batch: Optional[int] = None, seed: int = 0,
                  kv_groups_only: bool = False, hyper_lr: float = 0.1, n_hypersteps: int = 20,
                  specs: Optional[List[GroupSpec]] = None, mask_fisher: bool = False,
-                 curvature_modules: Optional[List[str]] = None) -> None:
+                 curvature_modules: Optional[List[str]] = None, diagonal_from: Optional[int] = DIAGONAL_FROM) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         model = unwrap(model)
@@ -112,7 +116,7 @@ class SpamLaplace:
         self.curvature = CurvatureAccumulator(model, self.curvature_modules, kind=curvature, reduction=reduction, fisher=fisher,
                                               likelihood=self.likelihood, max_rows_per_batch=max_rows_per_batch,
                                               seed=seed, mask_modules=[m for sp in self.specs for m in sp.col_index]
-                                              if mask_fisher else ())
+                                              if mask_fisher else (), diagonal_from=diagonal_from)
         self.n_data: Optional[float] = float(n_data) if n_data else None
         self.temperature = float(temperature)
         self.hyper_lr, self.n_hypersteps = float(hyper_lr), int(n_hypersteps)
@@ -131,7 +135,8 @@ class SpamLaplace:
         return cls(model, prior=args.prior, prior_init=args.prior_init, curvature=args.curvature,
                    reduction=args.kfac_reduction, fisher=args.fisher_type, n_data=n_data or args.n_data,
                    temperature=args.temperature, max_rows_per_batch=args.curvature_max_rows or None, seed=args.seed,
-                   kv_groups_only=args.kv_groups_only, hyper_lr=args.hyper_lr, n_hypersteps=args.n_hypersteps)
+                   kv_groups_only=args.kv_groups_only, hyper_lr=args.hyper_lr, n_hypersteps=args.n_hypersteps,
+                   diagonal_from=args.kfac_diagonal_from or None)
 
     def calibration_posterior(self, model: nn.Module, mask_fisher: bool = False,
                               consuming_only: bool = False) -> "SpamLaplace":
@@ -143,7 +148,8 @@ class SpamLaplace:
         specs = group_specs(unwrap(model), self.settings["kv_groups_only"])
         modules = consuming_modules(specs) if consuming_only else None
         return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.temperature,
-                           mask_fisher=mask_fisher, specs=specs, curvature_modules=modules, **self.settings)
+                           mask_fisher=mask_fisher, specs=specs, curvature_modules=modules, diagonal_from=None,
+                           **self.settings)
 
     # ------------------------------------------------------------------ accumulation (fed by the trainer)
     def capture(self, model: nn.Module, attention_mask: Optional[torch.Tensor] = None):
@@ -200,6 +206,10 @@ class SpamLaplace:
         Group damage and compensation need these (the retained state keeps only diagonals)."""
         if self.curvature.kind != "kfac":
             raise ValueError("group damage and compensation need curvature='kfac' (full Kronecker factors)")
+        if not self.curvature.whole_factors:
+            raise ValueError(f"this posterior keeps the Kronecker factors of width {self.curvature.diagonal_from} or "
+                             "more as diagonals (diagonal_from); group damage and compensation need whole factors: "
+                             "collect them in a calibration_posterior()")
         if self.live_rows <= 0:
             raise RuntimeError("no live curvature: collect() some batches first (the retained state keeps only "
                                "the factors' diagonals)")
@@ -354,13 +364,15 @@ class SpamLaplace:
         meta = {"prior": self.prior.kind, "curvature": self.curvature.kind, "n_data": self.n_data,
                 "likelihood": self.likelihood, "kfac_reduction": self.curvature.reduction,
                 "fisher": self.curvature.fisher, "temperature": self.temperature,
-                "live_curvature": self.live_rows > 0, "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
+                "kfac_diagonal_from": self.curvature.diagonal_from, "live_curvature": self.live_rows > 0, "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
                 "retained_rows": self.retained_rows, "adam_param_groups": groups, "marglik_history": self.history}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     def load_state_dict(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; clear errors when it does not fit this model."""
         self.prior.load_state_dict({k[len("prior."):]: v for k, v in tensors.items() if k.startswith("prior.")})
+        if "curvature" in meta:  # the saved sums' layout wins (files written before the setting had whole factors)
+            self.curvature.diagonal_from = meta.get("kfac_diagonal_from")
         live = {k[len("curvature."):]: v for k, v in tensors.items() if k.startswith("curvature.")}
         if live:
             self.curvature.load_state_dict(live)

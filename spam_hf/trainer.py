@@ -311,8 +311,8 @@ class SpamTrainer(Trainer):
         ``schedule_method`` (magnitude until the first prior update gives curvature; ``damage`` needs live KFAC
         sums and uses ``fisher`` without them); masks only grow."""
         method = self.args.schedule_method
-        if method == "damage" and (self.posterior.curvature.kind != "kfac" or self.posterior.live_rows <= 0):
-            method = "fisher"  # no live Kronecker factors (diagonal curvature, or right after a prior update)
+        if method == "damage" and (not self.posterior.curvature.whole_factors or self.posterior.live_rows <= 0):
+            method = "fisher"  # no live Kronecker factors (diagonal curvature or wide factors, or right after an update)
         if method != "magnitude" and not self.posterior.has_curvature():
             method = "magnitude"
         if target <= 0:
@@ -333,9 +333,9 @@ class SpamTrainer(Trainer):
         of their consuming layers by least squares (:func:`~spam_hf.pruning.compensate`) on ``A`` of the live KFAC
         sums (the inputs ``[x | 1]`` of O / down on the batches since the last prior update; averaged over
         processes, so every process moves its weights alike). Columns masked earlier are zero already, so only
-        the new ones move the rest. Skipped (``{}``) for LoRA, diagonal curvature or no live sums."""
+        the new ones move the rest. Skipped (``{}``) for LoRA, diagonal curvature, wide factors kept as diagonals or no live sums."""
         model, post = unwrap(self.model), self.posterior
-        if is_peft_model(model) or post.curvature.kind != "kfac" or post.live_rows <= 0:
+        if is_peft_model(model) or not post.curvature.whole_factors or post.live_rows <= 0:
             return {}
         factors = post.factors(extrapolate=False)
         if is_distributed():
@@ -417,7 +417,8 @@ class SpamTrainer(Trainer):
                                      fisher=self.args.fisher_type, n_data=self.n_data,
                                      temperature=self.args.temperature,
                                      max_rows_per_batch=self.args.curvature_max_rows or None, seed=self.args.seed,
-                                     kv_groups_only=True, hyper_lr=self.args.hyper_lr)
+                                     kv_groups_only=True, hyper_lr=self.args.hyper_lr,
+                                     diagonal_from=self.args.kfac_diagonal_from or None)
         base_posterior.fit(self.get_train_dataloader(), max_batches=max_batches,
                            progress=self.is_local_process_zero() and not self.args.disable_tqdm)
         pruning_plan = plan(merged, base_posterior, sparsity, method="opd", budget=budget, seq_len=seq_len,

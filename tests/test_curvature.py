@@ -243,3 +243,37 @@ def test_factors_are_allocated_by_the_first_rows_and_output_factors_alone():
         torch.testing.assert_close(g_only.sums[m]["G"], acc.sums[m]["G"])
     with pytest.raises(ValueError, match="sides"):
         CurvatureAccumulator(model, modules, sides=("B",))
+
+
+def test_wide_factors_keep_exactly_their_diagonal():
+    """``diagonal_from=48`` (the tiny BERT's MLP width): the intermediate's input factor (output dense) and output
+    factor (intermediate dense) become vectors equal to the whole factors' diagonals, the narrower ones stay whole,
+    the state round-trips, ``kron`` and the diagonal of H are unchanged where defined, and whole factors are refused."""
+    model = tiny_classifier("bert")
+    modules = prunable_modules(group_specs(model))
+    whole = _accumulate(model, tiny_batch(), kind="kfac", seed=3)
+    wide = _accumulate(model, tiny_batch(), kind="kfac", seed=3, diagonal_from=48)
+    assert whole.whole_factors and not wide.whole_factors
+    n_vectors = 0
+    for m in modules:
+        for k in ("A", "G"):
+            full, kept = whole.sums[m][k], wide.sums[m][k]
+            if full.shape[0] >= 48:
+                assert kept.dim() == 1
+                torch.testing.assert_close(kept, full.diagonal(), rtol=1e-5, atol=1e-6)
+                n_vectors += 1
+            else:
+                torch.testing.assert_close(kept, full)
+    assert n_vectors == 4  # per layer: intermediate's G (48) and output's A (48 + bias)
+    for m, d in wide.diagonal(n_data=100).items():
+        torch.testing.assert_close(d, whole.diagonal(n_data=100)[m], rtol=1e-5, atol=1e-8)
+    eig = wide.kron(n_data=100)
+    m = next(m for m in modules if m.endswith("output.dense") and "attention" not in m)
+    assert eig[m]._QA2 is None and eig[m].a.shape == (49,)
+    other = CurvatureAccumulator(model, modules, diagonal_from=48)
+    other.load_state_dict(wide.state_dict())
+    assert all(torch.equal(other.sums[m][k], wide.sums[m][k]) for m in modules for k in ("A", "G"))
+    with pytest.raises(ValueError, match="has shape"):
+        CurvatureAccumulator(model, modules).load_state_dict(wide.state_dict())
+    with pytest.raises(ValueError, match="diagonal_from"):
+        CurvatureAccumulator(model, modules, diagonal_from=0)

@@ -116,3 +116,54 @@ def test_symmetric_eigh_refuses_non_finite_factors():
     F[1, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
         symmetric_eigh(F)
+
+
+def _dense_diag_side(G, a, prec, T=1.0):
+    """Brute force: log det(G ⊗ diag(a) / T + diag(vec Δ)) of the dense matrix."""
+    return torch.logdet(torch.kron(G, torch.diag(a)) / T + torch.diag(prec.matrix().reshape(-1)))
+
+
+def test_diagonal_wide_factor_is_exact_for_a_unit_prior_on_its_side():
+    """``H ≈ G ⊗ diag(a)`` (a wide input factor kept as its diagonal): a prior per input column (down_proj's neurons)
+    gives the exact log-determinant, and so does a prior per output row when ``G`` is the diagonal side (gate / up);
+    a prior on the other side is still the Hadamard bound. Brute force: ``torch.logdet`` of the dense matrix."""
+    g = torch.Generator().manual_seed(7)
+    G, A = random_psd(5, 8), random_psd(6, 9)
+    a = A.diagonal().clone()
+    cols = Precision(u=torch.ones(5, dtype=torch.float64), v=torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.01)
+    rows = Precision(u=torch.rand(5, generator=g, dtype=torch.float64) * 3 + 0.01, v=torch.ones(6, dtype=torch.float64))
+    k = KronEigen(G, a)
+    for T in (1.0, 0.1):
+        torch.testing.assert_close(k.logdet(cols, T), _dense_diag_side(G, a, cols, T), rtol=1e-10, atol=1e-8)
+        assert float(k.logdet(rows, T) - _dense_diag_side(G, a, rows, T)) >= -1e-9
+    # the diagonal on the output side (gate / up: neurons are rows)
+    g_diag = G.diagonal().clone()
+    k_out = KronEigen(g_diag, A)
+    dense = torch.logdet(torch.kron(torch.diag(g_diag), A) + torch.diag(rows.matrix().reshape(-1)))
+    torch.testing.assert_close(k_out.logdet(rows), dense, rtol=1e-10, atol=1e-8)
+    # the gradient in log δ too (what the hyper-steps follow): autograd of both against each other
+    log_v = cols.v.log().clone().requires_grad_(True)
+    ours = torch.autograd.grad(k.logdet(Precision(u=cols.u, v=log_v.exp())), log_v)[0]
+    log_v2 = cols.v.log().clone().requires_grad_(True)
+    brute = torch.autograd.grad(_dense_diag_side(G, a, Precision(u=cols.u, v=log_v2.exp())), log_v2)[0]
+    torch.testing.assert_close(ours, brute, rtol=1e-8, atol=1e-10)
+
+
+def test_diagonal_factor_dense_diag_and_projection():
+    G, a = random_psd(4, 10), torch.rand(3, dtype=torch.float64) + 0.1
+    k = KronEigen(G, a, keep_vectors=True)
+    torch.testing.assert_close(k.dense(), torch.kron(G, torch.diag(a)))
+    torch.testing.assert_close(k.diag().reshape(-1), torch.kron(G, torch.diag(a)).diagonal())
+    u, v = torch.rand(4, dtype=torch.float64) + 0.1, torch.rand(3, dtype=torch.float64) + 0.1
+    torch.testing.assert_close(k.project(Precision(u=u, v=v)), k.project(Precision(dense=torch.outer(u, v))))
+    both = KronEigen(G.diagonal().clone(), a)  # both sides diagonal: the diagonal approximation of H, exactly
+    dense = Precision(dense=torch.rand(4, 3, dtype=torch.float64) + 0.1)
+    torch.testing.assert_close(both.logdet(dense), torch.log(torch.outer(G.diagonal(), a) + dense.dense).sum())
+    with torch.no_grad():
+        bad = a.clone()
+        bad[0] = float("nan")
+    import pytest
+    with pytest.raises(FloatingPointError, match="diagonal Kronecker factor"):
+        KronEigen(G, bad)
+    with pytest.raises(ValueError, match="square matrices or diagonals"):
+        KronEigen(G, torch.ones(2, 3, dtype=torch.float64))

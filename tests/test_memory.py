@@ -51,6 +51,10 @@ def test_stages_and_the_sequential_saving_at_llm_width():
     assert [s.name for s in posthoc] == ["statistics", "evaluate", "export"]
     sequential = predict(model, training="none", sequential=True, **kw)
     assert sequential[0].bytes < posthoc[0].bytes
-    assert predict(model, training="spam", **kw)[0].parts["curvature sums"] > \
-        predict(model, training="spam", curvature="diag", **kw)[0].parts["curvature sums"]
+    whole = predict(model, training="spam", diagonal_from=None, **kw)[0].parts
+    assert whole["curvature sums"] > predict(model, training="spam", curvature="diag", **kw)[0].parts["curvature sums"]
+    # the 8192-wide factors (gate's and up's G, down's A) keep their diagonal: 8192 numbers instead of 8192²
+    wide = predict(model, training="spam", **kw)[0].parts
+    assert whole["curvature sums"] - wide["curvature sums"] == 4 * 8 * 3 * (8192 ** 2 - 8192)
+    assert wide["prior update"] == 3 * 8 * 2048 ** 2 and whole["prior update"] == 3 * 8 * 8192 ** 2
     assert peak(sequential) >= PROCESS_BYTES + shape_of(model).weights

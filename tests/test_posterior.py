@@ -140,3 +140,36 @@ def test_non_finite_curvature_stops_the_prior_update_with_the_module_named():
         la.optimize_prior_precision(n_steps=3)
     for k, v in la.prior.log_delta.items():
         assert torch.equal(v, before[k]), k
+
+
+def test_wide_factors_enter_log_z_as_diagonals_and_calibration_keeps_them_whole(tmp_path):
+    """``diagonal_from=48``: log Z equals the one assembled from the whole factors with the wide ones replaced by
+    their diagonals (float64 model: to round-off); group damage needs whole factors and says where to get them;
+    a calibration posterior keeps them whole; save/load restores the layout whatever the loader's default."""
+    from spam_hf.kron import KronEigen
+
+    model = tiny_classifier("bert").double()
+    batches = list(loader())
+    # a small δ₀ and a large N, so that the curvature, not the prior, sets the log-determinant
+    wide = SpamLaplace(model, fisher="empirical", n_data=10**5, prior_init=1e-3, diagonal_from=48)
+    whole = SpamLaplace(model, fisher="empirical", n_data=10**5, prior_init=1e-3, diagonal_from=None)
+    feed(wide, model, batches)
+    feed(whole, model, batches)
+    n, n_g = float(whole.curvature.n), whole.curvature.n_g
+    approx = {}
+    for m, s in whole.curvature.sums.items():
+        A, G = s["A"] / n, s["G"] * (10**5 / n_g)
+        approx[m] = KronEigen(G.diagonal().clone() if G.shape[0] >= 48 else G,
+                              A.diagonal().clone() if A.shape[0] >= 48 else A)
+    ours, ref = wide.log_marginal_likelihood(), whole.log_marginal_likelihood(approx)
+    assert float(ours) == pytest.approx(float(ref), rel=1e-9)
+    assert abs(float(ours) - float(whole.log_marginal_likelihood())) > 1.0  # it is an approximation
+    with pytest.raises(ValueError, match="calibration_posterior"):
+        wide.factors()
+    calib = wide.calibration_posterior(model)
+    assert calib.curvature.diagonal_from is None
+    wide.save(str(tmp_path))
+    loaded = SpamLaplace(model)  # default diagonal_from, larger than every width here
+    loaded.load(str(tmp_path))
+    assert loaded.curvature.diagonal_from == 48
+    assert float(loaded.log_marginal_likelihood()) == pytest.approx(float(ours), rel=1e-12)

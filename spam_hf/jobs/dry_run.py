@@ -50,7 +50,8 @@ def dry_run(model_args: ModelArguments, data_args: DataArguments, args: Compress
                      batch_size=train_args.per_device_train_batch_size, seq_len=data_args.max_seq_length,
                      calibration_batches=config.calibration_batches,
                      eval_batch_size=train_args.per_device_eval_batch_size, causal_lm=causal_lm,
-                     measure_latency=args.measure_latency, kv_groups_only=kv)
+                     measure_latency=args.measure_latency, kv_groups_only=kv,
+                     diagonal_from=train_args.kfac_diagonal_from)
     print(f"dry run: {type(model).__name__} ({len(per_layer)} layers, {n_params:,} parameters, "
           f"{str(next(model.parameters()).dtype).replace('torch.', '')})")
     groups = sorted(set(", ".join(v) for v in per_layer.values()))
