@@ -238,11 +238,12 @@ class PruneArguments:
     compensate: Optional[bool] = field(default=None, metadata={
         "help": "Move the remaining weights of O / down so that they still compute what they did without the "
                 "removed heads / neurons (statistics of --calibration-batches training batches). Default: on "
-                "with a damage score on a full model (README 'Group damage')."})
+                "with a damage score on a full model (README 'Group damage'), bias compensation with flap."})
     compensation: str = choice("least-squares", COMPENSATIONS,
-                               "How to compensate: least-squares (refit every output on the layer's inputs) or "
+                               "How to compensate: least-squares (refit every output on the layer's inputs), "
                                "posterior (the KFAC posterior's conditional mean; refits only what the loss's "
-                               "curvature sees).")
+                               "curvature sees), bias (the removed inputs' mean into the bias, FLAP's; the default "
+                               "of --method flap) or reference (refit to the unpruned model's outputs).")
     calibration_batches: int = field(default=32, metadata={
         "help": "Training batches per round for the statistics of damage scores, rounds and compensation (fresh "
                 "random batches each round). 32 (README 'Group damage': at 70%% removed through the CLI 83.8 ± 0.9 "

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,8 @@ class CurvatureAccumulator:
                  reduction: str = "reduce", fisher: str = "mc", likelihood: str = "classification",
                  max_rows_per_batch: Optional[int] = None, seed: int = 0,
                  accumulate_dtype: Optional[torch.dtype] = None, mask_modules: Iterable[str] = (),
-                 sides: Iterable[str] = ("A", "G"), diagonal_from: Optional[int] = None) -> None:
+                 sides: Iterable[str] = ("A", "G"), diagonal_from: Optional[int] = None,
+                 mean_modules: Iterable[str] = ()) -> None:
         check_choice("curvature", kind, CURVATURE_KINDS)
         if diagonal_from is not None and diagonal_from < 1:
             raise ValueError(f"diagonal_from must be a positive width (or None for whole factors), got {diagonal_from}")
@@ -152,6 +153,8 @@ class CurvatureAccumulator:
         self.module_names: List[str] = list(dict.fromkeys(module_names))
         # consuming modules whose input-column mask Fisher M = Σ_n m_n m_nᵀ, m_n = Σ_t x_t ⊙ (Wᵀ g_t), is kept
         self.mask_modules: List[str] = [m for m in dict.fromkeys(mask_modules) if m in self.module_names]
+        # modules whose input sum Σ x (``X``, in) is kept: with diag(A) the mean and variance of each input channel
+        self.mean_modules: List[str] = [m for m in dict.fromkeys(mean_modules) if m in self.module_names]
         if not self.module_names:
             raise ValueError("no modules to collect curvature for")
         mods = dict(model.named_modules())
@@ -184,15 +187,17 @@ class CurvatureAccumulator:
     def _sizes(self, name: str) -> Dict[str, tuple]:
         """The sums of module ``name`` and their shapes: ``A`` ((in+1)²) and ``G`` (out²) for KFAC (those in
         ``sides``; a vector, the diagonal, for a factor of ``diagonal_from`` or more), ``D`` (out × (in+1)) for the
-        diagonal, and ``M`` (in²) for a mask module."""
+        diagonal, ``M`` (in²) for a mask module and ``X`` (in) for a mean module."""
         if name not in self.shapes:
             raise KeyError(name)
         out, inp = self.shapes[name]
         sizes = {k: self._factor_shape(n) for k, n in (("A", inp), ("G", out)) if k in self.sides} \
             if self.kind == "kfac" else {"D": (out, inp)}
+        width = inp - int(name in self._biased)
         if name in self.mask_modules:
-            width = inp - int(name in self._biased)
             sizes["M"] = (width, width)
+        if name in self.mean_modules:
+            sizes["X"] = (width,)
         return sizes
 
     def _factor_shape(self, n: int) -> tuple:
@@ -372,6 +377,8 @@ class CurvatureAccumulator:
             if cap.weight is not None:
                 m = self._mask_gradients(cap.inputs, grad, cap.weight)
                 s["M"] += (m.T @ m).to(self.dtype)
+            if "X" in s:  # the same rows as A (bias column dropped)
+                s["X"] += a[:, : s["X"].shape[0]].sum(0).to(self.dtype)
         self.n += float(n_rows or 0)
         self.n_seen += float(n_seen or 0)
         self.n_units += self._loss_units(logits, labels)
@@ -417,9 +424,10 @@ class CurvatureAccumulator:
         self._check_ready()
         n, n_g = float(self.n), self.n_g
         out = {}
+        shared: list = []  # equal factors (Q/K/V's and gate/up's A: the same inputs) are decomposed once
         for m, s in self.sums.items():
             try:
-                out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors)
+                out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors, shared=shared)
             except FloatingPointError as e:  # name the module: the factor alone does not say which one diverged
                 raise FloatingPointError(f"KFAC factors of {m!r}: {e}; check curvature and weights for NaN") from e
         return out
@@ -432,6 +440,21 @@ class CurvatureAccumulator:
             raise RuntimeError("no mask Fisher accumulated (mask_modules empty or no batch seen)")
         scale = n_data / float(self.n_units)
         return {m: self.sums[m]["M"].to(torch.float64).cpu() * scale for m in self.mask_modules}
+
+    def input_moments(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """``{mean module: (mean, variance)}`` of each input channel over the rows seen (float64, CPU, ``[in]``):
+        ``x̄ = Σx / n`` and ``Σx² / n − x̄²`` (the second moment is the diagonal of the ``A`` sum)."""
+        self._check_ready()
+        n = float(self.n)
+        out = {}
+        for m in self.mean_modules:
+            s = self.sums[m]
+            if "A" not in s:
+                raise ValueError("input moments need the input factors (sides including 'A', curvature 'kfac')")
+            mean = s["X"].to("cpu", torch.float64) / n
+            second = _diagonal(s["A"]).to("cpu", torch.float64)[: mean.numel()] / n
+            out[m] = (mean, (second - mean.square()).clamp_min(0.0))
+        return out
 
     def diagonal(self, n_data: float) -> Dict[str, torch.Tensor]:
         """``diag H`` per module as ``out × (in+1)`` (from the KFAC factors' diagonals when ``kind='kfac'``)."""

@@ -119,10 +119,13 @@ def _eigh_with_fallbacks(F: torch.Tensor) -> tuple:
 class KronEigen:
     """Eigendecomposed Kronecker factors ``G ⊗ A`` of one layer (float64)."""
 
-    def __init__(self, G: torch.Tensor, A: torch.Tensor, keep_vectors: bool = False) -> None:
+    def __init__(self, G: torch.Tensor, A: torch.Tensor, keep_vectors: bool = False,
+                 shared: Optional[list] = None) -> None:
         """``keep_vectors``: keep ``Q_G``/``Q_A`` themselves (only :meth:`dense` needs them); by default only
         their elementwise squares are kept, which halves the memory of a decomposed layer. A 1-D ``G`` or ``A`` is
         a diagonal factor (module docstring): its eigenvalues are its entries and it is not decomposed.
+        ``shared``: a list the decompositions are remembered in; a factor equal (bitwise) to one decomposed before
+        reuses its result (Q, K and V read the same input, so do gate and up: their ``A`` sums are identical).
 
         The eigendecomposition is float64 whatever the factors' dtype; the squared eigenvectors are
         stored in the factors' dtype (float32 factors: half the memory; the projection sums
@@ -132,9 +135,21 @@ class KronEigen:
                              f"and A {tuple(A.shape)}")
         # eigendecomposed where the factors live (a GPU when training there), kept on the CPU
         store = G.dtype if G.dtype in (torch.float32, torch.float64) else torch.float32
-        self.g, self._QG2, Q_G, self.diag_G = self._eigh(G, store, keep_vectors)
-        self.a, self._QA2, Q_A, self.diag_A = self._eigh(A, store, keep_vectors)
+        self.g, self._QG2, Q_G, self.diag_G = self._cached_eigh(G, store, keep_vectors, shared)
+        self.a, self._QA2, Q_A, self.diag_A = self._cached_eigh(A, store, keep_vectors, shared)
         self.Q_G, self.Q_A = Q_G, Q_A
+
+    @classmethod
+    def _cached_eigh(cls, F: torch.Tensor, store: torch.dtype, keep_vectors: bool, shared: Optional[list]):
+        if shared is None:
+            return cls._eigh(F, store, keep_vectors)
+        for other, result in shared:
+            if other.shape == F.shape and other.device == F.device and torch.equal(other, F):
+                return result
+        result = cls._eigh(F, store, keep_vectors)
+        shared.append((F, result))
+        del shared[:-SHARED_RECENT]  # modules reading one input are neighbours (q, k, v; gate, up)
+        return result
 
     @staticmethod
     def _eigh(F: torch.Tensor, store: torch.dtype, keep_vectors: bool):
@@ -178,7 +193,14 @@ class KronEigen:
         return dense.double()
 
     def logdet(self, precision: Precision, temperature: float = 1.0) -> torch.Tensor:
-        """``Σ_ij log(g_i a_j / T + δ̃_ij)``: exact for constant Δ, an upper bound otherwise."""
+        """``Σ_ij log(g_i a_j / T + δ̃_ij)``: exact for constant Δ, an upper bound otherwise.
+
+        For a rank-one Δ (scalar, layer and unit priors) ``δ̃ = p qᵀ`` with ``p = (Q_G∘Q_G)ᵀ u``, ``q = (Q_A∘Q_A)ᵀ v``,
+        and the sum and its gradient are computed in row blocks (:class:`_RankOneLogdet`): no ``out × (in+1)``
+        matrix is held, and one pass gives both."""
+        if precision.is_rank_one:
+            p, q = _project(self._QG2, precision.u), _project(self._QA2, precision.v)
+            return rank_one_logdet(p, q, temperature, g=self.g, a=self.a)
         return torch.log(self.eigenvalues(temperature) + self.project(precision)).sum()
 
     def diag(self) -> torch.Tensor:
@@ -195,6 +217,54 @@ class KronEigen:
             return Q @ torch.diag(vals) @ Q.T
 
         return torch.kron(factor(self.Q_G, self.g, self._QG2), factor(self.Q_A, self.a, self._QA2))
+
+
+def rank_one_logdet(p: torch.Tensor, q: torch.Tensor, temperature: float = 1.0, g: Optional[torch.Tensor] = None,
+                    a: Optional[torch.Tensor] = None, diagonal: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Σ_ij log(E_ij / T + p_i q_j)`` with ``E = g aᵀ`` (KFAC eigenvalues) or ``E = diagonal`` (a diagonal
+    curvature, ``out × (in+1)``), differentiable in ``p`` and ``q`` (float64), from one blocked pass
+    (:class:`_RankOneLogdet`)."""
+    if (diagonal is None) == (g is None or a is None):
+        raise ValueError("rank_one_logdet needs either g and a (KFAC eigenvalues) or diagonal")
+    return _RankOneLogdet.apply(p, q, g, a, diagonal, float(temperature))
+
+
+class _RankOneLogdet(torch.autograd.Function):
+    """``L = Σ_ij log(E_ij / T + p_i q_j)`` (float64), with ``∂L/∂p = R q`` and ``∂L/∂q = Rᵀ p`` for
+    ``R_ij = 1 / (E_ij / T + p_i q_j)``, all from one pass over blocks of :data:`ROW_BLOCK` rows: no autograd
+    graph of ``out × (in+1)`` intermediates, and ``E = g aᵀ`` recomputed per block rather than cached."""
+
+    @staticmethod
+    def forward(ctx, p, q, g, a, diagonal, temperature):
+        a_t = a / temperature if a is not None else None
+        total = torch.zeros((), dtype=torch.float64)
+        grad_p = torch.empty_like(p)
+        grad_q = torch.zeros_like(q)
+        for start in range(0, p.numel(), ROW_BLOCK):
+            rows = slice(start, start + ROW_BLOCK)
+            if diagonal is None:
+                M = torch.outer(g[rows], a_t)
+            else:
+                M = diagonal[rows].to(torch.float64) / temperature
+            M.addr_(p[rows], q)
+            R = torch.reciprocal(M)
+            grad_p[rows] = R @ q
+            grad_q.add_(p[rows] @ R)
+            total += M.log_().sum()
+        ctx.save_for_backward(grad_p, grad_q)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_p, grad_q = ctx.saved_tensors
+        return grad_out * grad_p, grad_out * grad_q, None, None, None, None
+
+
+SHARED_RECENT = 4
+"""Decompositions :class:`KronEigen` remembers in ``shared`` (the most recent; older factors are released)."""
+
+ROW_BLOCK = 256
+"""Rows per block of :class:`_RankOneLogdet` (256 × 8192 float64 = 16 MB)."""
 
 
 def _project(Q2: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from .kron import KronEigen
+from .kron import KronEigen, rank_one_logdet
 from .priors import PriorPrecision
 
 Curvature = Union[Dict[str, KronEigen], Dict[str, torch.Tensor]]
@@ -29,7 +29,8 @@ def log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature, params:
         prior: the prior precisions.
         curvature: per module either a :class:`KronEigen` (KFAC) or the diagonal ``diag H``
             (``out × (in+1)``), already extrapolated to the full data set.
-        params: per module the float64 augmented weights ``[W | b]`` (``out × (in+1)``).
+        params: per module the float64 augmented weights ``[W | b]`` (``out × (in+1)``); a mapping that makes
+            them when read (:class:`~spam_hf.priors.LazyParams`) holds one at a time.
         loss_sum: ``Σ_n ℓ_n`` at θ (constant in δ; only shifts the value).
         temperature: ``T``.
     """
@@ -63,6 +64,9 @@ def module_term(prior: PriorPrecision, curvature: Curvature, params: Dict[str, t
         return term - 0.5 * curv.logdet(prec, temperature)
     if tuple(curv.shape) != prior.shapes[m]:
         raise ValueError(f"diagonal curvature of {m!r} is {tuple(curv.shape)}, prior expects {prior.shapes[m]}")
+    if prec.is_rank_one:  # blocked, without the out × (in+1) graph (kron.rank_one_logdet)
+        return term - 0.5 * rank_one_logdet(prec.u.to(torch.float64), prec.v.to(torch.float64), temperature,
+                                            diagonal=curv)
     return term - 0.5 * torch.log(curv.to(torch.float64) / temperature + prec.matrix()).sum()
 
 

@@ -34,7 +34,7 @@ from .architectures.base import GroupSpec
 from .curvature import CurvatureAccumulator, diagonal_from_state
 from .distributed import all_reduce_sum, is_distributed
 from .marglik import Curvature, log_marginal_likelihood, optimize_prior
-from .priors import PriorPrecision, params_aug
+from .priors import LazyParams, PriorPrecision
 
 PRIOR_FILE = "spam_prior.safetensors"
 CURVATURE_FILE = "spam_curvature.safetensors"
@@ -82,6 +82,8 @@ class SpamLaplace:
         specs: the group specs (default: from the model's family).
         curvature_modules: collect curvature for these modules only (default: every prunable module); a posterior
             with a subset gives factors and scores of those, not the marginal likelihood.
+        input_means: also keep the sums of the consuming modules' inputs, for the mean and variance of each input
+            channel (:meth:`input_moments`: the ``flap`` score and ``bias`` compensation).
         diagonal_from: KFAC factors at least this wide keep only their diagonal, ``H ≈ G ⊗ diag(A)``
             (:mod:`spam_hf.curvature`; the MLP of an LLM); ``None`` keeps every factor whole.
         mask_fisher: also accumulate the exact Fisher of masks on the consuming modules' input columns
@@ -93,7 +95,8 @@ class SpamLaplace:
                  temperature: float = 1.0, max_rows_per_batch: Optional[int] = None, seed: int = 0,
                  kv_groups_only: bool = False, hyper_lr: float = 0.1, n_hypersteps: int = 20,
                  specs: Optional[List[GroupSpec]] = None, mask_fisher: bool = False,
-                 curvature_modules: Optional[List[str]] = None, diagonal_from: Optional[int] = DIAGONAL_FROM) -> None:
+                 curvature_modules: Optional[List[str]] = None, diagonal_from: Optional[int] = DIAGONAL_FROM,
+                 input_means: bool = False) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         model = unwrap(model)
@@ -116,7 +119,8 @@ class SpamLaplace:
         self.curvature = CurvatureAccumulator(model, self.curvature_modules, kind=curvature, reduction=reduction, fisher=fisher,
                                               likelihood=self.likelihood, max_rows_per_batch=max_rows_per_batch,
                                               seed=seed, mask_modules=[m for sp in self.specs for m in sp.col_index]
-                                              if mask_fisher else (), diagonal_from=diagonal_from)
+                                              if mask_fisher else (), diagonal_from=diagonal_from,
+                                              mean_modules=consuming_modules(self.specs) if input_means else ())
         self.n_data: Optional[float] = float(n_data) if n_data else None
         self.temperature = float(temperature)
         self.hyper_lr, self.n_hypersteps = float(hyper_lr), int(n_hypersteps)
@@ -139,17 +143,18 @@ class SpamLaplace:
                    diagonal_from=args.kfac_diagonal_from or None)
 
     def calibration_posterior(self, model: nn.Module, mask_fisher: bool = False,
-                              consuming_only: bool = False) -> "SpamLaplace":
+                              consuming_only: bool = False, input_means: bool = False) -> "SpamLaplace":
         """A posterior of ``model`` (this one's model after pruning, or a copy) for calibration statistics: this
         one's prior kind, initial δ, Fisher type, seed, ``N``, temperature and group granularity, with token-level
         KFAC (``expand``) whatever the training used, the mask Fisher when ``mask_fisher``, and curvature of the
-        consuming modules alone (O, down, ``lora_B``) with ``consuming_only``. Pruning rounds build one per round
+        consuming modules alone (O, down, ``lora_B``) with ``consuming_only``, their input sums with
+        ``input_means``. Pruning rounds build one per round
         (:func:`spam_hf.pruning.prune`)."""
         specs = group_specs(unwrap(model), self.settings["kv_groups_only"])
         modules = consuming_modules(specs) if consuming_only else None
         return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.temperature,
                            mask_fisher=mask_fisher, specs=specs, curvature_modules=modules, diagonal_from=None,
-                           **self.settings)
+                           input_means=input_means, **self.settings)
 
     # ------------------------------------------------------------------ accumulation (fed by the trainer)
     def capture(self, model: nn.Module, attention_mask: Optional[torch.Tensor] = None):
@@ -223,6 +228,13 @@ class SpamLaplace:
         its input columns from the live sums (needs ``mask_fisher=True``); see ``damage-exact``."""
         return self.curvature.mask_fisher(self._n())
 
+    def input_moments(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """``{consuming module: (mean, variance)}`` of each input channel over the calibration rows (``[in]``,
+        float64; needs ``input_means=True``)."""
+        if not self.curvature.mean_modules:
+            raise ValueError("no input means collected: build the posterior with input_means=True, then collect()")
+        return self.curvature.input_moments()
+
     def mean_loss(self) -> float:
         return float(self.loss_sum) / max(self.loss_count, 1)
 
@@ -236,7 +248,7 @@ class SpamLaplace:
         live sums, :meth:`curvature_estimate`) and ``Σℓ ≈ N · mean loss``."""
         self._check_whole()
         curvature = self.curvature_estimate() if curvature is None else curvature
-        return log_marginal_likelihood(self.prior, curvature, params_aug(self.model, self.modules),
+        return log_marginal_likelihood(self.prior, curvature, LazyParams(self.model, self.modules),
                                        loss_sum=self._n() * self.mean_loss(), temperature=self.temperature)
 
     # ------------------------------------------------------------------ verbs
@@ -252,7 +264,7 @@ class SpamLaplace:
         curv = self.curvature_estimate()
         t1 = time.perf_counter()
         self.timings["eigh_s"] += t1 - t0
-        res = optimize_prior(self.prior, curv, params_aug(self.model, self.modules),
+        res = optimize_prior(self.prior, curv, LazyParams(self.model, self.modules),
                              n_steps=n_steps or self.n_hypersteps, lr=lr or self.hyper_lr,
                              loss_sum=self._n() * self.mean_loss(), temperature=self.temperature,
                              optimizer_state=self.hyper_state)

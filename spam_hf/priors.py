@@ -17,6 +17,8 @@ MAP penalty per batch (added to the mean loss): ``(1 / 2N) Σ_i δ_i θ_i²``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -237,3 +239,27 @@ def params_aug(model: nn.Module, modules: Iterable[str]) -> Dict[str, torch.Tens
     """``{module: [W | b]}`` in float64 (detached) for the marginal likelihood and scores."""
     mods = dict(model.named_modules())
     return {m: weight_aug(mods[m]).to(torch.float64).cpu() for m in modules}
+
+
+class LazyParams(Mapping):
+    """``params_aug`` one module at a time: ``[W | b]`` in float64 is made when a module is read and not kept, so a
+    prior update over a large model holds one module's float64 copy instead of every module's (1.9 GB for the
+    blocks of a 4-layer model of Llama-3.2-1B width)."""
+
+    def __init__(self, model: nn.Module, modules: Iterable[str]) -> None:
+        self._mods = dict(model.named_modules())
+        self._names = list(modules)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return weight_aug(self._mods[name]).to(torch.float64).cpu()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

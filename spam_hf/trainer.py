@@ -300,7 +300,8 @@ class SpamTrainer(Trainer):
         if score.calibrated:
             trained = posterior
             posterior = trained.calibration_posterior(model, mask_fisher="mask_fisher" in score.needs,
-                                                      consuming_only=score.collects_consuming_only)
+                                                      consuming_only=score.collects_consuming_only,
+                                                      input_means="input_moments" in score.needs)
             posterior.carry_over(trained, {})
             posterior.collect(self.get_train_dataloader(), max_batches=config.calibration_batches,
                               progress=self.is_local_process_zero() and not self.args.disable_tqdm)

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from spam_hf import SpamLaplace, apply, plan
@@ -151,3 +152,53 @@ def batches_loader(batches):
         dataset = range(sum(len(b["labels"]) for b in batches))
 
     return Loader(batches)
+
+
+def test_bias_compensation_moves_the_removed_inputs_mean_into_the_bias(tmp_path):
+    """FLAP's bias compensation on a LLaMA (no biases): at the calibration mean input, every consuming layer
+    computes exactly what it did (``W x̄ + b = W_R x̄_R + b'``); O and down get biases through the config flags
+    (``attention_bias`` / ``mlp_bias``, zero on q/k/v and gate/up), and the export loads with the stock class."""
+    from transformers import AutoModelForCausalLM
+
+    from spam_hf.export import save_pruned
+    from spam_hf.pruning import PruningConfig, compensate_bias, prune, removed_columns
+    from spam_hf.architectures import group_specs
+
+    from conftest import BatchList, tiny_causal_lm
+
+    model = tiny_causal_lm("llama", num_hidden_layers=2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (4, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    specs = group_specs(model)
+    la = SpamLaplace(model, reduction="expand", n_data=48, input_means=True)
+    la.collect(BatchList([batch]), progress=False)
+    moments = la.input_moments()
+    keep = {s.name: torch.arange(0, s.count, 2) if s.kind == "neuron" else torch.arange(s.count) for s in specs}
+    keep[specs[0].name] = torch.tensor([0, 1])  # layer 0 loses query heads 2 and 3 (KV head 1 keeps none)
+    before = {m: (dict(model.named_modules())[m].weight.detach().clone()) for m in removed_columns(specs, keep)}
+    done = compensate_bias(model, specs, keep, moments)
+    assert model.config.attention_bias and model.config.mlp_bias
+    mods = dict(model.named_modules())
+    assert torch.equal(mods["model.layers.0.self_attn.q_proj"].bias, torch.zeros(32))
+    for m, cols in removed_columns(specs, keep).items():
+        if not cols:
+            continue
+        assert done[m] == len(cols)
+        x = moments[m][0].float()
+        kept = torch.ones(x.numel(), dtype=torch.bool)
+        kept[cols] = False
+        torch.testing.assert_close(mods[m].weight[:, kept] @ x[kept] + mods[m].bias, before[m] @ x, rtol=1e-5, atol=1e-6)
+    # end to end through the engine: flap prunes with bias compensation by default, and the export is stock
+    model = tiny_causal_lm("llama", num_hidden_layers=2)
+    result = prune(model, None, PruningConfig(sparsity=0.4, method="flap", calibration_batches=1),
+                   calibration=BatchList([batch]))
+    assert result.config.compensate and result.config.compensation == "bias" and result.compensated
+    assert save_pruned(model, str(tmp_path / "flap")) in ("stock", "remote_code")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "flap"), trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot load one"):
+        compensate_bias(tiny_causal_lm("qwen2"), group_specs(tiny_causal_lm("qwen2")),
+                        {s.name: torch.arange(s.count - 1) for s in group_specs(tiny_causal_lm("qwen2"))
+                         if s.kind == "neuron"}, moments)

@@ -16,14 +16,15 @@ from conftest import BatchList, tiny_batch, tiny_classifier
 
 def test_every_score_declares_statistics_and_rounds():
     assert score_names() == ("opd", "magnitude", "fisher", "random", "damage", "damage-out", "damage-obs",
-                             "damage-exact", "wanda-sp")
+                             "damage-exact", "wanda-sp", "flap")
     for name in score_names():
         score = get_score(name)
         assert set(score.needs) <= set(STATISTICS) and score.summary, name
         assert score.rounds == name.startswith("damage"), name  # the damage scores prune in rounds by default
-        assert score.calibrated == bool({"factors", "mask_fisher"} & set(score.needs)), name
+        assert score.calibrated == bool({"factors", "mask_fisher", "input_moments"} & set(score.needs)), name
     assert get_score("opd").needs == ("diagonal",) and get_score("damage-obs").needs == ("factors",)
     assert get_score("damage-exact").needs == ("mask_fisher",) and get_score("magnitude").needs == ()
+    assert get_score("flap").needs == ("input_moments",) and get_score("flap").compensation == "bias"
     with pytest.raises(ValueError, match="method must be one of opd, magnitude"):
         get_score("taylor")
 
@@ -112,3 +113,43 @@ def test_wanda_sp_is_the_explicit_sum_over_consuming_columns():
                     rms = float(x[:, j].square().mean().sqrt()) if j < W.shape[1] else 1.0
                     expected += float(W[:, j].abs().sum()) * rms
             assert float(scores[s.name][g]) == pytest.approx(expected, rel=1e-5), (s.name, g)
+
+
+def _consuming_inputs(model, specs, batch):
+    """The inputs of every consuming module on ``batch``, recorded by hooks (tokens × in)."""
+    mods = dict(model.named_modules())
+    inputs = {}
+    hooks = [mods[m].register_forward_hook(lambda mod, a, o, m=m: inputs.__setitem__(m, a[0].detach()))
+             for m in {m for s in specs for m in s.col_index}]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    mask = batch["attention_mask"].bool()
+    return {m: x[mask].double() for m, x in inputs.items()}
+
+
+def test_flap_is_the_variance_times_column_norm_normalised_per_layer_and_kind():
+    """flap against a brute-force loop: Σ_{j∈C} Var_tokens(x_j) · ‖W_:,j‖², divided by the mean over the spec's
+    groups (one spec = one layer's heads or neurons), from a calibration posterior with input means."""
+    model = tiny_classifier("bert", num_labels=3).eval()
+    specs = group_specs(model)
+    b = tiny_batch(batch=4)
+    x = _consuming_inputs(model, specs, b)
+    la = SpamLaplace(model, reduction="expand", n_data=4, input_means=True,
+                     curvature_modules=sorted({m for s in specs for m in s.col_index}))
+    la.collect(BatchList([b]), progress=False)
+    scores = get_score("flap")(model, specs, Statistics.of(la, ("input_moments",)))
+    mods = dict(model.named_modules())
+    for s in specs:
+        raw = torch.zeros(s.count, dtype=torch.float64)
+        for g in range(s.count):
+            for m, idx in s.col_index.items():
+                W = mods[m].weight.detach().double()
+                for j in idx[g].tolist():
+                    raw[g] += x[m][:, j].var(unbiased=False) * W[:, j].square().sum()
+        torch.testing.assert_close(scores[s.name], raw / raw.mean(), rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="needs input means"):
+        get_score("flap")(model, specs, Statistics())
+    with pytest.raises(ValueError, match="input_means=True"):
+        SpamLaplace(model, n_data=4).input_moments()

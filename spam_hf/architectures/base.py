@@ -212,6 +212,30 @@ class ArchitectureFamily:
         """
         raise NotImplementedError
 
+    #: for a module (name suffix) that has no bias: the config flag that gives it one in the stock class, and every
+    #: module suffix the flag gives a bias to (LLaMA: ``o_proj`` -> ``attention_bias`` on q/k/v/o)
+    bias_flags: Dict[str, Tuple[str, Tuple[str, ...]]] = {}
+
+    def add_bias(self, model: nn.Module, name: str) -> None:
+        """Give module ``name`` a bias (for ``bias`` compensation), and zero biases to every module the family's
+        config flag covers in every layer (:attr:`bias_flags`), so the export loads with the stock class and the
+        model computes what it did. ``ValueError`` when the family has no such flag for the module."""
+        suffix = name.rsplit(".", 1)[-1]
+        if suffix not in self.bias_flags:
+            raise ValueError(f"{name} has no bias and {type(self).__name__} has no config flag that adds one; "
+                             "bias compensation needs it (use --compensation least-squares)")
+        flag, suffixes = self.bias_flags[suffix]
+        config = getattr(model, "config", None)
+        if config is not None:
+            setattr(config, flag, True)
+        for module_name, module in model.named_modules():
+            parts = module_name.split(".")
+            owner = parts[-2] if parts[-1] == "linear" and len(parts) > 1 else parts[-1]  # HeadGatherLinear's
+            if isinstance(module, nn.Linear) and owner in suffixes and module.bias is None:
+                w = module.weight
+                module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                           requires_grad=w.requires_grad)
+
     def stock_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
         """Config overrides under which the stock class builds ``model``'s (pruned) shapes, or ``None``.
 

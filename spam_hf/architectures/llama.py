@@ -92,6 +92,18 @@ class LlamaFamily(ArchitectureFamily):
     runtime_modules = (HeadGatherLinear,)
     runtime_attrs = ("num_key_value_groups",)
 
+    bias_flags = {"o_proj": ("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                  "down_proj": ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))}
+
+    def add_bias(self, model: nn.Module, name: str) -> None:
+        """LLaMA's config has both flags; Mistral's and Qwen's stock classes do not read them, so their exports
+        could not load a bias on O or down."""
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type != "llama":
+            raise ValueError(f"{name} has no bias and the stock {model_type} class cannot load one; bias "
+                             "compensation is for LLaMA, GPT-2 and BERT-like models (use --compensation least-squares)")
+        super().add_bias(model, name)
+
     @staticmethod
     def head_dim(model: nn.Module) -> int:
         """``d`` from the config (checked: the query heads split evenly over the KV heads)."""

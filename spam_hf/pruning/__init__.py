@@ -6,7 +6,7 @@ compensation, rounds, surgery.
 ``apply(model, plan)`` removes the groups for real.
 """
 
-from .compensation import compensate, conditional_mean, kron_conditional_mean
+from .compensation import compensate, compensate_bias, conditional_mean, kron_conditional_mean, removed_columns
 from .config import PruningConfig, rounds_for_sparsity
 from .damage import group_damage, group_damage_exact, parameter_scores
 from .engine import prune
@@ -19,8 +19,9 @@ from .selection import (BUDGETS, LayerReport, Selection, check_reachable, plot_s
 from .surgery import mask_groups, prune_groups
 
 __all__ = ["BUDGETS", "LayerReport", "PruningConfig", "PruningPlan", "PruningResult", "Score", "Selection",
-           "Statistics", "apply", "check_reachable", "compensate", "conditional_mean", "geometric_targets",
-           "get_score", "group_damage", "group_damage_exact", "group_scores", "kron_conditional_mean", "mask_groups",
-           "parameter_scores", "plan", "plot_selection", "prune", "prune_groups", "prune_in_rounds",
-           "refit_to_reference", "register", "removable_fraction", "resolve_method", "rounds_for_sparsity",
-           "score_names", "select_groups", "validate_sparsity"]
+           "Statistics", "apply", "check_reachable", "compensate", "compensate_bias", "conditional_mean",
+           "geometric_targets", "get_score", "group_damage", "group_damage_exact", "group_scores",
+           "kron_conditional_mean", "mask_groups", "parameter_scores", "plan", "plot_selection", "prune",
+           "prune_groups", "prune_in_rounds", "refit_to_reference", "register", "removable_fraction",
+           "removed_columns", "resolve_method", "rounds_for_sparsity", "score_names", "select_groups",
+           "validate_sparsity"]

@@ -31,7 +31,12 @@ Two kinds (``COMPENSATIONS``):
 Measured on the CPU protocol (README "Group damage"), least squares is the better one at 70 and 90% removed:
 the next layers read every output direction of O and down, not only those the loss's local ``G`` weights.
 
-A third kind, ``reference``, refits every consuming layer to the *unpruned* model's outputs, one layer at a time
+``bias`` (FLAP's baseline bias compensation, An et al. 2024) moves the removed columns' average contribution into the
+bias, ``b ← b + W_S x̄_S`` with ``x̄`` the calibration mean of the inputs (:func:`compensate_bias`): exact for the
+constant part of the removed inputs, blind to what varies. A layer without a bias gets one (the family's config
+flag, e.g. LLaMA's ``attention_bias`` / ``mlp_bias``, so the export loads with the stock class).
+
+A fourth kind, ``reference``, refits every consuming layer to the *unpruned* model's outputs, one layer at a time
 (:mod:`spam_hf.pruning.reconstruction`); it needs calibration batches, not factors, so it lives there.
 """
 
@@ -48,7 +53,7 @@ from ..kron import symmetric_eigh
 from ..priors import PriorPrecision
 from .damage import LEAST_SQUARES_DAMPING, Factors
 
-COMPENSATIONS = ("least-squares", "posterior", "reference")  # reference: spam_hf.pruning.reconstruction
+COMPENSATIONS = ("least-squares", "posterior", "bias", "reference")  # reference: spam_hf.pruning.reconstruction
 
 
 def removed_columns(specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:
@@ -158,6 +163,8 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
     the current model (:meth:`spam_hf.posterior.SpamLaplace.factors`).
     """
     check_choice("compensation", kind, COMPENSATIONS)
+    if kind == "bias":
+        raise ValueError("compensation 'bias' reads the input means, not factors: use compensate_bias")
     if kind == "reference":
         raise ValueError("compensation 'reference' refits to the unpruned model's outputs and needs calibration "
                          "batches: use spam_hf.pruning.refit_to_reference or prune_in_rounds")
@@ -179,5 +186,32 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
             else:
                 new = kron_conditional_mean(W, A, G, removed_cols, prior=prior_times_temperature(prior, m, temperature))
             set_augmented_weight(module, new)
+            done[m] = len(set(cols))
+    return done
+
+
+def compensate_bias(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor],
+                    moments: Dict[str, tuple]) -> Dict[str, int]:
+    """Before surgery: for every column module of a spec that loses groups, ``b ← b + W_S x̄_S`` over its removed
+    input columns ``S`` (``x̄``: ``moments[m][0]``, the calibration mean of its inputs, ``[in]``), adding a bias
+    through the model's family where the layer has none (:meth:`ArchitectureFamily.add_bias`). In place; returns
+    ``{module: columns removed}``."""
+    from ..architectures import get_family
+
+    removed = removed_columns(specs, keep)
+    family = get_family(model)
+    done: Dict[str, int] = {}
+    with torch.no_grad():
+        for m, cols in removed.items():
+            if not cols:
+                continue
+            module = dict(model.named_modules())[m]
+            if getattr(module, "bias", None) is None:
+                family.add_bias(model, m)
+            W = weight_out_in(module)
+            idx = torch.tensor(sorted(set(cols)), device=W.device)
+            mean = moments[m][0].to(W.device, torch.float64)
+            shift = W.index_select(1, idx).to(torch.float64) @ mean[idx]
+            module.bias.add_(shift.to(module.bias.dtype))
             done[m] = len(set(cols))
     return done

@@ -46,9 +46,11 @@ class PruningConfig:
         min_keep: every layer keeps at least this fraction of its original heads and of its neurons.
         rounds: geometric rounds (0 = the score's default: :func:`rounds_for_sparsity` for scores that want
             rounds on a full model, else 1).
-        compensate: refit the consuming layers after each round's removal (``None`` = the score's default).
-        compensation: ``least-squares``, ``posterior`` or ``reference``
-            (:func:`spam_hf.pruning.compensation.compensate`, :func:`spam_hf.pruning.refit_to_reference`).
+        compensate: refit the consuming layers after each round's removal (``None`` = the score's default: with
+            rounds, or the score's own compensation, ``bias`` for ``flap``, which then replaces ``compensation``).
+        compensation: ``least-squares``, ``posterior``, ``bias`` or ``reference``
+            (:func:`spam_hf.pruning.compensation.compensate`, :func:`~spam_hf.pruning.compensation.compensate_bias`,
+            :func:`spam_hf.pruning.refit_to_reference`).
         calibration_batches: batches per round for calibration statistics.
         seed: seed of the ``random`` baseline.
         kv_groups_only: grouped-query attention in whole KV groups (``None``: the statistics' own, else ``False``).
@@ -109,7 +111,10 @@ class PruningConfig:
         rounds = self.rounds or (rounds_for_sparsity(self.sparsity) if rounds_by_default and not self.sequential
                                  else 1)
         compensate = self.compensate if self.compensate is not None else rounds_by_default
-        return dataclasses.replace(self, method=method, rounds=rounds, compensate=compensate)
+        compensation = self.compensation
+        if self.compensate is None and get_score(method).compensation and not lora:
+            compensate, compensation = True, get_score(method).compensation  # flap: bias compensation, as FLAP prunes
+        return dataclasses.replace(self, method=method, rounds=rounds, compensate=compensate, compensation=compensation)
 
     @property
     def score(self) -> Score:

@@ -72,11 +72,14 @@ def calibration_posteriors(model: nn.Module, statistics: Optional[SpamLaplace],
                            config: PruningConfig) -> Callable[[nn.Module], SpamLaplace]:
     """``model -> SpamLaplace``: the posterior each round collects its calibration statistics in
     (:meth:`SpamLaplace.calibration_posterior` of ``statistics``, or of unit priors when there is none): the mask
-    Fisher only when the score reads it, and only the consuming modules' curvature when nothing else is read."""
+    Fisher and the input means only when the score or the compensation reads them, and only the consuming modules'
+    curvature when nothing else is read."""
     score = config.score
     mask_fisher = "mask_fisher" in score.needs
+    input_means = "input_moments" in score.needs or (bool(config.compensate) and config.compensation == "bias")
     # curvature of O / down / lora_B alone where that is all that is read: a third of the factors at LLM widths
     consuming_only = score.collects_consuming_only
     if statistics is None:
         statistics = SpamLaplace(model, reduction="expand", kv_groups_only=bool(config.kv_groups_only))
-    return lambda m: statistics.calibration_posterior(m, mask_fisher=mask_fisher, consuming_only=consuming_only)
+    return lambda m: statistics.calibration_posterior(m, mask_fisher=mask_fisher, consuming_only=consuming_only,
+                                                      input_means=input_means)

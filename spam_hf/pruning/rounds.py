@@ -19,6 +19,7 @@ from ..checks import validate_sparsity
 from ..distill import frozen_copy
 from ..distributed import broadcast_parameters, is_distributed
 from .compensation import compensate as compensate_groups
+from .compensation import compensate_bias
 from .config import PruningConfig
 from .plan import PruningResult, apply, plan
 from .reconstruction import refit_to_reference
@@ -52,7 +53,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             score; the damage scores and compensation use the round's KFAC factors), ``budget``, ``seq_len``,
             ``min_keep`` (every layer keeps at least this fraction of its *original* heads and of its neurons: the
             floor does not shrink with the rounds), ``compensate`` and ``compensation`` (``least-squares`` or
-            ``posterior`` from the round's KFAC factors, :func:`spam_hf.pruning.compensation.compensate`;
+            ``posterior`` from the round's KFAC factors, :func:`spam_hf.pruning.compensation.compensate`; ``bias``
+            from the round's input means, :func:`~spam_hf.pruning.compensation.compensate_bias`;
             ``reference``: every consuming layer refitted in forward order to the outputs of ``model`` as it was
             on entry, a frozen copy kept for the purpose, :func:`spam_hf.pruning.reconstruction.refit_to_reference`),
             ``kv_groups_only`` (must match ``make_posterior``'s).
@@ -103,6 +105,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         if reference is not None:
             compensated.append(refit_to_reference(model, reference, posterior.specs, p.keep, calibration,
                                                   max_batches=max_batches))
+        elif compensate and compensation == "bias":
+            compensated.append(compensate_bias(model, posterior.specs, p.keep, posterior.input_moments()))
         elif compensate:
             # the posterior of the calibration batches alone: their statistics are not extrapolated to N
             compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(extrapolate=False),

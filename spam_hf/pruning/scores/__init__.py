@@ -18,7 +18,7 @@ from torch import nn
 from ...architectures.base import GroupSpec
 from ...checks import check_choice
 from ...priors import PriorPrecision
-from . import opd, magnitude, fisher, random, damage, damage_out, damage_obs, damage_exact, wanda_sp  # noqa: F401
+from . import opd, magnitude, fisher, random, damage, damage_out, damage_obs, damage_exact, wanda_sp, flap  # noqa: F401
 from .base import CALIBRATION_STATISTICS, REGISTRY, STATISTICS, Score, Statistics, register
 
 DEFAULT_FULL = "damage-obs"

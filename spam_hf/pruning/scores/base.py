@@ -10,9 +10,10 @@ Statistics a score can need (:data:`STATISTICS`):
 * ``diagonal``: the curvature diagonal ``diag H`` and the prior precisions of the *trained* posterior
   (what training with SpamTrainer, or a post-hoc fit, leaves);
 * ``factors``: full KFAC factors ``(A, G)`` of calibration batches of the *current* model;
-* ``mask_fisher``: the Fisher of masks on the consuming modules' input columns, of calibration batches.
+* ``mask_fisher``: the Fisher of masks on the consuming modules' input columns, of calibration batches;
+* ``input_moments``: the mean and variance of each input channel of the consuming modules, of calibration batches.
 
-The last two are calibration statistics: a posterior collects them for the model as it is when the
+The last three are calibration statistics: a posterior collects them for the model as it is when the
 score runs (every round of :func:`spam_hf.pruning.prune`).
 """
 
@@ -28,8 +29,8 @@ from ...architectures.base import GroupSpec
 from ...checks import check_choice
 from ...priors import PriorPrecision
 
-STATISTICS = ("diagonal", "factors", "mask_fisher")
-CALIBRATION_STATISTICS = ("factors", "mask_fisher")
+STATISTICS = ("diagonal", "factors", "mask_fisher", "input_moments")
+CALIBRATION_STATISTICS = ("factors", "mask_fisher", "input_moments")
 Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -43,6 +44,7 @@ class Statistics:
         diagonal: ``{module: diag H}`` (``out × (in+1)``, float64), the trained curvature's diagonal.
         factors: ``{module: (A, G)}`` float64 KFAC factors (``A`` over ``[x | 1]``, ``G`` extrapolated to ``N``).
         mask_fisher: ``{consuming module: M}`` (``in × in``), the Fisher of input-column masks.
+        input_moments: ``{consuming module: (mean, variance)}`` (``[in]`` each) of its input channels.
     """
 
     prior: Optional[PriorPrecision] = None
@@ -50,6 +52,7 @@ class Statistics:
     diagonal: Optional[Dict[str, object]] = None
     factors: Optional[Factors] = None
     mask_fisher: Optional[Dict[str, torch.Tensor]] = None
+    input_moments: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
 
     @classmethod
     def of(cls, posterior, needs: Tuple[str, ...]) -> "Statistics":
@@ -61,7 +64,8 @@ class Statistics:
         return cls(prior=posterior.prior, temperature=posterior.temperature,
                    diagonal=posterior.diagonal() if "diagonal" in needs else None,
                    factors=posterior.factors() if "factors" in needs else None,
-                   mask_fisher=posterior.group_fisher() if "mask_fisher" in needs else None)
+                   mask_fisher=posterior.group_fisher() if "mask_fisher" in needs else None,
+                   input_moments=posterior.input_moments() if "input_moments" in needs else None)
 
 
 ScoreFn = Callable[[nn.Module, List[GroupSpec], Statistics, int], Dict[str, torch.Tensor]]
@@ -80,6 +84,8 @@ class Score:
             compensation. LoRA ranks always default to one shot.
         consuming_only: its calibration statistics are those of the consuming modules alone (O, down, ``lora_B``:
             the columns a group owns), so a calibration posterior need not hold factors of the other modules.
+        compensation: the compensation it comes with by default (``compensate`` left unset), e.g. ``bias`` for
+            ``flap``; ``None``: compensation follows ``rounds``.
         summary: one line for ``--help`` and the docs.
     """
 
@@ -88,6 +94,7 @@ class Score:
     needs: Tuple[str, ...] = ()
     rounds: bool = False
     consuming_only: bool = False
+    compensation: Optional[str] = None
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -121,6 +128,7 @@ _NEED_TEXT = {
     "diagonal": "curvature (train with SpamTrainer or fit priors post hoc first)",
     "factors": "Kronecker factors (SpamLaplace.collect() on calibration batches, then factors())",
     "mask_fisher": "the mask Fisher (SpamLaplace(mask_fisher=True).collect())",
+    "input_moments": "input means (SpamLaplace(input_means=True).collect())",
 }
 
 REGISTRY: Dict[str, Score] = {}

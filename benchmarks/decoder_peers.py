@@ -1,0 +1,185 @@
+"""Decoder quality against the LLM pruners on one harness: perplexity after removing 30% and 50% of the blocks.
+
+A LLaMA-layout decoder (grouped-query attention, SwiGLU MLP; default 4 blocks of width 256, MLP 768, 8 query / 4 KV
+heads) is trained from random weights on WikiText-2 ``valid.txt`` with a byte-level BPE vocabulary of ``--vocab``
+tokens trained on the same file, twice with the same steps and seed: with a plain ``Trainer`` and with
+``SpamTrainer`` (unit priors, KFAC, likelihood tempered by ``--temperature``). Then each method prunes a copy to each
+sparsity (fraction of the prunable block parameters, one global budget) with its own defaults, through
+:func:`spam_hf.pruning.prune` on ``--calibration-batches`` random training batches, and perplexity is measured on
+the first ``--eval-blocks`` blocks of ``test.txt``. No recovery fine-tune.
+
+* ``spam``: spam-hf's default (``damage-obs`` in rounds with least-squares compensation) on the SpaM-trained model;
+* ``damage-obs``: the same default post hoc, on the plain model (``spam-hf compress --training none``);
+* ``flap``: FLAP (An et al. 2024): input fluctuation × column norm, per-layer normalised, bias compensation;
+* ``wanda-sp``: structured Wanda (|W| · input RMS summed per group), one shot;
+* ``magnitude`` and ``random``: one shot.
+
+``--seeds`` are pruning seeds (calibration batches and the random baseline) over the one trained pair of
+``--seed``; ``--train-per-seed`` trains a pair per seed instead (3× the training time).
+
+    python benchmarks/decoder_peers.py --out benchmarks/results/decoder_peers_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics as stats
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator  # noqa: E402
+
+from decoder_perplexity import blocks, perplexity, train_tokenizer  # noqa: E402
+from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
+from spam_hf.pruning import PruningConfig, prune  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2")
+METHODS = ("spam", "damage-obs", "flap", "wanda-sp", "magnitude", "random")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-file", default=os.path.join(DATA, "valid.txt"))
+    p.add_argument("--test-file", default=os.path.join(DATA, "test.txt"))
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--temperature", type=float, default=0.1, help="SpaM's likelihood temperature T")
+    p.add_argument("--marglik-frequency", type=int, default=100)
+    p.add_argument("--eval-blocks", type=int, default=400)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--sparsities", default="0.3,0.5")
+    p.add_argument("--calibration-batches", type=int, default=32)
+    p.add_argument("--calibration-batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training runs")
+    p.add_argument("--seeds", default="0,1,2", help="pruning seeds")
+    p.add_argument("--train-per-seed", action="store_true", help="train a model pair per pruning seed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work-dir", default=os.path.join("benchmarks", "_work", "decoder_peers"))
+    a = p.parse_args()
+    unknown = set(a.methods.split(",")) - set(METHODS)
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    return a
+
+
+def build(a, vocab: int, seed: int):
+    cfg = AutoConfig.for_model("llama", vocab_size=vocab, max_position_embeddings=a.block, hidden_size=a.hidden,
+                               num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                               intermediate_size=a.intermediate, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                               tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def train_pair(a, train, vocab: int, seed: int, need_plain: bool, need_spam: bool) -> dict:
+    """The plain and the SpaM-trained model of ``seed`` (each only when a method needs it), with their times."""
+    common = dict(per_device_train_batch_size=a.batch_size, num_train_epochs=a.epochs, learning_rate=a.lr,
+                  warmup_steps=50, lr_scheduler_type="cosine", seed=seed, report_to=[], save_strategy="no",
+                  logging_steps=100, disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False)
+    out = {"times": {}}
+    if need_plain:
+        t0 = time.time()
+        model = build(a, vocab, seed)
+        Trainer(model=model, train_dataset=train, data_collator=default_data_collator,
+                args=TrainingArguments(output_dir=os.path.join(a.work_dir, f"plain-{seed}"), weight_decay=0.01,
+                                       **common)).train()
+        out["plain"], out["times"]["plain_s"] = model, round(time.time() - t0, 1)
+    if need_spam:
+        t0 = time.time()
+        model = build(a, vocab, seed)
+        trainer = SpamTrainer(model=model, train_dataset=train, data_collator=default_data_collator,
+                              args=SpamTrainingArguments(output_dir=os.path.join(a.work_dir, f"spam-{seed}"), **common,
+                                                         marglik_frequency=a.marglik_frequency,
+                                                         marglik_burn_in=a.marglik_frequency,
+                                                         temperature=a.temperature))
+        trainer.train()
+        out["spam"], out["posterior"], out["times"]["spam_s"] = model, trainer.posterior, round(time.time() - t0, 1)
+    return out
+
+
+def prune_copy(pair: dict, method: str, sparsity: float, train, a, seed: int):
+    """A pruned copy of the model ``method`` works on, with the method's defaults."""
+    spam = method == "spam"
+    model = copy.deepcopy(pair["spam" if spam else "plain"])
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train, batch_size=a.calibration_batch_size, shuffle=True, generator=g,
+                        collate_fn=default_data_collator)
+    config = PruningConfig(sparsity=sparsity, method="auto" if spam else method, seq_len=a.block,
+                           calibration_batches=a.calibration_batches, seed=seed)
+    result = prune(model, pair["posterior"] if spam else None, config, calibration=loader)
+    return model, result
+
+
+def main() -> None:
+    a = parse()
+    os.makedirs(a.work_dir, exist_ok=True)
+    torch.manual_seed(a.seed)
+    tok = train_tokenizer(a.train_file, a.vocab)
+    train = blocks(a.train_file, tok, a.block)
+    test = blocks(a.test_file, tok, a.block, a.eval_blocks)
+    methods = a.methods.split(",")
+    sparsities = [float(s) for s in a.sparsities.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    result = {"date": datetime.date.today().isoformat(), "device": f"CPU, {torch.get_num_threads()} threads",
+              "command": "python " + " ".join(sys.argv), "args": vars(a), "train_blocks": len(train),
+              "eval_tokens": len(test) * (a.block - 1), "trained": {}, "runs": []}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    need_plain, need_spam = any(m != "spam" for m in methods), "spam" in methods
+    pair = None
+    for seed in seeds:
+        if pair is None or a.train_per_seed:
+            train_seed = seed if a.train_per_seed else a.seed
+            pair = train_pair(a, train, len(tok), train_seed, need_plain, need_spam)
+            dense = {k: perplexity(pair[k], test) for k in ("plain", "spam") if k in pair}
+            result["trained"][str(train_seed)] = {"dense_perplexity": dense, **pair["times"]}
+            print(f"trained (seed {train_seed}): dense perplexity {dense}, {pair['times']}", flush=True)
+            save()
+        for method in methods:
+            for s in sparsities:
+                t0 = time.time()
+                model, res = prune_copy(pair, method, s, train, a, seed)
+                run = {"method": method, "sparsity": s, "seed": seed, "achieved": res.selection.achieved,
+                       "perplexity": perplexity(model, test), "prune_s": round(time.time() - t0, 1),
+                       "config": {k: v for k, v in res.config.to_dict().items()
+                                  if k in ("method", "rounds", "compensate", "compensation")}}
+                result["runs"].append(run)
+                save()
+                print(f"seed {seed} {method:>10} {s:.0%}: perplexity {run['perplexity']:.2f}", flush=True)
+    result["summary"] = summarise(result["runs"])
+    save()
+    print(json.dumps(result["summary"], indent=2))
+
+
+def summarise(runs: list) -> dict:
+    """``{method: {sparsity: {"mean", "std", "n"}}}`` of the perplexities over seeds."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault(r["method"], {}).setdefault(f"{r['sparsity']:g}", []).append(r["perplexity"])
+    return {m: {s: {"mean": round(stats.mean(v), 2), "std": round(stats.stdev(v), 2) if len(v) > 1 else 0.0,
+                    "n": len(v)} for s, v in d.items()} for m, d in out.items()}
+
+
+if __name__ == "__main__":
+    main()
