@@ -417,8 +417,10 @@ class CurvatureAccumulator:
             return n
         return units * n / seen
 
-    def kron(self, n_data: float, keep_vectors: bool = False) -> Dict[str, KronEigen]:
-        """Eigendecomposed KFAC per module, extrapolated to ``n_data``: ``G = (N/n_g) ΣggT``, ``A = ΣaaT / n``."""
+    def kron(self, n_data: float, keep_vectors: bool = False,
+             values_only: Optional[Dict[str, Tuple[bool, bool]]] = None) -> Dict[str, KronEigen]:
+        """Eigendecomposed KFAC per module, extrapolated to ``n_data``: ``G = (N/n_g) ΣggT``, ``A = ΣaaT / n``;
+        ``values_only[m]``: the sides of ``m`` whose prior is constant (eigenvalues only, :class:`KronEigen`)."""
         if self.kind != "kfac":
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
@@ -427,7 +429,8 @@ class CurvatureAccumulator:
         shared: list = []  # equal factors (Q/K/V's and gate/up's A: the same inputs) are decomposed once
         for m, s in self.sums.items():
             try:
-                out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors, shared=shared)
+                out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors, shared=shared,
+                                   values_only=(values_only or {}).get(m, (False, False)))
             except FloatingPointError as e:  # name the module: the factor alone does not say which one diverged
                 raise FloatingPointError(f"KFAC factors of {m!r}: {e}; check curvature and weights for NaN") from e
         return out

@@ -193,7 +193,9 @@ class SpamLaplace:
     def curvature_estimate(self) -> Curvature:
         """The live sums extrapolated to ``N``: ``{module: KronEigen}`` (KFAC) or ``{module: diag H}``."""
         n = self._n()
-        return self.curvature.kron(n) if self.curvature.kind == "kfac" else self.curvature.diagonal(n)
+        if self.curvature.kind != "kfac":
+            return self.curvature.diagonal(n)
+        return self.curvature.kron(n, values_only={m: self.prior.constant_sides(m) for m in self.curvature.shapes})
 
     def diagonal(self) -> Dict[str, torch.Tensor]:
         """``diag H`` per module (``out × (in+1)``) for pruning scores: from the live sums when they hold

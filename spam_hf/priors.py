@@ -140,6 +140,21 @@ class PriorPrecision:
             return Precision(u=one_out, v=v)
         return Precision(u=rest.expand(out), v=one_in)
 
+    def constant_sides(self, module: str) -> Tuple[bool, bool]:
+        """``(rows, columns)``: whether Δ of ``module`` is, by its structure, constant along the output side (``u``)
+        and the input side (``v``) of :meth:`precision` (scalar and layer priors: both; a unit prior: the side its
+        groups do not own; a parameter prior: neither). A constant side needs only the eigenvalues of its KFAC
+        factor (:class:`~spam_hf.kron.KronEigen`'s ``values_only``)."""
+        if self.kind in ("scalar", "layer"):
+            return True, True
+        if self.kind == "parameter":
+            return False, False
+        if module in self.row_owner:
+            return False, True
+        if module in self.col_owner:
+            return True, False
+        return True, True
+
     @staticmethod
     def _fill(group_delta: torch.Tensor, owner: torch.Tensor, rest: Optional[torch.Tensor]) -> torch.Tensor:
         vals = group_delta[owner.clamp_min(0)]

@@ -332,3 +332,43 @@ def test_scale_smoke(tmp_path):
     row = json.load(open(out))["rows"][0]
     assert row["returncode"] == 0 and row["sequential"] and row["achieved"] >= 0.3
     assert row["predicted_peak_gib"] > 0 and row["peak_rss_gib"] > row["weights_gib"]
+
+
+def test_scale_training_smoke(tmp_path):
+    """benchmarks/scale_training.py on its tiny shape: every configuration in a child process, one prior update each
+    SpaM run, ratios against the plain run of the same kind."""
+    out = str(tmp_path / "train.json")
+    run("scale_training.py", "--shape", "tiny", "--layers", "2", "--steps", "4", "--seq-len", "16", "--lora-r", "4",
+        "--out", out)
+    runs = json.load(open(out))["runs"]
+    assert set(runs) == {"plain", "kfac", "diag", "lora-plain", "lora-spam"}
+    for cfg in ("kfac", "diag", "lora-spam"):
+        assert runs[cfg]["prior_updates"] == 1 and runs[cfg]["time_ratio"] > 0 and runs[cfg]["peak_ratio"] > 0
+    assert runs["lora-plain"]["trainable_params"] < runs["plain"]["trainable_params"]
+
+
+def test_decoder_peers_smoke(tmp_path):
+    """benchmarks/decoder_peers.py on a tiny decoder: every method at one sparsity, two pruning seeds, with each
+    method's own defaults (flap: bias compensation; the default: damage-obs in rounds with least squares)."""
+    from conftest import SHARED_DATA, write_text
+
+    wiki = os.path.join(SHARED_DATA, "wikitext2", "valid.txt")
+    text = tmp_path / "wiki.txt"
+    if os.path.exists(wiki):
+        with open(wiki) as f:
+            text.write_text(f.read(20000))
+    else:
+        write_text(text, 600, 0)
+    out = str(tmp_path / "peers.json")
+    run("decoder_peers.py", "--train-file", str(text), "--test-file", str(text), "--hidden", "32", "--layers", "2",
+        "--heads", "4", "--kv-heads", "2", "--intermediate", "48", "--vocab", "300", "--block", "32", "--epochs", "1",
+        "--eval-blocks", "10", "--marglik-frequency", "5", "--sparsities", "0.5", "--seeds", "0,1",
+        "--calibration-batches", "2", "--work-dir", str(tmp_path / "w"), "--out", out)
+    r = json.load(open(out))
+    methods = {"spam", "damage-obs", "flap", "wanda-sp", "magnitude", "random"}
+    assert {x["method"] for x in r["runs"]} == methods and len(r["runs"]) == 12
+    assert all(x["achieved"] >= 0.5 and x["perplexity"] > 1 for x in r["runs"])
+    configs = {x["method"]: x["config"] for x in r["runs"]}
+    assert configs["flap"]["compensation"] == "bias" and configs["flap"]["compensate"]
+    assert configs["spam"]["method"] == "damage-obs" and configs["damage-obs"]["compensate"]
+    assert set(r["summary"]) == methods and r["summary"]["random"]["0.5"]["n"] == 2

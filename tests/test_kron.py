@@ -195,3 +195,18 @@ def test_blocked_rank_one_logdet_and_gradient_equal_the_unblocked_formula(monkey
     shared = []
     first, second = KronEigen(G, A, shared=shared), KronEigen(G.clone(), A.clone(), shared=shared)
     assert calls == [7, 5] and torch.equal(first.a, second.a) and torch.equal(first.g, second.g)
+
+
+def test_values_only_on_the_constant_side_is_exact():
+    """A unit prior on rows leaves the columns' precision constant: the A side needs only its eigenvalues
+    (``values_only``), and the log-determinant equals the fully decomposed one; both sides for a scalar prior."""
+    G, A = random_psd(6, 14), random_psd(5, 15)
+    full = KronEigen(G, A)
+    g = torch.Generator().manual_seed(16)
+    rows = Precision(u=torch.rand(6, generator=g, dtype=torch.float64) + 0.05, v=torch.ones(5, dtype=torch.float64))
+    cols = Precision(u=torch.ones(6, dtype=torch.float64), v=torch.rand(5, generator=g, dtype=torch.float64) + 0.05)
+    scalar = Precision(u=torch.full((6,), 0.3, dtype=torch.float64), v=torch.ones(5, dtype=torch.float64))
+    for prec, sides in ((rows, (False, True)), (cols, (True, False)), (scalar, (True, True))):
+        fast = KronEigen(G, A, values_only=sides)
+        assert (fast._QG2 is None) == sides[0] and (fast._QA2 is None) == sides[1]
+        torch.testing.assert_close(fast.logdet(prec, 0.5), full.logdet(prec, 0.5), rtol=1e-10, atol=1e-10)

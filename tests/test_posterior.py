@@ -173,3 +173,17 @@ def test_wide_factors_enter_log_z_as_diagonals_and_calibration_keeps_them_whole(
     loaded.load(str(tmp_path))
     assert loaded.curvature.diagonal_from == 48
     assert float(loaded.log_marginal_likelihood()) == pytest.approx(float(ours), rel=1e-12)
+
+
+def test_prior_updates_decompose_only_the_varying_sides_exactly():
+    """The unit prior's constant sides (columns of Q/K/V/intermediate, rows of O/output) are decomposed for their
+    eigenvalues alone; log Z equals the one from fully decomposed factors."""
+    model = tiny_classifier("bert").double()
+    la = SpamLaplace(model, fisher="empirical", n_data=10**4, prior_init=1e-2)
+    feed(la, model, list(loader()))
+    assert la.prior.constant_sides("bert.encoder.layer.0.attention.self.query") == (False, True)
+    assert la.prior.constant_sides("bert.encoder.layer.0.output.dense") == (True, False)
+    fast = la.curvature_estimate()
+    assert fast["bert.encoder.layer.0.attention.self.query"]._QA2 is None
+    full = la.curvature.kron(10**4)
+    assert float(la.log_marginal_likelihood(fast)) == pytest.approx(float(la.log_marginal_likelihood(full)), rel=1e-10)
