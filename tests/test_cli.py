@@ -316,7 +316,7 @@ def test_allowed_values_are_argparse_choices(capsys):
     """--help lists the allowed values, and argparse refuses others before any work."""
     assert main(["compress", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "{auto,opd,magnitude,fisher,random,damage,damage-out,damage-obs,damage-exact,wanda-sp}" in out
+    assert "{auto,opd,magnitude,fisher,random,damage,damage-out,damage-obs,damage-exact,wanda-sp,flap}" in out
     assert "{scalar,layer,unit,parameter}" in out
     assert "{spam,plain,none}" in out and "{params,flops}" in out
     assert main(["compress", "--method", "taylor"]) == 2
