@@ -367,7 +367,8 @@ def test_decoder_peers_smoke(tmp_path):
     r = json.load(open(out))
     methods = {"spam", "damage-obs", "flap", "wanda-sp", "magnitude", "random"}
     assert {x["method"] for x in r["runs"]} == methods and len(r["runs"]) == 12
-    assert all(x["achieved"] >= 0.5 and x["perplexity"] > 1 for x in r["runs"])
+    assert all(x["achieved"] >= 0.5 - 1e-9 and x["perplexity"] > 1 for x in r["runs"]), \
+        [(x["method"], x["seed"], x["achieved"]) for x in r["runs"]]
     configs = {x["method"]: x["config"] for x in r["runs"]}
     assert configs["flap"]["compensation"] == "bias" and configs["flap"]["compensate"]
     assert configs["spam"]["method"] == "damage-obs" and configs["damage-obs"]["compensate"]

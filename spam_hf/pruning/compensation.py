@@ -190,24 +190,31 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
     return done
 
 
+def add_consuming_biases(model: nn.Module, modules: Iterable[str]) -> None:
+    """Zero biases where ``modules`` (consuming modules) have none, through the family's config flags
+    (:meth:`ArchitectureFamily.add_bias`); the model computes what it did. Called before a ``bias``-compensated
+    pruning selects anything, so that its budget counts the biases the export will hold."""
+    from ..architectures import get_family
+
+    mods = dict(model.named_modules())
+    for m in modules:
+        if getattr(mods[m], "bias", None) is None:
+            get_family(model).add_bias(model, m)
+
+
 def compensate_bias(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor],
                     moments: Dict[str, tuple]) -> Dict[str, int]:
     """Before surgery: for every column module of a spec that loses groups, ``b ← b + W_S x̄_S`` over its removed
     input columns ``S`` (``x̄``: ``moments[m][0]``, the calibration mean of its inputs, ``[in]``), adding a bias
-    through the model's family where the layer has none (:meth:`ArchitectureFamily.add_bias`). In place; returns
-    ``{module: columns removed}``."""
-    from ..architectures import get_family
-
+    where the layer has none (:func:`add_consuming_biases`). In place; returns ``{module: columns removed}``."""
     removed = removed_columns(specs, keep)
-    family = get_family(model)
+    add_consuming_biases(model, [m for m, cols in removed.items() if cols])
     done: Dict[str, int] = {}
     with torch.no_grad():
         for m, cols in removed.items():
             if not cols:
                 continue
             module = dict(model.named_modules())[m]
-            if getattr(module, "bias", None) is None:
-                family.add_bias(model, m)
             W = weight_out_in(module)
             idx = torch.tensor(sorted(set(cols)), device=W.device)
             mean = moments[m][0].to(W.device, torch.float64)

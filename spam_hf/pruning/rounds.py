@@ -14,12 +14,12 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..architectures import group_specs, is_peft_model
+from ..architectures import consuming_modules, group_specs, is_peft_model
 from ..checks import validate_sparsity
 from ..distill import frozen_copy
 from ..distributed import broadcast_parameters, is_distributed
 from .compensation import compensate as compensate_groups
-from .compensation import compensate_bias
+from .compensation import add_consuming_biases, compensate_bias
 from .config import PruningConfig
 from .plan import PruningResult, apply, plan
 from .reconstruction import refit_to_reference
@@ -77,6 +77,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         raise ValueError("compensation 'reference' runs in one process (its statistics are not summed over "
                          "processes); use least-squares under torchrun / accelerate")
     reference = frozen_copy(model) if compensate and compensation == "reference" else None
+    if compensate and compensation == "bias":  # the biases the compensation writes count in the budget from the start
+        add_consuming_biases(model, consuming_modules(group_specs(model, kv_groups_only)))
     specs0 = group_specs(model, kv_groups_only)
     total0 = prunable_cost(model, specs0, budget, seq_len)
     original = {s.name: torch.arange(s.count) for s in specs0}  # original index of every remaining group
