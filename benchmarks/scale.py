@@ -75,15 +75,23 @@ def parse() -> argparse.Namespace:
     return a
 
 
+def llama_config(shape: str, layers: int, seq_len: int):
+    """The ``LlamaConfig`` of ``SHAPES[shape]`` with ``layers`` blocks."""
+    from transformers import LlamaConfig
+
+    hidden, inter, heads, kv, head_dim, vocab, _, tied = SHAPES[shape]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                       head_dim=head_dim, num_hidden_layers=layers, vocab_size=vocab,
+                       max_position_embeddings=max(seq_len, 128), tie_word_embeddings=tied)
+
+
 def build(a):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hidden, inter, heads, kv, head_dim, vocab, _, tied = SHAPES[a.shape]
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-                         num_key_value_heads=kv, head_dim=head_dim, num_hidden_layers=a.layers, vocab_size=vocab,
-                         max_position_embeddings=max(a.seq_len, 128), tie_word_embeddings=tied)
+    config = llama_config(a.shape, a.layers, a.seq_len)
+    vocab = config.vocab_size
     model = LlamaForCausalLM(config)
     g = torch.Generator().manual_seed(1)
     batches = []

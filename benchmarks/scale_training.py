@@ -33,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from scale import SHAPES  # noqa: E402  (benchmarks/ is the script's folder)
+from scale import SHAPES, llama_config  # noqa: E402  (benchmarks/ is the script's folder)
 
 CONFIGS = ("plain", "kfac", "diag", "lora-plain", "lora-spam")
 BASELINE = {"kfac": "plain", "diag": "plain", "lora-spam": "lora-plain"}
@@ -67,15 +67,13 @@ def _extra(a) -> dict:
 def worker(a) -> dict:
     import torch
     from torch.utils.data import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
     from spam_hf import SpamTrainer, SpamTrainingArguments
 
-    hidden, inter, heads, kv, head_dim, vocab, _, tied = SHAPES[a.shape]
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-                         num_key_value_heads=kv, head_dim=head_dim, num_hidden_layers=a.layers, vocab_size=vocab,
-                         max_position_embeddings=max(a.seq_len, 128), tie_word_embeddings=tied)
+    config = llama_config(a.shape, a.layers, a.seq_len)
+    vocab = config.vocab_size
     model = LlamaForCausalLM(config)
     lora = a.worker.startswith("lora")
     if lora:

@@ -92,14 +92,7 @@ def test_wanda_sp_is_the_explicit_sum_over_consuming_columns():
     specs = group_specs(model)
     b = tiny_batch(batch=4)
     mods = dict(model.named_modules())
-    inputs = {}
-    hooks = [mods[m].register_forward_hook(lambda mod, a, o, m=m: inputs.__setitem__(m, a[0].detach()))
-             for m in {m for s in specs for m in s.col_index}]
-    with torch.no_grad():
-        model(**b)
-    for h in hooks:
-        h.remove()
-    mask = b["attention_mask"].bool()
+    inputs = _consuming_inputs(model, specs, b)
     la = SpamLaplace(model, reduction="expand", n_data=4)
     la.collect(BatchList([b]), progress=False)
     scores = group_scores(model, specs, "wanda-sp", factors=la.factors())
@@ -107,7 +100,7 @@ def test_wanda_sp_is_the_explicit_sum_over_consuming_columns():
         for g in range(s.count):
             expected = 0.0
             for m, idx in s.col_index.items():
-                x = inputs[m][mask].double()  # non-padding tokens × in
+                x = inputs[m]  # non-padding tokens × in
                 W = mods[m].weight.detach().double()
                 for j in idx[g].tolist():
                     rms = float(x[:, j].square().mean().sqrt()) if j < W.shape[1] else 1.0
