@@ -14,7 +14,7 @@ from typing import Optional
 from transformers import TrainingArguments
 
 from .checks import check_choice, check_distillation, validate_sparsity
-from .curvature import CURVATURE_KINDS, FISHER_TYPES, REDUCTIONS
+from .curvature import CURVATURE_KINDS, DIAGONAL_FROM, FISHER_TYPES, REDUCTIONS
 from .data import LM_EXTENSIONS, TASKS
 from .priors import PRIOR_KINDS
 from .pruning.compensation import COMPENSATIONS
@@ -108,7 +108,7 @@ class SpamTrainingArguments(TrainingArguments):
                                                   "estimate); 'empirical': empirical Fisher.")
     kfac_reduction: str = choice("auto", ("auto",) + REDUCTIONS, "'reduce' (sequence-level losses), 'expand' "
                                                                  "(token-level losses) or 'auto' (by task).")
-    kfac_diagonal_from: int = field(default=4096, metadata={"help": "Kronecker factors at least this wide (the MLP "
+    kfac_diagonal_from: int = field(default=DIAGONAL_FROM, metadata={"help": "Kronecker factors at least this wide (the MLP "
                                                                     "of an LLM) keep only their diagonal while "
                                                                     "priors are learnt; 0 keeps every factor whole."})
     curvature_every: int = field(default=4, metadata={"help": "Accumulate curvature on every k-th optimiser step "

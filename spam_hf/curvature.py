@@ -44,6 +44,8 @@ from .distributed import all_reduce_sum, is_distributed, shard_offset
 from .kron import KronEigen
 
 CURVATURE_KINDS = ("kfac", "diag")
+DIAGONAL_FROM = 4096
+"""KFAC factors at least this wide keep only their diagonal while priors are learnt (an LLM's MLP; no encoder)."""
 REDUCTIONS = ("reduce", "expand", "reduce-gw")
 FISHER_TYPES = ("mc", "empirical")
 LIKELIHOODS = ("classification", "regression", "causal_lm")
@@ -201,12 +203,13 @@ class CurvatureAccumulator:
         return sizes
 
     def _factor_shape(self, n: int) -> tuple:
-        return (n,) if self.diagonal_from is not None and n >= self.diagonal_from else (n, n)
+        return (n,) if kept_diagonal(n, self.diagonal_from) else (n, n)
 
     @property
     def whole_factors(self) -> bool:
         """Whether every KFAC factor is kept whole (what group damage and compensation need)."""
-        return self.kind == "kfac" and all(len(self._factor_shape(n)) == 2 for shp in self.shapes.values() for n in shp)
+        return self.kind == "kfac" and not any(kept_diagonal(n, self.diagonal_from)
+                                               for shp in self.shapes.values() for n in shp)
 
     def _zeros(self, name: str) -> Dict[str, torch.Tensor]:
         return {k: torch.zeros(shape, dtype=self.dtype) for k, shape in self._sizes(name).items()}
@@ -482,6 +485,11 @@ class CurvatureAccumulator:
             else:
                 state[f"{m}.D"] = s["D"].to("cpu", torch.float64)
         return state
+
+
+def kept_diagonal(width: int, diagonal_from: Optional[int]) -> bool:
+    """Whether a KFAC factor of ``width`` keeps only its diagonal (module docstring; ``None`` or 0: never)."""
+    return bool(diagonal_from) and width >= diagonal_from
 
 
 def _diagonal(factor: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,15 @@ class Precision:
         return self.v.numel() * self.u.log().sum() + self.u.numel() * self.v.log().sum()
 
 
+def check_finite(F: torch.Tensor) -> None:
+    """:class:`FloatingPointError` naming the factor's shape when a Kronecker factor (a matrix, or a diagonal kept
+    as a vector) has NaN or infinite entries: the losses or activations diverged."""
+    if not torch.isfinite(F).all():
+        what = f"{F.shape[0]} × {F.shape[1]}" if F.dim() == 2 else f"{F.shape[0]}"
+        raise FloatingPointError(f"a {'diagonal ' if F.dim() == 1 else ''}Kronecker factor ({what}) has NaN or infinite "
+                                 "entries: the training losses or activations diverged; lower the learning rate")
+
+
 def symmetric_eigh(F: torch.Tensor) -> tuple:
     """``(vals, Q)`` with ``F = Q diag(vals) Qᵀ`` for a symmetric ``n × n`` Kronecker factor, robust to what
     pruning during training makes of the factors.
@@ -79,9 +88,7 @@ def symmetric_eigh(F: torch.Tensor) -> tuple:
     (3) then by the SVD (``F`` is positive semi-definite: ``F = U diag(s) Uᵀ``). A factor with NaN or
     infinite entries raises :class:`FloatingPointError` (the losses or activations diverged).
     """
-    if not torch.isfinite(F).all():
-        raise FloatingPointError(f"a Kronecker factor ({F.shape[0]} × {F.shape[1]}) has NaN or infinite entries: "
-                                 "the training losses or activations diverged; lower the learning rate")
+    check_finite(F)
     n = F.shape[0]
     live = (F != 0).any(dim=1)
     k = int(live.sum())
@@ -102,9 +109,7 @@ def symmetric_eigh(F: torch.Tensor) -> tuple:
 def symmetric_eigvalsh(F: torch.Tensor) -> torch.Tensor:
     """The eigenvalues of :func:`symmetric_eigh` (ascending) without the eigenvectors: ``eigvalsh``, falling back
     to :func:`symmetric_eigh` (zero rows split off, jitter, SVD) when LAPACK does not converge."""
-    if not torch.isfinite(F).all():
-        raise FloatingPointError(f"a Kronecker factor ({F.shape[0]} × {F.shape[1]}) has NaN or infinite entries: "
-                                 "the training losses or activations diverged; lower the learning rate")
+    check_finite(F)
     try:
         return torch.linalg.eigvalsh(F)
     except torch.linalg.LinAlgError:
@@ -178,9 +183,7 @@ class KronEigen:
         a diagonal factor (a vector) and ``values_only`` give ``None`` for both eigenvector matrices."""
         F = F.detach().to(torch.float64)
         if F.dim() == 1:
-            if not torch.isfinite(F).all():
-                raise FloatingPointError(f"a diagonal Kronecker factor ({F.shape[0]}) has NaN or infinite entries: the "
-                                         "training losses or activations diverged; lower the learning rate")
+            check_finite(F)
             diag = F.cpu()
             return diag.clamp_min(0.0), None, None, diag
         diag = F.diagonal().cpu()

@@ -42,6 +42,7 @@ from torch import nn
 
 from .architectures import consuming_modules, get_family, group_specs, prunable_modules
 from .architectures.base import lookup_linear
+from .curvature import DIAGONAL_FROM, kept_diagonal
 
 GIB = 2 ** 30
 PROCESS_BYTES = int(0.45 * GIB)
@@ -102,12 +103,8 @@ def kfac_floats(shape: Shape, modules: List[str]) -> int:
 
 def training_kfac_floats(shape: Shape, diagonal_from: Optional[int]) -> int:
     """The numbers of the training curvature's KFAC sums: ``d²`` per factor of width ``d``, or ``d`` where
-    ``d ≥ diagonal_from`` (the factor keeps its diagonal)."""
-    return sum(_factor_floats(d, diagonal_from) for dims in shape.linear.values() for d in dims)
-
-
-def _factor_floats(d: int, diagonal_from: Optional[int]) -> int:
-    return d if diagonal_from and d >= diagonal_from else d * d
+    ``d ≥ diagonal_from`` (the factor keeps its diagonal, :func:`~spam_hf.curvature.kept_diagonal`)."""
+    return sum(d if kept_diagonal(d, diagonal_from) else d * d for dims in shape.linear.values() for d in dims)
 
 
 def _activations(shape: Shape, tokens: int, grad: bool) -> int:
@@ -124,7 +121,7 @@ def _scoring_transient(shape: Shape, modules: List[str], itemsize: int = DOUBLE)
 def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac", sequential: bool = False,
             consuming_only: bool = True, batch_size: int = 8, seq_len: int = 128, calibration_batches: int = 32,
             eval_batch_size: int = 8, causal_lm: Optional[bool] = None, measure_latency: bool = True,
-            kv_groups_only: bool = False, diagonal_from: Optional[int] = 4096) -> List[Stage]:
+            kv_groups_only: bool = False, diagonal_from: Optional[int] = DIAGONAL_FROM) -> List[Stage]:
     """The predicted peak of every stage of ``compress`` (module docstring), in order.
 
     Args:
@@ -149,7 +146,7 @@ def predict(model: nn.Module, *, training: str = "spam", curvature: str = "kfac"
         if training == "spam":
             parts["curvature sums"] = FLOAT * (training_kfac_floats(s, diagonal_from) if curvature == "kfac" else
                                               sum(o * i for o, i in s.linear.values()))
-            whole = [d for dims in s.linear.values() for d in dims if _factor_floats(d, diagonal_from) == d * d]
+            whole = [d for dims in s.linear.values() for d in dims if not kept_diagonal(d, diagonal_from)]
             parts["prior update"] = 3 * DOUBLE * max(whole, default=0) ** 2 if curvature == "kfac" else 0
         stages.append(Stage("training", PROCESS_BYTES + sum(parts.values()), parts))
     modules = s.consuming if consuming_only or sequential else all_modules

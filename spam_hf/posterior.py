@@ -31,7 +31,7 @@ from torch import nn
 
 from .architectures import consuming_modules, group_specs, prunable_modules
 from .architectures.base import GroupSpec
-from .curvature import CurvatureAccumulator, diagonal_from_state
+from .curvature import DIAGONAL_FROM, CurvatureAccumulator, diagonal_from_state
 from .distributed import all_reduce_sum, is_distributed
 from .marglik import Curvature, log_marginal_likelihood, optimize_prior
 from .priors import LazyParams, PriorPrecision
@@ -42,8 +42,6 @@ HYPER_FILE = "spam_hyper.safetensors"
 STATE_FILE = "spam_state.json"
 RETAINED_PREFIX = "retained."
 LIVE_FILE = "spam_live_rank{rank}.safetensors"  # data parallel checkpoints: each process's own live sums
-DIAGONAL_FROM = 4096
-"""KFAC factors at least this wide keep only their diagonal while learning priors (an LLM's MLP; no encoder)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:

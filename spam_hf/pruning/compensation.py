@@ -47,7 +47,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from ..architectures.base import GroupSpec, weight_out_in
+from ..architectures.base import GroupSpec, get_family, weight_out_in
 from ..checks import check_choice
 from ..kron import symmetric_eigh
 from ..priors import PriorPrecision
@@ -194,8 +194,6 @@ def add_consuming_biases(model: nn.Module, modules: Iterable[str]) -> None:
     """Zero biases where ``modules`` (consuming modules) have none, through the family's config flags
     (:meth:`ArchitectureFamily.add_bias`); the model computes what it did. Called before a ``bias``-compensated
     pruning selects anything, so that its budget counts the biases the export will hold."""
-    from ..architectures import get_family
-
     mods = dict(model.named_modules())
     for m in modules:
         if getattr(mods[m], "bias", None) is None:
@@ -209,12 +207,13 @@ def compensate_bias(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str
     where the layer has none (:func:`add_consuming_biases`). In place; returns ``{module: columns removed}``."""
     removed = removed_columns(specs, keep)
     add_consuming_biases(model, [m for m, cols in removed.items() if cols])
+    mods = dict(model.named_modules())
     done: Dict[str, int] = {}
     with torch.no_grad():
         for m, cols in removed.items():
             if not cols:
                 continue
-            module = dict(model.named_modules())[m]
+            module = mods[m]
             W = weight_out_in(module)
             idx = torch.tensor(sorted(set(cols)), device=W.device)
             mean = moments[m][0].to(W.device, torch.float64)

@@ -12,12 +12,13 @@ Calibration statistics (input moments of the consuming modules); one shot with `
 
 import torch
 
+from ...architectures import consuming_modules
 from ...priors import params_aug
 from .base import Score, register
 
 
 def flap_scores(model, specs, statistics, seed):
-    params = params_aug(model, sorted({m for s in specs for m in s.col_index}))
+    params = params_aug(model, consuming_modules(specs))
     out = {}
     for s in specs:
         total = torch.zeros(s.count, dtype=torch.float64)
