@@ -1,17 +1,22 @@
 """Tiny random models built from configs (no downloads) shared by the tests."""
 
 import os
-import random
 
-import pytest
-import torch
-
-from spam_hf.architectures.base import weight_out_in
-from spam_hf.curvature import CurvatureAccumulator
-
+# before anything imports huggingface_hub, which reads these once at import: the suite never reaches the Hub,
+# whether or not the shell that runs it set them
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from spam_hf.architectures.base import weight_out_in  # noqa: E402
+from spam_hf.curvature import CurvatureAccumulator  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

@@ -46,30 +46,42 @@ def test_latency_reports_what_it_measured():
     assert res["threads"] == 1 and torch.get_num_threads() == threads and model.training
 
 
-class _Sleeper(torch.nn.Module):
-    """A 'model' whose forward takes the next of ``delays`` seconds and logs its name."""
+class _FakeClock:
+    """``time.perf_counter`` that moves only when a fake model "runs": timings independent of the machine's load."""
 
-    def __init__(self, name, delays, log):
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class _Sleeper(torch.nn.Module):
+    """A 'model' whose forward advances ``clock`` by the next of ``delays`` seconds and logs its name."""
+
+    def __init__(self, name, delays, log, clock):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.config = type("C", (), {"vocab_size": 100, "max_position_embeddings": 16})()
-        self.name, self.delays, self.log = name, list(delays), log
+        self.name, self.delays, self.log, self.clock = name, list(delays), log, clock
 
     def forward(self, input_ids, attention_mask):
-        import time
-
         self.log.append(self.name)
-        time.sleep(self.delays.pop(0))
+        self.clock.now += self.delays.pop(0)
 
 
-def test_compare_latency_interleaves_and_reports_the_spread():
+def test_compare_latency_interleaves_and_reports_the_spread(monkeypatch):
+    import spam_hf.costs as costs
+
+    clock = _FakeClock()
+    monkeypatch.setattr(costs, "time", clock)
     log = []
-    dense, pruned = _Sleeper("d", [0.008] * 6, log), _Sleeper("p", [0.002] * 6, log)
+    dense, pruned = _Sleeper("d", [0.008] * 6, log, clock), _Sleeper("p", [0.002] * 6, log, clock)
     res = compare_latency(dense, pruned, batch_size=2, seq_len=8, repeats=5, warmup=1)
     assert log == ["d", "p", "p", "d", "d", "p", "p", "d", "d", "p", "p", "d"]  # alternating order, both timed each round
-    assert 2.5 < res["speedup"] < 4.5 and res["speedup_q25"] <= res["speedup"] <= res["speedup_q75"]
-    assert res["dense_s"] / res["pruned_s"] == pytest.approx(res["speedup"], rel=0.3)
+    assert [res[k] for k in ("speedup", "speedup_q25", "speedup_q75")] == pytest.approx([4.0, 4.0, 4.0])
+    assert res["dense_s"] == pytest.approx(0.008) and res["pruned_s"] == pytest.approx(0.002) and res["trusted"]
     # a pruned model whose time jumps between runs: the spread says the number cannot be trusted
-    noisy = _Sleeper("p", [0.002, 0.002, 0.008, 0.002, 0.008, 0.002], [])
-    res = compare_latency(_Sleeper("d", [0.008] * 6, []), noisy, batch_size=2, seq_len=8, repeats=5, warmup=1)
+    noisy = _Sleeper("p", [0.002, 0.002, 0.008, 0.002, 0.008, 0.002], [], clock)
+    res = compare_latency(_Sleeper("d", [0.008] * 6, [], clock), noisy, batch_size=2, seq_len=8, repeats=5, warmup=1)
     assert not res["trusted"]
