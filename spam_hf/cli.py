@@ -7,23 +7,27 @@ with its exception type; ``--debug`` (or ``SPAM_HF_DEBUG=1``) prints the traceba
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
 import sys
 import threading
 import traceback
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-import yaml
-from transformers import HfArgumentParser
+from . import arguments as A
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 SUBCOMMANDS = {
-    "compress": "fine-tune with SpaM priors, prune with OPD, export (and push) a smaller model",
+    "compress": "fine-tune with SpaM priors, remove the heads and neurons that do the least damage, export (and "
+                "push) the smaller model",
     "prune": "re-prune a finished compress run at another sparsity, without retraining",
     "evaluate": "metric, parameters, FLOPs and latency of a checkpoint",
 }
-USAGE = """usage: spam-hf {compress,prune,evaluate} [options]   (spam-hf SUBCOMMAND --help for options)
+USAGE = """usage: spam-hf {compress,prune,evaluate} [options]   (spam-hf COMMAND --help for its options)
 
 """ + "\n".join(f"  {k:<9} {v}" for k, v in SUBCOMMANDS.items()) + """
 
@@ -34,9 +38,9 @@ examples:
   spam-hf compress ./my-llama --train-file train.txt --validation-file valid.txt --sparsity 0.5   # perplexity
   spam-hf compress ./my-model --train-file train.tsv --lora-r 16 --sparsity 0.5      # prune LoRA ranks
   spam-hf compress --recipe recipes/minilm-sst2.yaml
+  spam-hf compress ./my-llama --train-file wiki.txt --training none --sparsity 0.3 --dry-run True   # will it fit?
   spam-hf prune out/run --sparsity 0.95
   spam-hf evaluate out/run/model --train-file train.tsv --validation-file dev.tsv
-  spam-hf compress ./my-llama --train-file wiki.txt --training none --sparsity 0.3 --dry-run True   # will it fit?
 
 --debug (any command) prints the traceback behind a one-line error.
 """
@@ -57,12 +61,14 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _load_recipe(path: str, parser: HfArgumentParser) -> Dict[str, object]:
+def _load_recipe(path: str, parser: "HfArgumentParser") -> Dict[str, object]:
     """The YAML recipe at ``path`` as parser defaults ``{dest: value}`` (typed by YAML; flags still win).
 
     Keys are the options' names (``learning_rate`` or ``learning-rate``; ``model`` for the model);
     unknown keys are an error that lists the valid ones.
     """
+    import yaml
+
     if not os.path.isfile(path):
         raise CliError(f"recipe {path!r} is not a file")
     try:
@@ -119,7 +125,7 @@ def _has_flag(argv: List[str], name: str) -> bool:
     return any(a in (f"--{name}", f"--{dashed}") or a.startswith((f"--{name}=", f"--{dashed}=")) for a in argv)
 
 
-def _parse(parser: HfArgumentParser, argv: List[str]):
+def _parse(parser: "HfArgumentParser", argv: List[str]):
     """The parser's dataclasses; an argparse error (unknown flag, a value outside its choices) is one line."""
     def error(message: str):
         raise CliError(f"{message} (spam-hf {parser.prog.split()[-1]} --help lists the options)")
@@ -128,12 +134,101 @@ def _parse(parser: HfArgumentParser, argv: List[str]):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def compress_parser() -> HfArgumentParser:
-    from .arguments import (CompressArguments, DataArguments, LoraArguments, ModelArguments,
-                            SpamTrainingArguments)
+Sections = List[Tuple[str, type]]
 
-    return HfArgumentParser((ModelArguments, DataArguments, CompressArguments, LoraArguments, SpamTrainingArguments),
-                            prog="spam-hf compress", description=SUBCOMMANDS["compress"])
+
+def compress_sections(full: bool = False) -> Sections:
+    """``(title, dataclass)`` of every option group of ``compress``, in the order ``--help`` shows them. ``full``: the
+    SpaM training group is ``SpamTrainingArguments`` (with every ``TrainingArguments`` option; imports
+    transformers), else only the SpaM knobs (:class:`~spam_hf.arguments.SpamArguments`)."""
+    if full:
+        from .training_arguments import SpamTrainingArguments as training
+    else:
+        training = A.SpamArguments
+    return [("model", A.ModelArguments), ("data", A.DataArguments), ("pruning", A.PruningArguments),
+            ("recovery", A.RecoveryArguments), ("latency", A.LatencyArguments), ("the job", A.CompressJobArguments),
+            ("LoRA", A.LoraArguments), ("SpaM training", training)]
+
+
+def prune_sections() -> Sections:
+    return [("run", A.RunArguments), ("pruning", A.PruningArguments), ("recovery", A.RecoveryArguments),
+            ("latency", A.LatencyArguments)]
+
+
+def evaluate_sections() -> Sections:
+    return [("checkpoint", A.EvalArguments), ("data", A.DataArguments)]
+
+
+COMMON = ("model_name_or_path", "task", "train_file", "validation_file", "text_column", "label_column", "sparsity",
+          "recovery_steps", "lora_r", "training", "dry_run", "push_to_hub_repo", "overwrite_output_dir")
+"""``compress --help`` shows these first."""
+TRAINER_COMMON = (("--output-dir DIR", "Where the run is written (default runs/spam-run; the demo: runs/spam-demo)."),
+                  ("--num-train-epochs N", "Training epochs (transformers' TrainingArguments)."),
+                  ("--per-device-train-batch-size N", "Training batch size per device."),
+                  ("--learning-rate LR", "Peak learning rate of the fine-tune."),
+                  ("--seed N", "Random seed of the run."),
+                  ("--resume-from-checkpoint DIR|last", "Continue an interrupted run."))
+"""The ``TrainingArguments`` options ``compress --help`` names without importing transformers."""
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    if f.metadata.get("choices"):
+        return "{" + ",".join(str(c) for c in f.metadata["choices"]) + "}"
+    kind = str(f.type).replace("Optional[", "").rstrip("]")
+    return {"float": "FLOAT", "int": "INT", "bool": "{True,False}"}.get(kind, "TEXT")
+
+
+def _option_line(f: dataclasses.Field) -> Tuple[str, str]:
+    name = "--push-to-hub REPO" if f.name == "push_to_hub_repo" else \
+        ("[MODEL] / --model" if f.name == "model_name_or_path" else f"--{f.name.replace('_', '-')} {_metavar(f)}")
+    text = " ".join(str(f.metadata.get("help", "")).split()).replace("%%", "%")
+    if f.default not in (dataclasses.MISSING, None):
+        text += f" (default: {f.default})"
+    return name, text
+
+
+def _wrap(rows: List[Tuple[str, str]], width: int = 100) -> str:
+    import textwrap
+
+    out = []
+    for name, text in rows:
+        lines = textwrap.wrap(text, width - 8) or [""]
+        out.append(f"  {name}")
+        out += [f"        {line}" for line in lines]
+    return "\n".join(out)
+
+
+def sectioned_help(prog: str, usage: str, description: str, sections: Sections, first: Tuple[str, ...] = (),
+                   trainer: bool = False) -> str:
+    """The ``--help`` text of a command from its argument dataclasses: ``first`` options on top, then each section;
+    built without transformers, so it prints at once."""
+    fields = {f.name: f for _, dtype in sections for f in dataclasses.fields(dtype)}
+    parts = [f"usage: {usage}", "", description, ""]
+    if first:
+        rows = [_option_line(fields[n]) for n in first]
+        parts += ["common options:", _wrap(rows + (list(TRAINER_COMMON) if trainer else [])), ""]
+    for title, dtype in sections:
+        own = [f for f in dataclasses.fields(dtype) if f.name not in first]
+        if own:
+            parts += [f"{title} options:", _wrap([_option_line(f) for f in own]), ""]
+    if trainer:
+        parts += ["Every transformers TrainingArguments option works too (--bf16, --gradient-accumulation-steps, "
+                  "--eval-strategy, ...);", f"{prog} --help-all lists them. Options may be written with - or _.", ""]
+    parts.append("--debug prints the traceback behind a one-line error.")
+    return "\n".join(parts)
+
+
+def _wants_help(argv: List[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def compress_parser() -> "HfArgumentParser":
+    from transformers import HfArgumentParser
+
+    from .training_arguments import SpamTrainingArguments
+
+    return HfArgumentParser((A.ModelArguments, A.DataArguments, A.CompressArguments, A.LoraArguments,
+                             SpamTrainingArguments), prog="spam-hf compress", description=SUBCOMMANDS["compress"])
 
 
 def parse_compress(argv: List[str]):
@@ -157,6 +252,13 @@ def parse_compress(argv: List[str]):
 
 
 def cmd_compress(argv: List[str]) -> int:
+    if "--help-all" in argv:
+        compress_parser().print_help()
+        return 0
+    if _wants_help(argv):
+        print(sectioned_help("spam-hf compress", "spam-hf compress [MODEL] [options]", SUBCOMMANDS["compress"],
+                             compress_sections(), first=COMMON, trainer=True))
+        return 0
     from .jobs import compress
 
     command = "spam-hf compress " + " ".join(shlex.quote(a) for a in argv)
@@ -171,11 +273,17 @@ def cmd_compress(argv: List[str]) -> int:
 
 
 def cmd_prune(argv: List[str]) -> int:
-    from .arguments import PruneArguments, RunArguments
+    if _wants_help(argv):
+        print(sectioned_help("spam-hf prune", "spam-hf prune RUN_DIR --sparsity S [options]", SUBCOMMANDS["prune"],
+                             prune_sections()))
+        return 0
+    from transformers import HfArgumentParser
+
     from .jobs import reprune
 
     command = "spam-hf prune " + " ".join(shlex.quote(a) for a in argv)
-    parser = HfArgumentParser((RunArguments, PruneArguments), prog="spam-hf prune", description=SUBCOMMANDS["prune"])
+    parser = HfArgumentParser((A.RunArguments, A.PruneArguments), prog="spam-hf prune",
+                              description=SUBCOMMANDS["prune"])
     run, args = _parse(parser, _positional(argv, "--run_dir"))
     if not run.run_dir:
         raise CliError("spam-hf prune needs RUN_DIR")
@@ -185,10 +293,15 @@ def cmd_prune(argv: List[str]) -> int:
 
 
 def cmd_evaluate(argv: List[str]) -> int:
-    from .arguments import DataArguments, EvalArguments
+    if _wants_help(argv):
+        print(sectioned_help("spam-hf evaluate", "spam-hf evaluate MODEL_DIR [options]", SUBCOMMANDS["evaluate"],
+                             evaluate_sections()))
+        return 0
+    from transformers import HfArgumentParser
+
     from .jobs import evaluate_checkpoint
 
-    parser = HfArgumentParser((EvalArguments, DataArguments), prog="spam-hf evaluate",
+    parser = HfArgumentParser((A.EvalArguments, A.DataArguments), prog="spam-hf evaluate",
                               description=SUBCOMMANDS["evaluate"])
     ev, data_args = _parse(parser, _positional(argv, "--model_dir"))
     if not ev.model_dir:
@@ -209,6 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     handlers = {"compress": cmd_compress, "prune": cmd_prune, "evaluate": cmd_evaluate}
     if sub not in handlers:
         return _fail(f"unknown command {sub!r}; choose from {', '.join(handlers)}")
+    if _wants_help(rest) or "--help-all" in rest:  # before anything imports torch: help prints at once
+        return handlers[sub](rest)
     from safetensors import SafetensorError
 
     from .distributed import shutdown

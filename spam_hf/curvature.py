@@ -40,14 +40,10 @@ from torch import nn
 
 from .architectures.base import lookup_linear, weight_out_in
 from .checks import check_choice
+from .choices import CURVATURE_KINDS, DIAGONAL_FROM, FISHER_TYPES, REDUCTIONS  # noqa: F401  (enforced here)
 from .distributed import all_reduce_sum, is_distributed, shard_offset
 from .kron import KronEigen
 
-CURVATURE_KINDS = ("kfac", "diag")
-DIAGONAL_FROM = 4096
-"""KFAC factors at least this wide keep only their diagonal while priors are learnt (an LLM's MLP; no encoder)."""
-REDUCTIONS = ("reduce", "expand", "reduce-gw")
-FISHER_TYPES = ("mc", "empirical")
 LIKELIHOODS = ("classification", "regression", "causal_lm")
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers.utils import logging
+
+from .choices import LM_EXTENSIONS, TASKS, TaskPreset  # noqa: F401  (re-exported: the data module's presets)
 
 if TYPE_CHECKING:  # the dataclass lives with the other arguments
     from .arguments import DataArguments
@@ -25,30 +26,6 @@ logger = logging.get_logger("spam_hf")
 PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "sample_data")
 
 
-@dataclass(frozen=True)
-class TaskPreset:
-    hub: Tuple[str, ...]
-    text: str
-    label: str = "label"
-    pair: Optional[str] = None
-    train_split: str = "train"
-    eval_split: str = "validation"
-    metric: str = "accuracy"
-    kind: str = "classification"  # or "causal_lm"
-
-
-TASKS: Dict[str, TaskPreset] = {
-    "sst2": TaskPreset(("nyu-mll/glue", "sst2"), "sentence"),
-    "cola": TaskPreset(("nyu-mll/glue", "cola"), "sentence", metric="matthews_correlation"),
-    "mrpc": TaskPreset(("nyu-mll/glue", "mrpc"), "sentence1", pair="sentence2"),
-    "qnli": TaskPreset(("nyu-mll/glue", "qnli"), "question", pair="sentence"),
-    "rte": TaskPreset(("nyu-mll/glue", "rte"), "sentence1", pair="sentence2"),
-    "mnli": TaskPreset(("nyu-mll/glue", "mnli"), "premise", pair="hypothesis", eval_split="validation_matched"),
-    "imdb": TaskPreset(("stanfordnlp/imdb",), "text", eval_split="test"),
-    "wikitext": TaskPreset(("Salesforce/wikitext", "wikitext-2-raw-v1"), "text", label=None, metric="perplexity",
-                           kind="causal_lm"),
-}
-LM_EXTENSIONS = (".txt",)
 
 
 def packaged_sst2_files() -> Tuple[str, str]:

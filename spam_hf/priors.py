@@ -28,9 +28,9 @@ from torch import nn
 from .architectures.base import GroupSpec, lookup_linear, weight_out_in
 from .curvature import weight_aug
 from .checks import check_choice
+from .choices import PRIOR_KINDS
 from .kron import Precision
 
-PRIOR_KINDS = ("scalar", "layer", "unit", "parameter")
 LOG_DELTA_MIN, LOG_DELTA_MAX = -20.0, 25.0
 
 

@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 
 from .architectures import is_peft_model
-from .arguments import SpamTrainingArguments
+from .training_arguments import SpamTrainingArguments
 from .distributed import all_reduce_sum, is_distributed, rank
 from .export import save_pruned
 from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap

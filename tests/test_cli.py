@@ -316,12 +316,53 @@ def test_allowed_values_are_argparse_choices(capsys):
     """--help lists the allowed values, and argparse refuses others before any work."""
     assert main(["compress", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "{auto,opd,magnitude,fisher,random,damage,damage-out,damage-obs,damage-exact,wanda-sp,flap}" in out
+    assert "{auto,damage,damage-exact,damage-obs,damage-out,fisher,flap,magnitude,opd,random,wanda-sp}" in out
     assert "{scalar,layer,unit,parameter}" in out
+    assert "{least-squares,posterior,bias,reference}" in out
     assert "{spam,plain,none}" in out and "{params,flops}" in out
     assert main(["compress", "--method", "taylor"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'taylor'" in err and "--help lists the options" in err
+
+
+def test_help_is_fast_lists_every_option_and_puts_the_common_ones_first():
+    """``--help`` of every command prints without importing torch or transformers, shows the common options
+    before the rest, and names every option the command's parser accepts (the Trainer's behind --help-all)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from spam_hf.cli import COMMON, compress_sections, evaluate_sections, prune_sections
+
+    code = ("import sys; from spam_hf.cli import main; [main([c, '--help']) for c in ('compress', 'prune', 'evaluate')];"
+            "main(['--help']); print('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip() == "False False", proc.stderr
+    for command, sections in (("compress", compress_sections()), ("prune", prune_sections()),
+                              ("evaluate", evaluate_sections())):
+        text = proc.stdout.split(f"usage: spam-hf {command}")[1].split("usage: ")[0]
+        for _, dtype in sections:
+            for f in dataclasses.fields(dtype):
+                name = "--push-to-hub" if f.name == "push_to_hub_repo" else \
+                    ("[MODEL]" if f.name == "model_name_or_path" else "--" + f.name.replace("_", "-"))
+                assert f"  {name}" in text, (command, name)
+    compress_help = proc.stdout.split("usage: spam-hf compress")[1]
+    assert compress_help.index("common options:") < compress_help.index("--sparsity") < \
+        compress_help.index("pruning options:") < compress_help.index("  --budget {")
+    assert "--help-all" in compress_help
+    assert len(COMMON) == len(set(COMMON))
+    # the parser behind the sectioned help takes exactly the sections' options, plus TrainingArguments
+    from spam_hf.cli import compress_parser
+
+    parsed = {a.dest for a in compress_parser()._actions} - {"help"}
+    shown = {f.name for _, dtype in compress_sections(full=True) for f in dataclasses.fields(dtype)}
+    assert parsed == shown
+
+
+def test_help_all_lists_the_trainer_options(capsys):
+    assert main(["compress", "--help-all"]) == 0
+    out = capsys.readouterr().out
+    assert "--gradient_accumulation_steps" in out and "--kfac_diagonal_from" in out
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from spam_hf.arguments import DataArguments, ModelArguments, SpamTrainingArguments
+from spam_hf.arguments import DataArguments, ModelArguments
+from spam_hf.training_arguments import SpamTrainingArguments
 from spam_hf.jobs.finish import plain_args
 from spam_hf.jobs.outputs import RUN_CONFIG, check_output_dir, check_reprune_output, staged_folder, write_run_config
 from spam_hf.jobs.reporting import data_description, fmt_flops, fmt_int, print_table
@@ -132,7 +133,8 @@ def test_pruning_config_of_the_job_arguments():
 def test_automatic_schedule_defaults(tmp_path):
     """compress prunes during training by default for LoRA ranks only (a full model is pruned after training, at
     every sparsity); an explicit --schedule_sparsity wins, and plain / no training has no schedule."""
-    from spam_hf.arguments import CompressArguments, resolve_schedule
+    from spam_hf.arguments import CompressArguments
+    from spam_hf.jobs.policy import resolve_schedule
 
     t = SpamTrainingArguments(output_dir=str(tmp_path))
     assert resolve_schedule(CompressArguments(sparsity=0.9), t, lora=False) is None
@@ -148,13 +150,14 @@ def test_automatic_schedule_defaults(tmp_path):
 def test_recovery_lr_scales_the_training_rate_by_sparsity():
     """--recovery-lr defaults to RECOVERY_LR_SCALES[0] x the training rate below HIGH_SPARSITY and
     RECOVERY_LR_SCALES[1] x from it, for full models and LoRA alike; an explicit value wins; <= 0 is refused."""
-    from spam_hf.arguments import RECOVERY_LR_SCALES, HIGH_SPARSITY, PruneArguments, resolve_recovery_lr
+    from spam_hf.arguments import PruneArguments
+    from spam_hf.jobs.policy import HIGH_SPARSITY, RECOVERY_LR_SCALES, resolve_recovery_lr
 
     low, high = RECOVERY_LR_SCALES
-    assert resolve_recovery_lr(PruneArguments(sparsity=0.5), 1e-4) == pytest.approx(low * 1e-4)
-    assert resolve_recovery_lr(PruneArguments(sparsity=0.79), 2e-5) == pytest.approx(low * 2e-5)
-    assert resolve_recovery_lr(PruneArguments(sparsity=HIGH_SPARSITY), 1e-4) == pytest.approx(high * 1e-4)
-    assert resolve_recovery_lr(PruneArguments(sparsity=0.9, recovery_lr=3e-5), 1e-4) == 3e-5
+    assert resolve_recovery_lr(PruneArguments(sparsity=0.5), 0.5, 1e-4) == pytest.approx(low * 1e-4)
+    assert resolve_recovery_lr(PruneArguments(sparsity=0.79), 0.79, 2e-5) == pytest.approx(low * 2e-5)
+    assert resolve_recovery_lr(PruneArguments(sparsity=HIGH_SPARSITY), HIGH_SPARSITY, 1e-4) == pytest.approx(high * 1e-4)
+    assert resolve_recovery_lr(PruneArguments(sparsity=0.9, recovery_lr=3e-5), 0.9, 1e-4) == 3e-5
     with pytest.raises(ValueError, match="recovery_lr"):
         PruneArguments(recovery_lr=0.0)
 

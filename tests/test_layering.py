@@ -82,3 +82,13 @@ def test_nothing_imports_upwards():
     for m, edges in graph.items():
         if m.startswith("spam_hf.architectures"):
             assert not {e for e in edges if e.startswith("spam_hf.export")}, m
+
+
+def test_arguments_are_a_leaf():
+    """The argument declarations read only the choice lists and the checks (so parsing and --help need no torch);
+    those two import nothing of the package; the job policy lives in jobs/, not beside the declarations."""
+    graph = import_graph()
+    assert graph["spam_hf.arguments"] <= {"spam_hf.checks", "spam_hf.choices"}, graph["spam_hf.arguments"]
+    assert graph["spam_hf.choices"] == set() and graph["spam_hf.checks"] == set()
+    source = open(os.path.join(PACKAGE, "arguments.py")).read()
+    assert "import torch" not in source and "from transformers" not in source and "def resolve_" not in source

@@ -15,8 +15,11 @@ from conftest import BatchList, tiny_batch, tiny_classifier
 
 
 def test_every_score_declares_statistics_and_rounds():
-    assert score_names() == ("opd", "magnitude", "fisher", "random", "damage", "damage-out", "damage-obs",
-                             "damage-exact", "wanda-sp", "flap")
+    from spam_hf.choices import score_names as score_files
+
+    assert score_names() == ("damage", "damage-exact", "damage-obs", "damage-out", "fisher", "flap", "magnitude",
+                             "opd", "random", "wanda-sp")
+    assert score_names() == score_files()  # each file registers the score it is named after, and only that
     for name in score_names():
         score = get_score(name)
         assert set(score.needs) <= set(STATISTICS) and score.summary, name
@@ -25,7 +28,7 @@ def test_every_score_declares_statistics_and_rounds():
     assert get_score("opd").needs == ("diagonal",) and get_score("damage-obs").needs == ("factors",)
     assert get_score("damage-exact").needs == ("mask_fisher",) and get_score("magnitude").needs == ()
     assert get_score("flap").needs == ("input_moments",) and get_score("flap").compensation == "bias"
-    with pytest.raises(ValueError, match="method must be one of opd, magnitude"):
+    with pytest.raises(ValueError, match="method must be one of damage, damage-exact"):
         get_score("taylor")
 
 

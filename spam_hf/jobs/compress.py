@@ -10,17 +10,18 @@ from typing import Optional
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments, \
-    SpamTrainingArguments, resolve_schedule
+from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments
 from ..architectures import group_specs
 from ..distributed import is_main_process
 from ..export.hub import check_hub
 from ..pruning import check_reachable
 from ..pruning.sequential import check_sequential
 from ..trainer import SpamTrainer, check_complete, last_complete_checkpoint, per_batch_mean_loss
+from ..training_arguments import SpamTrainingArguments
 from .finish import RunContext, check_teacher, plain_args, prune_and_export, pruning_config
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
+from .policy import resolve_schedule
 from .reporting import snapshot
 from .resolve import display_name
 

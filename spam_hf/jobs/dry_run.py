@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ..architectures import get_family, group_specs
-from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, SpamTrainingArguments
+from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments
+from ..training_arguments import SpamTrainingArguments
 from ..memory import gib, peak, predict
 from .finish import choose_sequential, pruning_config
 from .resolve import resolve_model

@@ -12,7 +12,7 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments, resolve_recovery_lr
+from ..arguments import DataArguments, PruneArguments
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import broadcast_object, is_main_process
@@ -25,6 +25,7 @@ from ..pruning.sequential import sequential_refusal
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
 from .outputs import staged_folder, write_json
+from .policy import resolve_recovery_lr
 from .reporting import device_name, evaluate_metric, report_path, snapshot, write_report
 
 logger = logging.get_logger(__name__)
@@ -156,7 +157,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
     lora = is_peft_model(trainer.model)
-    args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, ctx.train_args.learning_rate))
+    args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, args.sparsity, ctx.train_args.learning_rate))
     config = pruning_config(args, lora)
     if args.sequential is None:
         config = choose_sequential(unwrap(trainer.model), config, ctx.train_args.per_device_train_batch_size,

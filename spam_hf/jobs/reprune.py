@@ -10,7 +10,8 @@ from typing import Optional
 
 from transformers import AutoTokenizer
 
-from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments, SpamTrainingArguments
+from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments
+from ..training_arguments import SpamTrainingArguments
 from ..posterior import STATE_FILE
 from ..architectures import group_specs
 from ..pruning import check_reachable

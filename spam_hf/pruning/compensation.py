@@ -49,11 +49,11 @@ from torch import nn
 
 from ..architectures.base import GroupSpec, get_family, weight_out_in
 from ..checks import check_choice
+from ..choices import COMPENSATIONS
 from ..kron import symmetric_eigh
 from ..priors import PriorPrecision
 from .damage import LEAST_SQUARES_DAMPING, Factors
 
-COMPENSATIONS = ("least-squares", "posterior", "bias", "reference")  # reference: spam_hf.pruning.reconstruction
 
 
 def removed_columns(specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:

@@ -22,10 +22,10 @@ from transformers.utils import logging
 from ..architectures.base import ArchitectureFamily, GroupSpec, in_out_features
 from ..architectures.lora import adapted_module, base_name
 from ..checks import check_choice, validate_sparsity
+from ..choices import BUDGETS
 
 logger = logging.get_logger("spam_hf")
 
-BUDGETS = ("params", "flops")
 DEFAULT_REPORT_FIELDS = ArchitectureFamily.report_fields
 
 

@@ -4,12 +4,15 @@
     get_score("damage-obs").needs      # ('factors',): calibration KFAC factors of the current model
     get_score("opd").rounds            # False: one shot, no compensation by default
 
-A new score is one module here: a function ``(model, specs, statistics, seed) -> {spec.name: FloatTensor[G]}``
-registered with :func:`~.base.register` and the statistics it reads; import it below.
+A new score is one module here, named after the score (``damage_obs.py`` registers ``damage-obs``): a function
+``(model, specs, statistics, seed) -> {spec.name: FloatTensor[G]}`` registered with :func:`~.base.register` and the
+statistics it reads. Every module of this folder is imported below; ``--method`` lists them
+(:func:`spam_hf.choices.score_names`) without importing them.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -17,9 +20,12 @@ from torch import nn
 
 from ...architectures.base import GroupSpec
 from ...checks import check_choice
+from ...choices import score_names as score_files
 from ...priors import PriorPrecision
-from . import opd, magnitude, fisher, random, damage, damage_out, damage_obs, damage_exact, wanda_sp, flap  # noqa: F401
 from .base import CALIBRATION_STATISTICS, REGISTRY, STATISTICS, Score, Statistics, register
+
+for _name in score_files():  # each module registers its score on import
+    importlib.import_module(f".{_name.replace('-', '_')}", __name__)
 
 DEFAULT_FULL = "damage-obs"
 """The score of ``method="auto"`` on a full model (heads and neurons): best without recovery on the CPU protocol."""
