@@ -373,3 +373,31 @@ def test_decoder_peers_smoke(tmp_path):
     assert configs["flap"]["compensation"] == "bias" and configs["flap"]["compensate"]
     assert configs["spam"]["method"] == "damage-obs" and configs["damage-obs"]["compensate"]
     assert set(r["summary"]) == methods and r["summary"]["random"]["0.5"]["n"] == 2
+
+
+def test_frontier_smoke(tiny_setup, tmp_path):
+    """frontier.py: accuracy per label from a table_prune result, each export timed against the dense model in the
+    same run (the speed-up is the ratio of its own medians' run-wise ratios), the peers' points carried over."""
+    model_dir, train, dev, tmp = tiny_setup
+    run_dir = str(tmp / "frontier-run")
+    assert main(["compress", model_dir, "--train-file", train, "--validation-file", dev, "--sparsity", "0.5",
+                 "--output-dir", run_dir, "--measure-latency", "False", *FAST]) == 0
+    rows = [{"label": "50%", "accuracy": a} for a in (0.80, 0.84)]
+    json.dump({"rows": rows}, open(tmp_path / "acc.json", "w"))
+    peers = {"source": "test", "methods": [{"name": "peer", "points": [{"sparsity": 0.5, "accuracy": 70.0,
+                                                                         "speedup": 1.5}]}]}
+    json.dump(peers, open(tmp_path / "peers.json", "w"))
+    out = str(tmp_path / "frontier")
+    run("frontier.py", "--accuracy", str(tmp_path / "acc.json"), "--label", "0.5=50%", "--dense",
+        os.path.join(run_dir, "dense"), "--export", "0.5=" + os.path.join(run_dir, "model"), "--peers",
+        str(tmp_path / "peers.json"), "--seq-len", "16", "--repeats", "3", "--out", out)
+    r = json.load(open(out + ".json"))
+    row = r["rows"][0]
+    assert row["accuracy"] == pytest.approx(82.0) and row["accuracy_std"] == pytest.approx(2 ** 0.5 * 2.0)
+    assert row["seeds"] == 2 and row["speedup_q25"] <= row["speedup"] <= row["speedup_q75"]
+    assert r["peers"] == peers and r["threads"] == 1 and os.path.getsize(out + ".png") > 0
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "frontier.py"), "--accuracy", str(tmp_path / "acc.json"),
+                          "--label", "0.5=90%", "--dense", os.path.join(run_dir, "dense"), "--export",
+                          "0.5=" + os.path.join(run_dir, "model"), "--peers", str(tmp_path / "peers.json"),
+                          "--seq-len", "16", "--repeats", "1", "--out", out], capture_output=True, text=True)
+    assert res.returncode != 0 and "no rows labelled '90%'" in res.stderr
