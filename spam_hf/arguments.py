@@ -55,6 +55,10 @@ class DataArguments:
     text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: the task's, or 'sentence'/'text')."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence pairs."})
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default 'label')."})
+    class_names: Optional[str] = field(default=None, metadata={
+        "help": "Comma-separated class names in label order (0, 1, ...), written into the export's config. "
+                "Default: the data's own (a task's, text labels, negative,positive for the packaged sample). "
+                "(--label-names is the Trainer's option: the input keys that hold the labels.)"})
     max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens (language "
                                                                "modelling: the packed block length)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use a random subset of this many training rows."})

@@ -45,8 +45,8 @@ examples:
 --debug (any command) prints the traceback behind a one-line error.
 """
 
-DEMO_DEFAULTS = {  # the offline default job: small, real, < 10 minutes on 2 CPU cores
-    "num_train_epochs": 3, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 64,
+DEMO_DEFAULTS = {  # the offline default job: small, real, < 10 minutes on 2 CPU cores, no training checkpoint left
+    "num_train_epochs": 3, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 64, "save_strategy": "no",
     "learning_rate": 1e-4, "max_seq_length": 64, "sparsity": 0.5, "recovery_steps": 60,
     "marglik_frequency": 25, "marglik_burn_in": 25, "logging_steps": 20, "flops_seq_len": 64,
 }
@@ -242,8 +242,10 @@ def parse_compress(argv: List[str]):
     parser = compress_parser()
     recipe = _load_recipe(recipe_path, parser) if recipe_path else {}
     demo = not any(_has_flag(argv, k) or recipe.get(k) for k in ("model_name_or_path", "task", "train_file"))
+    from .jobs.loading import pin_memory
+
     defaults: Dict[str, object] = {"report_to": "none", "save_strategy": "epoch", "save_total_limit": 1,
-                                   "logging_steps": 20,
+                                   "logging_steps": 20, "dataloader_pin_memory": pin_memory(),
                                    "output_dir": os.path.join("runs", "spam-demo" if demo else "spam-run")}
     if demo:  # the offline demo's defaults, each overridable
         defaults.update(DEMO_DEFAULTS)
@@ -324,6 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(f"unknown command {sub!r}; choose from {', '.join(handlers)}")
     if _wants_help(rest) or "--help-all" in rest:  # before anything imports torch: help prints at once
         return handlers[sub](rest)
+    _show_progress_lines()
     from safetensors import SafetensorError
 
     from .distributed import shutdown
@@ -357,6 +360,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         # torchrun / accelerate launch: every process waits for the main one to finish writing, then leaves the
         # process group (exiting with it alive can abort a process under Gloo)
         shutdown(wait=finished)
+
+
+def _show_progress_lines() -> None:
+    """The jobs' stage lines (``logger.info`` of ``spam_hf``: rounds, recovery, export) on stderr, one plain line
+    each; the ``kernels`` package's offline trust-check notices (about attention kernels no job uses) off."""
+    import logging
+
+    class Stderr(logging.StreamHandler):  # whatever sys.stderr is when a line is written (tests swap it)
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    log = logging.getLogger("spam_hf")
+    if not any(getattr(h, "_spam_hf", False) for h in log.handlers):
+        handler = Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._spam_hf = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def _interrupt_on_sigterm():

@@ -417,16 +417,20 @@ class CurvatureAccumulator:
         return units * n / seen
 
     def kron(self, n_data: float, keep_vectors: bool = False,
-             values_only: Optional[Dict[str, Tuple[bool, bool]]] = None) -> Dict[str, KronEigen]:
+             values_only: Optional[Dict[str, Tuple[bool, bool]]] = None, progress: bool = False) -> Dict[str, KronEigen]:
         """Eigendecomposed KFAC per module, extrapolated to ``n_data``: ``G = (N/n_g) ΣggT``, ``A = ΣaaT / n``;
-        ``values_only[m]``: the sides of ``m`` whose prior is constant (eigenvalues only, :class:`KronEigen`)."""
+        ``values_only[m]``: the sides of ``m`` whose prior is constant (eigenvalues only, :class:`KronEigen`);
+        ``progress``: a progress bar over the modules (the slow part of a prior fit at LLM width)."""
+        from tqdm.auto import tqdm
+
         if self.kind != "kfac":
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
         n, n_g = float(self.n), self.n_g
         out = {}
         shared: list = []  # equal factors (Q/K/V's and gate/up's A: the same inputs) are decomposed once
-        for m, s in self.sums.items():
+        for m, s in tqdm(self.sums.items(), desc="prior fit: eigendecompositions", disable=not progress,
+                         leave=False):
             try:
                 out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors, shared=shared,
                                    values_only=(values_only or {}).get(m, (False, False)))

@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # the dataclass lives with the other arguments
 logger = logging.get_logger("spam_hf")
 
 PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "sample_data")
+PACKAGED_LABEL_NAMES = ("negative", "positive")
+"""The packaged SST-2 sample's classes 0 and 1 (``sample_data/README.md``)."""
 
 
 
@@ -117,6 +119,15 @@ def load_raw_data(args: DataArguments) -> Tuple[DatasetDict, str, Optional[str],
         dsd["validation"] = dsd["validation"].select(range(min(args.max_eval_samples, len(dsd["validation"]))))
     if label is not None:
         dsd = _normalise_labels(dsd, label)
+        names = [n.strip() for n in args.class_names.split(",")] if args.class_names else \
+            (list(PACKAGED_LABEL_NAMES) if args.uses_packaged_sample else None)
+        if names is not None:
+            if len(names) != dsd.num_labels or not all(names):
+                raise ValueError(f"--class-names gives {len(names)} name(s) ({', '.join(names)}) but the training "
+                                 f"labels define {dsd.num_labels} classes")
+            dsd.label_names = names  # type: ignore[attr-defined]
+    elif args.class_names:
+        raise ValueError("--class-names names the classes of a classification task; language modelling has none")
     return dsd, text, pair, label
 
 

@@ -100,11 +100,13 @@ class HyperStepResult:
 
 def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor],
                    n_steps: int = 50, lr: float = 0.1, loss_sum: float = 0.0, temperature: float = 1.0,
-                   optimizer_state: Optional[dict] = None) -> HyperStepResult:
+                   optimizer_state: Optional[dict] = None, progress: bool = False) -> HyperStepResult:
     """Maximise ``log Z`` over ``log δ`` with ``n_steps`` Adam steps; ``log δ`` clamped and NaN-free.
 
-    ``optimizer_state`` (a dict) carries Adam's moments across calls when given.
+    ``optimizer_state`` (a dict) carries Adam's moments across calls when given; ``progress`` shows a progress bar.
     """
+    from tqdm.auto import tqdm
+
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     opt = torch.optim.Adam(prior.parameters(), lr=lr)
@@ -114,7 +116,7 @@ def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str
         except ValueError:
             pass  # prior structure changed (e.g. after pruning): start Adam afresh
     history: List[float] = []
-    for _ in range(n_steps):
+    for _ in tqdm(range(n_steps), desc="prior fit: hyper-steps", disable=not progress, leave=False):
         opt.zero_grad(set_to_none=True)
         value = backward_log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)
         for p in prior.parameters():

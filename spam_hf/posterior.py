@@ -76,7 +76,8 @@ class SpamLaplace:
         max_rows_per_batch: cap on the rows one batch adds to the factors (``None``: all).
         seed: seed of the Monte-Carlo label generator.
         kv_groups_only: grouped-query attention in whole KV groups (see ``SpamTrainingArguments``).
-        hyper_lr, n_hypersteps: Adam on ``log δ`` per :meth:`optimize_prior_precision`.
+        hyper_lr: learning rate of the Adam steps on ``log δ`` of :meth:`optimize_prior_precision`.
+        n_hypersteps: the number of those steps per call.
         specs: the group specs (default: from the model's family).
         curvature_modules: collect curvature for these modules only (default: every prunable module); a posterior
             with a subset gives factors and scores of those, not the marginal likelihood.
@@ -188,12 +189,13 @@ class SpamLaplace:
         """Whether pruning scores can be computed (live sums, or those kept from the last prior update)."""
         return (self.live_rows > 0 and not retained_only) or self.retained is not None
 
-    def curvature_estimate(self) -> Curvature:
+    def curvature_estimate(self, progress: bool = False) -> Curvature:
         """The live sums extrapolated to ``N``: ``{module: KronEigen}`` (KFAC) or ``{module: diag H}``."""
         n = self._n()
         if self.curvature.kind != "kfac":
             return self.curvature.diagonal(n)
-        return self.curvature.kron(n, values_only={m: self.prior.constant_sides(m) for m in self.curvature.shapes})
+        return self.curvature.kron(n, values_only={m: self.prior.constant_sides(m) for m in self.curvature.shapes},
+                                   progress=progress)
 
     def diagonal(self) -> Dict[str, torch.Tensor]:
         """``diag H`` per module (``out × (in+1)``) for pruning scores: from the live sums when they hold
@@ -252,22 +254,24 @@ class SpamLaplace:
                                        loss_sum=self._n() * self.mean_loss(), temperature=self.temperature)
 
     # ------------------------------------------------------------------ verbs
-    def optimize_prior_precision(self, n_steps: Optional[int] = None, lr: Optional[float] = None) -> float:
+    def optimize_prior_precision(self, n_steps: Optional[int] = None, lr: Optional[float] = None,
+                                 progress: bool = False) -> float:
         """Sum the curvature and losses over processes (:meth:`all_reduce`), take Adam steps on ``log δ``;
-        returns ``log Z``. Every process takes the identical step.
+        returns ``log Z``. Every process takes the identical step. ``progress``: progress bars (with an ETA)
+        over the eigendecompositions and the hyper-steps.
 
         Afterwards the live sums are reset and their diagonal is retained for pruning.
         """
         self._check_whole()
         self.all_reduce()
         t0 = time.perf_counter()
-        curv = self.curvature_estimate()
+        curv = self.curvature_estimate(progress=progress)
         t1 = time.perf_counter()
         self.timings["eigh_s"] += t1 - t0
         res = optimize_prior(self.prior, curv, LazyParams(self.model, self.modules),
                              n_steps=n_steps or self.n_hypersteps, lr=lr or self.hyper_lr,
                              loss_sum=self._n() * self.mean_loss(), temperature=self.temperature,
-                             optimizer_state=self.hyper_state)
+                             optimizer_state=self.hyper_state, progress=progress)
         self.timings["hypersteps_s"] += time.perf_counter() - t1
         self.retained_rows = self.live_rows
         self.retained = self.curvature.diagonal_state()
@@ -329,7 +333,7 @@ class SpamLaplace:
         The model runs in eval mode (deterministic curvature) and is put back in the mode it was in.
         """
         self.collect(dataloader, max_batches=max_batches, progress=progress)
-        return self.optimize_prior_precision(n_steps=n_steps)
+        return self.optimize_prior_precision(n_steps=n_steps, progress=progress)
 
     def carry_over(self, old: "SpamLaplace", keep: Dict[str, torch.Tensor], same_groups: bool = False) -> None:
         """Take ``old``'s precisions after the model changed shape.

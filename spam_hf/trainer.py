@@ -261,11 +261,24 @@ class SpamTrainer(Trainer):
         """One marginal-likelihood update of the priors (:meth:`SpamLaplace.optimize_prior_precision`),
         logged through the Trainer; returns ``log Z``."""
         posterior = self._sync_n()
-        value = posterior.optimize_prior_precision(n_steps=n_steps)
+        value = posterior.optimize_prior_precision(n_steps=n_steps, progress=self._progress())
         posterior.history.append({"step": self.state.global_step, "log_marglik": value})
-        self.log({"log_marglik": value / posterior.n_data, **posterior.prior.summary()})
+        self._log_prior_fit(value)
         self._steps_since_update = 0
         return value
+
+    def _progress(self) -> bool:
+        """Progress bars on this process: the main one, unless the Trainer's are off."""
+        return self.is_local_process_zero() and not self.args.disable_tqdm
+
+    def _log_prior_fit(self, value: float) -> None:
+        """The prior fit through the Trainer's logs (``log_marglik``, ``prior/*``), with one line, the first time,
+        that says what those numbers are."""
+        if not self.posterior.history[:-1] and self.is_world_process_zero():
+            logger.info("prior fits are logged as log_marglik (the Laplace log evidence per data point; higher = the "
+                        "priors explain the data better) and prior/<group>_mean|min|max (the prior precisions: a "
+                        "group pulled harder towards zero has a larger one, and is likelier to be removed)")
+        self.log({"log_marglik": value / self.posterior.n_data, **self.posterior.prior.summary()})
 
     def final_prior_update(self) -> None:
         """What ends training: a last prior update when the tail since the previous one is long enough to estimate
@@ -278,10 +291,9 @@ class SpamTrainer(Trainer):
     def fit_priors_posthoc(self, dataset=None, max_batches: Optional[int] = None, n_steps: int = 200) -> float:
         """Post-hoc SpaM: :meth:`SpamLaplace.fit` on the training data (or ``dataset``), no weight updates."""
         loader = self.get_train_dataloader() if dataset is None else self.get_eval_dataloader(dataset)
-        value = self._sync_n().fit(loader, max_batches=max_batches, n_steps=n_steps,
-                                   progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+        value = self._sync_n().fit(loader, max_batches=max_batches, n_steps=n_steps, progress=self._progress())
         self.posterior.history.append({"step": self.state.global_step, "log_marglik": value})
-        self.log({"log_marglik": value / self.posterior.n_data, **self.posterior.prior.summary()})
+        self._log_prior_fit(value)
         return value
 
     # ------------------------------------------------------------------ pruning
@@ -304,7 +316,7 @@ class SpamTrainer(Trainer):
                                                       input_means="input_moments" in score.needs)
             posterior.carry_over(trained, {})
             posterior.collect(self.get_train_dataloader(), max_batches=config.calibration_batches,
-                              progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+                              progress=self._progress())
         return plan(model, posterior, config=config)
 
     def update_schedule_mask(self, target: float) -> Optional[PruningPlan]:
@@ -374,7 +386,7 @@ class SpamTrainer(Trainer):
                 logger.info(f"the pruning schedule masked {masked:.1%} of prunable {config.budget}; removing all of it")
                 config = config.replace(sparsity=masked)
         result = prune(unwrap(self.model), self._sync_n(), config, self.get_train_dataloader(),
-                       progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+                       progress=self._progress())
         self._after_surgery(result.selection.keep)
         self.last_result = result
         if len(result.plans) == 1 and not result.config.in_rounds:
@@ -421,7 +433,7 @@ class SpamTrainer(Trainer):
                                      kv_groups_only=True, hyper_lr=self.args.hyper_lr,
                                      diagonal_from=self.args.kfac_diagonal_from or None)
         base_posterior.fit(self.get_train_dataloader(), max_batches=max_batches,
-                           progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+                           progress=self._progress())
         pruning_plan = plan(merged, base_posterior, sparsity, method="opd", budget=budget, seq_len=seq_len,
                             min_keep=min_keep)
         del merged

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -27,10 +28,20 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
               "model/config.json", "model/model.safetensors", "model/README.md"):
         assert os.path.exists(os.path.join(out, f)), f
     assert not [f for f in os.listdir(out) if ".partial-" in f]  # the export was renamed into place
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "block parameters" in text and "accuracy" in text
+    # one line per stage and round; a new head in one line, not transformers' load table; no pin_memory warning
+    assert "LOAD REPORT" not in captured.err and "pin_memory" not in captured.err
+    assert "round 1 of 2: damage-obs removes" in captured.err and "recovery: 2 steps at learning rate" in captured.err
+    assert "prior fits are logged as log_marglik" in captured.err
+    assert not os.path.exists(os.path.join(out, "recovery"))  # the recovery Trainer's empty folder is removed
     card = open(os.path.join(out, "model", "README.md")).read()
     assert "spam-hf compress" in card and "50%" in card
+    # the card: titled with the model, an absolute loading path (works from any folder), the environment
+    assert re.search(r"\n# tiny-bert, 5\d% of its block parameters removed\n", card)
+    assert f'from_pretrained("{os.path.abspath(os.path.join(out, "model"))}"' in card
+    assert "transformers " in card and "torch " in card and "spam-hf 0.1.0" in card
     # re-prune the finished run at another sparsity, without retraining
     rc = main(["prune", out, "--sparsity", "0.8", "--flops-seq-len", "16", "--measure-latency", "True",
                "--recovery-steps", "2", "--distill", "0.5"])

@@ -16,7 +16,7 @@ def test_packaged_sample_is_small_real_sst2():
     assert (text, pair, label) == ("sentence", None, "label")
     assert len(dsd["train"]) == 2000 and len(dsd["validation"]) == 872
     assert len(dsd["train"]) + len(dsd["validation"]) <= 3000
-    assert dsd.num_labels == 2
+    assert dsd.num_labels == 2 and dsd.label_names == ["negative", "positive"]  # label 1 = positive
     # rows are verbatim copies of the shared data (no quoting damage)
     shared_dev = os.path.join(SHARED_DATA, "sst2", "dev.tsv")
     if os.path.exists(shared_dev):
@@ -103,6 +103,21 @@ def test_missing_labels_are_errors_not_classes(tmp_path):
         train = _tsv(tmp_path / "t.tsv", [("a", 0), ("b", 1), ("c", cell), ("d", 1)])
         with pytest.raises(ValueError, match=r"train: 1 row\(s\) have no label in column 'label' \(lines 4\)"):
             load_raw_data(DataArguments(train_file=train, validation_file=_tsv(tmp_path / "v.tsv", [("e", 1)])))
+
+
+def test_label_names_name_the_classes_in_label_order(tmp_path):
+    train = _tsv(tmp_path / "t.tsv", [("a", 0), ("b", 1), ("c", 1)])
+    dev = _tsv(tmp_path / "d.tsv", [("e", 1)])
+    raw, _, _, _ = load_raw_data(DataArguments(train_file=train, validation_file=dev))
+    assert raw.label_names == ["0", "1"]  # integer labels name themselves
+    raw, _, _, _ = load_raw_data(DataArguments(train_file=train, validation_file=dev, class_names="bad, good"))
+    assert raw.label_names == ["bad", "good"]
+    with pytest.raises(ValueError, match="--class-names gives 3 name.s. .a, b, c. but the training labels define 2"):
+        load_raw_data(DataArguments(train_file=train, validation_file=dev, class_names="a,b,c"))
+    lm = tmp_path / "t.txt"
+    lm.write_text("some text\n" * 5)
+    with pytest.raises(ValueError, match="language modelling has none"):
+        load_raw_data(DataArguments(train_file=str(lm), class_names="a,b"))
 
 
 def test_labels_with_gaps_become_contiguous_classes(tmp_path):

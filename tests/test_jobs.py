@@ -192,3 +192,22 @@ def test_block_by_block_is_chosen_only_when_all_at_once_would_not_fit(monkeypatc
     for kept in (PruningConfig(sparsity=0.5, method="damage-exact").resolved(False),
                  PruningConfig(sparsity=0.5, compensation="posterior").resolved(False)):
         assert not finish.choose_sequential(model, kept, 4, 32).sequential
+
+
+def test_a_new_classification_head_is_one_line_not_a_load_table(tmp_path, caplog, capsys):
+    """A pretrained body without a head (the usual start) says so in one line; transformers' LOAD REPORT table
+    is left out, and label names reach the config."""
+    import logging
+
+    from transformers import BertModel
+
+    from conftest import tiny_config
+    from spam_hf.jobs.loading import load_classifier
+
+    BertModel(tiny_config("bert")).save_pretrained(tmp_path / "body")
+    with caplog.at_level(logging.INFO):
+        model = load_classifier(str(tmp_path / "body"), 2, ["negative", "positive"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert "new classification head (classifier.bias, classifier.weight): trained by this job" in lines
+    assert not any("LOAD REPORT" in line for line in lines) and "LOAD REPORT" not in capsys.readouterr().err
+    assert model.config.id2label == {0: "negative", 1: "positive"}

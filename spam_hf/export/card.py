@@ -25,7 +25,7 @@ def render_model_card(info: Dict[str, Any], template_path: str = TEMPLATE) -> Mo
                 "flops_after", "metric_name", "metric_before", "metric_after", "latency_before", "latency_after",
                 "latency_batch", "latency_device", "seq_len", "sparsity_achieved", "sparsity_target", "budget",
                 "dataset", "eval_dataset", "prior", "curvature", "method", "recovery", "date", "command",
-                "repo_or_path", "model_name"):
+                "repo_or_path", "model_name", "environment"):
         fields.setdefault(key, "n/a")
     fields.setdefault("layers", [])
     fields.setdefault("trust_remote_code", False)

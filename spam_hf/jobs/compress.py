@@ -117,5 +117,6 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
                      base_name=display_name(model_args, path), command=command, merged=lora_args.lora_merge,
-                     base_sparsity=base_sparsity(lora_args, args), masked_dense=masked_dense)
+                     base_sparsity=base_sparsity(lora_args, args), masked_dense=masked_dense,
+                     posthoc_batches=args.posthoc_batches, push_to_hub_repo=args.push_to_hub_repo)
     return prune_and_export(trainer, ctx, args, out_dir)

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from ..architectures import get_family
 from ..arguments import DataArguments
-from .loading import collator_for, load_data_for, load_run_model, metrics_for
+from .loading import collator_for, load_data_for, load_run_model, metrics_for, pin_memory
 from .reporting import fmt_flops, fmt_int, print_table, snapshot
 
 
@@ -24,7 +24,8 @@ def evaluate_checkpoint(model_dir: str, data_args: DataArguments, seq_len: int =
     get_family(model)
     metric = data_args.metric
     with tempfile.TemporaryDirectory(prefix="spam-hf-eval-") as scratch:
-        args = TrainingArguments(output_dir=scratch, report_to=[], per_device_eval_batch_size=64)
+        args = TrainingArguments(output_dir=scratch, report_to=[], per_device_eval_batch_size=64,
+                                 dataloader_pin_memory=pin_memory())
         trainer = Trainer(model=model, args=args, data_collator=collator_for(data, tokenizer),
                           processing_class=tokenizer, compute_metrics=metrics_for(metric))
         res = snapshot(trainer, data["validation"], metric, seq_len, batch_size, True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -45,6 +46,8 @@ class RunContext:
     merged: bool = False  # LoRA: also export the base with the adapter merged in
     base_sparsity: Optional[float] = None  # LoRA: also prune the frozen base (prune_base)
     masked_dense: bool = False  # pruned during training: the model before pruning is already masked
+    posthoc_batches: Optional[int] = None  # LoRA base pruning: batches of its post-hoc curvature (default: an epoch)
+    push_to_hub_repo: Optional[str] = None  # compress --push-to-hub REPO
 
     @property
     def metric(self) -> str:
@@ -73,7 +76,12 @@ def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=
                                   hidden_weight=args.distill_hidden_weight, **common)
     else:
         rec = Trainer(**common)
+    length = f"{args.recovery_steps} steps" if args.recovery_steps else f"{args.recovery_epochs:g} epoch(s)"
+    logger.info(f"recovery: {length} at learning rate {args.recovery_lr:g}"
+                + (f", distilled from the unpruned model (weight {args.distill:g})" if teacher is not None else ""))
     per_batch_mean_loss(rec).train()
+    with contextlib.suppress(OSError):  # the Trainer's output folder, left empty: nothing of the run's own
+        os.rmdir(rec_args["output_dir"])
     return evaluate_metric(rec, ctx.data["validation"], ctx.metric)
 
 
@@ -165,13 +173,19 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one
     dense_model = teacher if own_teacher else (frozen_copy(trainer.model) if args.measure_latency else None)
+    logger.info(f"pruning {args.sparsity:.0%} of the prunable {args.budget}: {config.method}"
+                + (" block by block" if config.sequential else f" in {config.rounds} round(s)")
+                + (f" with {config.compensation} compensation" if config.compensate else "")
+                + (f", statistics from {config.calibration_batches} training batches per round"
+                   if config.in_rounds or config.sequential else ""))
     selection = trainer.prune(config=config)
     base_selection = None
     if ctx.base_sparsity:
         base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
-                                            min_keep=args.min_keep, max_batches=getattr(args, "posthoc_batches", None))
+                                            min_keep=args.min_keep, max_batches=ctx.posthoc_batches)
     model = trainer.model
     pruned = snapshot(trainer, ctx.data["validation"], ctx.metric, args.flops_seq_len, args.latency_batch_size, False)
+    logger.info(f"after pruning: {ctx.metric} {pruned[ctx.metric]:.4g} (before: {ctx.dense.get(ctx.metric, float('nan')):.4g})")
     latency = None
     if args.measure_latency:
         latency = compare_latency(dense_model, model, batch_size=args.latency_batch_size, seq_len=args.flops_seq_len)
@@ -185,6 +199,7 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
     if not is_main_process():  # data parallel: every process pruned the same groups; one writes
         return build_report(ctx, args, pruned, selection, base_selection, config, export_dir, "", merged_dir)
+    logger.info(f"exporting to {export_dir}")
     # this job's own folders (compress, or prune into a new/empty folder), each written aside and renamed into place
     with staged_folder(export_dir) as stage, staged_folder(merged_dir) as merged_stage:
         kind = save_pruned(model, stage, tokenizer=ctx.tokenizer, merged_dir=merged_stage)
@@ -192,9 +207,9 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
         if latency is not None:
             report["latency"] = latency
         write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args,
-                     method=config.method, card_dir=stage)
+                     method=config.method, card_dir=stage, repo=ctx.push_to_hub_repo)
     write_json(report_path(export_dir), report)
-    repo = getattr(args, "push_to_hub_repo", None)
+    repo = ctx.push_to_hub_repo
     if repo:
         report["hub_commit"] = push_folder(export_dir, repo)
         print(f"pushed to {repo}: {report['hub_commit']}")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as std_logging
 import os
 from typing import List, Optional
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, default_data_collator)
+from transformers.utils import logging as hf_logging
 
 from ..architectures import SPAM_PRUNING_KEY, get_family
 from ..architectures.llama import HeadGatherLinear
@@ -18,6 +20,8 @@ from ..data import load_raw_data, tokenize
 from ..export import from_pretrained
 from ..metrics import compute_metrics_fn
 from .resolve import resolve_model
+
+logger = hf_logging.get_logger("spam_hf")
 
 
 def prepare(model_args: ModelArguments, data_args: DataArguments):
@@ -60,11 +64,44 @@ def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]]
         kw = dict(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kw["pad_token_id"] = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
-    with weights_named(path):
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                   ignore_mismatched_sizes=True, **kw)
+    with weights_named(path), quiet_load_report():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True, **kw)
     get_family(model)
+    mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
+    new = sorted(set(info.get("missing_keys", [])) | mismatched)
+    head = {n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
+    if new and set(new) <= head:  # the usual case: a fresh classification head on a pretrained body
+        logger.info(f"new classification head ({', '.join(new)}): trained by this job")
+    elif new:
+        logger.warning(f"weights not in {path}, newly initialised: {', '.join(new[:8])}"
+                       f"{', ...' if len(new) > 8 else ''}")
     return model
+
+
+def pin_memory() -> bool:
+    """``dataloader_pin_memory`` for this machine: pinned host memory only helps copies to a GPU (on a CPU torch
+    warns about it on every data loader)."""
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """transformers' loading table (``LOAD REPORT``) left out while the job loads a model: the job reports what is
+    new in one line instead. A filter, not a level: transformers checks its tensor-parallel plan (and warns about
+    it) when that logger's level is WARNING or above."""
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    report_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(drop)
+
+
+class _DropLoadReport(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
 
 
 def load_model(path: str, data, tokenizer=None):

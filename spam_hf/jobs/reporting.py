@@ -63,6 +63,19 @@ def snapshot(trainer: Trainer, dataset, metric: str, seq_len: int, latency_batch
     return out
 
 
+def environment() -> str:
+    """``spam-hf 0.1.0, transformers 5.25.0, torch 2.13.0+cpu, Python 3.11.7, CPU, 2 threads``: what a result was
+    made with, for the model card."""
+    import platform
+
+    import transformers
+
+    from .. import __version__
+
+    return (f"spam-hf {__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {device_name()}")
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -83,10 +96,13 @@ def auto_class_name(model) -> str:
 
 
 def write_report(report: dict, selection: Selection, model, args: PruneArguments, export_dir: str, kind: str,
-                 data_args: DataArguments, train_args, method: str = "", card_dir: Optional[str] = None) -> dict:
+                 data_args: DataArguments, train_args, method: str = "", card_dir: Optional[str] = None,
+                 repo: Optional[str] = None) -> dict:
     """Model card (``README.md`` in ``card_dir``, default ``export_dir``: the folder the export is being
     written to), selection plot and printed table; returns ``report`` with the table added. The caller
-    writes ``pruning_report.json`` (:func:`report_path`) once the export is in place."""
+    writes ``pruning_report.json`` (:func:`report_path`) once the export is in place. ``repo``: the Hub
+    repository the export is pushed to (the card's title and loading snippet name it), else the card names the
+    export's absolute path, so its snippet works from any folder."""
     metric, dense, pruned = report["metric"], report["dense"], report["pruned"]
     run_dir = os.path.dirname(export_dir)
     plot_selection(selection, os.path.join(run_dir, "pruning.png"))
@@ -97,7 +113,9 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
               f"{latency['repeats']} interleaved runs" + ("" if latency["trusted"] else ", spread too large to trust")
               if latency else "")
     card = render_model_card({
-        "model_name": os.path.basename(os.path.abspath(export_dir)),
+        "model_name": repo or f"{os.path.basename(report['base_model'].rstrip('/'))}, "
+                              f"{selection.achieved:.0%} of its {'adapter' if kind == 'peft_adapter' else 'block'} "
+                              "parameters removed",
         "base_model": report["base_model"], "params_before": fmt_int(dense["params"]),
         "params_after": fmt_int(pruned["params"]),
         "block_params_before": fmt_int(dense["block_params"]), "block_params_after": fmt_int(pruned["block_params"]),
@@ -111,8 +129,8 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
         "prior": getattr(train_args, "prior", "n/a"), "curvature": getattr(train_args, "curvature", "n/a"),
         "method": method or args.method, "recovery": (f"{args.recovery_steps} steps" if args.recovery_steps else
                                              f"{args.recovery_epochs} epochs" if args.recovery_epochs else "none"),
-        "date": report["date"], "command": report["command"] or "(Python API)",
-        "repo_or_path": getattr(args, "push_to_hub_repo", None) or export_dir,
+        "date": report["date"], "command": report["command"] or "(Python API)", "environment": environment(),
+        "repo_or_path": repo or os.path.abspath(export_dir),
         "trust_remote_code": kind == "remote_code", "peft_adapter": kind == "peft_adapter",
         "auto_class": auto_class_name(model),
         "pipeline_tag": "text-generation" if metric == "perplexity" else "text-classification",

@@ -18,7 +18,7 @@ from ..pruning import check_reachable
 from ..trainer import SpamTrainer
 from .compress import base_sparsity
 from .finish import RunContext, check_teacher, prune_and_export
-from .loading import collator_for, load_data_for, load_run_model, metrics_for
+from .loading import collator_for, load_data_for, load_run_model, metrics_for, pin_memory
 from .outputs import REPORT_FILE, RUN_CONFIG, check_reprune_output
 from .reporting import snapshot
 from .resolve import display_name
@@ -45,7 +45,8 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     scratch = os.path.join(out, "trainer_tmp")  # the Trainer's own output dir; removed when done
     known = {f.name for f in dataclasses.fields(SpamTrainingArguments) if f.init}
     tr = {k: v for k, v in cfg["training"].items() if k in known}
-    tr.update(output_dir=scratch, n_data=int(state["n_data"]), report_to=[], marglik_frequency=0)
+    tr.update(output_dir=scratch, n_data=int(state["n_data"]), report_to=[], marglik_frequency=0,
+              dataloader_pin_memory=tr.get("dataloader_pin_memory", True) and pin_memory())
     train_args = SpamTrainingArguments(**tr)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     data = load_data_for(tokenizer, data_args)

@@ -119,13 +119,15 @@ def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,
             statistics the score reads (:attr:`Score.needs <spam_hf.pruning.scores.Score>`); ``None`` for scores
             that read none (``magnitude``, ``random``). Calibration statistics (``damage*``) come from its live
             sums, e.g. after :meth:`SpamLaplace.collect`.
-        sparsity, config, options: the :class:`~spam_hf.pruning.PruningConfig` (``config`` with ``sparsity`` and
-            any of its fields in ``options`` replaced, :meth:`PruningConfig.build`). Only the choice of groups is
-            made here: ``rounds`` and ``compensate`` are :func:`spam_hf.pruning.prune`'s.
+        sparsity: replaces the config's ``sparsity``.
+        config: the :class:`~spam_hf.pruning.PruningConfig` (default: its defaults), with ``sparsity`` and any of
+            its fields in ``options`` replaced (:meth:`PruningConfig.build`). Only the choice of groups is made
+            here: ``rounds`` and ``compensate`` are :func:`spam_hf.pruning.prune`'s.
         specs: the group specs (default: the posterior's, else the family's for ``model``).
         scores: precomputed ``{spec name: FloatTensor[G]}`` (a score spam-hf does not compute, e.g. a peer's);
             ``method`` (any string) then only names them in the plan.
         floors: ``{spec name: n}``, at least ``n`` groups kept in that spec (on top of ``min_keep``).
+        **options: fields of :class:`~spam_hf.pruning.PruningConfig` to replace.
 
     With several processes (``torch.distributed``) every process must call it; all return the main
     process's plan.

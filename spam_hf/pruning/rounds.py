@@ -13,6 +13,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..architectures import consuming_modules, group_specs, is_peft_model
 from ..checks import validate_sparsity
@@ -24,6 +25,17 @@ from .config import PruningConfig
 from .plan import PruningResult, apply, plan
 from .reconstruction import refit_to_reference
 from .selection import kept_selection, prunable_cost
+
+logger = logging.get_logger("spam_hf")
+
+
+def removed_summary(specs, keep) -> str:
+    """``"3 heads, 120 neurons"``: the groups of each kind a plan removes."""
+    removed: dict = {}
+    for s in specs:
+        removed[s.kind] = removed.get(s.kind, 0) + s.count - len(keep[s.name])
+    words = {"head": "heads", "kv_head": "KV heads", "neuron": "neurons", "lora_rank": "LoRA ranks"}
+    return ", ".join(f"{n} {words.get(k, k + 's')}" for k, n in removed.items() if n) or "nothing"
 
 
 def geometric_targets(sparsity: float, rounds: int) -> List[float]:
@@ -87,7 +99,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
     floors = {s.name: math.ceil(config.min_keep * s.count) for s in specs0}
     plans, compensated = [], []
     previous = (start_from, {}) if start_from is not None else None  # (posterior, keep) to carry precisions from
-    for target in targets:
+    for i, target in enumerate(targets, 1):
         specs = group_specs(model, kv_groups_only)
         current = prunable_cost(model, specs, budget, seq_len)
         relative = (current - (1.0 - target) * total0) / current
@@ -113,6 +125,9 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             # the posterior of the calibration batches alone: their statistics are not extrapolated to N
             compensated.append(compensate_groups(model, posterior.specs, p.keep, posterior.factors(extrapolate=False),
                                                  posterior.prior, posterior.temperature, kind=compensation))
+        logger.info(f"round {i} of {len(targets)}: {method} removes {removed_summary(posterior.specs, p.keep)} "
+                    f"({target:.0%} of prunable {budget} removed in all)"
+                    + (f", {compensation} compensation" if compensate else ""))
         apply(model, p)
         plans.append(p)
         previous = (posterior, p.keep)
