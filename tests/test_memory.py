@@ -1,14 +1,13 @@
 """The memory model: its factor counts are what the accumulators allocate, it reads meta models like real ones,
 and block-by-block statistics are predicted below all-at-once ones where the MLP is wide."""
 
-import pytest
 import torch
 
 from spam_hf.architectures import consuming_modules, group_specs, prunable_modules
 from spam_hf.curvature import CurvatureAccumulator
 from spam_hf.memory import FLOAT, PROCESS_BYTES, kfac_floats, peak, predict, shape_of
 
-from conftest import tiny_batch, tiny_causal_lm, tiny_classifier, tiny_decoder_config
+from conftest import tiny_batch, tiny_classifier, tiny_decoder_config
 
 
 def test_factor_count_is_what_an_accumulator_allocates():

@@ -7,7 +7,6 @@ and import it here (or anywhere before use). See ``docs/design.md`` ("Adding a f
 
 from .base import (
     ArchitectureFamily,
-    Group,
     GroupSpec,
     consuming_modules,
     get_family,
@@ -27,7 +26,6 @@ __all__ = [
     "ArchitectureFamily",
     "LoraFamily",
     "is_peft_model",
-    "Group",
     "GroupSpec",
     "consuming_modules",
     "get_family",

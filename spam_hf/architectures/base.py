@@ -145,28 +145,6 @@ class GroupSpec:
         return 2.0 * seq_len * w + 4.0 * seq_len**2 * self.attn_dim
 
 
-@dataclass(frozen=True)
-class Group:
-    """One prunable structure: ``spec.kind`` number ``index`` of ``spec.layer``."""
-
-    spec: GroupSpec
-    index: int
-
-    @property
-    def kind(self) -> str:
-        return self.spec.kind
-
-    @property
-    def layer(self) -> int:
-        return self.spec.layer
-
-    def slices(self) -> List[Tuple[str, str, List[int]]]:
-        """``[(module, "rows"|"cols", indices)]`` that this group owns."""
-        out = [(m, "rows", idx[self.index].tolist()) for m, idx in self.spec.row_index.items()]
-        out += [(m, "cols", idx[self.index].tolist()) for m, idx in self.spec.col_index.items()]
-        return out
-
-
 def contiguous_blocks(count: int, width: int, offset: int = 0) -> torch.Tensor:
     """``LongTensor[count, width]`` whose row ``g`` is ``offset + g·width + [0, width)``."""
     return offset + torch.arange(count * width, dtype=torch.long).view(count, width)
@@ -330,13 +308,6 @@ def validate_specs(model: nn.Module, specs: Iterable[GroupSpec]) -> None:
     both = set(owned_rows) & set(owned_cols)
     if both:
         raise ValueError(f"modules {sorted(both)} have both rows and columns owned by groups; a weight must have one owner")
-
-
-def find_linear(model: nn.Module, name: str) -> nn.Module:
-    mods = dict(model.named_modules())
-    if name not in mods:
-        raise ValueError(f"module {name!r} not found in {type(model).__name__}")
-    return mods[name]
 
 
 def base_prefix(model: nn.Module) -> str:

@@ -11,14 +11,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments
-from ..architectures import group_specs
 from ..distributed import is_main_process
 from ..export.hub import check_hub
-from ..pruning import check_reachable
-from ..pruning.sequential import check_sequential
 from ..trainer import SpamTrainer, check_complete, last_complete_checkpoint, per_batch_mean_loss
 from ..training_arguments import SpamTrainingArguments
-from .finish import RunContext, check_teacher, plain_args, prune_and_export, pruning_config
+from .finish import RunContext, plain_args, precheck, prune_and_export
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
 from .policy import resolve_schedule
@@ -84,12 +81,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         model = wrap_lora(model, lora_args)
     schedule = resolve_schedule(args, train_args, lora_args.enabled)  # None / 0: no pruning during training
     masked_dense = bool(schedule)
-    check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
-                    args.flops_seq_len, args.min_keep)  # before training
-    config = pruning_config(args, lora_args.enabled)  # a choice LoRA ranks cannot take fails now too
-    if config.sequential:
-        check_sequential(model, config)
-    check_teacher(args, masked_dense, model.config)  # before training, not after it
+    config = precheck(model, args, train_args.kv_groups_only, masked_dense)  # before training, not after it
     os.makedirs(out_dir, exist_ok=True)
     collator = collator_for(data, tokenizer)
     train_args = copy.deepcopy(train_args)

@@ -12,7 +12,7 @@ from typing import Optional
 from transformers import AutoConfig, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..architectures import is_peft_model
+from ..architectures import group_specs, is_peft_model
 from ..arguments import DataArguments, PruneArguments
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
@@ -21,8 +21,8 @@ from ..export import save_pruned
 from ..export.hub import push_folder
 from ..memory import PROCESS_BYTES, available_bytes, gib, predict
 from ..posterior import unwrap
-from ..pruning import PruningConfig
-from ..pruning.sequential import sequential_refusal
+from ..pruning import PruningConfig, check_reachable
+from ..pruning.sequential import check_sequential, sequential_refusal
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
 from .outputs import staged_folder, write_json
@@ -138,6 +138,19 @@ def pruning_config(args: PruneArguments, lora: bool) -> PruningConfig:
                          min_keep=args.min_keep, rounds=args.rounds, compensate=args.compensate,
                          compensation=args.compensation, calibration_batches=args.calibration_batches,
                          seed=args.prune_seed, sequential=bool(args.sequential)).resolved(lora)
+
+
+def precheck(model, args: PruneArguments, kv_groups_only: bool, masked_dense: bool) -> PruningConfig:
+    """Everything a pruning job can refuse before any work (compress before training, prune before loading the
+    posterior): the target must be reachable with the model's groups, the pruning choices must work for this
+    model (LoRA ranks, block by block) and a distillation teacher must fit. Returns the resolved config."""
+    check_reachable(model, group_specs(model, kv_groups_only), args.sparsity, args.budget, args.flops_seq_len,
+                    args.min_keep)
+    config = pruning_config(args, is_peft_model(model))
+    if config.sequential:
+        check_sequential(model, config)
+    check_teacher(args, masked_dense, model.config)
+    return config
 
 
 def choose_sequential(model, config: PruningConfig, batch_size: int, seq_len: int, device=None) -> PruningConfig:

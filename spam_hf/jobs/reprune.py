@@ -11,13 +11,11 @@ from typing import Optional
 from transformers import AutoTokenizer
 
 from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments
-from ..training_arguments import SpamTrainingArguments
 from ..posterior import STATE_FILE
-from ..architectures import group_specs
-from ..pruning import check_reachable
 from ..trainer import SpamTrainer
+from ..training_arguments import SpamTrainingArguments
 from .compress import base_sparsity
-from .finish import RunContext, check_teacher, prune_and_export
+from .finish import RunContext, precheck, prune_and_export
 from .loading import collator_for, load_data_for, load_run_model, metrics_for, pin_memory
 from .outputs import REPORT_FILE, RUN_CONFIG, check_reprune_output
 from .reporting import snapshot
@@ -51,9 +49,7 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     data = load_data_for(tokenizer, data_args)
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
-    check_reachable(model, group_specs(model, train_args.kv_groups_only), args.sparsity, args.budget,
-                    args.flops_seq_len, args.min_keep)
-    check_teacher(args, masked_dense, model.config)
+    precheck(model, args, train_args.kv_groups_only, masked_dense)
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)  # only now: a refused request leaves no folder behind
     try:
