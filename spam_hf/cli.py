@@ -237,13 +237,13 @@ def parse_compress(argv: List[str]):
     Precedence, lowest first: the library defaults, the offline demo's defaults (when neither a model,
     a task nor a train file is given anywhere), the recipe (``--recipe FILE``), the command line.
     """
+    from .jobs.loading import pin_memory
+
     argv, recipe_path = _pop_recipe(argv)
     argv = _rewrite_push(_positional(argv, "--model_name_or_path"))
     parser = compress_parser()
     recipe = _load_recipe(recipe_path, parser) if recipe_path else {}
     demo = not any(_has_flag(argv, k) or recipe.get(k) for k in ("model_name_or_path", "task", "train_file"))
-    from .jobs.loading import pin_memory
-
     defaults: Dict[str, object] = {"report_to": "none", "save_strategy": "epoch", "save_total_limit": 1,
                                    "logging_steps": 20, "dataloader_pin_memory": pin_memory(),
                                    "output_dir": os.path.join("runs", "spam-demo" if demo else "spam-run")}
