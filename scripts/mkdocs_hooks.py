@@ -66,6 +66,8 @@ def _option(name: str) -> str:
 
 def _fields_table(dataclass_type, only_own_of=None) -> str:
     """Markdown table of a dataclass's fields: option, default, accepted values, help."""
+    from spam_hf.cli import help_text
+
     rows = ["| option | default | accepted values | what it does |", "|---|---|---|---|"]
     skip = {f.name for f in dataclasses.fields(only_own_of)} if only_own_of else set()
     for f in dataclasses.fields(dataclass_type):
@@ -75,7 +77,7 @@ def _fields_table(dataclass_type, only_own_of=None) -> str:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         choices = f.metadata.get("choices")
         accepted = ", ".join(f"`{c}`" for c in choices) if choices else ""
-        text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|").replace("%%", "%")
+        text = help_text(f).replace("|", "\\|")
         rows.append(f"| `{_option(f.name)}` | `{default!r}` | {accepted} | {text} |")
     return "\n".join(rows)
 

@@ -178,10 +178,16 @@ def _metavar(f: dataclasses.Field) -> str:
     return {"float": "FLOAT", "int": "INT", "bool": "{True,False}"}.get(kind, "TEXT")
 
 
+def help_text(f: dataclasses.Field) -> str:
+    """A field's help as one line of plain text (argparse's ``%%`` undone); ``--help`` and the docs' CLI reference
+    show it."""
+    return " ".join(str(f.metadata.get("help", "")).split()).replace("%%", "%")
+
+
 def _option_line(f: dataclasses.Field) -> Tuple[str, str]:
     name = "--push-to-hub REPO" if f.name == "push_to_hub_repo" else \
         ("[MODEL] / --model" if f.name == "model_name_or_path" else f"--{f.name.replace('_', '-')} {_metavar(f)}")
-    text = " ".join(str(f.metadata.get("help", "")).split()).replace("%%", "%")
+    text = help_text(f)
     if f.default not in (dataclasses.MISSING, None):
         text += f" (default: {f.default})"
     return name, text

@@ -25,9 +25,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ...architectures import consuming_modules
 from ...architectures.base import GroupSpec
 from ...checks import check_choice
-from ...priors import PriorPrecision
+from ...priors import PriorPrecision, params_aug
 
 STATISTICS = ("diagonal", "factors", "mask_fisher", "input_moments")
 CALIBRATION_STATISTICS = ("factors", "mask_fisher", "input_moments")
@@ -69,6 +70,22 @@ class Statistics:
 
 
 ScoreFn = Callable[[nn.Module, List[GroupSpec], Statistics, int], Dict[str, torch.Tensor]]
+
+
+def summed_over_columns(model: nn.Module, specs: List[GroupSpec],
+                        column_score: Callable[[str, torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``{spec.name: FloatTensor[G]}``: each group's sum of ``column_score(module, W)`` over the columns it owns in
+    its consuming modules (O for a head, down for a neuron, ``lora_B`` for a rank). ``W`` is the module's
+    ``out × (in+1)`` weight with the bias column last (:func:`spam_hf.priors.params_aug`); ``column_score`` returns
+    one float64 score per input column (``[in]`` or ``[in+1]``), the form the per-channel peer scores take."""
+    params = params_aug(model, consuming_modules(specs))
+    out = {}
+    for s in specs:
+        total = torch.zeros(s.count, dtype=torch.float64)
+        for m, idx in s.col_index.items():
+            total += column_score(m, params[m])[idx].sum(1)
+        out[s.name] = total
+    return out
 
 
 @dataclass(frozen=True)

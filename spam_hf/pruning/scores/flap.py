@@ -12,23 +12,16 @@ Calibration statistics (input moments of the consuming modules); one shot with `
 
 import torch
 
-from ...architectures import consuming_modules
-from ...priors import params_aug
-from .base import Score, register
+from .base import Score, register, summed_over_columns
 
 
 def flap_scores(model, specs, statistics, seed):
-    params = params_aug(model, consuming_modules(specs))
-    out = {}
-    for s in specs:
-        total = torch.zeros(s.count, dtype=torch.float64)
-        for m, idx in s.col_index.items():
-            _, variance = statistics.input_moments[m]
-            W = params[m][:, : variance.numel()].to("cpu", torch.float64)  # the bias column is no channel
-            per_column = variance * W.square().sum(0)
-            total += per_column[idx].sum(1)
-        out[s.name] = total / total.mean().clamp_min(1e-30)
-    return out
+    def fluctuation(m, W):
+        _, variance = statistics.input_moments[m]
+        return variance * W[:, : variance.numel()].to("cpu", torch.float64).square().sum(0)  # no bias column
+
+    scores = summed_over_columns(model, specs, fluctuation)
+    return {name: total / total.mean().clamp_min(1e-30) for name, total in scores.items()}
 
 
 FLAP = register(Score("flap", flap_scores, needs=("input_moments",), consuming_only=True, compensation="bias",

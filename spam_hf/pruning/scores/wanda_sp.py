@@ -6,23 +6,16 @@ no compensation by default."""
 
 import torch
 
-from ...architectures import consuming_modules
-from ...priors import params_aug
-from .base import Score, register
+from .base import Score, register, summed_over_columns
 
 
 def wanda_sp_scores(model, specs, statistics, seed):
-    params = params_aug(model, consuming_modules(specs))
-    out = {}
-    for s in specs:
-        total = torch.zeros(s.count, dtype=torch.float64)
-        for m, idx in s.col_index.items():
-            A, _ = statistics.factors[m]
-            rms = A.diagonal().clamp_min(0.0).sqrt().to("cpu", torch.float64)  # [in (+1)]
-            per_column = (params[m].abs() * rms).sum(0)
-            total += per_column[idx].sum(1)
-        out[s.name] = total
-    return out
+    def weighted_magnitude(m, W):
+        A, _ = statistics.factors[m]
+        rms = A.diagonal().clamp_min(0.0).sqrt().to("cpu", torch.float64)  # [in (+1)]
+        return (W.abs() * rms).sum(0)
+
+    return summed_over_columns(model, specs, weighted_magnitude)
 
 
 WANDA_SP = register(Score("wanda-sp", wanda_sp_scores, needs=("factors",), consuming_only=True,
