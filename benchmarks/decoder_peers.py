@@ -121,8 +121,8 @@ def prune_copy(pair: dict, method: str, sparsity: float, train, a, seed: int):
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=a.calibration_batch_size, shuffle=True, generator=g,
                         collate_fn=default_data_collator)
-    config = PruningConfig(sparsity=sparsity, method="auto" if spam else method, seq_len=a.block,
-                           calibration_batches=a.calibration_batches, seed=seed)
+    config = PruningConfig(sparsity=sparsity, method="auto" if spam else method, flops_seq_len=a.block,
+                           calibration_batches=a.calibration_batches, prune_seed=seed)
     result = prune(model, pair["posterior"] if spam else None, config, calibration=loader)
     return model, result
 

@@ -173,8 +173,8 @@ def main() -> None:
             for suffix, kv_only in granularities:
                 specs = group_specs(model, kv_groups_only=kv_only)
                 for s in map(float, a.sparsities.split(",")):
-                    p = plan(model, trainer.posterior, s, method=score_method, budget="params", seq_len=a.block,
-                             seed=a.seed, kv_groups_only=kv_only, specs=specs)
+                    p = plan(model, trainer.posterior, s, method=score_method, budget="params", flops_seq_len=a.block,
+                             prune_seed=a.seed, kv_groups_only=kv_only, specs=specs)
                     sel = p.selection
                     pruned = apply(copy.deepcopy(model), p)
                     run = {"method": method + suffix, "sparsity": s, "achieved": sel.achieved,

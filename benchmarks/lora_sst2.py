@@ -191,7 +191,7 @@ class Bench:
         a = self.a
         pruned = copy.deepcopy(model)
         if a.rounds == 1 and not a.compensate and not get_score(score).calibrated:
-            return apply(pruned, plan(pruned, trainer.posterior, sparsity, method=score, seed=seed))
+            return apply(pruned, plan(pruned, trainer.posterior, sparsity, method=score, prune_seed=seed))
         post = trainer.posterior
 
         def make(m):

@@ -15,7 +15,6 @@ _PUBLIC = {  # name: the module that defines it
     "CurvatureAccumulator": "curvature",
     "log_marginal_likelihood": "marglik", "optimize_prior": "marglik",
     "PriorPrecision": "priors",
-    "PruneArguments": "arguments",
     "SpamTrainingArguments": "training_arguments",
     "SpamLaplace": "posterior",
     "PruningConfig": "pruning", "PruningPlan": "pruning", "apply": "pruning", "plan": "pruning", "prune": "pruning",
@@ -40,7 +39,6 @@ def __dir__():
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .architectures import get_family, group_specs, supported_model_types  # noqa: F401
-    from .arguments import PruneArguments  # noqa: F401
     from .curvature import CurvatureAccumulator  # noqa: F401
     from .distill import DistillationTrainer  # noqa: F401
     from .export import from_pretrained, save_pruned  # noqa: F401

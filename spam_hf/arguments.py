@@ -5,7 +5,9 @@ torch nor transformers. Allowed values are field ``choices`` (``--help`` lists t
 ``__post_init__`` checks the same choices for Python callers through :func:`check_fields`. The SpaM training
 knobs are :class:`SpamArguments`; ``SpamTrainingArguments`` (``training_arguments.py``) adds them to
 ``transformers.TrainingArguments``. How a job turns these into decisions (default recovery rate, the schedule)
-is in ``jobs/policy.py``.
+is in ``jobs/policy.py``. The pruning options are the one exception: their dataclass is
+:class:`spam_hf.pruning.PruningConfig` itself (``pruning/config.py``, as torch-free as this module), which the
+library's pruning functions take too.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .checks import check_choice, check_distillation, validate_sparsity
-from .choices import (BUDGETS, COMPENSATIONS, CURVATURE_KINDS, DIAGONAL_FROM, FISHER_TYPES, LM_EXTENSIONS,
-                      PRIOR_KINDS, REDUCTIONS, SCHEDULE_METHODS, TASKS, TRAINING_MODES, score_names)
+from .choices import (CURVATURE_KINDS, DIAGONAL_FROM, FISHER_TYPES, LM_EXTENSIONS, PRIOR_KINDS, REDUCTIONS,
+                      SCHEDULE_METHODS, TASKS, TRAINING_MODES)
 
 
 def choice(default, allowed, help: str):
@@ -216,58 +218,6 @@ class LoraArguments:
 
 
 @dataclass
-class PruningArguments:
-    """What to remove and how to choose it: the target, the budget, the score, rounds and compensation."""
-
-    sparsity: float = field(default=0.5, metadata={"help": "Fraction in (0, 1) of the prunable block parameters "
-                                                           "(or FLOPs with --budget flops) to remove."})
-    budget: str = choice("params", BUDGETS, "What --sparsity counts: parameters, or FLOPs at --flops-seq-len.")
-    flops_seq_len: int = field(default=128, metadata={"help": "Sequence length of FLOP budgets, reports and latency."})
-    method: str = choice("auto", ("auto",) + score_names(),
-                         "How groups are scored. auto: damage-obs (the loss increase a head or neuron's removal "
-                         "leaves after compensation) for a full model, opd for LoRA ranks. The others: damage "
-                         "scores before compensation (damage, damage-exact, damage-out), opd (weights² times the "
-                         "posterior precision), and the baselines fisher, magnitude, random, wanda-sp and flap.")
-    rounds: int = field(default=0, metadata={"help": "Reach the target in this many rounds, with fresh statistics "
-                                                     "each round. 0 = auto: with a damage score on a full model, "
-                                                     "enough rounds that none removes more than 30%% of what is "
-                                                     "left; else 1."})
-    compensate: Optional[bool] = field(default=None, metadata={
-        "help": "Refit the remaining weights of O / down so that each layer still computes what it did. Default: on "
-                "with a damage score on a full model, and with flap (bias compensation)."})
-    compensation: str = choice("least-squares", COMPENSATIONS,
-                               "How to compensate: least-squares (refit every output on the layer's inputs), "
-                               "posterior (the Laplace posterior's conditional mean), bias (the removed inputs' "
-                               "mean into the bias, as FLAP does) or reference (refit to the unpruned model's "
-                               "outputs, layer by layer).")
-    calibration_batches: int = field(default=32, metadata={
-        "help": "Training batches per round for the statistics of damage scores, rounds and compensation."})
-    sequential: Optional[bool] = field(default=None, metadata={
-        "help": "Prune one block at a time, holding one block's statistics (for models whose statistics do not fit "
-                "at once); the budget stays global. Default: only when they would not fit in memory."})
-    min_keep: float = field(default=0.0, metadata={
-        "help": "Keep at least this fraction of the heads and of the neurons of every layer (0 = a layer may lose "
-                "all of them)."})
-    prune_seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
-
-    def __post_init__(self) -> None:
-        self.check_pruning()
-
-    def check_pruning(self) -> None:
-        validate_sparsity(self.sparsity)
-        check_choice("budget", self.budget, BUDGETS)
-        check_choice("method", self.method, ("auto",) + score_names())
-        check_choice("compensation", self.compensation, COMPENSATIONS)
-        if not 0.0 <= self.min_keep < 1.0:
-            raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
-        if self.rounds < 0 or self.calibration_batches < 1:
-            raise ValueError(f"rounds must be >= 0 (0 = auto) and calibration_batches >= 1, got {self.rounds}, "
-                             f"{self.calibration_batches}")
-        if self.flops_seq_len < 1:
-            raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
-
-
-@dataclass
 class RecoveryArguments:
     """A short fine-tune after pruning, plain or distilled from the unpruned model."""
 
@@ -309,12 +259,10 @@ class LatencyArguments:
 
 
 @dataclass
-class PruneArguments(PruningArguments, RecoveryArguments, LatencyArguments):
-    """``spam-hf prune``'s options (and the first part of compress's): pruning, recovery and latency together."""
-
-    def __post_init__(self) -> None:
-        self.check_pruning()
-        self.check_recovery()
+class FinishArguments(RecoveryArguments, LatencyArguments):
+    """What a pruning job does besides choosing the groups: the recovery fine-tune and the latency lines. The
+    choice of groups is :class:`~spam_hf.pruning.PruningConfig`, the CLI's pruning section; ``compress`` and
+    ``prune`` take both."""
 
 
 @dataclass
@@ -339,11 +287,12 @@ class CompressJobArguments:
 
 
 @dataclass
-class CompressArguments(PruneArguments, CompressJobArguments):
-    """``spam-hf compress``'s own options: pruning, recovery, latency and the job (:class:`CompressJobArguments`)."""
+class CompressArguments(FinishArguments, CompressJobArguments):
+    """``spam-hf compress``'s own options besides the pruning config: recovery, latency and the job
+    (:class:`CompressJobArguments`)."""
 
     def __post_init__(self) -> None:
-        PruneArguments.__post_init__(self)
+        FinishArguments.__post_init__(self)
         CompressJobArguments.__post_init__(self)
 
 

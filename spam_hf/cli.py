@@ -141,17 +141,21 @@ def compress_sections(full: bool = False) -> Sections:
     """``(title, dataclass)`` of every option group of ``compress``, in the order ``--help`` shows them. ``full``: the
     SpaM training group is ``SpamTrainingArguments`` (with every ``TrainingArguments`` option; imports
     transformers), else only the SpaM knobs (:class:`~spam_hf.arguments.SpamArguments`)."""
+    from .pruning.config import PruningConfig  # torch-free, like the argument dataclasses
+
     if full:
         from .training_arguments import SpamTrainingArguments as training
     else:
         training = A.SpamArguments
-    return [("model", A.ModelArguments), ("data", A.DataArguments), ("pruning", A.PruningArguments),
+    return [("model", A.ModelArguments), ("data", A.DataArguments), ("pruning", PruningConfig),
             ("recovery", A.RecoveryArguments), ("latency", A.LatencyArguments), ("the job", A.CompressJobArguments),
             ("LoRA", A.LoraArguments), ("SpaM training", training)]
 
 
 def prune_sections() -> Sections:
-    return [("run", A.RunArguments), ("pruning", A.PruningArguments), ("recovery", A.RecoveryArguments),
+    from .pruning.config import PruningConfig
+
+    return [("run", A.RunArguments), ("pruning", PruningConfig), ("recovery", A.RecoveryArguments),
             ("latency", A.LatencyArguments)]
 
 
@@ -231,14 +235,17 @@ def _wants_help(argv: List[str]) -> bool:
 def compress_parser() -> "HfArgumentParser":
     from transformers import HfArgumentParser
 
+    from .pruning.config import PruningConfig
     from .training_arguments import SpamTrainingArguments
 
-    return HfArgumentParser((A.ModelArguments, A.DataArguments, A.CompressArguments, A.LoraArguments,
+    return HfArgumentParser((A.ModelArguments, A.DataArguments, PruningConfig, A.CompressArguments, A.LoraArguments,
                              SpamTrainingArguments), prog="spam-hf compress", description=SUBCOMMANDS["compress"])
 
 
 def parse_compress(argv: List[str]):
-    """``(model, data, compress, lora, training)`` arguments of ``spam-hf compress ARGV``.
+    """``(model, data, pruning, compress, lora, training)`` arguments of ``spam-hf compress ARGV``: the pruning
+    options are a :class:`~spam_hf.pruning.PruningConfig`, the job's other own options :class:`CompressArguments
+    <spam_hf.arguments.CompressArguments>`.
 
     Precedence, lowest first: the library defaults, the offline demo's defaults (when neither a model,
     a task nor a train file is given anywhere), the recipe (``--recipe FILE``), the command line.
@@ -270,13 +277,13 @@ def cmd_compress(argv: List[str]) -> int:
     from .jobs import compress
 
     command = "spam-hf compress " + " ".join(shlex.quote(a) for a in argv)
-    model_args, data_args, args, lora_args, train_args = parse_compress(argv)
+    model_args, data_args, config, args, lora_args, train_args = parse_compress(argv)
     if args.dry_run:
         from .jobs.dry_run import dry_run
 
-        dry_run(model_args, data_args, args, train_args, lora_args)
+        dry_run(model_args, data_args, config, args, train_args, lora_args)
         return 0
-    compress(model_args, data_args, args, train_args, command=command, lora_args=lora_args)
+    compress(model_args, data_args, config, args, train_args, command=command, lora_args=lora_args)
     return 0
 
 
@@ -288,14 +295,15 @@ def cmd_prune(argv: List[str]) -> int:
     from transformers import HfArgumentParser
 
     from .jobs import reprune
+    from .pruning.config import PruningConfig
 
     command = "spam-hf prune " + " ".join(shlex.quote(a) for a in argv)
-    parser = HfArgumentParser((A.RunArguments, A.PruneArguments), prog="spam-hf prune",
+    parser = HfArgumentParser((A.RunArguments, PruningConfig, A.FinishArguments), prog="spam-hf prune",
                               description=SUBCOMMANDS["prune"])
-    run, args = _parse(parser, _positional(argv, "--run_dir"))
+    run, config, args = _parse(parser, _positional(argv, "--run_dir"))
     if not run.run_dir:
         raise CliError("spam-hf prune needs RUN_DIR")
-    reprune(run.run_dir, args, output_dir=run.output_dir, command=command,
+    reprune(run.run_dir, config, args, output_dir=run.output_dir, command=command,
             overwrite_output_dir=run.overwrite_output_dir)
     return 0
 

@@ -306,7 +306,7 @@ class SpamTrainer(Trainer):
         would remove. Scores of the trained posterior (``opd``, ``fisher``) read it; scores of calibration
         statistics (the default ``damage-obs``) get them from ``calibration_batches`` training batches first, in a
         posterior like the trained one. ``config`` / ``options``: a :class:`~spam_hf.pruning.PruningConfig`."""
-        config = PruningConfig.build(sparsity, config, **options)  # kv_groups_only: the posterior's (the args')
+        config = PruningConfig.build(sparsity, config, **options)
         model, posterior = unwrap(self.model), self._sync_n()
         score = config.resolved(is_peft_model(model)).score
         if score.calibrated:
@@ -379,9 +379,9 @@ class SpamTrainer(Trainer):
         original groups); the whole result is ``trainer.last_result``, a one-shot plan ``trainer.last_plan``. The
         posterior is rebuilt for the smaller model (unit precisions of kept groups carried over).
         """
-        config = PruningConfig.build(sparsity, config, **options)  # kv_groups_only: the posterior's (the args')
+        config = PruningConfig.build(sparsity, config, **options)
         if self.schedule_keep:  # every group the schedule masked goes (they score zero, so they go first)
-            masked = self.masked_fraction(config.budget, config.seq_len)
+            masked = self.masked_fraction(config.budget, config.flops_seq_len)
             if masked > config.sparsity:
                 logger.info(f"the pruning schedule masked {masked:.1%} of prunable {config.budget}; removing all of it")
                 config = config.replace(sparsity=masked)
@@ -434,7 +434,7 @@ class SpamTrainer(Trainer):
                                      diagonal_from=self.args.kfac_diagonal_from or None)
         base_posterior.fit(self.get_train_dataloader(), max_batches=max_batches,
                            progress=self._progress())
-        pruning_plan = plan(merged, base_posterior, sparsity, method="opd", budget=budget, seq_len=seq_len,
+        pruning_plan = plan(merged, base_posterior, sparsity, method="opd", budget=budget, flops_seq_len=seq_len,
                             min_keep=min_keep)
         del merged
         apply(model.get_base_model(), pruning_plan)

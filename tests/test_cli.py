@@ -279,16 +279,16 @@ def test_recipe_is_typed_parser_defaults_and_flags_win(tmp_path):
     from spam_hf.cli import DEMO_DEFAULTS, parse_compress
 
     recipe = _shipped_recipe(tmp_path)
-    m, d, c, lora, t = parse_compress(["--recipe", recipe, "--sparsity", "0.8"])
+    m, d, p, c, lora, t = parse_compress(["--recipe", recipe, "--sparsity", "0.8"])
     assert m.model_name_or_path == "minilm" and d.train_file.endswith("t.tsv")
-    assert c.sparsity == 0.8 and c.recovery_steps == 200 and c.recovery_lr == 5e-5
+    assert p.sparsity == 0.8 and c.recovery_steps == 200 and c.recovery_lr == 5e-5
     assert t.prior == "unit" and t.marglik_frequency == 200 and t.n_hypersteps == 30
     assert t.learning_rate == 1e-4 and t.num_train_epochs == 2 and t.output_dir == "runs/minilm-sst2-60"
     assert d.max_seq_length == 64 and lora.lora_r == 0
     assert c.recovery_steps != DEMO_DEFAULTS["recovery_steps"]
     # without a recipe or model, the demo's defaults; a flag still wins over them
-    m, d, c, lora, t = parse_compress(["--sparsity", "0.7"])
-    assert c.sparsity == 0.7 and c.recovery_steps == DEMO_DEFAULTS["recovery_steps"]
+    m, d, p, c, lora, t = parse_compress(["--sparsity", "0.7"])
+    assert p.sparsity == 0.7 and c.recovery_steps == DEMO_DEFAULTS["recovery_steps"]
     assert t.marglik_frequency == DEMO_DEFAULTS["marglik_frequency"] and t.output_dir == os.path.join("runs", "spam-demo")
 
 

@@ -38,7 +38,7 @@ def test_in_rounds_follows_rounds_compensation_and_calibration_statistics():
     ("sparsity", 1.0, "sparsity must be in"), ("sparsity", 0.0, "sparsity must be in"),
     ("budget", "bytes", "budget must be one of"), ("method", "taylor", "method must be one of auto, damage"),
     ("compensation", "magic", "compensation must be one of"), ("min_keep", 1.0, "min_keep"),
-    ("rounds", -1, "rounds must be"), ("calibration_batches", 0, "calibration_batches"), ("seq_len", 0, "seq_len")])
+    ("rounds", -1, "rounds must be"), ("calibration_batches", 0, "calibration_batches"), ("flops_seq_len", 0, "flops_seq_len")])
 def test_bad_values_are_one_line_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         PruningConfig(**{field: value})

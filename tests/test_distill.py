@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from spam_hf.arguments import PruneArguments
+from spam_hf.arguments import FinishArguments
 from spam_hf.distill import DistillationTrainer, distillation_kl, frozen_copy, hidden_state_mse
 from spam_hf.pruning import apply, plan
 
@@ -101,9 +101,9 @@ def test_distillation_moves_the_pruned_model_towards_the_teacher(tmp_path):
 
 def test_distillation_arguments_are_checked():
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        PruneArguments(distill=1.5, recovery_steps=10)
+        FinishArguments(distill=1.5, recovery_steps=10)
     with pytest.raises(ValueError, match="distill_temperature"):
-        PruneArguments(distill=0.5, distill_temperature=0.0, recovery_steps=10)
+        FinishArguments(distill=0.5, distill_temperature=0.0, recovery_steps=10)
     with pytest.raises(ValueError, match="--recovery-steps"):
-        PruneArguments(distill=0.5)
-    assert PruneArguments(distill=0.5, recovery_steps=10).distill == 0.5
+        FinishArguments(distill=0.5)
+    assert FinishArguments(distill=0.5, recovery_steps=10).distill == 0.5

@@ -1,5 +1,6 @@
 """The jobs' shared pieces on their own: model resolution, output-dir checks, run files, reporting."""
 
+import dataclasses
 import json
 import os
 
@@ -51,10 +52,14 @@ def test_run_config_holds_every_argument(tmp_path):
     targs = SpamTrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], prior="layer", temperature=0.5)
     from spam_hf.arguments import CompressArguments, LoraArguments
 
-    write_run_config(str(tmp_path), ModelArguments("m"), data, CompressArguments(sparsity=0.7), targs, "/m", "cmd",
-                     LoraArguments(lora_r=4))
+    from spam_hf.pruning import PruningConfig
+
+    write_run_config(str(tmp_path), ModelArguments("m"), data, PruningConfig(sparsity=0.7, flops_seq_len=64),
+                     CompressArguments(recovery_steps=5), targs, "/m", "cmd", LoraArguments(lora_r=4))
     cfg = json.load(open(tmp_path / RUN_CONFIG))
-    assert cfg["data"]["train_file"] == train and cfg["compress"]["sparsity"] == 0.7 and cfg["lora"]["lora_r"] == 4
+    assert cfg["data"]["train_file"] == train and cfg["lora"]["lora_r"] == 4
+    assert (cfg["compress"]["sparsity"], cfg["compress"]["flops_seq_len"], cfg["compress"]["recovery_steps"]) == \
+        (0.7, 64, 5)
     assert cfg["training"]["prior"] == "layer" and cfg["training"]["temperature"] == 0.5
     assert DataArguments(**cfg["data"]) == data
 
@@ -62,6 +67,7 @@ def test_run_config_holds_every_argument(tmp_path):
 def test_run_config_stores_absolute_local_paths(tmp_path, monkeypatch):
     """A run made with relative paths can be re-pruned from another working directory."""
     from spam_hf.arguments import CompressArguments
+    from spam_hf.pruning import PruningConfig
 
     write_tsv(tmp_path / "t.tsv", 4, 0)
     os.makedirs(tmp_path / "model")
@@ -69,7 +75,7 @@ def test_run_config_stores_absolute_local_paths(tmp_path, monkeypatch):
     data = DataArguments(train_file="t.tsv", validation_file="t.tsv", max_seq_length=32)
     targs = SpamTrainingArguments(output_dir="o", report_to=[])
     os.makedirs("o")
-    write_run_config("o", ModelArguments("model"), data, CompressArguments(), targs, "model", "cmd")
+    write_run_config("o", ModelArguments("model"), data, PruningConfig(), CompressArguments(), targs, "model", "cmd")
     monkeypatch.chdir("/")
     cfg = json.load(open(tmp_path / "o" / RUN_CONFIG))
     assert cfg["data"]["train_file"] == cfg["data"]["validation_file"] == str(tmp_path / "t.tsv")
@@ -114,20 +120,26 @@ def test_an_interrupted_export_leaves_the_old_one_and_no_partial_folder(tmp_path
         assert nothing is None
 
 
-def test_pruning_config_of_the_job_arguments():
-    """The jobs' pruning arguments become one resolved PruningConfig: --method auto on a full model is damage-obs
-    in rounds with compensation, on LoRA one-shot OPD; the other fields carry over under their config names."""
-    from spam_hf.arguments import PruneArguments
-    from spam_hf.jobs.finish import pruning_config
+def test_the_pruning_options_parse_into_the_engines_config():
+    """compress and prune parse their pruning options into the PruningConfig the engine takes (one object, not a
+    CLI copy of it): every option under its own name, --sequential left to the job (None), and the same defaults
+    and one-line refusals as in Python."""
+    from spam_hf.cli import compress_parser, parse_compress
+    from spam_hf.pruning import PruningConfig
 
-    args = PruneArguments(sparsity=0.7, budget="flops", flops_seq_len=64, min_keep=0.1, calibration_batches=3,
-                          prune_seed=5, compensation="posterior")
-    config = pruning_config(args, lora=False)
-    assert (config.method, config.rounds, config.compensate) == ("damage-obs", 4, True)
-    assert (config.sparsity, config.budget, config.seq_len, config.min_keep, config.calibration_batches,
-            config.seed, config.compensation) == (0.7, "flops", 64, 0.1, 3, 5, "posterior")
-    assert (pruning_config(args, lora=True).method, pruning_config(args, lora=True).rounds) == ("opd", 1)
-    assert PruneArguments().compensation == "least-squares"
+    argv = ["--sparsity", "0.7", "--budget", "flops", "--flops-seq-len", "64", "--min-keep", "0.1",
+            "--calibration-batches", "3", "--prune-seed", "5", "--compensation", "posterior", "--seed", "7"]
+    _, _, config, args, _, train_args = parse_compress(argv)
+    assert config == PruningConfig(sparsity=0.7, budget="flops", flops_seq_len=64, min_keep=0.1,
+                                   calibration_batches=3, prune_seed=5, compensation="posterior")
+    assert config.sequential is None and train_args.seed == 7  # --seed stays the run's, --prune-seed the baseline's
+    assert (config.resolved(False).method, config.resolved(False).rounds) == ("damage-obs", 4)
+    assert (config.resolved(True).method, config.resolved(True).rounds) == ("opd", 1)
+    assert parse_compress([])[2] == dataclasses.replace(PruningConfig(), flops_seq_len=64)  # the demo's default
+    pruning = [d for d in compress_parser().dataclass_types if d is PruningConfig]
+    assert len(pruning) == 1
+    with pytest.raises(ValueError, match="min_keep must be in"):
+        parse_compress(["--min-keep", "1.0"])
 
 
 def test_automatic_schedule_defaults(tmp_path):
@@ -137,41 +149,42 @@ def test_automatic_schedule_defaults(tmp_path):
     from spam_hf.jobs.policy import resolve_schedule
 
     t = SpamTrainingArguments(output_dir=str(tmp_path))
-    assert resolve_schedule(CompressArguments(sparsity=0.9), t, lora=False) is None
-    assert resolve_schedule(CompressArguments(sparsity=0.7), t, lora=False) is None
-    assert resolve_schedule(CompressArguments(sparsity=0.5), t, lora=True) == 0.5
-    assert resolve_schedule(CompressArguments(sparsity=0.9, training="plain"), t, lora=True) is None
+    job, plain = CompressArguments(), CompressArguments(training="plain")
+    assert resolve_schedule(job, 0.9, t, lora=False) is None
+    assert resolve_schedule(job, 0.7, t, lora=False) is None
+    assert resolve_schedule(job, 0.5, t, lora=True) == 0.5
+    assert resolve_schedule(plain, 0.9, t, lora=True) is None
     off = SpamTrainingArguments(output_dir=str(tmp_path), schedule_sparsity=0)
-    assert resolve_schedule(CompressArguments(sparsity=0.9), off, lora=True) == 0
+    assert resolve_schedule(job, 0.9, off, lora=True) == 0
     other = SpamTrainingArguments(output_dir=str(tmp_path), schedule_sparsity=0.6)
-    assert resolve_schedule(CompressArguments(sparsity=0.5), other, lora=False) == 0.6
+    assert resolve_schedule(job, 0.5, other, lora=False) == 0.6
 
 
 def test_recovery_lr_scales_the_training_rate_by_sparsity():
     """--recovery-lr defaults to RECOVERY_LR_SCALES[0] x the training rate below HIGH_SPARSITY and
     RECOVERY_LR_SCALES[1] x from it, for full models and LoRA alike; an explicit value wins; <= 0 is refused."""
-    from spam_hf.arguments import PruneArguments
+    from spam_hf.arguments import FinishArguments
     from spam_hf.jobs.policy import HIGH_SPARSITY, RECOVERY_LR_SCALES, resolve_recovery_lr
 
     low, high = RECOVERY_LR_SCALES
-    assert resolve_recovery_lr(PruneArguments(sparsity=0.5), 0.5, 1e-4) == pytest.approx(low * 1e-4)
-    assert resolve_recovery_lr(PruneArguments(sparsity=0.79), 0.79, 2e-5) == pytest.approx(low * 2e-5)
-    assert resolve_recovery_lr(PruneArguments(sparsity=HIGH_SPARSITY), HIGH_SPARSITY, 1e-4) == pytest.approx(high * 1e-4)
-    assert resolve_recovery_lr(PruneArguments(sparsity=0.9, recovery_lr=3e-5), 0.9, 1e-4) == 3e-5
+    assert resolve_recovery_lr(FinishArguments(), 0.5, 1e-4) == pytest.approx(low * 1e-4)
+    assert resolve_recovery_lr(FinishArguments(), 0.79, 2e-5) == pytest.approx(low * 2e-5)
+    assert resolve_recovery_lr(FinishArguments(), HIGH_SPARSITY, 1e-4) == pytest.approx(high * 1e-4)
+    assert resolve_recovery_lr(FinishArguments(recovery_lr=3e-5), 0.9, 1e-4) == 3e-5
     with pytest.raises(ValueError, match="recovery_lr"):
-        PruneArguments(recovery_lr=0.0)
+        FinishArguments(recovery_lr=0.0)
 
 
 def test_min_keep_defaults_to_no_floor_and_is_validated():
     """--min-keep is 0 (no per-layer floor) unless given: with damage-obs a floor costs accuracy at 90% (README
     "Damage after compensation"); values outside [0, 1) are refused."""
-    from spam_hf.arguments import PruneArguments
+    from spam_hf.pruning import PruningConfig
 
-    assert PruneArguments(sparsity=0.9).min_keep == 0.0
-    assert PruneArguments(sparsity=0.9, min_keep=0.05).min_keep == 0.05
+    assert PruningConfig(sparsity=0.9).min_keep == 0.0
+    assert PruningConfig(sparsity=0.9, min_keep=0.05).min_keep == 0.05
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="min_keep must be in"):
-            PruneArguments(min_keep=bad)
+            PruningConfig(min_keep=bad)
 
 
 def test_block_by_block_is_chosen_only_when_all_at_once_would_not_fit(monkeypatch):
@@ -185,13 +198,14 @@ def test_block_by_block_is_chosen_only_when_all_at_once_would_not_fit(monkeypatc
     model = tiny_causal_lm("llama")
     config = PruningConfig(sparsity=0.5).resolved(False)
     monkeypatch.setattr(finish, "available_bytes", lambda device: 2 ** 40)
-    assert not finish.choose_sequential(model, config, 4, 32).sequential
+    assert finish.choose_sequential(model, config, 4, 32).sequential is False
     monkeypatch.setattr(finish, "available_bytes", lambda device: 1024)
     chosen = finish.choose_sequential(model, config, 4, 32)
     assert chosen.sequential and chosen.rounds == 1 and chosen.method == "damage-obs"
     for kept in (PruningConfig(sparsity=0.5, method="damage-exact").resolved(False),
                  PruningConfig(sparsity=0.5, compensation="posterior").resolved(False)):
-        assert not finish.choose_sequential(model, kept, 4, 32).sequential
+        assert finish.choose_sequential(model, kept, 4, 32).sequential is False
+    assert finish.choose_sequential(model, config.replace(sequential=False), 4, 32).sequential is False  # given
 
 
 def test_a_new_classification_head_is_one_line_not_a_load_table(tmp_path, caplog, capsys):

@@ -40,9 +40,8 @@ def test_dense_statistics_give_the_all_at_once_selection(kind, kv_groups_only):
     la = SpamLaplace(copy.deepcopy(model), reduction="expand", n_data=rows, kv_groups_only=kv_groups_only)
     la.collect(batches, progress=False)
     reference = plan(la.model, la, 0.5, method="damage-obs")
-    config = PruningConfig(sparsity=0.5, method="damage-obs", compensate=False, kv_groups_only=kv_groups_only,
-                           sequential=True).resolved(False)
-    result = prune_sequential(model, None, config, batches, rescore=False)
+    config = PruningConfig(sparsity=0.5, method="damage-obs", compensate=False, sequential=True).resolved(False)
+    result = prune_sequential(model, None, config, batches, rescore=False, kv_groups_only=kv_groups_only)
     assert _keep(result.plans[0].keep) == _keep(reference.keep)
     assert _keep(result.selection.keep) == _keep(reference.keep)
     for name, scores in reference.scores.items():

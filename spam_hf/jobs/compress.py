@@ -10,9 +10,10 @@ from typing import Optional
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments, PruneArguments
+from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments
 from ..distributed import is_main_process
 from ..export.hub import check_hub
+from ..pruning.config import PruningConfig
 from ..trainer import SpamTrainer, check_complete, last_complete_checkpoint, per_batch_mean_loss
 from ..training_arguments import SpamTrainingArguments
 from .finish import RunContext, plain_args, precheck, prune_and_export
@@ -25,11 +26,12 @@ from .resolve import display_name
 logger = logging.get_logger(__name__)
 
 
-def base_sparsity(lora_args: LoraArguments, args: PruneArguments) -> Optional[float]:
-    """How much of a LoRA run's frozen base to prune (``None``: the base is kept)."""
+def base_sparsity(lora_args: LoraArguments, sparsity: float) -> Optional[float]:
+    """How much of a LoRA run's frozen base to prune (``None``: the base is kept; default: ``sparsity``, the
+    adapter's)."""
     if not lora_args.prune_base:
         return None
-    return lora_args.base_sparsity if lora_args.base_sparsity is not None else args.sparsity
+    return lora_args.base_sparsity if lora_args.base_sparsity is not None else sparsity
 
 
 def resume_point(train_args: SpamTrainingArguments):
@@ -60,9 +62,10 @@ def continues_run(resume: Optional[str], out_dir: str) -> bool:
     return inside.startswith(os.path.realpath(out_dir) + os.sep)
 
 
-def compress(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
+def compress(model_args: ModelArguments, data_args: DataArguments, config: PruningConfig, args: CompressArguments,
              train_args: SpamTrainingArguments, command: str = "", lora_args: Optional[LoraArguments] = None) -> dict:
     """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``).
+    ``config`` says how to prune; ``args`` the recovery, the latency lines and the job around them.
 
     With ``lora_args.lora_r > 0`` the model is wrapped in a peft LoRA adapter: the base stays frozen,
     priors sit on the adapter ranks, and the export is a stock peft adapter.
@@ -73,15 +76,15 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     check_output_dir(out_dir, args.overwrite_output_dir or continues_run(resume, out_dir))
     if args.push_to_hub_repo:
         check_hub(args.push_to_hub_repo)  # an offline push fails now, not after training
-    path, config, tokenizer, data = prepare(model_args, data_args)
+    path, _, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
     set_seed(train_args.seed)  # a newly initialised head (the packaged MiniLM has none) is the same every run
     model = load_model(path, data, tokenizer)
     if lora_args.enabled:
         model = wrap_lora(model, lora_args)
-    schedule = resolve_schedule(args, train_args, lora_args.enabled)  # None / 0: no pruning during training
+    schedule = resolve_schedule(args, config.sparsity, train_args, lora_args.enabled)  # None / 0: none in training
     masked_dense = bool(schedule)
-    config = precheck(model, args, train_args.kv_groups_only, masked_dense)  # before training, not after it
+    resolved = precheck(model, config, args, train_args.kv_groups_only, masked_dense)  # before training, not after
     os.makedirs(out_dir, exist_ok=True)
     collator = collator_for(data, tokenizer)
     train_args = copy.deepcopy(train_args)
@@ -90,7 +93,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
     elif train_args.schedule_sparsity is None:
         train_args.schedule_sparsity = schedule
         if schedule:  # the automatic schedule is for LoRA ranks only (it beats pruning after training, README "LoRA")
-            logger.warning(f"pruning during training: ranks of the adapter are masked on a ramp to {args.sparsity:.0%} "
+            logger.warning(f"pruning during training: ranks of the adapter are masked on a ramp to {config.sparsity:.0%} "
                            "removed, so dense/ holds the masked model (--schedule_sparsity 0 turns it off)")
     trainer = SpamTrainer(model=model, args=train_args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=collator, processing_class=tokenizer, compute_metrics=metrics_for(metric))
@@ -100,15 +103,15 @@ def compress(model_args: ModelArguments, data_args: DataArguments, args: Compres
         plain = Trainer(model=model, args=TrainingArguments(**plain_args(train_args)), train_dataset=data["train"],
                         data_collator=collator, processing_class=tokenizer)
         per_batch_mean_loss(plain).train()
-    if "diagonal" in config.score.needs and (args.training != "spam" or not trainer.has_curvature()):
+    if "diagonal" in resolved.score.needs and (args.training != "spam" or not trainer.has_curvature()):
         trainer.fit_priors_posthoc(max_batches=args.posthoc_batches)
     # latency is measured later, dense and pruned interleaved (prune_and_export)
-    dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size, False)
+    dense = snapshot(trainer, data["validation"], metric, config.flops_seq_len, args.latency_batch_size, False)
     trainer.save_model(os.path.join(out_dir, "dense"))
     if is_main_process():
-        write_run_config(out_dir, model_args, data_args, args, train_args, path, command, lora_args)
+        write_run_config(out_dir, model_args, data_args, config, args, train_args, path, command, lora_args)
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
                      base_name=display_name(model_args, path), command=command, merged=lora_args.lora_merge,
-                     base_sparsity=base_sparsity(lora_args, args), masked_dense=masked_dense,
+                     base_sparsity=base_sparsity(lora_args, config.sparsity), masked_dense=masked_dense,
                      posthoc_batches=args.posthoc_batches, push_to_hub_repo=args.push_to_hub_repo)
-    return prune_and_export(trainer, ctx, args, out_dir)
+    return prune_and_export(trainer, ctx, config, args, out_dir)

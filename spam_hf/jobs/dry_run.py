@@ -11,7 +11,8 @@ from ..architectures import get_family, group_specs
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments
 from ..training_arguments import SpamTrainingArguments
 from ..memory import gib, peak, predict
-from .finish import choose_sequential, pruning_config
+from ..pruning.config import PruningConfig
+from .finish import choose_sequential
 from .resolve import resolve_model
 
 
@@ -28,7 +29,7 @@ def meta_model(path: str, causal_lm: bool):
     return model
 
 
-def dry_run(model_args: ModelArguments, data_args: DataArguments, args: CompressArguments,
+def dry_run(model_args: ModelArguments, data_args: DataArguments, config: PruningConfig, args: CompressArguments,
             train_args: SpamTrainingArguments, lora_args: Optional[LoraArguments] = None) -> dict:
     """Print the prunable groups per layer and the predicted peak of each stage (:func:`spam_hf.memory.predict`);
     the last line is ``peak memory: N GiB``. Nothing is loaded but the config, nothing is written."""
@@ -36,8 +37,8 @@ def dry_run(model_args: ModelArguments, data_args: DataArguments, args: Compress
     path = resolve_model(model_args.model_name_or_path)
     causal_lm = data_args.is_causal_lm
     model = meta_model(path, causal_lm)
-    config = pruning_config(args, lora_args.enabled)
-    if args.sequential is None:  # what the job would choose on this machine
+    config = config.resolved(lora_args.enabled)
+    if config.sequential is None:  # what the job would choose on this machine
         config = choose_sequential(model, config, train_args.per_device_train_batch_size, data_args.max_seq_length,
                                    device="cuda" if torch.cuda.is_available() and not train_args.use_cpu else "cpu")
     kv = train_args.kv_groups_only

@@ -13,7 +13,7 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..architectures import group_specs, is_peft_model
-from ..arguments import DataArguments, PruneArguments
+from ..arguments import DataArguments, FinishArguments
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import broadcast_object, is_main_process
@@ -60,7 +60,7 @@ def plain_args(train_args: TrainingArguments) -> dict:
             if f.init and not f.name.startswith("_")}
 
 
-def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=None) -> float:
+def recover(model, ctx: RunContext, args: FinishArguments, out_dir: str, teacher=None) -> float:
     """Fine-tune the pruned ``model`` with a plain Trainer (``recovery_steps`` or ``recovery_epochs``), or, with a
     ``teacher`` (the unpruned model), by distillation (:class:`~spam_hf.distill.DistillationTrainer`); returns the metric.
     ``args`` come as :func:`prune_and_export` resolved them (``recovery_lr`` filled in)."""
@@ -85,7 +85,7 @@ def recover(model, ctx: RunContext, args: PruneArguments, out_dir: str, teacher=
     return evaluate_metric(rec, ctx.data["validation"], ctx.metric)
 
 
-def check_teacher(args: PruneArguments, masked_dense: bool, config=None) -> None:
+def check_teacher(args: FinishArguments, masked_dense: bool, config=None) -> None:
     """Refuse a distillation that cannot work, before any work: from a masked model (after pruning during training
     the run's own model before pruning has the removed groups already zeroed, so its soft labels are the student's
     own), or from a ``--distill-teacher`` that is not a folder or, by its ``config.json``, another architecture or
@@ -115,7 +115,7 @@ def check_same_task(path: str, teacher_config, student_config) -> None:
                          f"the pruned model is a {student_config.model_type} model with {n_student}")
 
 
-def teacher_for(model, ctx: RunContext, args: PruneArguments):
+def teacher_for(model, ctx: RunContext, args: FinishArguments):
     """The distillation teacher (frozen), or ``None`` without distillation: ``--distill-teacher`` loaded from its
     folder, else a copy of ``model`` before pruning."""
     if not (args.distill or args.distill_hidden_weight):
@@ -128,25 +128,16 @@ def teacher_for(model, ctx: RunContext, args: PruneArguments):
     return freeze(teacher)
 
 
-def pruning_config(args: PruneArguments, lora: bool) -> PruningConfig:
-    """The resolved :class:`~spam_hf.pruning.PruningConfig` of a job's pruning arguments (called before training
-    too, so a choice that cannot work fails first): ``auto`` and the rounds / compensation defaults come from the
-    score registry (:meth:`PruningConfig.resolved`). On LoRA ranks rounds, compensation (the remaining columns of
-    ``lora_B`` refitted to the rank activations ``A x``) and ``damage-exact`` (the Fisher of a mask on each rank's
-    activation) work as on heads and neurons."""
-    return PruningConfig(sparsity=args.sparsity, budget=args.budget, method=args.method, seq_len=args.flops_seq_len,
-                         min_keep=args.min_keep, rounds=args.rounds, compensate=args.compensate,
-                         compensation=args.compensation, calibration_batches=args.calibration_batches,
-                         seed=args.prune_seed, sequential=bool(args.sequential)).resolved(lora)
-
-
-def precheck(model, args: PruneArguments, kv_groups_only: bool, masked_dense: bool) -> PruningConfig:
+def precheck(model, config: PruningConfig, args: FinishArguments, kv_groups_only: bool,
+             masked_dense: bool) -> PruningConfig:
     """Everything a pruning job can refuse before any work (compress before training, prune before loading the
     posterior): the target must be reachable with the model's groups, the pruning choices must work for this
-    model (LoRA ranks, block by block) and a distillation teacher must fit. Returns the resolved config."""
-    check_reachable(model, group_specs(model, kv_groups_only), args.sparsity, args.budget, args.flops_seq_len,
-                    args.min_keep)
-    config = pruning_config(args, is_peft_model(model))
+    model (LoRA ranks, block by block) and a distillation teacher must fit. Returns ``config`` resolved
+    (:meth:`PruningConfig.resolved`: ``auto`` and the rounds / compensation defaults from the score registry; on
+    LoRA ranks rounds, compensation and ``damage-exact`` work as on heads and neurons)."""
+    check_reachable(model, group_specs(model, kv_groups_only), config.sparsity, config.budget, config.flops_seq_len,
+                    config.min_keep)
+    config = config.resolved(is_peft_model(model))
     if config.sequential:
         check_sequential(model, config)
     check_teacher(args, masked_dense, model.config)
@@ -158,35 +149,39 @@ def choose_sequential(model, config: PruningConfig, batch_size: int, seq_len: in
     (:func:`spam_hf.memory.predict`: factors, one calibration batch, scoring) would exceed 80% of the memory
     available on ``device`` (default: the model's), and the score and model allow it; all at once otherwise (the
     measured default where memory was never the problem)."""
-    if config.sequential or sequential_refusal(model, config) is not None:
+    if config.sequential is not None:
         return config
+    if sequential_refusal(model, config) is not None:
+        return config.replace(sequential=False)
     stage = predict(model, training="none", consuming_only=config.score.collects_consuming_only,
                     batch_size=batch_size, seq_len=seq_len, calibration_batches=config.calibration_batches,
                     measure_latency=False)[0]
     need = stage.bytes - stage.parts["weights"] - PROCESS_BYTES  # the weights are already resident
     free = available_bytes(device if device is not None else next(model.parameters()).device)
     if not broadcast_object(need > 0.8 * free):  # data parallel: the main process decides for all
-        return config
+        return config.replace(sequential=False)
     logger.warning(f"statistics of all blocks at once would need {gib(need)} of {gib(free)} available: pruning "
                    "block by block (--sequential True; --sequential False forces all at once)")
     return config.replace(sequential=True, rounds=1)
 
 
-def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments, out_dir: str) -> dict:
-    """Prune ``trainer.model`` (and a LoRA base), recover, export to ``out_dir/model``, write the report.
+def prune_and_export(trainer: SpamTrainer, ctx: RunContext, config: PruningConfig, args: FinishArguments,
+                     out_dir: str) -> dict:
+    """Prune ``trainer.model`` (and a LoRA base) as ``config`` says, recover, export to ``out_dir/model``, write
+    the report.
 
     Returns the report dict (also ``out_dir/pruning_report.json``).
     """
-    lora = is_peft_model(trainer.model)
-    args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, args.sparsity, ctx.train_args.learning_rate))
-    config = pruning_config(args, lora)
-    if args.sequential is None:
+    config = config.resolved(is_peft_model(trainer.model))
+    args = dataclasses.replace(args, recovery_lr=resolve_recovery_lr(args, config.sparsity,
+                                                                      ctx.train_args.learning_rate))
+    if config.sequential is None:
         config = choose_sequential(unwrap(trainer.model), config, ctx.train_args.per_device_train_batch_size,
                                    ctx.data_args.max_seq_length)
     teacher = teacher_for(trainer.model, ctx, args)
     own_teacher = teacher is not None and not args.distill_teacher  # a copy of this model: timed as the dense one
     dense_model = teacher if own_teacher else (frozen_copy(trainer.model) if args.measure_latency else None)
-    logger.info(f"pruning {args.sparsity:.0%} of the prunable {args.budget}: {config.method}"
+    logger.info(f"pruning {config.sparsity:.0%} of the prunable {config.budget}: {config.method}"
                 + (" block by block" if config.sequential else f" in {config.rounds} round(s)")
                 + (f" with {config.compensation} compensation" if config.compensate else "")
                 + (f", statistics from {config.calibration_batches} training batches per round"
@@ -194,14 +189,14 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     selection = trainer.prune(config=config)
     base_selection = None
     if ctx.base_sparsity:
-        base_selection = trainer.prune_base(ctx.base_sparsity, budget=args.budget, seq_len=args.flops_seq_len,
-                                            min_keep=args.min_keep, max_batches=ctx.posthoc_batches)
+        base_selection = trainer.prune_base(ctx.base_sparsity, budget=config.budget, seq_len=config.flops_seq_len,
+                                            min_keep=config.min_keep, max_batches=ctx.posthoc_batches)
     model = trainer.model
-    pruned = snapshot(trainer, ctx.data["validation"], ctx.metric, args.flops_seq_len, args.latency_batch_size, False)
+    pruned = snapshot(trainer, ctx.data["validation"], ctx.metric, config.flops_seq_len, args.latency_batch_size, False)
     logger.info(f"after pruning: {ctx.metric} {pruned[ctx.metric]:.4g} (before: {ctx.dense.get(ctx.metric, float('nan')):.4g})")
     latency = None
     if args.measure_latency:
-        latency = compare_latency(dense_model, model, batch_size=args.latency_batch_size, seq_len=args.flops_seq_len)
+        latency = compare_latency(dense_model, model, batch_size=args.latency_batch_size, seq_len=config.flops_seq_len)
         ctx.dense["latency_s"], pruned["latency_s"] = latency["dense_s"], latency["pruned_s"]
         if dense_model is not teacher:
             del dense_model
@@ -211,16 +206,16 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     export_dir = os.path.join(out_dir, "model")
     merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
     if not is_main_process():  # data parallel: every process pruned the same groups; one writes
-        return build_report(ctx, args, pruned, selection, base_selection, config, export_dir, "", merged_dir)
+        return build_report(ctx, config, args, pruned, selection, base_selection, export_dir, "", merged_dir)
     logger.info(f"exporting to {export_dir}")
     # this job's own folders (compress, or prune into a new/empty folder), each written aside and renamed into place
     with staged_folder(export_dir) as stage, staged_folder(merged_dir) as merged_stage:
         kind = save_pruned(model, stage, tokenizer=ctx.tokenizer, merged_dir=merged_stage)
-        report = build_report(ctx, args, pruned, selection, base_selection, config, export_dir, kind, merged_dir)
+        report = build_report(ctx, config, args, pruned, selection, base_selection, export_dir, kind, merged_dir)
         if latency is not None:
             report["latency"] = latency
-        write_report(report, selection, model, args, export_dir, kind, ctx.data_args, ctx.train_args,
-                     method=config.method, card_dir=stage, repo=ctx.push_to_hub_repo)
+        write_report(report, selection, model, config, args, export_dir, kind, ctx.data_args, ctx.train_args,
+                     card_dir=stage, repo=ctx.push_to_hub_repo)
     write_json(report_path(export_dir), report)
     repo = ctx.push_to_hub_repo
     if repo:
@@ -230,8 +225,8 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, args: PruneArguments
     return report
 
 
-def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection, base_selection,
-                 config: PruningConfig, export_dir: str, kind: str, merged_dir: Optional[str]) -> dict:
+def build_report(ctx: RunContext, config: PruningConfig, args: FinishArguments, pruned: dict, selection,
+                 base_selection, export_dir: str, kind: str, merged_dir: Optional[str]) -> dict:
     """``pruning_report.json``'s content: what was run, the dense and pruned snapshots, the selection."""
     return {
         "date": datetime.date.today().isoformat(),
@@ -243,7 +238,7 @@ def build_report(ctx: RunContext, args: PruneArguments, pruned: dict, selection,
         "pruned": pruned,
         "selection": selection.to_dict(),
         **({"base_selection": base_selection.to_dict()} if base_selection is not None else {}),
-        "method": config.method, "rounds": config.rounds, "compensate": config.compensate, "min_keep": args.min_keep,
+        "method": config.method, "rounds": config.rounds, "compensate": config.compensate, "min_keep": config.min_keep,
         "sequential": config.sequential,
         **({"compensation": config.compensation} if config.compensate else {}),
         **({"recovery": {"steps": args.recovery_steps, "epochs": args.recovery_epochs, "lr": args.recovery_lr,

@@ -55,9 +55,10 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2, default=str)
 
 
-def write_run_config(out_dir: str, model_args, data_args, args, train_args, path: str, command: str,
+def write_run_config(out_dir: str, model_args, data_args, pruning, args, train_args, path: str, command: str,
                      lora_args: Optional[object] = None) -> None:
-    """``run_config.json``: every argument of a ``compress`` run (what ``spam-hf prune`` rebuilds it from).
+    """``run_config.json``: every argument of a ``compress`` run (what ``spam-hf prune`` rebuilds it from); its
+    ``compress`` section holds the pruning config as given and compress's other options, by their option names.
     Local data files and a local model folder are stored as absolute paths, so ``prune`` works from any
     working directory."""
     data = dataclasses.asdict(data_args)
@@ -67,7 +68,7 @@ def write_run_config(out_dir: str, model_args, data_args, args, train_args, path
     write_json(os.path.join(out_dir, RUN_CONFIG), {
         "model": dataclasses.asdict(model_args), "resolved_model": os.path.abspath(path) if os.path.isdir(path) else path,
         "lora": dataclasses.asdict(lora_args) if lora_args is not None else {},
-        "data": data, "compress": dataclasses.asdict(args),
+        "data": data, "compress": {**dataclasses.asdict(pruning), **dataclasses.asdict(args)},
         "training": dict(train_args.to_dict()), "command": command,
     })
 

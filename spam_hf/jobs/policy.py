@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..arguments import CompressArguments, RecoveryArguments, SpamArguments
+from ..arguments import CompressJobArguments, RecoveryArguments, SpamArguments
 
 HIGH_SPARSITY = 0.8
 """From this ``--sparsity`` on the recovery runs at the larger of :data:`RECOVERY_LR_SCALES` times the training rate."""
@@ -32,13 +32,14 @@ def resolve_recovery_lr(args: RecoveryArguments, sparsity: float, train_lr: floa
     return train_lr * (high if sparsity >= HIGH_SPARSITY else low)
 
 
-def resolve_schedule(args: CompressArguments, train_args: SpamArguments, lora: bool) -> Optional[float]:
+def resolve_schedule(args: CompressJobArguments, sparsity: float, train_args: SpamArguments,
+                     lora: bool) -> Optional[float]:
     """The ``schedule_sparsity`` that ``spam-hf compress`` trains with: the one given (``0`` = off); else
-    ``--sparsity`` for LoRA ranks (the rank budget during training); else none: a full model is pruned after
+    ``sparsity`` (``--sparsity``) for LoRA ranks (the rank budget during training); else none: a full model is pruned after
     training (CPU protocol, 3 seeds: with ``damage-obs`` rounds at 80 / 90% removed ahead of pruning during
     training on every seed). Only SpaM training (``--training spam``) has a schedule."""
     if args.training != "spam":
         return None
     if train_args.schedule_sparsity is not None:
         return train_args.schedule_sparsity
-    return args.sparsity if lora else None
+    return sparsity if lora else None

@@ -10,11 +10,11 @@ import torch
 from transformers import Trainer
 
 from ..architectures import is_peft_model
-from ..arguments import DataArguments, PruneArguments
+from ..arguments import DataArguments, FinishArguments
 from ..costs import measure_latency, model_costs
 from ..data import TASKS
 from ..export.card import render_model_card
-from ..pruning import Selection, plot_selection
+from ..pruning import PruningConfig, Selection, plot_selection
 from .outputs import REPORT_FILE
 
 
@@ -95,11 +95,11 @@ def auto_class_name(model) -> str:
     return "AutoModelForCausalLM" if name.endswith(("ForCausalLM", "LMHeadModel")) else "AutoModelForSequenceClassification"
 
 
-def write_report(report: dict, selection: Selection, model, args: PruneArguments, export_dir: str, kind: str,
-                 data_args: DataArguments, train_args, method: str = "", card_dir: Optional[str] = None,
+def write_report(report: dict, selection: Selection, model, config: PruningConfig, args: FinishArguments,
+                 export_dir: str, kind: str, data_args: DataArguments, train_args, card_dir: Optional[str] = None,
                  repo: Optional[str] = None) -> dict:
     """Model card (``README.md`` in ``card_dir``, default ``export_dir``: the folder the export is being
-    written to), selection plot and printed table; returns ``report`` with the table added. The caller
+    written to), selection plot and printed table (``config``: the resolved one the job pruned with); returns ``report`` with the table added. The caller
     writes ``pruning_report.json`` (:func:`report_path`) once the export is in place. ``repo``: the Hub
     repository the export is pushed to (the card's title and loading snippet name it), else the card names the
     export's absolute path, so its snippet works from any folder."""
@@ -123,11 +123,11 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
         "metric_name": metric, "metric_before": f"{dense[metric]:.4f}", "metric_after": f"{pruned[metric]:.4f}",
         "latency_before": f"{dense['latency_s'] * 1e3:.1f} ms" if "latency_s" in dense else None,
         "latency_after": (f"{pruned['latency_s'] * 1e3:.1f} ms ({spread})" if speed else None),
-        "latency_batch": args.latency_batch_size, "latency_device": device_name(), "seq_len": args.flops_seq_len,
-        "sparsity_achieved": f"{selection.achieved:.1%}", "sparsity_target": f"{args.sparsity:.0%}",
-        "budget": args.budget, "dataset": train_desc, "eval_dataset": eval_desc,
+        "latency_batch": args.latency_batch_size, "latency_device": device_name(), "seq_len": config.flops_seq_len,
+        "sparsity_achieved": f"{selection.achieved:.1%}", "sparsity_target": f"{config.sparsity:.0%}",
+        "budget": config.budget, "dataset": train_desc, "eval_dataset": eval_desc,
         "prior": getattr(train_args, "prior", "n/a"), "curvature": getattr(train_args, "curvature", "n/a"),
-        "method": method or args.method, "recovery": (f"{args.recovery_steps} steps" if args.recovery_steps else
+        "method": config.method, "recovery": (f"{args.recovery_steps} steps" if args.recovery_steps else
                                              f"{args.recovery_epochs} epochs" if args.recovery_epochs else "none"),
         "date": report["date"], "command": report["command"] or "(Python API)", "environment": environment(),
         "repo_or_path": repo or os.path.abspath(export_dir),
@@ -142,7 +142,7 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
     rows = [("", "dense", "pruned"),
             ("parameters", fmt_int(dense["params"]), fmt_int(pruned["params"])),
             (block, fmt_int(dense["block_params"]), fmt_int(pruned["block_params"])),
-            (f"block FLOPs (T={args.flops_seq_len})", fmt_flops(dense["block_flops"]), fmt_flops(pruned["block_flops"])),
+            (f"block FLOPs (T={config.flops_seq_len})", fmt_flops(dense["block_flops"]), fmt_flops(pruned["block_flops"])),
             (metric, f"{dense[metric]:.4f}", f"{pruned[metric]:.4f}"
              + (f" ({before:.4f} before recovery)" if before is not None else ""))]
     if speed:
@@ -151,7 +151,7 @@ def write_report(report: dict, selection: Selection, model, args: PruneArguments
     print()
     report["table"] = print_table(rows)
     what = "LoRA adapter" if kind == "peft_adapter" else "prunable block"
-    print(f"\nremoved {selection.achieved:.1%} of the {what} {args.budget}; exported to {export_dir} ({kind})")
+    print(f"\nremoved {selection.achieved:.1%} of the {what} {config.budget}; exported to {export_dir} ({kind})")
     return report
 
 

@@ -10,8 +10,9 @@ from typing import Optional
 
 from transformers import AutoTokenizer
 
-from ..arguments import DataArguments, LoraArguments, ModelArguments, PruneArguments
+from ..arguments import DataArguments, FinishArguments, LoraArguments, ModelArguments
 from ..posterior import STATE_FILE
+from ..pruning.config import PruningConfig
 from ..trainer import SpamTrainer
 from ..training_arguments import SpamTrainingArguments
 from .compress import base_sparsity
@@ -22,9 +23,10 @@ from .reporting import snapshot
 from .resolve import display_name
 
 
-def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None, command: str = "",
-            overwrite_output_dir: bool = False) -> dict:
-    """Re-prune a finished ``compress`` run at another sparsity from its saved weights, priors and curvature.
+def reprune(run_dir: str, config: PruningConfig, args: Optional[FinishArguments] = None,
+            output_dir: Optional[str] = None, command: str = "", overwrite_output_dir: bool = False) -> dict:
+    """Re-prune a finished ``compress`` run as ``config`` says (another sparsity, score, ...) from its saved
+    weights, priors and curvature; ``args``: the recovery and the latency lines (default: none, measured).
 
     The output directory (default ``RUN_DIR/pruned-S``) must be new or empty unless ``overwrite_output_dir``.
     """
@@ -32,7 +34,8 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     dense_dir = os.path.join(run_dir, "dense")
     if not os.path.exists(cfg_path) or not os.path.exists(os.path.join(dense_dir, STATE_FILE)):
         raise ValueError(f"{run_dir!r} is not a spam-hf compress run (no {RUN_CONFIG} or dense/{STATE_FILE})")
-    out = output_dir or os.path.join(run_dir, f"pruned-{args.sparsity:g}")
+    args = args if args is not None else FinishArguments()
+    out = output_dir or os.path.join(run_dir, f"pruned-{config.sparsity:g}")
     check_reprune_output(run_dir, out, overwrite_output_dir)
     cfg = read_run_config(cfg_path)
     # pruned during training (only SpaM training has a schedule): dense/ is the masked model
@@ -49,11 +52,11 @@ def reprune(run_dir: str, args: PruneArguments, output_dir: Optional[str] = None
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     data = load_data_for(tokenizer, data_args)
     model = load_run_model(dense_dir, data, base_path=cfg["resolved_model"])
-    precheck(model, args, train_args.kv_groups_only, masked_dense)
+    precheck(model, config, args, train_args.kv_groups_only, masked_dense)
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)  # only now: a refused request leaves no folder behind
     try:
-        return _prune_run(run_dir, cfg, args, out, scratch, model, data, tokenizer, data_args, train_args,
+        return _prune_run(run_dir, cfg, config, args, out, scratch, model, data, tokenizer, data_args, train_args,
                           masked_dense, command)
     except BaseException:
         # a failed job (a truncated posterior file, a full disk, Ctrl-C) leaves nothing that blocks its retry
@@ -86,7 +89,7 @@ def read_run_config(path: str) -> dict:
     return cfg
 
 
-def _prune_run(run_dir, cfg, args, out, scratch, model, data, tokenizer, data_args, train_args, masked_dense,
+def _prune_run(run_dir, cfg, config, args, out, scratch, model, data, tokenizer, data_args, train_args, masked_dense,
                command):
     metric = data_args.metric
     dense_dir = os.path.join(run_dir, "dense")
@@ -99,13 +102,13 @@ def _prune_run(run_dir, cfg, args, out, scratch, model, data, tokenizer, data_ar
     if os.path.exists(saved_report):  # the dense numbers measured by `compress`, when they match this request
         with open(saved_report) as f:
             saved = json.load(f)["dense"]
-        if saved.get("seq_len") == args.flops_seq_len:
+        if saved.get("seq_len") == config.flops_seq_len:
             dense = {k: v for k, v in saved.items() if not k.startswith("latency")}  # re-measured, interleaved
     if dense is None:
-        dense = snapshot(trainer, data["validation"], metric, args.flops_seq_len, args.latency_batch_size, False)
+        dense = snapshot(trainer, data["validation"], metric, config.flops_seq_len, args.latency_batch_size, False)
     lora_args = LoraArguments(**cfg.get("lora", {}))
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,
                      base_name=display_name(ModelArguments(**cfg["model"]), cfg["resolved_model"]), command=command,
-                     merged=lora_args.lora_merge, base_sparsity=base_sparsity(lora_args, args),
+                     merged=lora_args.lora_merge, base_sparsity=base_sparsity(lora_args, config.sparsity),
                      masked_dense=masked_dense)
-    return prune_and_export(trainer, ctx, args, out)
+    return prune_and_export(trainer, ctx, config, args, out)

@@ -4,24 +4,56 @@ compensation, rounds, surgery.
 ``prune(model, statistics, PruningConfig(...), calibration)`` does the whole job;
 ``plan(model, posterior, sparsity, ...) -> PruningPlan`` decides one shot with the model untouched;
 ``apply(model, plan)`` removes the groups for real.
+
+The names load on first use, so ``from spam_hf.pruning.config import PruningConfig`` (the CLI's pruning
+section, parsed for ``--help``) imports no torch.
 """
 
-from .compensation import compensate, compensate_bias, conditional_mean, kron_conditional_mean, removed_columns
-from .config import PruningConfig, rounds_for_sparsity
-from .damage import group_damage, group_damage_exact, parameter_scores
-from .engine import prune
-from .plan import PruningPlan, PruningResult, apply, plan
-from .reconstruction import refit_to_reference
-from .rounds import geometric_targets, prune_in_rounds
-from .scores import Score, Statistics, get_score, group_scores, register, resolve_method, score_names
-from .selection import (BUDGETS, LayerReport, Selection, check_reachable, plot_selection, removable_fraction,
-                        select_groups, validate_sparsity)
-from .surgery import mask_groups, prune_groups
+from __future__ import annotations
 
-__all__ = ["BUDGETS", "LayerReport", "PruningConfig", "PruningPlan", "PruningResult", "Score", "Selection",
-           "Statistics", "apply", "check_reachable", "compensate", "compensate_bias", "conditional_mean",
-           "geometric_targets", "get_score", "group_damage", "group_damage_exact", "group_scores",
-           "kron_conditional_mean", "mask_groups", "parameter_scores", "plan", "plot_selection", "prune",
-           "prune_groups", "prune_in_rounds", "refit_to_reference", "register", "removable_fraction",
-           "removed_columns", "resolve_method", "rounds_for_sparsity", "score_names", "select_groups",
-           "validate_sparsity"]
+import importlib
+from typing import TYPE_CHECKING
+
+_PUBLIC = {  # name: the module of this package that defines it
+    **dict.fromkeys(("compensate", "compensate_bias", "conditional_mean", "kron_conditional_mean", "removed_columns"),
+                    "compensation"),
+    **dict.fromkeys(("PruningConfig", "rounds_for_sparsity"), "config"),
+    **dict.fromkeys(("group_damage", "group_damage_exact", "parameter_scores"), "damage"),
+    "prune": "engine",
+    **dict.fromkeys(("PruningPlan", "PruningResult", "apply", "plan"), "planning"),
+    "refit_to_reference": "reconstruction",
+    **dict.fromkeys(("geometric_targets", "prune_in_rounds"), "rounds"),
+    **dict.fromkeys(("Score", "Statistics", "get_score", "group_scores", "register", "resolve_method", "score_names"),
+                    "scores"),
+    **dict.fromkeys(("BUDGETS", "LayerReport", "Selection", "check_reachable", "plot_selection", "removable_fraction",
+                     "select_groups", "validate_sparsity"), "selection"),
+    **dict.fromkeys(("mask_groups", "prune_groups"), "surgery"),
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'spam_hf.pruning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_PUBLIC))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .compensation import compensate, compensate_bias, conditional_mean, kron_conditional_mean, removed_columns  # noqa: F401
+    from .config import PruningConfig, rounds_for_sparsity  # noqa: F401
+    from .damage import group_damage, group_damage_exact, parameter_scores  # noqa: F401
+    from .engine import prune  # noqa: F401
+    from .planning import PruningPlan, PruningResult, apply, plan  # noqa: F401
+    from .reconstruction import refit_to_reference  # noqa: F401
+    from .rounds import geometric_targets, prune_in_rounds  # noqa: F401
+    from .scores import (Score, Statistics, get_score, group_scores, register, resolve_method,  # noqa: F401
+                         score_names)
+    from .selection import (BUDGETS, LayerReport, Selection, check_reachable, plot_selection,  # noqa: F401
+                            removable_fraction, select_groups, validate_sparsity)
+    from .surgery import mask_groups, prune_groups  # noqa: F401

@@ -4,20 +4,25 @@
     config.resolved(lora=False)                     # damage-obs, 4 rounds, least-squares compensation
 
 ``spam_hf.pruning.prune``, ``plan``, ``prune_in_rounds``, ``SpamTrainer.prune`` and the CLI's jobs all take it, so a
-default is decided in one place: :meth:`PruningConfig.resolved`.
+default is decided in one place: :meth:`PruningConfig.resolved`. It is also the CLI's pruning section: ``compress``
+and ``prune`` parse their pruning options into it with ``HfArgumentParser`` (each field's help is its ``--help``
+line), so this module imports neither torch nor the scores until a config is resolved.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Optional
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
 
+from ..arguments import choice
 from ..checks import check_choice, validate_sparsity
-from .compensation import COMPENSATIONS
-from .scores import Score, get_score, resolve_method, score_names
-from .selection import BUDGETS
+from ..choices import BUDGETS, COMPENSATIONS, score_names
+
+if TYPE_CHECKING:
+    from .scores import Score
 
 MAX_ROUND_SHARE = 0.3
 """By default no round removes more than this share of what is left (:func:`rounds_for_sparsity`)."""
@@ -32,49 +37,66 @@ def rounds_for_sparsity(sparsity: float, max_share: float = MAX_ROUND_SHARE) -> 
     return max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-max_share) - 1e-9))
 
 
+def known_methods() -> tuple:
+    """``auto`` and every score: the shipped ones (:func:`spam_hf.choices.score_names`, without importing them) and,
+    once the registry is loaded, any registered at run time (:func:`spam_hf.pruning.scores.register`)."""
+    names = set(score_names())
+    registry = sys.modules.get(f"{__package__}.scores")
+    if registry is not None:
+        names |= set(registry.score_names())
+    return ("auto",) + tuple(sorted(names))
+
+
 @dataclass(frozen=True)
 class PruningConfig:
-    """How to prune.
+    """How to prune: what to remove and how to choose it (the target, the budget, the score, rounds and
+    compensation). Each field's help below is also its ``--help`` line and its entry in the CLI reference
+    (``--flops-seq-len``, ``--prune-seed``, ...).
 
-    Attributes:
-        sparsity: fraction in (0, 1) of the prunable ``budget`` to remove.
-        budget: ``params`` or ``flops`` (FLOPs per sequence of ``seq_len`` tokens).
-        method: a registered score (:func:`spam_hf.pruning.scores.score_names`) or ``auto``
-            (:func:`~spam_hf.pruning.scores.resolve_method`: ``damage-obs`` for heads and neurons, ``opd`` for
-            LoRA ranks).
-        seq_len: sequence length of FLOP budgets and reports.
-        min_keep: every layer keeps at least this fraction of its original heads and of its neurons.
-        rounds: geometric rounds (0 = the score's default: :func:`rounds_for_sparsity` for scores that want
-            rounds on a full model, else 1).
-        compensate: refit the consuming layers after each round's removal (``None`` = the score's default: with
-            rounds, or the score's own compensation, ``bias`` for ``flap``, which then replaces ``compensation``).
-        compensation: ``least-squares``, ``posterior``, ``bias`` or ``reference``
-            (:func:`spam_hf.pruning.compensation.compensate`, :func:`~spam_hf.pruning.compensation.compensate_bias`,
-            :func:`spam_hf.pruning.refit_to_reference`).
-        calibration_batches: batches per round for calibration statistics.
-        seed: seed of the ``random`` baseline.
-        kv_groups_only: grouped-query attention in whole KV groups (``None``: the statistics' own, else ``False``).
-        sequential: prune one block at a time, holding one block's statistics
-            (:mod:`spam_hf.pruning.sequential`), for models whose statistics do not fit at once; replaces rounds.
+    For Python callers: ``method="auto"``, ``rounds=0`` and ``compensate=None`` are filled in by
+    :meth:`resolved` from the score registry (:func:`~spam_hf.pruning.scores.resolve_method`; ``compensation`` is
+    :func:`spam_hf.pruning.compensation.compensate`'s kind, :func:`~spam_hf.pruning.compensation.compensate_bias`
+    or :func:`spam_hf.pruning.refit_to_reference`). ``sequential=None`` leaves the choice to the caller: the CLI's
+    jobs decide it from the predicted memory; :func:`spam_hf.pruning.prune` prunes all blocks at once. The group
+    granularity of grouped-query attention is not a field: it is the statistics' (``kv_groups_only`` of
+    :func:`~spam_hf.pruning.prune` and :func:`~spam_hf.pruning.plan`).
     """
 
-    sparsity: float = 0.5
-    budget: str = "params"
-    method: str = "auto"
-    seq_len: int = 128
-    min_keep: float = 0.0
-    rounds: int = 0
-    compensate: Optional[bool] = None
-    compensation: str = "least-squares"
-    calibration_batches: int = 32
-    seed: int = 0
-    kv_groups_only: Optional[bool] = None
-    sequential: bool = False
+    sparsity: float = field(default=0.5, metadata={"help": "Fraction in (0, 1) of the prunable block parameters "
+                                                           "(or FLOPs with --budget flops) to remove."})
+    budget: str = choice("params", BUDGETS, "What --sparsity counts: parameters, or FLOPs at --flops-seq-len.")
+    method: str = choice("auto", ("auto",) + score_names(),
+                         "How groups are scored. auto: damage-obs (the loss increase a head or neuron's removal "
+                         "leaves after compensation) for a full model, opd for LoRA ranks. The others: damage "
+                         "scores before compensation (damage, damage-exact, damage-out), opd (weights² times the "
+                         "posterior precision), and the baselines fisher, magnitude, random, wanda-sp and flap.")
+    flops_seq_len: int = field(default=128, metadata={"help": "Sequence length of FLOP budgets, reports and latency."})
+    min_keep: float = field(default=0.0, metadata={
+        "help": "Keep at least this fraction of the heads and of the neurons of every layer (0 = a layer may lose "
+                "all of them)."})
+    rounds: int = field(default=0, metadata={"help": "Reach the target in this many rounds, with fresh statistics "
+                                                     "each round. 0 = auto: with a damage score on a full model, "
+                                                     "enough rounds that none removes more than 30%% of what is "
+                                                     "left; else 1."})
+    compensate: Optional[bool] = field(default=None, metadata={
+        "help": "Refit the remaining weights of O / down so that each layer still computes what it did. Default: on "
+                "with a damage score on a full model, and with flap (bias compensation)."})
+    compensation: str = choice("least-squares", COMPENSATIONS,
+                               "How to compensate: least-squares (refit every output on the layer's inputs), "
+                               "posterior (the Laplace posterior's conditional mean), bias (the removed inputs' "
+                               "mean into the bias, as FLAP does) or reference (refit to the unpruned model's "
+                               "outputs, layer by layer).")
+    calibration_batches: int = field(default=32, metadata={
+        "help": "Training batches per round for the statistics of damage scores, rounds and compensation."})
+    prune_seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
+    sequential: Optional[bool] = field(default=None, metadata={
+        "help": "Prune one block at a time, holding one block's statistics (for models whose statistics do not fit "
+                "at once); the budget stays global. Default: only when they would not fit in memory."})
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
         check_choice("budget", self.budget, BUDGETS)
-        check_choice("method", self.method, ("auto",) + score_names())
+        check_choice("method", self.method, known_methods())
         check_choice("compensation", self.compensation, COMPENSATIONS)
         if not 0.0 <= self.min_keep < 1.0:
             raise ValueError(f"min_keep must be in [0, 1), got {self.min_keep}")
@@ -82,8 +104,8 @@ class PruningConfig:
             raise ValueError(f"rounds must be >= 0 (0 = the score's default), got {self.rounds}")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
-        if self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.flops_seq_len < 1:
+            raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
 
     @classmethod
     def build(cls, sparsity: Optional[float] = None, config: Optional["PruningConfig"] = None,
@@ -106,6 +128,8 @@ class PruningConfig:
         that wants rounds (the damage scores) prunes a full model in :func:`rounds_for_sparsity` rounds with
         compensation (measured on the CPU protocol, docs/results.md); every other score, and every score on LoRA
         ranks, in one shot without compensation, unless chosen otherwise."""
+        from .scores import get_score, resolve_method
+
         method = resolve_method(self.method, lora)
         rounds_by_default = get_score(method).rounds and not lora
         rounds = self.rounds or (rounds_for_sparsity(self.sparsity) if rounds_by_default and not self.sequential
@@ -117,8 +141,10 @@ class PruningConfig:
         return dataclasses.replace(self, method=method, rounds=rounds, compensate=compensate, compensation=compensation)
 
     @property
-    def score(self) -> Score:
+    def score(self) -> "Score":
         """The registered score (``auto`` must be resolved first)."""
+        from .scores import get_score
+
         if self.method == "auto":
             raise ValueError("method 'auto' is resolved by PruningConfig.resolved(lora) before it names a score")
         return get_score(self.method)

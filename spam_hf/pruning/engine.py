@@ -21,13 +21,14 @@ from torch import nn
 from ..architectures import is_peft_model
 from ..posterior import SpamLaplace
 from .config import PruningConfig
-from .plan import PruningResult, apply, plan
+from .planning import PruningResult, apply, plan
 from .rounds import geometric_targets, prune_in_rounds
 from .sequential import prune_sequential
 
 
 def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Optional[PruningConfig] = None,
-          calibration: Optional[Iterable] = None, *, progress: bool = False, **options) -> PruningResult:
+          calibration: Optional[Iterable] = None, *, progress: bool = False, kv_groups_only: Optional[bool] = None,
+          **options) -> PruningResult:
     """Remove groups of ``model`` in place until ``config.sparsity`` of its prunable budget is gone.
 
     Args:
@@ -41,6 +42,7 @@ def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Op
             ``statistics`` gives none) for calibration statistics; needed by rounds, compensation and the damage
             scores.
         progress: progress bars for the calibration passes.
+        kv_groups_only: grouped-query attention in whole KV groups (``None``: the statistics' own, else ``False``).
 
     Returns:
         :class:`~spam_hf.pruning.PruningResult` (its ``config`` is the resolved one).
@@ -49,27 +51,28 @@ def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Op
     the main process's and the weights are broadcast, so every process ends with the same model.
     """
     config = PruningConfig.build(options.pop("sparsity", None), config, **options).resolved(is_peft_model(model))
-    if config.kv_groups_only is None:
-        config = config.replace(kv_groups_only=statistics.kv_groups_only if statistics is not None else False)
+    if kv_groups_only is None:
+        kv_groups_only = statistics.kv_groups_only if statistics is not None else False
     if config.sequential:
         if calibration is None:
             raise ValueError("block-sequential pruning needs calibration batches (calibration=a DataLoader)")
-        return prune_sequential(model, statistics, config, calibration, progress=progress)
+        return prune_sequential(model, statistics, config, calibration, progress=progress,
+                                kv_groups_only=kv_groups_only)
     if not config.in_rounds:
-        p = plan(model, statistics, config=config)
+        p = plan(model, statistics, config=config, kv_groups_only=kv_groups_only)
         apply(model, p)
         return PruningResult(plans=[p], compensated=[], selection=p.selection, config=config)
     if calibration is None:
         raise ValueError(f"pruning with {config.method} in {config.rounds} round(s)"
                          f"{' with compensation' if config.compensate else ''} needs calibration batches "
                          "(calibration=a DataLoader of training batches)")
-    return prune_in_rounds(model, calibration_posteriors(model, statistics, config), calibration,
+    return prune_in_rounds(model, calibration_posteriors(model, statistics, config, kv_groups_only), calibration,
                            geometric_targets(config.sparsity, config.rounds), config, progress=progress,
-                           start_from=statistics)
+                           start_from=statistics, kv_groups_only=kv_groups_only)
 
 
-def calibration_posteriors(model: nn.Module, statistics: Optional[SpamLaplace],
-                           config: PruningConfig) -> Callable[[nn.Module], SpamLaplace]:
+def calibration_posteriors(model: nn.Module, statistics: Optional[SpamLaplace], config: PruningConfig,
+                           kv_groups_only: bool = False) -> Callable[[nn.Module], SpamLaplace]:
     """``model -> SpamLaplace``: the posterior each round collects its calibration statistics in
     (:meth:`SpamLaplace.calibration_posterior` of ``statistics``, or of unit priors when there is none): the mask
     Fisher and the input means only when the score or the compensation reads them, and only the consuming modules'
@@ -80,6 +83,6 @@ def calibration_posteriors(model: nn.Module, statistics: Optional[SpamLaplace],
     # curvature of O / down / lora_B alone where that is all that is read: a third of the factors at LLM widths
     consuming_only = score.collects_consuming_only
     if statistics is None:
-        statistics = SpamLaplace(model, reduction="expand", kv_groups_only=bool(config.kv_groups_only))
+        statistics = SpamLaplace(model, reduction="expand", kv_groups_only=bool(kv_groups_only))
     return lambda m: statistics.calibration_posterior(m, mask_fisher=mask_fisher, consuming_only=consuming_only,
                                                       input_means=input_means)

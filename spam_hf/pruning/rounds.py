@@ -22,7 +22,7 @@ from ..distributed import broadcast_parameters, is_distributed
 from .compensation import compensate as compensate_groups
 from .compensation import add_consuming_biases, compensate_bias
 from .config import PruningConfig
-from .plan import PruningResult, apply, plan
+from .planning import PruningResult, apply, plan
 from .reconstruction import refit_to_reference
 from .selection import kept_selection, prunable_cost
 
@@ -51,7 +51,7 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
                     targets: Sequence[float], config: Optional[PruningConfig] = None, *, progress: bool = False,
                     scores_fn: Optional[Callable[[nn.Module, object], dict]] = None,
                     start_from: Optional[object] = None, max_batches: Optional[int] = None,
-                    **options) -> PruningResult:
+                    kv_groups_only: bool = False, **options) -> PruningResult:
     """Prune ``model`` in place through cumulative ``targets`` (fractions of the original prunable cost).
 
     Args:
@@ -68,12 +68,12 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             ``posterior`` from the round's KFAC factors, :func:`spam_hf.pruning.compensation.compensate`; ``bias``
             from the round's input means, :func:`~spam_hf.pruning.compensation.compensate_bias`;
             ``reference``: every consuming layer refitted in forward order to the outputs of ``model`` as it was
-            on entry, a frozen copy kept for the purpose, :func:`spam_hf.pruning.reconstruction.refit_to_reference`),
-            ``kv_groups_only`` (must match ``make_posterior``'s).
+            on entry, a frozen copy kept for the purpose, :func:`spam_hf.pruning.reconstruction.refit_to_reference`).
         scores_fn: ``(model, posterior) -> {spec name: scores}`` for a score spam-hf does not compute (a
             peer's); ``method`` (any string) then only names it.
         start_from: a posterior of the unpruned model (the trained one) whose unit precisions the first
             round starts from; later rounds start from the previous round's.
+        kv_groups_only: grouped-query attention in whole KV groups (must match ``make_posterior``'s).
     """
     if list(targets) != sorted(targets) or not targets:
         raise ValueError(f"targets must be increasing fractions, got {list(targets)}")
@@ -81,8 +81,8 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
         validate_sparsity(t)
     label = options.pop("method", None) if scores_fn is not None else None  # a score from outside the registry
     config = PruningConfig.build(targets[-1], config, **options).resolved(is_peft_model(model))
-    method, budget, seq_len, compensate = label or config.method, config.budget, config.seq_len, config.compensate
-    compensation, kv_groups_only = config.compensation, bool(config.kv_groups_only)
+    method, budget, seq_len, compensate = label or config.method, config.budget, config.flops_seq_len, config.compensate
+    compensation, kv_groups_only = config.compensation, bool(kv_groups_only)
     needs_statistics = compensate or scores_fn is not None or config.score.needs_posterior
     max_batches = max_batches if max_batches is not None else config.calibration_batches
     if compensate and compensation == "reference" and is_distributed():
@@ -110,12 +110,12 @@ def prune_in_rounds(model: nn.Module, make_posterior: Callable[[nn.Module], obje
             posterior.carry_over(*previous)
         if needs_statistics:
             posterior.collect(calibration, max_batches=max_batches, progress=progress)
-        round_config = config.replace(sparsity=min(relative, 1.0 - 1e-9), min_keep=0.0, kv_groups_only=kv_groups_only)
+        round_config = config.replace(sparsity=min(relative, 1.0 - 1e-9), min_keep=0.0)
         if scores_fn is not None:
             p = plan(model, posterior, config=round_config, floors=floors, scores=scores_fn(model, posterior),
-                     method=method)
+                     method=method, kv_groups_only=kv_groups_only)
         else:
-            p = plan(model, posterior, config=round_config, floors=floors)
+            p = plan(model, posterior, config=round_config, floors=floors, kv_groups_only=kv_groups_only)
         if reference is not None:
             compensated.append(refit_to_reference(model, reference, posterior.specs, p.keep, calibration,
                                                   max_batches=max_batches))

@@ -38,7 +38,7 @@ from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
 from ..posterior import likelihood_of
 from .compensation import compensate as compensate_groups
 from .config import PruningConfig
-from .plan import PruningPlan, PruningResult
+from .planning import PruningPlan, PruningResult
 from .scores import Statistics, get_score, score_names
 from .selection import kept_selection, prunable_cost, removed_cost, select_groups
 from .surgery import prune_groups
@@ -212,7 +212,7 @@ def _block_specs(specs: List[GroupSpec], layer: int) -> List[GroupSpec]:
 
 
 def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibration: Iterable,
-                     rescore: bool = True, progress: bool = False) -> PruningResult:
+                     rescore: bool = True, progress: bool = False, kv_groups_only: bool = False) -> PruningResult:
     """Prune ``model`` in place one block at a time (module docstring); ``config`` must be resolved.
 
     Args:
@@ -221,12 +221,13 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
         calibration: training batches; the first ``config.calibration_batches`` are used by every pass.
         rescore: score each block again on the compressed blocks' outputs and remove its share of the budget by
             that score; ``False`` keeps the budget pass's groups (the all-at-once choice on dense statistics).
+        kv_groups_only: grouped-query attention in whole KV groups (the statistics' granularity).
     """
     from tqdm.auto import tqdm
 
     check_sequential(model, config)
     score = config.score
-    kv = bool(config.kv_groups_only)
+    kv = bool(kv_groups_only)
     batches = _batches(calibration, config.calibration_batches)
     masks = [_mask_of(b) for b in batches]
     specs0 = group_specs(model, kv)
@@ -252,7 +253,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     def block_scores(specs: List[GroupSpec], A: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         factors = paired(A) if "factors" in score.needs else None
         stats = Statistics(prior=prior, temperature=temperature, diagonal=diagonal, factors=factors)
-        return score(model, specs, stats, seed=config.seed)
+        return score(model, specs, stats, seed=config.prune_seed)
 
     # pass 2: every block scored on dense inputs, one block's input factors at a time; one global selection
     scores: Dict[str, torch.Tensor] = {}
@@ -266,14 +267,14 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
         inputs = _run_block(block, inputs)
     del inputs
     global_selection = select_groups(model, specs0, scores, config.sparsity, budget=config.budget,
-                                     seq_len=config.seq_len, min_keep=config.min_keep,
+                                     seq_len=config.flops_seq_len, min_keep=config.min_keep,
                                      report_fields=family.report_fields)
     global_plan = broadcast_object(PruningPlan(selection=global_selection, method=score.name,
                                                counts={s.name: s.count for s in specs0},
                                                scores={k: v.tolist() for k, v in scores.items()},
-                                               kv_groups_only=kv, seq_len=config.seq_len))
+                                               kv_groups_only=kv, seq_len=config.flops_seq_len))
     removed_by_layer = _removed_cost(model, specs0, global_plan.keep, config)
-    total0 = prunable_cost(model, specs0, config.budget, config.seq_len)
+    total0 = prunable_cost(model, specs0, config.budget, config.flops_seq_len)
 
     # pass 3: compress block by block on the outputs of the compressed blocks before it
     kept: Dict[str, torch.Tensor] = {}
@@ -300,7 +301,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     broadcast_parameters(model)
     for s in specs0:
         kept.setdefault(s.name, torch.arange(s.count))
-    total = prunable_cost(model, group_specs(model, kv), config.budget, config.seq_len)
+    total = prunable_cost(model, group_specs(model, kv), config.budget, config.flops_seq_len)
     selection = kept_selection(specs0, kept, config.budget, config.sparsity, total0, total)
     return PruningResult(plans=[global_plan], compensated=[compensated] if config.compensate else [],
                          selection=selection, config=config)
@@ -311,7 +312,7 @@ def _removed_cost(model: nn.Module, specs: List[GroupSpec], keep: Dict[str, torc
     """``{layer: cost of the groups the global selection removes there}`` (the per-block budgets)."""
     out: Dict[int, float] = {}
     for s in specs:
-        out[s.layer] = out.get(s.layer, 0.0) + removed_cost(model, s, keep[s.name], config.budget, config.seq_len)
+        out[s.layer] = out.get(s.layer, 0.0) + removed_cost(model, s, keep[s.name], config.budget, config.flops_seq_len)
     return out
 
 
@@ -319,8 +320,8 @@ def _block_keep(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torc
                 config: PruningConfig) -> Dict[str, torch.Tensor]:
     """The groups of one block to keep when ``removed`` of its prunable cost goes, chosen by ``scores``
     (:func:`select_groups` within the block, GQA constraints and ``min_keep`` included)."""
-    block_total = prunable_cost(model, specs, config.budget, config.seq_len)
+    block_total = prunable_cost(model, specs, config.budget, config.flops_seq_len)
     fraction = min(removed / block_total, 1.0 - 1e-9)
-    selection = select_groups(model, specs, scores, fraction, budget=config.budget, seq_len=config.seq_len,
+    selection = select_groups(model, specs, scores, fraction, budget=config.budget, seq_len=config.flops_seq_len,
                               min_keep=config.min_keep, report_fields=get_family(model).report_fields)
     return {s.name: selection.keep[s.name] for s in specs}

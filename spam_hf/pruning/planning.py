@@ -111,7 +111,7 @@ class PruningResult:
 def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,
          config: Optional[PruningConfig] = None, specs: Optional[List[GroupSpec]] = None,
          scores: Optional[Dict[str, torch.Tensor]] = None, floors: Optional[Dict[str, int]] = None,
-         **options) -> PruningPlan:
+         kv_groups_only: Optional[bool] = None, **options) -> PruningPlan:
     """Score every group of ``model`` and choose which to remove in one shot; the model is not changed.
 
     Args:
@@ -127,6 +127,7 @@ def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,
         scores: precomputed ``{spec name: FloatTensor[G]}`` (a score spam-hf does not compute, e.g. a peer's);
             ``method`` (any string) then only names them in the plan.
         floors: ``{spec name: n}``, at least ``n`` groups kept in that spec (on top of ``min_keep``).
+        kv_groups_only: grouped-query attention in whole KV groups (``None``: the posterior's, else ``False``).
         **options: fields of :class:`~spam_hf.pruning.PruningConfig` to replace.
 
     With several processes (``torch.distributed``) every process must call it; all return the main
@@ -135,7 +136,6 @@ def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,
     label = options.pop("method", None) if scores is not None else None  # a score from outside the registry
     config = PruningConfig.build(sparsity, config, **options)
     method = label or resolve_method(config.method, is_peft_model(model))
-    kv_groups_only = config.kv_groups_only
     if kv_groups_only is None:
         kv_groups_only = posterior.kv_groups_only if posterior is not None else False
     if specs is None:
@@ -144,13 +144,13 @@ def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,
         score = get_score(method)
         if score.needs_posterior and posterior is None:
             raise ValueError(f"method {method!r} needs a posterior (SpamLaplace) with curvature")
-        scores = score(model, specs, Statistics.of(posterior, score.needs), seed=config.seed)
-    selection = select_groups(model, specs, scores, config.sparsity, budget=config.budget, seq_len=config.seq_len,
+        scores = score(model, specs, Statistics.of(posterior, score.needs), seed=config.prune_seed)
+    selection = select_groups(model, specs, scores, config.sparsity, budget=config.budget, seq_len=config.flops_seq_len,
                               min_keep=config.min_keep, report_fields=get_family(model).report_fields, floors=floors)
     # data parallel: every process scores, the main process's plan is the one all of them apply
     return broadcast_object(PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},
                                         scores={k: v.tolist() for k, v in scores.items()},
-                                        kv_groups_only=kv_groups_only, seq_len=config.seq_len))
+                                        kv_groups_only=kv_groups_only, seq_len=config.flops_seq_len))
 
 
 def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:

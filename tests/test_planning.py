@@ -27,7 +27,7 @@ def test_plan_is_select_of_scores_and_leaves_the_model(method):
     model = tiny_classifier("bert")
     la = fitted(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    p = plan(model, la, 0.5, method=method, seed=3)
+    p = plan(model, la, 0.5, method=method, prune_seed=3)
     for n, t in model.named_parameters():
         assert torch.equal(t, before[n]), n
     curv = la.diagonal() if method in ("opd", "fisher") else None
