@@ -11,8 +11,9 @@ section, parsed for ``--help``) imports no torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _PUBLIC = {  # name: the module of this package that defines it
     **dict.fromkeys(("compensate", "compensate_bias", "conditional_mean", "kron_conditional_mean", "removed_columns"),
@@ -32,16 +33,7 @@ _PUBLIC = {  # name: the module of this package that defines it
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'spam_hf.pruning' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, globals())
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
