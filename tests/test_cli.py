@@ -121,6 +121,7 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
 
 @pytest.mark.parametrize("extra,message", [
     (["--sparsity", "0.999"], "sparsity 0.999 would remove every head and neuron: at most 9"),
+    (["--uniform", "--sparsity", "0.6"], "out of reach of --uniform here: it removes only neurons"),
     (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
     (["--sparsity", "0"], "sparsity must be in (0, 1)"),
     (["--label-column", "lable"], "no label column 'lable'; available columns: sentence, label"),

@@ -93,3 +93,49 @@ def test_options_replace_config_fields():
     model = tiny_classifier("bert", num_labels=3)
     result = prune(model, None, PruningConfig(sparsity=0.3, method="magnitude"), sparsity=0.6, min_keep=0.25)
     assert result.config.sparsity == 0.6 and result.config.min_keep == 0.25 and result.achieved >= 0.5
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama", "qwen2"])
+def test_uniform_pruning_in_rounds_exports_a_stock_checkpoint(tmp_path, model_type):
+    """--uniform through the default score (damage-obs, 2 rounds, least-squares compensation): every layer ends
+    with the same heads / KV groups and neurons, and the export is a stock checkpoint that plain transformers
+    loads (no remote code) with the pruned model's logits. BERT keeps its heads (its stock class ties the head
+    size to hidden / heads); LLaMA-layout decoders lose whole KV groups too."""
+    import json
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from conftest import tiny_causal_lm, tiny_lm_batch
+    from spam_hf.export import save_pruned
+
+    decoder = model_type != "bert"
+    model = tiny_causal_lm(model_type) if decoder else tiny_classifier("bert")
+    batches = BatchList([tiny_lm_batch(seed=s) if decoder else tiny_batch(batch=8, seed=s) for s in range(3)])
+    sparsity = 0.5 if decoder else 0.3
+    config = PruningConfig(sparsity=sparsity, uniform=True, rounds=2, calibration_batches=3)
+    result = prune(model, None, config, batches, kv_groups_only=decoder)
+    assert result.config.method == "damage-obs" and len(result.plans) >= 2 and result.achieved >= sparsity
+    specs = group_specs(model, kv_groups_only=decoder)
+    for kind in ("head", "neuron"):
+        assert len({s.count for s in specs if s.kind == kind}) == 1
+    if not decoder:
+        assert {s.count for s in specs if s.kind == "head"} == {4}
+    out = str(tmp_path / "export")
+    assert save_pruned(model, out) == "stock"
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert "auto_map" not in cfg and "spam_pruning" not in cfg and "modeling_spam.py" not in os.listdir(out)
+    auto = AutoModelForCausalLM if decoder else AutoModelForSequenceClassification
+    loaded = auto.from_pretrained(out).eval()
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_refuses_lora_ranks_and_block_by_block():
+    from spam_hf.pruning.sequential import sequential_refusal
+
+    with pytest.raises(ValueError, match="stock peft adapter already"):
+        PruningConfig(uniform=True).resolved(lora=True)
+    config = PruningConfig(uniform=True, sequential=True).resolved(False)
+    assert "--uniform" in sequential_refusal(tiny_classifier("bert"), config)

@@ -136,6 +136,7 @@ def test_the_pruning_options_parse_into_the_engines_config():
     assert (config.resolved(False).method, config.resolved(False).rounds) == ("damage-obs", 4)
     assert (config.resolved(True).method, config.resolved(True).rounds) == ("opd", 1)
     assert parse_compress([])[2] == dataclasses.replace(PruningConfig(), flops_seq_len=64)  # the demo's default
+    assert parse_compress(["--uniform"])[2].uniform and not parse_compress([])[2].uniform  # a bare flag
     pruning = [d for d in compress_parser().dataclass_types if d is PruningConfig]
     assert len(pruning) == 1
     with pytest.raises(ValueError, match="min_keep must be in"):

@@ -128,3 +128,68 @@ def test_removable_fraction_and_reachability(caplog):
     assert "caps the removal" in caplog.text
     sel = select_groups(model, specs, {s.name: torch.rand(s.count) for s in specs}, 0.9, min_keep=0.5)
     assert sel.achieved == pytest.approx(removable_fraction(model, specs, min_keep=0.5))
+
+
+def _counts(selection, specs, kind):
+    return {int(selection.keep[s.name].numel()) for s in specs if s.kind == kind}
+
+
+@pytest.mark.parametrize("budget", ["params", "flops"])
+def test_uniform_selection_is_the_least_damage_with_equal_counts(budget):
+    """--uniform: every layer loses the same number of heads and of neurons, each layer its lowest-scoring ones,
+    and the counts are the brute-force minimum of the summed scores removed among all count pairs that meet the
+    budget (every count pair enumerated; scores random, so the greedy global choice is not uniform)."""
+    model = tiny_classifier("bert", num_hidden_layers=3)
+    specs = group_specs(model)
+    g = torch.Generator().manual_seed(0)
+    scores = {s.name: torch.rand(s.count, generator=g, dtype=torch.float64) for s in specs}
+    total = prunable_cost(model, specs, budget, 16)
+    for sparsity in (0.2, 0.45, 0.7):
+        sel = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=16, uniform_kinds=("head", "neuron"))
+        assert len(_counts(sel, specs, "head")) == len(_counts(sel, specs, "neuron")) == 1
+        assert sel.achieved >= sparsity and sel.removed_cost == pytest.approx(sel.achieved * total)
+        best = None
+        heads, neurons = specs[0].count, specs[1].count
+        for rh in range(heads):  # every layer keeps one of each
+            for rn in range(neurons):
+                r = {"head": rh, "neuron": rn}
+                drop = {s.name: scores[s.name].argsort()[: r[s.kind]] for s in specs}
+                cost = sum(float(s.params_per_group(model).double()[drop[s.name]].sum()) if budget == "params"
+                           else float(s.flops_per_group(model, 16)[drop[s.name]].sum()) for s in specs)
+                if cost >= sparsity * total:
+                    damage = sum(float(scores[s.name][drop[s.name]].sum()) for s in specs)
+                    best = damage if best is None else min(best, damage)
+        removed = sum(float(scores[s.name][sorted(set(range(s.count)) - set(sel.keep[s.name].tolist()))].sum())
+                      for s in specs)
+        assert removed == pytest.approx(best, rel=1e-12)
+        for s in specs:  # within a layer, its lowest scores go
+            dropped = set(range(s.count)) - set(sel.keep[s.name].tolist())
+            if dropped:
+                assert max(float(scores[s.name][i]) for i in dropped) <= min(
+                    float(scores[s.name][i]) for i in sel.keep[s.name].tolist())
+
+
+def test_uniform_keeps_other_kinds_and_refuses_what_it_cannot_do(bert):
+    """Kinds outside uniform_kinds stay whole (BERT's heads: the stock class ties head size to hidden / heads), a
+    target beyond what the uniform kinds hold is refused before any work, and so are layers that differ already
+    and query heads that hang off KV heads."""
+    from conftest import tiny_causal_lm
+    from spam_hf.pruning.selection import check_reachable, check_uniform
+
+    specs = group_specs(bert)
+    scores = group_scores(bert, specs, "magnitude")
+    sel = select_groups(bert, specs, scores, 0.3, uniform_kinds=("neuron",))
+    assert _counts(sel, specs, "head") == {4} and len(_counts(sel, specs, "neuron")) == 1 and sel.achieved >= 0.3
+    with pytest.raises(ValueError, match="out of reach of --uniform here: it removes only neurons"):
+        check_reachable(bert, specs, 0.5, uniform_kinds=("neuron",))  # the MLP is 43% of this block
+    check_reachable(bert, specs, 0.3, uniform_kinds=("neuron",))
+    from spam_hf.pruning import prune_groups
+
+    uneven = tiny_classifier("bert")
+    prune_groups(uneven, {group_specs(uneven)[2].name: torch.tensor([0, 1, 2])})  # layer 1 keeps 3 of 4 heads
+    with pytest.raises(ValueError, match=r"same number of heads in every layer, this model has \[3, 4\]"):
+        check_uniform(group_specs(uneven), ("head",))
+    llama = tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="--kv-groups-only True"):
+        check_uniform(group_specs(llama), ("head", "neuron"))
+    assert set(check_uniform(group_specs(llama, kv_groups_only=True), ("head", "neuron"))) == {"head", "neuron"}

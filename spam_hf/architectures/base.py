@@ -165,6 +165,10 @@ class ArchitectureFamily:
     #: pruning-report name of each group kind this family produces (``<name>_kept`` / ``<name>_total``)
     report_fields: Dict[str, str] = {"head": "heads", "kv_head": "kv_heads", "neuron": "neurons",
                                      "lora_rank": "ranks"}
+    #: group kinds that may shrink by the same count in every layer with the export still a stock checkpoint
+    #: (:meth:`stock_config` expresses it); ``--uniform`` prunes only these. Neurons everywhere (one
+    #: ``intermediate_size``); heads only where the config has a ``head_dim`` apart from ``hidden / heads``
+    uniform_kinds: Tuple[str, ...] = ("neuron",)
 
     def layers(self, model: nn.Module) -> Sequence[nn.Module]:
         """The transformer blocks, in order."""

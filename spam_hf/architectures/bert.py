@@ -28,6 +28,7 @@ class _EncoderFamily(ArchitectureFamily):
     attention_out_child: str | None = None  # child of attention_path kept as output projection
     intermediate_key: str = "intermediate_size"  # config key of the MLP width
     runtime_attrs = ("num_attention_heads", "n_heads", "all_head_size")  # what shrink() sets on attention
+    uniform_kinds = ("neuron",)  # the stock classes derive the head size from hidden / heads: fewer heads need our code
 
     def _head_dim(self, model: nn.Module) -> int:
         raise NotImplementedError

@@ -51,6 +51,7 @@ class GPT2Family(ArchitectureFamily):
     layers_path = "h"
     runtime_modules = (EmptyInputConv1D,)
     runtime_attrs = ("num_heads", "split_size")
+    uniform_kinds = ("neuron",)  # head_dim is n_embd / n_head in the stock class: fewer heads need our code
 
     @staticmethod
     def _head_dim(model: nn.Module) -> int:

@@ -91,6 +91,7 @@ class LlamaFamily(ArchitectureFamily):
     layers_path = "layers"
     runtime_modules = (HeadGatherLinear,)
     runtime_attrs = ("num_key_value_groups",)
+    uniform_kinds = ("head", "neuron")  # head_dim is a config field: fewer heads, same width each (whole KV groups)
 
     bias_flags = {"o_proj": ("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
                   "down_proj": ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))}

@@ -12,7 +12,7 @@ from typing import Optional
 from transformers import AutoConfig, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..architectures import group_specs, is_peft_model
+from ..architectures import get_family, group_specs, is_peft_model
 from ..arguments import DataArguments, FinishArguments
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
@@ -22,6 +22,7 @@ from ..export.hub import push_folder
 from ..memory import PROCESS_BYTES, available_bytes, gib, predict
 from ..posterior import unwrap
 from ..pruning import PruningConfig, check_reachable
+from ..pruning.selection import check_uniform
 from ..pruning.sequential import check_sequential, sequential_refusal
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
@@ -135,9 +136,12 @@ def precheck(model, config: PruningConfig, args: FinishArguments, kv_groups_only
     model (LoRA ranks, block by block) and a distillation teacher must fit. Returns ``config`` resolved
     (:meth:`PruningConfig.resolved`: ``auto`` and the rounds / compensation defaults from the score registry; on
     LoRA ranks rounds, compensation and ``damage-exact`` work as on heads and neurons)."""
-    check_reachable(model, group_specs(model, kv_groups_only), config.sparsity, config.budget, config.flops_seq_len,
-                    config.min_keep)
     config = config.resolved(is_peft_model(model))
+    specs = group_specs(model, kv_groups_only)
+    uniform_kinds = get_family(model).uniform_kinds if config.uniform else None
+    if uniform_kinds is not None:
+        check_uniform(specs, uniform_kinds)
+    check_reachable(model, specs, config.sparsity, config.budget, config.flops_seq_len, config.min_keep, uniform_kinds)
     if config.sequential:
         check_sequential(model, config)
     check_teacher(args, masked_dense, model.config)

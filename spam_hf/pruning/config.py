@@ -92,6 +92,11 @@ class PruningConfig:
     sequential: Optional[bool] = field(default=None, metadata={
         "help": "Prune one block at a time, holding one block's statistics (for models whose statistics do not fit "
                 "at once); the budget stays global. Default: only when they would not fit in memory."})
+    uniform: bool = field(default=False, metadata={
+        "help": "Remove the same number of groups from every layer, chosen by the same scores under the same budget, "
+                "so the export is a stock checkpoint that loads without custom code (vLLM, ONNX, TGI). Decoders "
+                "with a head_dim (LLaMA, Mistral, Qwen) shrink heads, in whole KV groups, and neurons; encoders "
+                "and GPT-2 only neurons, since their stock classes tie the head size to hidden / heads."})
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
@@ -130,6 +135,9 @@ class PruningConfig:
         ranks, in one shot without compensation, unless chosen otherwise."""
         from .scores import get_score, resolve_method
 
+        if self.uniform and lora:
+            raise ValueError("--uniform is for heads and neurons: a pruned LoRA adapter is a stock peft adapter "
+                             "already (its ranks per module in rank_pattern)")
         method = resolve_method(self.method, lora)
         rounds_by_default = get_score(method).rounds and not lora
         rounds = self.rounds or (rounds_for_sparsity(self.sparsity) if rounds_by_default and not self.sequential

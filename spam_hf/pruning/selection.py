@@ -6,14 +6,19 @@ sequence length), across all layers and kinds, until the removed cost reaches
 MLP weights and biases, including the O / down biases that no group owns). Query heads of
 grouped-query attention depend on their KV head: a KV head is removed together with its last query
 head, so every kept KV head keeps at least one (:func:`_greedy_drop`).
+
+With ``uniform_kinds`` (``--uniform``) only groups of those kinds go, the same number from every layer, so the
+export keeps one width per kind and loads as a stock checkpoint (:func:`_uniform_drop`).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -114,27 +119,37 @@ def group_costs(model: nn.Module, spec: GroupSpec, budget: str, seq_len: int) ->
 
 
 def removable_fraction(model: nn.Module, specs: List[GroupSpec], budget: str = "params", seq_len: int = 128,
-                       min_keep: float = 0.0) -> float:
+                       min_keep: float = 0.0, uniform_kinds: Optional[Sequence[str]] = None) -> float:
     """The largest fraction of the prunable cost that removing groups can reach: every group but the
-    ``ceil(min_keep · count)`` each spec keeps (biases no group owns always stay)."""
+    ``ceil(min_keep · count)`` each spec keeps (biases no group owns always stay); with ``uniform_kinds``, only
+    groups of those kinds, and every spec keeps at least one."""
     total = prunable_cost(model, specs, budget, seq_len)
     removable = 0.0
     for s in specs:
+        if uniform_kinds is not None and s.kind not in uniform_kinds:
+            continue
+        stay = max(math.ceil(min_keep * s.count), 1 if uniform_kinds is not None else 0)
         cost = group_costs(model, s, budget, seq_len).sort().values
-        removable += float(cost[: s.count - math.ceil(min_keep * s.count)].sum())
+        removable += float(cost[: max(s.count - stay, 0)].sum())
     return removable / total if total else 0.0
 
 
 def check_reachable(model: nn.Module, specs: List[GroupSpec], sparsity: float, budget: str = "params",
-                    seq_len: int = 128, min_keep: float = 0.0) -> None:
+                    seq_len: int = 128, min_keep: float = 0.0, uniform_kinds: Optional[Sequence[str]] = None) -> None:
     """Before any work: a ``ValueError`` when ``sparsity`` would remove every head and neuron (nothing left
-    to prune or to place priors on), a warning when ``min_keep`` caps the removal below the target."""
-    reachable = removable_fraction(model, specs, budget, seq_len, 0.0)
+    to prune or to place priors on), or, with ``uniform_kinds``, more than those kinds hold; a warning when
+    ``min_keep`` caps the removal below the target."""
+    reachable = removable_fraction(model, specs, budget, seq_len, 0.0, uniform_kinds)
+    if uniform_kinds is not None and sparsity >= reachable - 1e-12:
+        raise ValueError(f"sparsity {sparsity:g} is out of reach of --uniform here: it removes only "
+                         f"{' and '.join(k.replace('_', ' ') + 's' for k in uniform_kinds)} (what a stock checkpoint "
+                         f"of this family can shrink), at most {reachable:.1%} of the prunable {budget}; choose less "
+                         "or drop --uniform")
     if sparsity >= reachable - 1e-12:
         raise ValueError(f"sparsity {sparsity:g} would remove every head and neuron: at most {reachable:.1%} of the "
                          f"prunable {budget} can go (the biases of the output projections stay); choose less")
     if min_keep:
-        capped = removable_fraction(model, specs, budget, seq_len, min_keep)
+        capped = removable_fraction(model, specs, budget, seq_len, min_keep, uniform_kinds)
         if sparsity > capped:
             logger.warning(f"--min-keep {min_keep:g} caps the removal at {capped:.1%} of the prunable {budget}, "
                            f"below the target {sparsity:.1%}")
@@ -143,7 +158,8 @@ def check_reachable(model: nn.Module, specs: List[GroupSpec], sparsity: float, b
 def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torch.Tensor], sparsity: float,
                   budget: str = "params", seq_len: int = 128, min_keep: float = 0.0,
                   report_fields: Optional[Dict[str, str]] = None,
-                  floors: Optional[Dict[str, int]] = None) -> Selection:
+                  floors: Optional[Dict[str, int]] = None,
+                  uniform_kinds: Optional[Sequence[str]] = None) -> Selection:
     """Greedy global selection: cheapest ``score / cost`` first until ``sparsity`` of the cost is removed.
 
     ``min_keep`` in [0, 1): every spec (the heads, or the neurons, of one layer) keeps at least
@@ -151,7 +167,8 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     target unreachable, the selection stops short and ``achieved`` says so. ``floors`` (``{spec name: n}``)
     raises a spec's floor to ``n`` groups (pruning in rounds: the floor of the *original* count, not a fraction
     of what earlier rounds left). ``report_fields`` names each group kind in the per-layer report (default:
-    :data:`DEFAULT_REPORT_FIELDS`).
+    :data:`DEFAULT_REPORT_FIELDS`). ``uniform_kinds``: remove only groups of these kinds, the same number from
+    every spec of a kind (:func:`_uniform_drop`) instead of the greedy global choice.
     """
     validate_sparsity(sparsity)
     if not 0.0 <= min_keep < 1.0:
@@ -171,7 +188,10 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
         score.append(sc)
         cost.append(group_costs(model, s, budget, seq_len))
     floor = [min(s.count, max(math.ceil(min_keep * s.count), (floors or {}).get(s.name, 0))) for s in specs]
-    drop, removed = _greedy_drop(specs, score, cost, sparsity * total, floor)
+    if uniform_kinds is not None:
+        drop, removed = _uniform_drop(specs, score, cost, sparsity * total, floor, uniform_kinds)
+    else:
+        drop, removed = _greedy_drop(specs, score, cost, sparsity * total, floor)
     keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)
             for si, s in enumerate(specs)}
     names = {**DEFAULT_REPORT_FIELDS, **(report_fields or {})}
@@ -250,6 +270,70 @@ def _greedy_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List[
             heapq.heappush(heap, (bundle(key), key[0], key[1], version[key]))
         drop[si].add(g)
         removed += float(cost[si][g])
+    return drop, removed
+
+
+def check_uniform(specs: List[GroupSpec], kinds: Sequence[str]) -> Dict[str, List[int]]:
+    """``{kind: [spec index, ...]}`` of the specs uniform pruning shrinks; a one-line ``ValueError`` when it cannot:
+    query heads that hang off KV heads (uneven query heads per KV head are not stock), layers that already differ,
+    or no group of those kinds."""
+    by_kind: Dict[str, List[int]] = {}
+    for si, s in enumerate(specs):
+        if s.kind in kinds:
+            if s.parent:
+                raise ValueError("--uniform removes whole KV groups of grouped-query attention (every layer keeps the "
+                                 "same query heads per KV head): train and prune with --kv-groups-only True "
+                                 "(kv_groups_only=True)")
+            by_kind.setdefault(s.kind, []).append(si)
+    if not by_kind:
+        raise ValueError(f"--uniform removes {', '.join(kinds)}; this model has none")
+    for kind, members in by_kind.items():
+        counts = sorted({specs[si].count for si in members})
+        if len(counts) != 1:
+            raise ValueError(f"--uniform needs the same number of {kind}s in every layer, this model has {counts}: it "
+                             "was pruned unevenly before; prune the unpruned model instead")
+    return by_kind
+
+
+def _uniform_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List[torch.Tensor], target: float,
+                  floor: List[int], kinds: Sequence[str]) -> Tuple[List[Set[int]], float]:
+    """Equal counts per layer: ``r_K`` groups leave every spec of kind ``K`` (in each spec its ``r_K`` lowest
+    scores), the other kinds stay whole. The counts minimise the summed scores removed,
+    ``D(r) = Σ_K Σ_{specs of K} Σ_{i < r_K} score_(i)``, subject to the removed cost ``C(r) ≥ target`` (the least
+    total damage with equal counts under the global budget); exact: every count of all kinds but the one with the
+    most groups, and for that one the smallest count that meets the target (``C`` grows with it). When no counts
+    meet it, the counts that remove the most. Every spec keeps at least one group and its ``floor``.
+
+    Returns ``(drop, removed)`` as :func:`_greedy_drop`.
+    """
+    tables = {}  # kind -> (members, per-member ascending order, D by count, C by count)
+    for kind, members in check_uniform(specs, kinds).items():
+        order = [torch.argsort(scores[si], stable=True) for si in members]
+        most = max(specs[members[0]].count - max([1] + [floor[si] for si in members]), 0)
+        damage, removed = [0.0], [0.0]
+        for r in range(most):
+            damage.append(damage[-1] + sum(float(scores[si][o[r]]) for si, o in zip(members, order)))
+            removed.append(removed[-1] + sum(float(cost[si][o[r]]) for si, o in zip(members, order)))
+        tables[kind] = (members, order, damage, removed)
+    names = sorted(tables, key=lambda k: len(tables[k][2]))  # the kind with the most counts is searched by bisection
+    last = tables[names[-1]]
+    best_key, best = None, None
+    for head in itertools.product(*(range(len(tables[k][2])) for k in names[:-1])):
+        part_damage = sum(tables[k][2][r] for k, r in zip(names, head))
+        part_cost = sum(tables[k][3][r] for k, r in zip(names, head))
+        r = bisect.bisect_left(last[3], target - part_cost)
+        feasible = r < len(last[3])
+        r = min(r, len(last[3]) - 1)
+        key = (0, part_damage + last[2][r]) if feasible else (1, -(part_cost + last[3][r]))
+        if best_key is None or key < best_key:
+            best_key, best = key, (*head, r)
+    drop: List[Set[int]] = [set() for _ in specs]
+    removed = 0.0
+    for kind, r in zip(names, best):
+        members, order, _, cumulative = tables[kind]
+        for si, o in zip(members, order):
+            drop[si] = set(o[:r].tolist())
+        removed += cumulative[r]
     return drop, removed
 
 

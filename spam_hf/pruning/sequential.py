@@ -65,6 +65,9 @@ def sequential_refusal(model: nn.Module, config: PruningConfig) -> Optional[str]
         usable = [n for n in score_names() if sequential_ok(get_score(n))]
         return (f"block-sequential pruning scores with one of {', '.join(usable)}; {config.method!r} needs every "
                 "module's statistics at once")
+    if config.uniform:
+        return ("block-sequential pruning sets each block's share as it goes; --uniform chooses one count for every "
+                "layer at once: prune all blocks at once (--sequential False)")
     if config.compensate and config.compensation != "least-squares":
         return ("block-sequential pruning compensates by least squares on each block's inputs; compensation "
                 f"{config.compensation!r} is for all-at-once pruning")
