@@ -198,7 +198,8 @@ def main() -> None:
             if time.time() - START > a.time_budget:
                 results.setdefault("skipped", []).append([method, s])
                 continue
-            p = plan(src.model, src.posterior, s, method=score_kind, budget="params", min_keep=a.min_keep, prune_seed=a.seed)
+            p = plan(src.model, src.posterior, s, method=score_kind, budget="params", min_keep=a.min_keep,
+                     prune_seed=a.seed)
             sel = p.selection
             model = apply(copy.deepcopy(src.model), p)
             row = {"method": method, "sparsity": s, "achieved": sel.achieved,
