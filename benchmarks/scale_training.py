@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from scale import SHAPES, llama_config  # noqa: E402  (benchmarks/ is the script's folder)
+from workers import report, run_workers, write_and_show_ratios  # noqa: E402
 
 CONFIGS = ("plain", "kfac", "diag", "lora-plain", "lora-spam")
 BASELINE = {"kfac": "plain", "diag": "plain", "lora-spam": "lora-plain"}
@@ -122,7 +121,7 @@ def worker(a) -> dict:
 def main() -> None:
     a = parse()
     if a.worker:
-        print("RESULT " + json.dumps(worker(a)), flush=True)
+        report(worker(a))
         return
     configs = [c for c in a.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
@@ -130,25 +129,13 @@ def main() -> None:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
     res = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "args": vars(a), "runs": {}}
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)), TOKENIZERS_PARALLELISM="false")
-    for cfg in configs:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", cfg],
-                              capture_output=True, text=True, env=env)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise SystemExit(f"{cfg} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        res["runs"][cfg] = json.loads(line[0][len("RESULT "):])
-        print(cfg, json.dumps(res["runs"][cfg]), flush=True)
+    res["runs"] = run_workers(__file__, configs, sys.argv[1:])
     for cfg, base in BASELINE.items():
         if cfg in res["runs"] and base in res["runs"]:
             r, b = res["runs"][cfg], res["runs"][base]
             r["time_ratio"] = round(r["wall_s"] / b["wall_s"], 3)
             r["peak_ratio"] = round(r["peak_rss_gib"] / b["peak_rss_gib"], 3)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
-    print(json.dumps({k: {kk: v for kk, v in r.items() if "ratio" in kk} for k, r in res["runs"].items()}, indent=2))
+    write_and_show_ratios(res, a.out)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from workers import report, run_workers, write_and_show_ratios  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def worker(a) -> dict:
@@ -79,17 +79,10 @@ def main() -> None:
 
     a.model_path = model_path(a.model_path)
     if a.worker:
-        print("RESULT " + json.dumps(worker(a)), flush=True)
+        report(worker(a))
         return
     res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "args": vars(a), "runs": {}}
-    for cfg in a.configs.split(","):
-        cmd = [sys.executable, __file__, "--worker", cfg, *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)))
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            raise SystemExit(f"{cfg} failed:\n{proc.stderr[-3000:]}")
-        res["runs"][cfg] = json.loads(line[0][7:])
-        print(cfg, res["runs"][cfg], flush=True)
+    res["runs"] = run_workers(__file__, a.configs.split(","), sys.argv[1:])
     plain = res["runs"].get("plain")
     if plain:
         for cfg, r in res["runs"].items():
@@ -104,11 +97,7 @@ def main() -> None:
             hooks_and_prior = r["wall_s"] - plain["wall_s"] - t["eigh_s"] - t["hypersteps_s"]
             projected = plain["wall_s"] + hooks_and_prior + per_update * a.steps / 200
             r["projected_time_ratio_at_defaults"] = projected / plain["wall_s"]
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
-    print(json.dumps({k: {kk: v for kk, v in r.items() if "ratio" in kk} for k, r in res["runs"].items()}, indent=2))
+    write_and_show_ratios(res, a.out)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ A fourth kind, ``reference``, refits every consuming layer to the *unpruned* mod
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -65,6 +65,22 @@ def removed_columns(specs: Iterable[GroupSpec], keep: Dict[str, torch.Tensor]) -
         for m, idx in s.col_index.items():
             removed.setdefault(m, []).extend(idx[dropped].reshape(-1).tolist() if dropped else [])
     return removed
+
+
+def refit_losing_modules(model: nn.Module, removed: Dict[str, List[int]],
+                         refit: Callable[[str, nn.Module, torch.Tensor], None]) -> Dict[str, int]:
+    """``refit(name, module, columns)`` without gradients for every module of ``removed`` that loses columns
+    (``columns``: the sorted distinct removed indices, a LongTensor); returns ``{module: columns removed}``."""
+    mods = dict(model.named_modules())
+    done: Dict[str, int] = {}
+    with torch.no_grad():
+        for m, cols in removed.items():
+            if not cols:
+                continue
+            columns = torch.tensor(sorted(set(cols)), dtype=torch.long)
+            refit(m, mods[m], columns)
+            done[m] = int(columns.numel())
+    return done
 
 
 def augmented_weight(module: nn.Module, like: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -168,26 +184,19 @@ def compensate(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str, tor
     if kind == "reference":
         raise ValueError("compensation 'reference' refits to the unpruned model's outputs and needs calibration "
                          "batches: use spam_hf.pruning.refit_to_reference or prune_in_rounds")
-    removed = removed_columns(specs, keep)
-    mods = dict(model.named_modules())
-    done: Dict[str, int] = {}
-    with torch.no_grad():
-        for m, cols in removed.items():
-            if not cols:
-                continue
-            A, G = factors[m]
-            module = mods[m]
-            W = augmented_weight(module, like=A)  # refitted where, and in the precision, the statistics are
-            if tuple(A.shape) != (W.shape[1], W.shape[1]):
-                raise ValueError(f"input factor of {m!r} has shape {tuple(A.shape)}, the layer has {W.shape[1]} inputs")
-            removed_cols = torch.tensor(sorted(set(cols)))
-            if kind == "least-squares":
-                new = conditional_mean(W, A, removed_cols, damping=LEAST_SQUARES_DAMPING * _kept_diag_mean(A, removed_cols))
-            else:
-                new = kron_conditional_mean(W, A, G, removed_cols, prior=prior_times_temperature(prior, m, temperature))
-            set_augmented_weight(module, new)
-            done[m] = len(set(cols))
-    return done
+
+    def refit(m: str, module: nn.Module, removed_cols: torch.Tensor) -> None:
+        A, G = factors[m]
+        W = augmented_weight(module, like=A)  # refitted where, and in the precision, the statistics are
+        if tuple(A.shape) != (W.shape[1], W.shape[1]):
+            raise ValueError(f"input factor of {m!r} has shape {tuple(A.shape)}, the layer has {W.shape[1]} inputs")
+        if kind == "least-squares":
+            new = conditional_mean(W, A, removed_cols, damping=LEAST_SQUARES_DAMPING * _kept_diag_mean(A, removed_cols))
+        else:
+            new = kron_conditional_mean(W, A, G, removed_cols, prior=prior_times_temperature(prior, m, temperature))
+        set_augmented_weight(module, new)
+
+    return refit_losing_modules(model, removed_columns(specs, keep), refit)
 
 
 def add_consuming_biases(model: nn.Module, modules: Iterable[str]) -> None:
@@ -207,17 +216,12 @@ def compensate_bias(model: nn.Module, specs: Iterable[GroupSpec], keep: Dict[str
     where the layer has none (:func:`add_consuming_biases`). In place; returns ``{module: columns removed}``."""
     removed = removed_columns(specs, keep)
     add_consuming_biases(model, [m for m, cols in removed.items() if cols])
-    mods = dict(model.named_modules())
-    done: Dict[str, int] = {}
-    with torch.no_grad():
-        for m, cols in removed.items():
-            if not cols:
-                continue
-            module = mods[m]
-            W = weight_out_in(module)
-            idx = torch.tensor(sorted(set(cols)), device=W.device)
-            mean = moments[m][0].to(W.device, torch.float64)
-            shift = W.index_select(1, idx).to(torch.float64) @ mean[idx]
-            module.bias.add_(shift.to(module.bias.dtype))
-            done[m] = len(set(cols))
-    return done
+
+    def refit(m: str, module: nn.Module, columns: torch.Tensor) -> None:
+        W = weight_out_in(module)
+        idx = columns.to(W.device)
+        mean = moments[m][0].to(W.device, torch.float64)
+        shift = W.index_select(1, idx).to(torch.float64) @ mean[idx]
+        module.bias.add_(shift.to(module.bias.dtype))
+
+    return refit_losing_modules(model, removed, refit)
