@@ -85,12 +85,10 @@ def _fields_table(dataclass_type, only_own_of=None) -> str:
 def cli_reference() -> str:
     from transformers import TrainingArguments
 
-    from spam_hf.cli import compress_sections, prune_sections, evaluate_sections
+    from spam_hf.cli import command_sections
 
-    sections = [("compress", compress_sections(full=True)), ("prune", prune_sections()),
-                ("evaluate", evaluate_sections())]
     out = []
-    for command, groups in sections:
+    for command, groups in command_sections(full=True):
         out.append(f"## spam-hf {command}\n")
         for title, dtype in groups:
             doc = (dtype.__doc__ or "").strip().split("\n\n")[0]

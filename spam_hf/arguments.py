@@ -312,3 +312,22 @@ class EvalArguments:
     model_dir: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory."})
     seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOPs and latency."})
     batch_size: int = field(default=32, metadata={"help": "Batch size for latency."})
+
+
+@dataclass
+class ExportArguments:
+    """``spam-hf export``: convert a checkpoint for a serving stack."""
+
+    model_dir: Optional[str] = field(default=None, metadata={"help": "A spam-hf export (uniform or not) or any stock "
+                                                                     "checkpoint folder."})
+    format: str = choice("onnx", ("onnx",), "Target format: an ONNX graph with dynamic batch and sequence axes, "
+                                           "checked against PyTorch in ONNX Runtime before it is written.")
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Where to write (default MODEL_DIR-onnx)."})
+    opset: int = field(default=18, metadata={"help": "ONNX opset version."})
+    atol: float = field(default=1e-4, metadata={"help": "Largest |ONNX Runtime - PyTorch| allowed on the check batch "
+                                                        "(real sentences, padding positions left out)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output directory."})
+
+    def __post_init__(self) -> None:  # --opset and --atol are checked by export_onnx, before anything loads
+        check_fields(self)
+

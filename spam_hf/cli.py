@@ -26,8 +26,9 @@ SUBCOMMANDS = {
                 "push) the smaller model",
     "prune": "re-prune a finished compress run at another sparsity, without retraining",
     "evaluate": "metric, parameters, FLOPs and latency of a checkpoint",
+    "export": "convert a checkpoint (pruned or stock) to ONNX, checked against PyTorch in ONNX Runtime",
 }
-USAGE = """usage: spam-hf {compress,prune,evaluate} [options]   (spam-hf COMMAND --help for its options)
+USAGE = """usage: spam-hf {compress,prune,evaluate,export} [options]   (spam-hf COMMAND --help for its options)
 
 """ + "\n".join(f"  {k:<9} {v}" for k, v in SUBCOMMANDS.items()) + """
 
@@ -41,6 +42,7 @@ examples:
   spam-hf compress ./my-llama --train-file wiki.txt --training none --sparsity 0.3 --dry-run True   # will it fit?
   spam-hf prune out/run --sparsity 0.95
   spam-hf evaluate out/run/model --train-file train.tsv --validation-file dev.tsv
+  spam-hf export out/run/model --format onnx --output-dir out/run/onnx
 
 --debug (any command) prints the traceback behind a one-line error.
 """
@@ -161,6 +163,17 @@ def prune_sections() -> Sections:
 
 def evaluate_sections() -> Sections:
     return [("checkpoint", A.EvalArguments), ("data", A.DataArguments)]
+
+
+def export_sections() -> Sections:
+    return [("export", A.ExportArguments)]
+
+
+def command_sections(full: bool = False) -> List[Tuple[str, Sections]]:
+    """``(command, its option sections)`` of every command, in the order the usage lists them (``full``: as
+    :func:`compress_sections`)."""
+    return [("compress", compress_sections(full)), ("prune", prune_sections()), ("evaluate", evaluate_sections()),
+            ("export", export_sections())]
 
 
 COMMON = ("model_name_or_path", "task", "train_file", "validation_file", "text_column", "label_column", "sparsity",
@@ -326,6 +339,26 @@ def cmd_evaluate(argv: List[str]) -> int:
     return 0
 
 
+def cmd_export(argv: List[str]) -> int:
+    if _wants_help(argv):
+        print(sectioned_help("spam-hf export", "spam-hf export MODEL_DIR --format onnx [--output-dir DIR] [options]",
+                             SUBCOMMANDS["export"], export_sections()))
+        return 0
+    from transformers import HfArgumentParser
+
+    from .export.onnx import export_onnx
+
+    parser = HfArgumentParser((A.ExportArguments,), prog="spam-hf export", description=SUBCOMMANDS["export"])
+    (ex,) = _parse(parser, _positional(argv, "--model_dir"))
+    if not ex.model_dir:
+        raise CliError("spam-hf export needs MODEL_DIR")
+    out = ex.output_dir or ex.model_dir.rstrip("/\\") + "-onnx"
+    result = export_onnx(ex.model_dir, out, opset=ex.opset, atol=ex.atol, overwrite=ex.overwrite_output_dir)
+    print(f"wrote {result.path} ({', '.join(result.inputs)} -> {result.output}; ONNX Runtime matches PyTorch to "
+          f"{result.max_abs_diff:.1e})")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug (or SPAM_HF_DEBUG=1): the full traceback above the one-line error
@@ -335,7 +368,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     sub, rest = argv[0], argv[1:]
-    handlers = {"compress": cmd_compress, "prune": cmd_prune, "evaluate": cmd_evaluate}
+    handlers = {"compress": cmd_compress, "prune": cmd_prune, "evaluate": cmd_evaluate, "export": cmd_export}
     if sub not in handlers:
         return _fail(f"unknown command {sub!r}; choose from {', '.join(handlers)}")
     if _wants_help(rest) or "--help-all" in rest:  # before anything imports torch: help prints at once

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -86,23 +86,34 @@ def _quartiles(x: List[float]) -> Tuple[float, float, float]:
     return q[0], statistics.median(x), q[2]
 
 
-@torch.no_grad()
-def compare_latency(dense: nn.Module, pruned: nn.Module, batch_size: int = 32, seq_len: int = 128, repeats: int = 7,
-                    warmup: int = 1, threads: Optional[int] = None, max_spread: float = 0.2) -> Dict[str, float]:
-    """Dense and pruned timed *interleaved* on the same inputs (``dense, pruned`` then ``pruned, dense``, …),
-    so that load from other work hits both alike. Per repeat the speed-up ``t_dense / t_pruned``; returned:
-    each model's median time, the speed-up's median and quartiles, and ``trusted = (q75 − q25) / median ≤
-    max_spread`` (when False the machine was too noisy for the number to mean much)."""
-    ids, mask = _latency_inputs(dense, batch_size, seq_len)
-    td, tp = [], []
-    with _eval_with_threads([dense, pruned], threads) as old_threads:
-        for i in range(warmup + repeats):
-            order = ((dense, td), (pruned, tp)) if i % 2 == 0 else ((pruned, tp), (dense, td))
-            for model, times in order:
-                times.append(_time_forward(model, ids, mask))
+def interleaved_speedup(run_dense: Callable[[], object], run_pruned: Callable[[], object], repeats: int = 7,
+                        warmup: int = 1, max_spread: float = 0.2) -> Dict[str, float]:
+    """Two forwards timed *interleaved* (``dense, pruned`` then ``pruned, dense``, …), so that load from other
+    work hits both alike. Per repeat the speed-up ``t_dense / t_pruned``; returned: each one's median time, the
+    speed-up's median and quartiles, and ``trusted = (q75 − q25) / median ≤ max_spread`` (when False the machine
+    was too noisy for the number to mean much). ``run_*`` run one forward and return when it has finished."""
+    td: List[float] = []
+    tp: List[float] = []
+    for i in range(warmup + repeats):
+        order = ((run_dense, td), (run_pruned, tp)) if i % 2 == 0 else ((run_pruned, tp), (run_dense, td))
+        for run, times in order:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
     td, tp = td[warmup:], tp[warmup:]
     q25, med, q75 = _quartiles([a / b for a, b in zip(td, tp)])
     return {"dense_s": statistics.median(td), "pruned_s": statistics.median(tp), "speedup": med,
-            "speedup_q25": q25, "speedup_q75": q75, "trusted": (q75 - q25) / med <= max_spread,
-            "repeats": repeats, "batch_size": batch_size, "seq_len": ids.shape[1], "threads": threads or old_threads}
+            "speedup_q25": q25, "speedup_q75": q75, "trusted": (q75 - q25) / med <= max_spread, "repeats": repeats}
+
+
+@torch.no_grad()
+def compare_latency(dense: nn.Module, pruned: nn.Module, batch_size: int = 32, seq_len: int = 128, repeats: int = 7,
+                    warmup: int = 1, threads: Optional[int] = None, max_spread: float = 0.2) -> Dict[str, float]:
+    """Dense and pruned PyTorch models timed by :func:`interleaved_speedup` on the same full-length random batch;
+    adds ``batch_size``, ``seq_len`` and ``threads`` to its result."""
+    ids, mask = _latency_inputs(dense, batch_size, seq_len)
+    with _eval_with_threads([dense, pruned], threads) as old_threads:
+        res = interleaved_speedup(lambda: _time_forward(dense, ids, mask), lambda: _time_forward(pruned, ids, mask),
+                                  repeats, warmup, max_spread)
+    return {**res, "batch_size": batch_size, "seq_len": ids.shape[1], "threads": threads or old_threads}
 

@@ -344,14 +344,14 @@ def test_help_is_fast_lists_every_option_and_puts_the_common_ones_first():
     import subprocess
     import sys
 
-    from spam_hf.cli import COMMON, compress_sections, evaluate_sections, prune_sections
+    from spam_hf.cli import COMMON, SUBCOMMANDS, command_sections, compress_sections
 
-    code = ("import sys; from spam_hf.cli import main; [main([c, '--help']) for c in ('compress', 'prune', 'evaluate')];"
+    assert [c for c, _ in command_sections()] == list(SUBCOMMANDS)
+    code = ("import sys; from spam_hf.cli import main, SUBCOMMANDS; [main([c, '--help']) for c in SUBCOMMANDS];"
             "main(['--help']); print('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr.strip() == "False False", proc.stderr
-    for command, sections in (("compress", compress_sections()), ("prune", prune_sections()),
-                              ("evaluate", evaluate_sections())):
+    for command, sections in command_sections():
         text = proc.stdout.split(f"usage: spam-hf {command}")[1].split("usage: ")[0]
         for _, dtype in sections:
             for f in dataclasses.fields(dtype):
