@@ -18,6 +18,12 @@ def validate_sparsity(sparsity: float) -> None:
         raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
 
 
+def check_round_to(round_to: int) -> None:
+    """``ValueError`` unless ``round_to`` is a whole number ``>= 1`` (neurons kept per layer: a multiple of it)."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a whole number >= 1 (1: no rounding), got {round_to!r}")
+
+
 def check_distillation(alpha: float, temperature: float, hidden_weight: float) -> None:
     """One-line errors for values outside ``α ∈ [0, 1]``, ``τ > 0``, ``β ≥ 0`` (distillation recovery)."""
     if not 0.0 <= alpha <= 1.0:

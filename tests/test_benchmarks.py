@@ -401,3 +401,34 @@ def test_frontier_smoke(tiny_setup, tmp_path):
                           "0.5=" + os.path.join(run_dir, "model"), "--peers", str(tmp_path / "peers.json"),
                           "--seq-len", "16", "--repeats", "1", "--out", out], capture_output=True, text=True)
     assert res.returncode != 0 and "no rows labelled '90%'" in res.stderr
+
+
+def test_deploy_speed_smoke(tmp_path):
+    """benchmarks/deploy_speed.py on a tiny BERT: the export and its uniform ceiling (same heads and neurons in
+    all, spread evenly: the same FLOPs) timed against dense and against each other in PyTorch and ONNX Runtime;
+    the accuracy comes from the run report beside the export."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from conftest import tiny_classifier, tiny_tokenizer
+    from spam_hf.architectures import group_specs
+    from spam_hf.export import save_pruned
+    from spam_hf.pruning import prune_groups
+
+    dense = str(tmp_path / "dense")
+    tiny_classifier("bert").save_pretrained(dense)
+    tiny_tokenizer(dense)
+    model = tiny_classifier("bert")
+    keep = {s.name: torch.arange(s.count // 4 if s.layer == 0 else 3 * s.count // 4) for s in group_specs(model)}
+    prune_groups(model, keep)  # layer 0 keeps a quarter, layer 1 three quarters: uneven, half on average
+    save_pruned(model, str(tmp_path / "run" / "model"), tokenizer=tiny_tokenizer(str(tmp_path / "tok")))
+    json.dump({"metric": "accuracy", "pruned": {"accuracy": 0.75}}, open(tmp_path / "run" / "pruning_report.json", "w"))
+    out = str(tmp_path / "deploy")
+    run("deploy_speed.py", "--dense", dense, "--export", f"half={tmp_path / 'run' / 'model'}", "--batch-sizes", "2",
+        "--seq-len", "16", "--repeats", "1", "--threads", "1", "--out", out)
+    row = json.load(open(out + ".json"))["rows"][0]
+    assert row["label"] == "half" and row["accuracy"] == 0.75 and 0.3 < row["flops_left"] < 0.7
+    assert row["ceiling_flops_left"] == pytest.approx(row["flops_left"], rel=1e-9)
+    for key in ("torch_vs_dense", "torch_vs_ceiling", "ort_vs_dense", "ort_vs_ceiling"):
+        assert row["bs2"][key]["speedup"] > 0 and row["bs2"][key]["batch_size"] == 2
+    assert "| half | 75.0 |" in open(out + ".md").read()

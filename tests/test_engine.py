@@ -139,3 +139,19 @@ def test_uniform_refuses_lora_ranks_and_block_by_block():
         PruningConfig(uniform=True).resolved(lora=True)
     config = PruningConfig(uniform=True, sequential=True).resolved(False)
     assert "--uniform" in sequential_refusal(tiny_classifier("bert"), config)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_round_to_holds_through_rounds_and_block_by_block(sequential):
+    """--round-to 8 through the default score's rounds with compensation, and through the block-sequential path
+    (whose per-block choice rounds too): every layer ends with a multiple of 8 neurons, at the target."""
+    from conftest import tiny_causal_lm, tiny_lm_batch
+
+    model = tiny_causal_lm("llama", num_hidden_layers=3)
+    batches = BatchList([tiny_lm_batch(seed=s) for s in range(3)])
+    config = PruningConfig(sparsity=0.4, round_to=8, calibration_batches=3, sequential=sequential,
+                           rounds=1 if sequential else 2)
+    result = prune(model, None, config, batches)
+    counts = [s.count for s in group_specs(model) if s.kind == "neuron"]
+    assert all(c % 8 == 0 for c in counts) and min(counts) < 48, counts
+    assert result.achieved >= 0.4 - 1e-9

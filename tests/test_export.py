@@ -126,3 +126,26 @@ def test_uniform_decoder_result_exports_as_stock(tmp_path, model_type):
     assert torch.equal(greedy(loaded, ids), greedy(model, ids))
     if model_type != "gpt2":
         assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]) == (2, 1, 24)
+
+
+def test_no_supported_family_reads_per_layer_config():
+    """transformers' ``per_layer_config`` (heterogeneous configs) could carry uneven widths without remote code,
+    but only where a family's modeling code reads it. In transformers 5.25 no family spam-hf supports does (only
+    Gemma 4 / EmbeddingGemma 2 read per-layer head_dim and KV heads, dots3 experts, NeoMMe windows; none reads a
+    per-layer MLP width or query-head count), so exports write ``spam_pruning`` + ``modeling_spam.py`` instead.
+    This fails when a supported family starts reading it: then write it in the export (issue 28, item 6)."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    from spam_hf.architectures import supported_model_types
+
+    readers = []
+    for model_type in supported_model_types():
+        modeling = inspect.getsourcefile(getattr(transformers, MODEL_MAPPING_NAMES[model_type]))
+        if "per_layer_config" in open(modeling).read():
+            readers.append(model_type)
+    gemma4 = inspect.getsourcefile(transformers.Gemma4TextModel)
+    assert "per_layer_config" in open(gemma4).read()  # the check can see a reader where there is one
+    assert readers == [], f"{readers} now read per_layer_config: export uneven layers through it"

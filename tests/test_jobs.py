@@ -9,7 +9,8 @@ import pytest
 from spam_hf.arguments import DataArguments, ModelArguments
 from spam_hf.training_arguments import SpamTrainingArguments
 from spam_hf.jobs.finish import plain_args
-from spam_hf.jobs.outputs import RUN_CONFIG, check_output_dir, check_reprune_output, staged_folder, write_run_config
+from spam_hf.export.folders import check_output_dir, staged_folder
+from spam_hf.jobs.outputs import RUN_CONFIG, check_reprune_output, write_run_config
 from spam_hf.jobs.reporting import data_description, fmt_flops, fmt_int, print_table
 from spam_hf.jobs.resolve import ALIASES, display_name, resolve_model
 

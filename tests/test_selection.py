@@ -193,3 +193,87 @@ def test_uniform_keeps_other_kinds_and_refuses_what_it_cannot_do(bert):
     with pytest.raises(ValueError, match="--kv-groups-only True"):
         check_uniform(group_specs(llama), ("head", "neuron"))
     assert set(check_uniform(group_specs(llama, kv_groups_only=True), ("head", "neuron"))) == {"head", "neuron"}
+
+
+def _damage(sel, specs, scores):
+    return sum(float(scores[s.name][sorted(set(range(s.count)) - set(sel.keep[s.name].tolist()))].sum())
+               for s in specs)
+
+
+@pytest.mark.parametrize("budget", ["params", "flops"])
+def test_round_to_keeps_multiples_within_the_budget_and_the_least_damage(budget):
+    """--round-to 8: every layer keeps a multiple of 8 neurons (heads untouched), each layer still loses its
+    lowest-scoring neurons, the budget still holds, and the up / down choice per layer is the brute-force best of
+    all 2^layers choices from the unrounded selection (random scores, 4 layers of 48 neurons)."""
+    import itertools
+
+    model = tiny_classifier("bert", num_hidden_layers=4)
+    specs = group_specs(model)
+    g = torch.Generator().manual_seed(1)
+    scores = {s.name: torch.rand(s.count, generator=g, dtype=torch.float64) for s in specs}
+    total = prunable_cost(model, specs, budget, 16)
+    neurons = [s for s in specs if s.kind == "neuron"]
+    for sparsity in (0.2, 0.45, 0.7):
+        plain = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=16)
+        sel = select_groups(model, specs, scores, sparsity, budget=budget, seq_len=16, round_to=8)
+        assert all(int(sel.keep[s.name].numel()) % 8 == 0 for s in neurons)
+        assert any(int(plain.keep[s.name].numel()) % 8 for s in neurons)  # rounding had work to do
+        assert sel.achieved >= sparsity and sel.removed_cost == pytest.approx(sel.achieved * total)
+        for s in specs:
+            dropped = set(range(s.count)) - set(sel.keep[s.name].tolist())
+            if s.kind == "head":
+                assert sel.keep[s.name].tolist() == plain.keep[s.name].tolist()
+            elif dropped and sel.keep[s.name].numel():
+                assert max(float(scores[s.name][i]) for i in dropped) <= min(
+                    float(scores[s.name][i]) for i in sel.keep[s.name].tolist())
+        best = None
+        costs = {s.name: (s.params_per_group(model).double() if budget == "params" else s.flops_per_group(model, 16))
+                 for s in specs}
+        for sides in itertools.product((-1, 1), repeat=len(neurons)):
+            keep = {s.name: plain.keep[s.name] for s in specs}
+            for s, side in zip(neurons, sides):
+                k = int(plain.keep[s.name].numel())
+                target_k = (k // 8) * 8 if side < 0 else min(-(-k // 8) * 8, s.count)
+                keep[s.name] = scores[s.name].argsort(descending=True)[:target_k]
+            removed = sum(float(costs[s.name][sorted(set(range(s.count)) - set(keep[s.name].tolist()))].sum())
+                          for s in specs)
+            if removed >= sparsity * total - 1e-6:
+                damage = sum(float(scores[s.name][sorted(set(range(s.count)) - set(keep[s.name].tolist()))].sum())
+                             for s in specs)
+                best = damage if best is None else min(best, damage)
+        assert _damage(sel, specs, scores) == pytest.approx(best, rel=1e-12)
+
+
+def test_round_to_with_uniform_searches_only_multiples():
+    """--uniform --round-to 16: one neuron count for every layer, a multiple of 16, the least summed score among
+    such counts that meet the budget (brute force over every count)."""
+    model = tiny_classifier("bert", num_hidden_layers=3)
+    specs = group_specs(model)
+    g = torch.Generator().manual_seed(2)
+    scores = {s.name: torch.rand(s.count, generator=g, dtype=torch.float64) for s in specs}
+    total = prunable_cost(model, specs, "params", 16)
+    for sparsity in (0.05, 0.15, 0.25):  # keeping 16 of 48 neurons removes 28% of this block
+        sel = select_groups(model, specs, scores, sparsity, seq_len=16, uniform_kinds=("neuron",), round_to=16)
+        (kept,) = _counts(sel, specs, "neuron")
+        assert kept % 16 == 0 and sel.achieved >= sparsity
+        feasible = []
+        for k in (16, 32, 48):
+            drop = {s.name: scores[s.name].argsort()[: s.count - k] for s in specs if s.kind == "neuron"}
+            cost = sum(float(s.params_per_group(model).double()[drop[s.name]].sum()) for s in specs
+                       if s.kind == "neuron")
+            if cost >= sparsity * total:
+                feasible.append((sum(float(scores[n][d].sum()) for n, d in drop.items()), k))
+        assert kept == min(feasible)[1]
+
+
+def test_round_to_is_checked():
+    from spam_hf.pruning import PruningConfig
+
+    model = tiny_classifier("bert")
+    specs = group_specs(model)
+    scores = group_scores(model, specs, "magnitude")
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="round_to must be a whole number >= 1"):
+            select_groups(model, specs, scores, 0.3, round_to=bad)
+        with pytest.raises(ValueError, match="round_to must be a whole number >= 1"):
+            PruningConfig(round_to=bad)

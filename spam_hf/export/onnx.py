@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .folders import check_output_dir, staged_folder
 from .save import from_pretrained
 
 logger = logging.get_logger(__name__)
@@ -175,13 +176,16 @@ def graph_opset(path: str) -> int:
 
 
 def ort_session(path: str, threads: Optional[int] = None):
-    """An ONNX Runtime CPU session of ``path`` (``threads``: intra-op threads; ``None``: its default)."""
+    """An ONNX Runtime CPU session of ``path`` (``threads``: intra-op threads, which then sleep when idle; ``None``:
+    ONNX Runtime's defaults)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # idle threads sleep instead of spinning, so that two sessions timed in turn do not slow each other down
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -213,8 +217,6 @@ def _quiet_exporter():
 
 
 def _check_paths(model_dir: str, output_dir: str, overwrite: bool) -> None:
-    from ..jobs.outputs import check_output_dir
-
     if not os.path.isdir(model_dir):
         raise ValueError(f"model dir {model_dir!r} does not exist")
     src, dst = os.path.realpath(model_dir), os.path.realpath(output_dir)
@@ -232,8 +234,6 @@ def export_onnx(model_dir: str, output_dir: str, opset: int = 18, atol: float = 
     padded batch of real sentences: ``max |ORT − PyTorch| ≤ atol`` over non-padding positions, or nothing is
     written (``ValueError``). The folder appears in one rename, so an interrupted export leaves no half folder.
     """
-    from ..jobs.outputs import staged_folder
-
     if opset < 18:
         raise ValueError(f"--opset must be >= 18 (torch's ONNX exporter writes no older opset), got {opset}")
     if not atol > 0:

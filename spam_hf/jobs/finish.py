@@ -18,6 +18,7 @@ from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import broadcast_object, is_main_process
 from ..export import save_pruned
+from ..export.folders import staged_folder
 from ..export.hub import push_folder
 from ..memory import PROCESS_BYTES, available_bytes, gib, predict
 from ..posterior import unwrap
@@ -26,7 +27,7 @@ from ..pruning.selection import check_uniform
 from ..pruning.sequential import check_sequential, sequential_refusal
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
-from .outputs import staged_folder, write_json
+from .outputs import write_json
 from .policy import resolve_recovery_lr
 from .reporting import device_name, evaluate_metric, report_path, snapshot, write_report
 

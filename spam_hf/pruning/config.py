@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from ..arguments import choice
-from ..checks import check_choice, validate_sparsity
+from ..checks import check_choice, check_round_to, validate_sparsity
 from ..choices import BUDGETS, COMPENSATIONS, score_names
 
 if TYPE_CHECKING:
@@ -97,6 +97,10 @@ class PruningConfig:
                 "so the export is a stock checkpoint that loads without custom code (vLLM, ONNX, TGI). Decoders "
                 "with a head_dim (LLaMA, Mistral, Qwen) shrink heads, in whole KV groups, and neurons; encoders "
                 "and GPT-2 only neurons, since their stock classes tie the head size to hidden / heads."})
+    round_to: int = field(default=1, metadata={
+        "help": "Keep a multiple of N neurons in every layer (8, 16, 64: widths that matrix kernels run at full "
+                "speed); each layer rounds down or up, whichever does less damage, with the budget kept. Heads are "
+                "not rounded (each is head_dim wide). 1: off."})
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
@@ -111,6 +115,7 @@ class PruningConfig:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
+        check_round_to(self.round_to)
 
     @classmethod
     def build(cls, sparsity: Optional[float] = None, config: Optional["PruningConfig"] = None,

@@ -148,7 +148,7 @@ def plan(model: nn.Module, posterior=None, sparsity: Optional[float] = None, *,
     family = get_family(model)
     selection = select_groups(model, specs, scores, config.sparsity, budget=config.budget, seq_len=config.flops_seq_len,
                               min_keep=config.min_keep, report_fields=family.report_fields, floors=floors,
-                              uniform_kinds=family.uniform_kinds if config.uniform else None)
+                              uniform_kinds=family.uniform_kinds if config.uniform else None, round_to=config.round_to)
     # data parallel: every process scores, the main process's plan is the one all of them apply
     return broadcast_object(PruningPlan(selection=selection, method=method, counts={s.name: s.count for s in specs},
                                         scores={k: v.tolist() for k, v in scores.items()},

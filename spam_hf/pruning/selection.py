@@ -9,6 +9,9 @@ head, so every kept KV head keeps at least one (:func:`_greedy_drop`).
 
 With ``uniform_kinds`` (``--uniform``) only groups of those kinds go, the same number from every layer, so the
 export keeps one width per kind and loads as a stock checkpoint (:func:`_uniform_drop`).
+
+With ``round_to`` (``--round-to``) every layer keeps a multiple of that many neurons (matmul-friendly widths):
+each layer rounds down or up, whichever the scores prefer, with the budget kept (:func:`_round_drop`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from transformers.utils import logging
 
 from ..architectures.base import ArchitectureFamily, GroupSpec, in_out_features
 from ..architectures.lora import adapted_module, base_name
-from ..checks import check_choice, validate_sparsity
+from ..checks import check_choice, check_round_to, validate_sparsity
 from ..choices import BUDGETS
 
 logger = logging.get_logger("spam_hf")
@@ -159,7 +162,7 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
                   budget: str = "params", seq_len: int = 128, min_keep: float = 0.0,
                   report_fields: Optional[Dict[str, str]] = None,
                   floors: Optional[Dict[str, int]] = None,
-                  uniform_kinds: Optional[Sequence[str]] = None) -> Selection:
+                  uniform_kinds: Optional[Sequence[str]] = None, round_to: int = 1) -> Selection:
     """Greedy global selection: cheapest ``score / cost`` first until ``sparsity`` of the cost is removed.
 
     ``min_keep`` in [0, 1): every spec (the heads, or the neurons, of one layer) keeps at least
@@ -168,9 +171,12 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     raises a spec's floor to ``n`` groups (pruning in rounds: the floor of the *original* count, not a fraction
     of what earlier rounds left). ``report_fields`` names each group kind in the per-layer report (default:
     :data:`DEFAULT_REPORT_FIELDS`). ``uniform_kinds``: remove only groups of these kinds, the same number from
-    every spec of a kind (:func:`_uniform_drop`) instead of the greedy global choice.
+    every spec of a kind (:func:`_uniform_drop`) instead of the greedy global choice. ``round_to``: every spec of
+    neurons keeps a multiple of ``round_to`` groups, or all of them (:func:`_round_drop`; with ``uniform_kinds``
+    only such counts are searched).
     """
     validate_sparsity(sparsity)
+    check_round_to(round_to)
     if not 0.0 <= min_keep < 1.0:
         raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
     check_choice("budget", budget, BUDGETS)
@@ -189,9 +195,11 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
         cost.append(group_costs(model, s, budget, seq_len))
     floor = [min(s.count, max(math.ceil(min_keep * s.count), (floors or {}).get(s.name, 0))) for s in specs]
     if uniform_kinds is not None:
-        drop, removed = _uniform_drop(specs, score, cost, sparsity * total, floor, uniform_kinds)
+        drop, removed = _uniform_drop(specs, score, cost, sparsity * total, floor, uniform_kinds, round_to)
     else:
         drop, removed = _greedy_drop(specs, score, cost, sparsity * total, floor)
+        if round_to > 1:
+            drop, removed = _round_drop(specs, score, cost, drop, removed, sparsity * total, floor, round_to)
     keep = {s.name: torch.tensor(sorted(set(range(s.count)) - drop[si]), dtype=torch.long)
             for si, s in enumerate(specs)}
     names = {**DEFAULT_REPORT_FIELDS, **(report_fields or {})}
@@ -296,13 +304,14 @@ def check_uniform(specs: List[GroupSpec], kinds: Sequence[str]) -> Dict[str, Lis
 
 
 def _uniform_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List[torch.Tensor], target: float,
-                  floor: List[int], kinds: Sequence[str]) -> Tuple[List[Set[int]], float]:
+                  floor: List[int], kinds: Sequence[str], round_to: int = 1) -> Tuple[List[Set[int]], float]:
     """Equal counts per layer: ``r_K`` groups leave every spec of kind ``K`` (in each spec its ``r_K`` lowest
     scores), the other kinds stay whole. The counts minimise the summed scores removed,
     ``D(r) = Σ_K Σ_{specs of K} Σ_{i < r_K} score_(i)``, subject to the removed cost ``C(r) ≥ target`` (the least
     total damage with equal counts under the global budget); exact: every count of all kinds but the one with the
     most groups, and for that one the smallest count that meets the target (``C`` grows with it). When no counts
-    meet it, the counts that remove the most. Every spec keeps at least one group and its ``floor``.
+    meet it, the counts that remove the most. Every spec keeps at least one group and its ``floor``. With
+    ``round_to``, neuron counts are searched only where the neurons kept are a multiple of it (or all of them).
 
     Returns ``(drop, removed)`` as :func:`_greedy_drop`.
     """
@@ -314,26 +323,80 @@ def _uniform_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List
         for r in range(most):
             damage.append(damage[-1] + sum(float(scores[si][o[r]]) for si, o in zip(members, order)))
             removed.append(removed[-1] + sum(float(cost[si][o[r]]) for si, o in zip(members, order)))
-        tables[kind] = (members, order, damage, removed)
-    names = sorted(tables, key=lambda k: len(tables[k][2]))  # the kind with the most counts is searched by bisection
+        count = specs[members[0]].count
+        allowed = [r for r in range(len(damage)) if kind != "neuron" or r == 0 or (count - r) % round_to == 0]
+        tables[kind] = (members, order, damage, removed, allowed)
+    names = sorted(tables, key=lambda k: len(tables[k][4]))  # the kind with the most counts is searched by bisection
     last = tables[names[-1]]
+    last_costs = [last[3][r] for r in last[4]]
     best_key, best = None, None
-    for head in itertools.product(*(range(len(tables[k][2])) for k in names[:-1])):
+    for head in itertools.product(*(tables[k][4] for k in names[:-1])):
         part_damage = sum(tables[k][2][r] for k, r in zip(names, head))
         part_cost = sum(tables[k][3][r] for k, r in zip(names, head))
-        r = bisect.bisect_left(last[3], target - part_cost)
-        feasible = r < len(last[3])
-        r = min(r, len(last[3]) - 1)
+        i = bisect.bisect_left(last_costs, target - part_cost)
+        feasible = i < len(last_costs)
+        r = last[4][min(i, len(last_costs) - 1)]
         key = (0, part_damage + last[2][r]) if feasible else (1, -(part_cost + last[3][r]))
         if best_key is None or key < best_key:
             best_key, best = key, (*head, r)
     drop: List[Set[int]] = [set() for _ in specs]
     removed = 0.0
     for kind, r in zip(names, best):
-        members, order, _, cumulative = tables[kind]
+        members, order, _, cumulative, _ = tables[kind]
         for si, o in zip(members, order):
             drop[si] = set(o[:r].tolist())
         removed += cumulative[r]
+    return drop, removed
+
+
+def _round_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List[torch.Tensor], drop: List[Set[int]],
+                removed: float, target: float, floor: List[int], round_to: int,
+                kinds: Sequence[str] = ("neuron",)) -> Tuple[List[Set[int]], float]:
+    """Round every spec of ``kinds`` to a multiple of ``round_to`` groups kept (or all of them), keeping the budget.
+
+    A spec keeping ``k`` groups can go *down* to ``⌊k/m⌋·m`` (its lowest-scoring kept groups leave: damage
+    ``+D↓``, cost removed ``+C↓``; not below its ``floor``) or *up* to ``min(⌈k/m⌉·m, count)`` (its highest-scoring
+    removed groups return: ``−D↑``, ``−C↑``). All start down, which keeps the budget; then specs go up in order of
+    damage saved per cost given back, ``(D↓ + D↑) / (C↓ + C↑)``, while the removed cost stays at least
+    ``min(target, removed)`` (a greedy 0/1 knapsack). Heads are not rounded: each is ``head_dim`` wide already.
+
+    Returns ``(drop, removed)`` as :func:`_greedy_drop`.
+    """
+    drop = [set(d) for d in drop]
+    need = min(target, removed)
+    options = []  # (spec index, groups that leave going down, groups that return going up)
+    for si, s in enumerate(specs):
+        kept = s.count - len(drop[si])
+        if s.kind not in kinds or kept % round_to == 0 or kept == s.count:
+            continue
+        kept_by_score = sorted(set(range(s.count)) - drop[si], key=lambda g: (float(scores[si][g]), g))
+        removed_by_score = sorted(drop[si], key=lambda g: (-float(scores[si][g]), g))
+        down = kept % round_to
+        up = min(round_to - down, s.count - kept)
+        can_down = kept - down >= floor[si]
+        options.append((si, kept_by_score[:down] if can_down else None, removed_by_score[:up]))
+
+    def total(groups, si, values) -> float:
+        return sum(float(values[si][g]) for g in groups)
+
+    for si, leave, _ in options:  # everything down first (forced up where the floor forbids down)
+        if leave is not None:
+            drop[si].update(leave)
+            removed += total(leave, si, cost)
+    flips = []
+    for si, leave, back in options:
+        if leave is None:
+            drop[si].difference_update(back)
+            removed -= total(back, si, cost)
+            continue
+        given_back = total(leave, si, cost) + total(back, si, cost)
+        flips.append(((total(leave, si, scores) + total(back, si, scores)) / max(given_back, 1e-12), si, leave, back,
+                      given_back))
+    for _, si, leave, back, given_back in sorted(flips, key=lambda f: -f[0]):
+        if removed - given_back >= need - 1e-9 * max(abs(need), 1.0):
+            drop[si].difference_update(leave)
+            drop[si].difference_update(back)
+            removed -= given_back
     return drop, removed
 
 

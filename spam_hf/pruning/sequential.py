@@ -271,7 +271,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     del inputs
     global_selection = select_groups(model, specs0, scores, config.sparsity, budget=config.budget,
                                      seq_len=config.flops_seq_len, min_keep=config.min_keep,
-                                     report_fields=family.report_fields)
+                                     report_fields=family.report_fields, round_to=config.round_to)
     global_plan = broadcast_object(PruningPlan(selection=global_selection, method=score.name,
                                                counts={s.name: s.count for s in specs0},
                                                scores={k: v.tolist() for k, v in scores.items()},
@@ -326,5 +326,6 @@ def _block_keep(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, torc
     block_total = prunable_cost(model, specs, config.budget, config.flops_seq_len)
     fraction = min(removed / block_total, 1.0 - 1e-9)
     selection = select_groups(model, specs, scores, fraction, budget=config.budget, seq_len=config.flops_seq_len,
-                              min_keep=config.min_keep, report_fields=get_family(model).report_fields)
+                              min_keep=config.min_keep, report_fields=get_family(model).report_fields,
+                              round_to=config.round_to)
     return {s.name: selection.keep[s.name] for s in specs}
