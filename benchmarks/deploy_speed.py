@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -94,12 +95,13 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
-    res = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+    res = {"date": datetime.date.today().isoformat(), "command": "python " + shlex.join(sys.argv),
            "machine": f"CPU, {a.threads} threads", "torch": torch.__version__, "seq_len": a.seq_len, "rows": []}
     scratch = tempfile.mkdtemp(prefix="deploy-speed-")
     try:
         dense = from_pretrained(a.dense).eval()
         dense_flops = model_costs(dense, a.seq_len)["block_flops"]
+        vocab = int(dense.config.vocab_size)
         dense_onnx = export_onnx(a.dense, os.path.join(scratch, "dense")).path
         for label, path in pairs(a.export):
             export = from_pretrained(path).eval()
@@ -116,9 +118,10 @@ def main() -> None:
                 row[f"bs{bs}"] = {
                     "torch_vs_dense": compare_latency(dense, export, threads=a.threads, **timing),
                     "torch_vs_ceiling": compare_latency(ceiling, export, threads=a.threads, **timing),
-                    "ort_vs_dense": compare_onnx_latency(dense_onnx, onnx["export"], threads=a.threads, **timing),
+                    "ort_vs_dense": compare_onnx_latency(dense_onnx, onnx["export"], threads=a.threads,
+                                                         vocab_size=vocab, **timing),
                     "ort_vs_ceiling": compare_onnx_latency(onnx["ceiling"], onnx["export"], threads=a.threads,
-                                                           **timing)}
+                                                           vocab_size=vocab, **timing)}
                 r = row[f"bs{bs}"]
                 print(f"{label} batch {bs}: PyTorch x{r['torch_vs_dense']['speedup']:.2f} "
                       f"({100 * r['torch_vs_ceiling']['speedup']:.0f}% of ceiling), ONNX Runtime "
