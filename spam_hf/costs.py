@@ -26,14 +26,19 @@ def model_costs(model: nn.Module, seq_len: int = 128) -> Dict[str, float]:
     }
 
 
-def _latency_inputs(model: nn.Module, batch_size: int, seq_len: int, vocab_low: int = 1000):
-    """Random full-length ``(input_ids, attention_mask)`` on the model's device; ``seq_len`` clipped to its positions."""
-    device = next(model.parameters()).device
-    vocab = int(getattr(model.config, "vocab_size", 30000))
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+def latency_ids(config, batch_size: int, seq_len: int, vocab_low: int = 1000) -> torch.Tensor:
+    """Random full-length ``input_ids [batch_size, seq_len]`` (seed 0) for a model of ``config``: ids from
+    ``[vocab_low, vocab_size)`` (past the special tokens), ``seq_len`` clipped to the model's positions."""
+    vocab = int(getattr(config, "vocab_size", 30000))
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     seq_len = min(seq_len, int(max_pos)) if max_pos else seq_len
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(vocab_low, vocab - 1), vocab, (batch_size, seq_len), generator=g).to(device)
+    return torch.randint(min(vocab_low, vocab - 1), vocab, (batch_size, seq_len), generator=g)
+
+
+def _latency_inputs(model: nn.Module, batch_size: int, seq_len: int, vocab_low: int = 1000):
+    """:func:`latency_ids` and an all-ones mask on the model's device."""
+    ids = latency_ids(model.config, batch_size, seq_len, vocab_low).to(next(model.parameters()).device)
     return ids, torch.ones_like(ids)
 
 

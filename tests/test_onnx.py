@@ -187,6 +187,6 @@ def test_onnx_latency_comparison_times_both_graphs(tmp_path):
     export_onnx(folder, str(tmp_path / "p"))
     export_onnx(dense, str(tmp_path / "d"))
     res = compare_onnx_latency(str(tmp_path / "d" / ONNX_FILE), str(tmp_path / "p" / ONNX_FILE), batch_size=2,
-                               seq_len=8, repeats=3, threads=1, vocab_size=100)
+                               seq_len=8, repeats=3, threads=1)
     assert res["dense_s"] > 0 and res["pruned_s"] > 0 and res["speedup_q25"] <= res["speedup"] <= res["speedup_q75"]
     assert (res["batch_size"], res["seq_len"], res["threads"]) == (2, 8, 1)

@@ -39,7 +39,6 @@ ONNX_FILE = "model.onnx"
 REPORT_FILE = "onnx_export.json"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
-SAMPLE_TSV = os.path.join(os.path.dirname(__file__), "..", "sample_data", "sst2_sample_dev.tsv")
 
 
 @dataclass
@@ -129,7 +128,9 @@ def sample_batch(model: nn.Module, tokenizer, names: Sequence[str], batch: int, 
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     max_length = min(max_length, int(positions)) if positions else max_length
     if tokenizer is not None:
-        with open(SAMPLE_TSV) as f:
+        from ..data import packaged_sst2_files
+
+        with open(packaged_sst2_files()[1]) as f:
             rows = [line.split("\t")[0] for line in f][1 + offset:1 + offset + batch]
         if tokenizer.pad_token is None:  # GPT-2 style: pad with EOS for this batch only
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -280,18 +281,21 @@ def export_onnx(model_dir: str, output_dir: str, opset: int = 18, atol: float = 
 
 
 def compare_onnx_latency(dense_path: str, pruned_path: str, batch_size: int = 32, seq_len: int = 128,
-                         repeats: int = 7, warmup: int = 1, threads: Optional[int] = 2,
-                         vocab_size: int = 30000) -> Dict[str, float]:
-    """Two ``.onnx`` files in ONNX Runtime, timed by :func:`spam_hf.costs.interleaved_speedup` on the same
-    full-length random ``[batch_size, seq_len]`` batch, as :func:`spam_hf.costs.compare_latency` times PyTorch."""
-    from ..costs import interleaved_speedup
+                         repeats: int = 7, warmup: int = 1, threads: Optional[int] = 2) -> Dict[str, float]:
+    """Two ``.onnx`` files that :func:`export_onnx` wrote, in ONNX Runtime, timed by
+    :func:`spam_hf.costs.interleaved_speedup` on the batch :func:`spam_hf.costs.compare_latency` gives PyTorch
+    (:func:`spam_hf.costs.latency_ids` of the ``config.json`` beside the dense graph)."""
+    from transformers import AutoConfig
+
+    from ..costs import interleaved_speedup, latency_ids
 
     dense, pruned = ort_session(dense_path, threads), ort_session(pruned_path, threads)
-    ids = np.random.default_rng(0).integers(min(1000, vocab_size - 1), vocab_size, (batch_size, seq_len))
+    ids = latency_ids(AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(dense_path))), batch_size,
+                      seq_len).numpy()
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     feed = {i.name: feeds[i.name] for i in dense.get_inputs()}
     res = interleaved_speedup(lambda: dense.run(None, feed), lambda: pruned.run(None, feed), repeats, warmup)
-    return {**res, "batch_size": batch_size, "seq_len": seq_len, "threads": threads}
+    return {**res, "batch_size": batch_size, "seq_len": ids.shape[1], "threads": threads}
 
 
 __all__ = ["OnnxExport", "compare_onnx_latency", "export_onnx", "input_names", "ort_session", "require_onnx"]
