@@ -31,6 +31,8 @@ from typing import Optional, Tuple
 import torch
 from transformers.utils import logging
 
+from .spectrum import LogSpectrum, one_sided_logdet
+
 logger = logging.get_logger(__name__)
 
 
@@ -226,8 +228,19 @@ class KronEigen:
         matrix is held, and one pass gives both."""
         if precision.is_rank_one:
             p, q = _project(self._QG2, precision.u), _project(self._QA2, precision.v)
+            if _is_fixed_ones(q):  # δ̃_ij = p_i: tabulated over A's spectrum, O(out) (spam_hf.spectrum)
+                return one_sided_logdet(p, self.g / temperature, self._spectrum("a"))
+            if _is_fixed_ones(p):  # δ̃_ij = q_j
+                return one_sided_logdet(q, self.a / temperature, self._spectrum("g"))
             return rank_one_logdet(p, q, temperature, g=self.g, a=self.a)
         return torch.log(self.eigenvalues(temperature) + self.project(precision)).sum()
+
+    def _spectrum(self, side: str) -> LogSpectrum:
+        """The :class:`~spam_hf.spectrum.LogSpectrum` of ``g`` or ``a``, built on first use and kept."""
+        name = f"_log_spectrum_{side}"
+        if getattr(self, name, None) is None:
+            setattr(self, name, LogSpectrum(getattr(self, side)))
+        return getattr(self, name)
 
     def diag(self) -> torch.Tensor:
         """Diagonal of ``G ⊗ A`` as an ``out × (in+1)`` matrix: ``diag(G) diag(A)ᵀ``."""
@@ -291,6 +304,11 @@ SHARED_RECENT = 4
 
 ROW_BLOCK = 256
 """Rows per block of :class:`_RankOneLogdet` (256 × 8192 float64 = 16 MB)."""
+
+
+def _is_fixed_ones(x: torch.Tensor) -> bool:
+    """Whether ``x`` is all ones and not differentiated (the constant side of a unit, layer or scalar prior)."""
+    return not x.requires_grad and bool((x == 1).all())
 
 
 def _project(Q2: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from .kron import KronEigen, rank_one_logdet
+from .kron import KronEigen, Precision, rank_one_logdet
 from .priors import PriorPrecision
 
 Curvature = Union[Dict[str, KronEigen], Dict[str, torch.Tensor]]
@@ -49,14 +49,58 @@ def _check_inputs(prior: PriorPrecision, curvature: Curvature, params: Dict[str,
         raise ValueError(f"marginal likelihood: no curvature or parameters for {len(missing)} module(s), e.g. {missing[:3]}")
 
 
+@dataclass
+class SquaredWeights:
+    """What ``θᵀΔθ = Σ_ij Δ_ij W²_ij`` needs of one module's augmented weights ``W = [W | b]`` (``out × (in+1)``),
+    reduced once per prior update instead of re-read at every hyper-step: the row sums ``W² 1`` (``[out]``) and
+    column sums ``1ᵀ W²`` (``[in+1]``), which suffice for a rank-one ``Δ = u vᵀ`` constant along one side
+    (``uᵀ W² v = v₀ · uᵀ(W² 1)`` when ``v = v₀ 1``), and ``W²`` itself only when the prior varies along both
+    (:meth:`~spam_hf.priors.PriorPrecision.constant_sides` is ``(False, False)``: a parameter prior)."""
+
+    row_sums: torch.Tensor
+    col_sums: torch.Tensor
+    full: Optional[torch.Tensor] = None
+
+    @classmethod
+    def of(cls, w_aug: torch.Tensor, keep_full: bool = True) -> "SquaredWeights":
+        w2 = w_aug.to(torch.float64).square()
+        return cls(w2.sum(1), w2.sum(0), w2 if keep_full else None)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.row_sums.numel(), self.col_sums.numel())
+
+    def quadratic(self, prec: Precision) -> torch.Tensor:
+        """``Σ_ij Δ_ij W²_ij`` (float64, differentiable in the precision)."""
+        if prec.is_rank_one:
+            if bool((prec.v == prec.v[0]).all()):
+                return prec.v[0] * (prec.u @ self.row_sums)
+            if bool((prec.u == prec.u[0]).all()):
+                return prec.u[0] * (self.col_sums @ prec.v)
+        if self.full is None:
+            raise ValueError("this precision varies along both sides: SquaredWeights needs keep_full=True")
+        return prec.quadratic(self.full)
+
+
+def squared_weights(prior: PriorPrecision, params: Dict[str, torch.Tensor]) -> Dict[str, SquaredWeights]:
+    """:class:`SquaredWeights` of every covered module, reading each of ``params`` once (a
+    :class:`~spam_hf.priors.LazyParams` makes one float64 copy at a time); ``W²`` is kept only for modules whose
+    prior varies along both sides."""
+    return {m: SquaredWeights.of(params[m], keep_full=prior.constant_sides(m) == (False, False))
+            for m in prior.modules}
+
+
 def module_term(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor], m: str,
                 temperature: float = 1.0) -> torch.Tensor:
-    """Module ``m``'s share of ``log Z``: ``−½ θᵀΔθ + ½ Σ log δ − ½ log det(H_m / T + Δ)``."""
+    """Module ``m``'s share of ``log Z``: ``−½ θᵀΔθ + ½ Σ log δ − ½ log det(H_m / T + Δ)``.
+
+    ``params[m]`` is the augmented weight ``[W | b]`` or its :class:`SquaredWeights`."""
     prec = prior.precision(m)
-    w2 = params[m].to(torch.float64).square()
-    if tuple(w2.shape) != prior.shapes[m]:
-        raise ValueError(f"parameters of {m!r} have shape {tuple(w2.shape)}, prior expects {prior.shapes[m]}")
-    term = -0.5 * prec.quadratic(w2) + 0.5 * prec.log_sum()
+    w = params[m]
+    squares = w if isinstance(w, SquaredWeights) else SquaredWeights.of(w)
+    if squares.shape != prior.shapes[m]:
+        raise ValueError(f"parameters of {m!r} have shape {squares.shape}, prior expects {prior.shapes[m]}")
+    term = -0.5 * squares.quadratic(prec) + 0.5 * prec.log_sum()
     curv = curvature[m]
     if isinstance(curv, KronEigen):
         if curv.shape != prior.shapes[m]:
@@ -115,6 +159,8 @@ def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str
             opt.load_state_dict(optimizer_state["adam"])
         except ValueError:
             pass  # prior structure changed (e.g. after pruning): start Adam afresh
+    _check_inputs(prior, curvature, params, temperature)
+    params = squared_weights(prior, params)  # θ is fixed while δ moves: read every weight once, not per step
     history: List[float] = []
     for _ in tqdm(range(n_steps), desc="prior fit: hyper-steps", disable=not progress, leave=False):
         opt.zero_grad(set_to_none=True)

@@ -184,16 +184,24 @@ class PriorPrecision:
 
     # ------------------------------------------------------------------ MAP penalty
     def penalty(self, model: nn.Module, n_data: float) -> torch.Tensor:
-        """``(1 / 2N) Σ_i δ_i θ_i²`` over covered parameters; differentiable in θ (precisions detached)."""
+        """``(1 / 2N) Σ_i δ_i θ_i²`` over covered parameters; differentiable in θ (precisions detached).
+
+        A rank-one precision (every kind but ``parameter``) goes through :class:`_RankOnePenalty`: one read of the
+        weight for the value and one write of its gradient ``Δ∘W / N``, with no ``[W | b]`` copy or ``W²``
+        temporary (at LLM widths these passes over every block weight are a training step's largest overhead)."""
         mods = dict(model.named_modules())
         total = None
         for m in self.shapes:
             module = mods[m]
             w = weight_out_in(module)
-            if self.has_bias[m]:
-                w = torch.cat([w, module.bias.unsqueeze(1)], dim=1)
             prec = self._device_precision(m, w.device)
-            term = prec.quadratic(w.float().square())
+            if prec.is_rank_one:
+                bias = module.bias if self.has_bias[m] else None
+                term = _RankOnePenalty.apply(w, bias, prec.u, prec.v)
+            else:
+                if self.has_bias[m]:
+                    w = torch.cat([w, module.bias.unsqueeze(1)], dim=1)
+                term = prec.quadratic(w.float().square())
             total = term if total is None else total + term
         return total / (2.0 * n_data)
 
@@ -248,6 +256,43 @@ class PriorPrecision:
 
     def load(self, path: str) -> None:
         self.load_state_dict(load_file(path))
+
+
+class _RankOnePenalty(torch.autograd.Function):
+    """``Σ_ij u_i v_j W²_ij + v_b Σ_i u_i b_i²`` for ``Δ = u vᵀ`` over ``[W | b]`` (``v_b = v[-1]`` when there is a
+    bias), with ``∂/∂W = 2 u_i v_j W_ij`` and ``∂/∂b = 2 v_b u_i b_i``. The sums are float32 whatever the weight's
+    dtype, as the unfused ``(Δ ∘ [W | b]²).sum()`` computed them; the precisions are constants."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, u, v):
+        w = weight.float()
+        v_w = v[: w.shape[1]]
+        constant_v = bool((v_w == v_w[0]).all())
+        if constant_v:  # unit prior on rows, scalar and layer priors
+            row = torch.einsum("ij,ij->i", w, w) * v_w[0]
+        else:
+            row = torch.einsum("ij,ij,j->i", w, w, v_w)
+        value = u @ row
+        if bias is not None:
+            value = value + v[-1] * (u @ bias.float().square())
+        ctx.constant_v = constant_v
+        ctx.save_for_backward(weight, bias if bias is not None else torch.empty(0), u, v)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, bias, u, v = ctx.saved_tensors
+        w = weight.float()
+        v_w = v[: w.shape[1]]
+        scale = (2 * grad_out) * u
+        if ctx.constant_v:
+            grad_w = w * (scale * v_w[0]).unsqueeze(1)
+        else:
+            grad_w = w * scale.unsqueeze(1) * v_w.unsqueeze(0)
+        grad_b = None
+        if bias.numel() and ctx.needs_input_grad[1]:
+            grad_b = (2 * grad_out * v[-1] * u * bias.float()).to(bias.dtype)
+        return grad_w.to(weight.dtype), grad_b, None, None
 
 
 def params_aug(model: nn.Module, modules: Iterable[str]) -> Dict[str, torch.Tensor]:

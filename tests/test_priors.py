@@ -40,26 +40,32 @@ def test_unit_prior_gives_each_group_one_precision(bert):
     assert f"rest:{o}" in prior.log_delta
 
 
-def test_penalty_matches_explicit_sum(bert):
-    specs = group_specs(bert)
-    prior = PriorPrecision(bert, specs, kind="unit", init=0.5)
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("kind", ["unit", "scalar", "layer", "parameter"])
+def test_penalty_and_its_gradient_match_the_explicit_sum(family, kind):
+    """``(1/2N) Σ δ θ²`` and ``∂/∂θ = δ θ / N`` for every covered weight and bias, against autograd of the sum
+    written out over ``[W | b]`` (unit priors vary along rows for Q/K/V/up and along columns for O/down; GPT-2's
+    Conv1D stores its weights transposed)."""
+    model = tiny_classifier(family)
+    specs = group_specs(model)
+    prior = PriorPrecision(model, specs, kind=kind, init=0.5)
+    torch.manual_seed(0)
     with torch.no_grad():
         for v in prior.parameters():
             v.uniform_(-1, 2)
     N = 37.0
+    mods = dict(model.named_modules())
+    weights = [p for m in prior.modules for p in (mods[m].weight, mods[m].bias) if p is not None]
     ref = 0.0
-    mods = dict(bert.named_modules())
     for m in prior.modules:
-        w = weight_out_in(mods[m])
-        w = torch.cat([w, mods[m].bias.unsqueeze(1)], 1)
-        ref = ref + (prior.precision(m).matrix() * w.double() ** 2).sum()
-    torch.testing.assert_close(prior.penalty(bert, N).double(), ref / (2 * N), rtol=1e-5, atol=0)
-    # gradient w.r.t. a weight is δ θ / N
-    bert.zero_grad()
-    prior.penalty(bert, N).backward()
-    q = specs[0].modules[0]
-    expect = prior.precision(q).matrix()[:, :-1] * weight_out_in(mods[q]).double() / N
-    torch.testing.assert_close(mods[q].weight.grad.double(), expect, rtol=1e-5, atol=1e-9)
+        w = torch.cat([weight_out_in(mods[m]), mods[m].bias.unsqueeze(1)], 1)
+        ref = ref + (prior.precision(m).matrix().detach() * w.double() ** 2).sum()
+    ref = ref / (2 * N)
+    expected = torch.autograd.grad(ref, weights)
+    ours = prior.penalty(model, N)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-5, atol=0)
+    for got, want in zip(torch.autograd.grad(ours, weights), expected):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-9)
 
 
 def test_penalty_cache_follows_updates(bert):
