@@ -225,7 +225,9 @@ class KronEigen:
 
         For a rank-one Δ (scalar, layer and unit priors) ``δ̃ = p qᵀ`` with ``p = (Q_G∘Q_G)ᵀ u``, ``q = (Q_A∘Q_A)ᵀ v``,
         and the sum and its gradient are computed in row blocks (:class:`_RankOneLogdet`): no ``out × (in+1)``
-        matrix is held, and one pass gives both."""
+        matrix is held, and one pass gives both. When one side is fixed ones (the constant side of a unit, layer or
+        scalar prior, not differentiated), the sum comes from a table of the other side's spectrum instead
+        (:func:`~spam_hf.spectrum.one_sided_logdet`, ``O(out)`` per call once the table exists)."""
         if precision.is_rank_one:
             p, q = _project(self._QG2, precision.u), _project(self._QA2, precision.v)
             if _is_fixed_ones(q):  # δ̃_ij = p_i: tabulated over A's spectrum, O(out) (spam_hf.spectrum)
