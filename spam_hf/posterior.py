@@ -335,19 +335,22 @@ class SpamLaplace:
         self.collect(dataloader, max_batches=max_batches, progress=progress)
         return self.optimize_prior_precision(n_steps=n_steps, progress=progress)
 
-    def carry_over(self, old: "SpamLaplace", keep: Dict[str, torch.Tensor], same_groups: bool = False) -> None:
+    def carry_over(self, old: "SpamLaplace", keep: Dict[str, torch.Tensor], same_groups: bool = False,
+                   layer_map: Optional[Dict[int, int]] = None) -> None:
         """Take ``old``'s precisions after the model changed shape.
 
         Unit priors: the kept groups' precisions (``keep[spec.name]`` indexes ``old``'s specs; specs not
-        in ``keep`` kept every group), matched by kind and layer. With ``same_groups`` (only modules
-        outside the prior changed, e.g. the base under a LoRA adapter) every entry whose key and shape
-        match is copied, whatever the prior kind.
+        in ``keep`` kept every group), matched by kind and layer; ``layer_map`` (``{old layer: new layer}``, when
+        whole blocks were removed) renumbers the layers, and layers it does not name are gone. With
+        ``same_groups`` (only modules outside the prior changed, e.g. the base under a LoRA adapter) every entry
+        whose key and shape match is copied, whatever the prior kind.
         """
         with torch.no_grad():
             if old.prior.kind == "unit" and self.prior.kind == "unit":
                 by_key = {(s.kind, s.layer): s for s in self.specs}
                 for s in old.specs:
-                    new = by_key.get((s.kind, s.layer))
+                    layer = layer_map.get(s.layer) if layer_map else s.layer
+                    new = by_key.get((s.kind, layer)) if layer is not None else None
                     if new is None:
                         continue
                     value = old.prior.log_delta[f"unit:{s.name}"]

@@ -387,7 +387,7 @@ class SpamTrainer(Trainer):
                 config = config.replace(sparsity=masked)
         result = prune(unwrap(self.model), self._sync_n(), config, self.get_train_dataloader(),
                        progress=self._progress())
-        self._after_surgery(result.selection.keep)
+        self._after_surgery(result.selection.keep, layer_map=result.layer_map)
         self.last_result = result
         if len(result.plans) == 1 and not result.config.in_rounds:
             self.last_plan = result.plans[0]
@@ -396,12 +396,14 @@ class SpamTrainer(Trainer):
                     f"{used.method} in {len(result.plans)} round(s){' with compensation' if used.compensate else ''}")
         return result.selection
 
-    def _after_surgery(self, keep: Dict[str, torch.Tensor], same_groups: bool = False) -> None:
+    def _after_surgery(self, keep: Dict[str, torch.Tensor], same_groups: bool = False,
+                       layer_map: Optional[Dict[int, int]] = None) -> None:
         """The model changed shape: a posterior for it (precisions of kept groups carried over, see
-        :meth:`SpamLaplace.carry_over`), a fresh optimiser, and ``save_model()`` writes the export."""
+        :meth:`SpamLaplace.carry_over`; ``layer_map`` when whole blocks were removed), a fresh optimiser, and
+        ``save_model()`` writes the export."""
         old = self.posterior
         self.posterior = SpamLaplace.from_args(unwrap(self.model), self.args, n_data=old.n_data)
-        self.posterior.carry_over(old, keep, same_groups=same_groups)
+        self.posterior.carry_over(old, keep, same_groups=same_groups, layer_map=layer_map)
         self._pruned = True
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None

@@ -145,6 +145,13 @@ def precheck(model, config: PruningConfig, args: FinishArguments, kv_groups_only
     check_reachable(model, specs, config.sparsity, config.budget, config.flops_seq_len, config.min_keep, uniform_kinds)
     if config.sequential:
         check_sequential(model, config)
+    if config.drop_blocks is not None:
+        if is_peft_model(model):
+            raise ValueError("--drop_blocks removes whole blocks of a full model; on a LoRA run the groups are its "
+                             "ranks (prune the base with --prune-base instead)")
+        if args.distill_hidden_weight:
+            raise ValueError("--drop_blocks leaves fewer hidden states than the teacher has, so "
+                             "--distill_hidden_weight cannot pair them; use --distill alone")
     check_teacher(args, masked_dense, model.config)
     return config
 

@@ -102,6 +102,11 @@ class PruningConfig:
                 "speed); each layer rounds down or up, whichever does less damage, with the budget kept. Heads are "
                 "not rounded (each is head_dim wide). 1: off."})
 
+    drop_blocks: Optional[float] = field(default=None, metadata={
+        "help": "After the cut, also remove whole blocks, emptiest first, while the calibration loss with them "
+                "skipped stays within this fraction of the loss with every block (e.g. 0.01); the export has fewer "
+                "layers. Default: keep every block."})
+
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
         check_choice("budget", self.budget, BUDGETS)
@@ -116,6 +121,9 @@ class PruningConfig:
         if self.flops_seq_len < 1:
             raise ValueError(f"flops_seq_len must be >= 1, got {self.flops_seq_len}")
         check_round_to(self.round_to)
+        if self.drop_blocks is not None and not (0.0 <= self.drop_blocks < float("inf")):
+            raise ValueError(f"drop_blocks must be a tolerance >= 0 (a fraction of the calibration loss), "
+                             f"got {self.drop_blocks}")
 
     @classmethod
     def build(cls, sparsity: Optional[float] = None, config: Optional["PruningConfig"] = None,

@@ -8,8 +8,9 @@
 and applies in one shot (scores of the trained posterior, ``opd`` / ``fisher``, or of the weights alone), or goes
 through :func:`~spam_hf.pruning.prune_in_rounds`: calibration statistics of the current model each round, global
 selection of that round's share of the budget, compensation, surgery; or, with ``sequential``, through
-:func:`~spam_hf.pruning.sequential.prune_sequential`, one block's statistics at a time. ``SpamTrainer.prune`` and
-the CLI's jobs are thin calls into it.
+:func:`~spam_hf.pruning.sequential.prune_sequential`, one block's statistics at a time. With ``drop_blocks`` the
+blocks left idle are then removed whole (:mod:`spam_hf.pruning.blocks`). ``SpamTrainer.prune`` and the CLI's jobs
+are thin calls into it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..architectures import is_peft_model
 from ..posterior import SpamLaplace
+from .blocks import drop_idle_blocks
 from .config import PruningConfig
 from .planning import PruningResult, apply, plan
 from .rounds import geometric_targets, prune_in_rounds
@@ -51,6 +53,23 @@ def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Op
     the main process's and the weights are broadcast, so every process ends with the same model.
     """
     config = PruningConfig.build(options.pop("sparsity", None), config, **options).resolved(is_peft_model(model))
+    if config.drop_blocks is not None:
+        if is_peft_model(model):
+            raise ValueError("drop_blocks removes whole blocks of a full model; a LoRA model's groups are its ranks")
+        if calibration is None:
+            raise ValueError("drop_blocks needs calibration batches (calibration=a DataLoader with labels): the "
+                             "calibration loss decides which blocks go")
+    result = _cut(model, statistics, config, calibration, progress, kv_groups_only)
+    if config.drop_blocks is not None:
+        dropped = drop_idle_blocks(model, result.selection, calibration, config.drop_blocks,
+                                   config.calibration_batches, config.budget, config.flops_seq_len)
+        result.selection, result.dropped_blocks, result.layer_map = dropped.selection, dropped.dropped, dropped.layer_map
+    return result
+
+
+def _cut(model: nn.Module, statistics: Optional[SpamLaplace], config: PruningConfig, calibration: Optional[Iterable],
+         progress: bool, kv_groups_only: Optional[bool]) -> PruningResult:
+    """Heads and neurons: block by block, in one shot or in rounds, as ``config`` resolved it."""
     if kv_groups_only is None:
         kv_groups_only = statistics.kv_groups_only if statistics is not None else False
     if config.sequential:

@@ -96,12 +96,16 @@ class PruningResult:
         selection: all rounds as one selection of the *original* model's groups (for reports); its ``achieved``
             (also ``result.achieved``) is the fraction of the original prunable cost removed.
         config: the resolved :class:`~spam_hf.pruning.PruningConfig` it ran with.
+        dropped_blocks: whole blocks removed after the cut (``drop_blocks``; original indices), and
+        layer_map: ``{old index: new index}`` of the blocks kept (empty when none was dropped).
     """
 
     plans: List[PruningPlan]
     compensated: List[dict]
     selection: Selection
     config: Optional[PruningConfig] = None
+    dropped_blocks: List[int] = field(default_factory=list)
+    layer_map: Dict[int, int] = field(default_factory=dict)
 
     @property
     def achieved(self) -> float:

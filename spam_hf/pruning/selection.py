@@ -67,6 +67,7 @@ class Selection:
     total_cost: float
     removed_cost: float
     layers: List[LayerReport] = field(default_factory=list)
+    dropped_blocks: List[int] = field(default_factory=list)  # whole blocks removed after the cut (original indices)
 
     @property
     def achieved(self) -> float:
@@ -81,6 +82,7 @@ class Selection:
             "removed_cost": self.removed_cost,
             "keep": {k: v.tolist() for k, v in self.keep.items()},
             "layers": [layer.to_dict() for layer in self.layers],
+            **({"dropped_blocks": list(self.dropped_blocks)} if self.dropped_blocks else {}),
         }
 
 
