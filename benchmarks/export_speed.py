@@ -4,7 +4,9 @@ For each sparsity: select groups (OPD from a finished `spam-hf compress` run whe
 else magnitude on the dense weights), remove them, save with `save_pruned`, reload with
 `spam_hf.from_pretrained`, and time a warm forward (median of repeats) at batch 1 and 32,
 sequence 128, with the given number of CPU threads. The dense model is timed in the same run,
-interleaved, and speed-ups are ratios within the run.
+interleaved, and speed-ups are ratios within the run. Each export is also timed interleaved against its uniform
+ceiling (``deploy_speed.uniform_ceiling``: the dense model cut to the same total of heads and neurons, spread
+evenly), and the share of that ceiling it reaches (``t_ceiling / t_export``) is printed beside the speed-up.
 
     python benchmarks/export_speed.py --run-dir runs/spam-demo --out benchmarks/results/export_speed_minilm_cpu.json
     python benchmarks/export_speed.py --bert-base --out benchmarks/results/export_speed_bertbase_cpu.json
@@ -26,7 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from spam_hf.costs import measure_latency, model_costs  # noqa: E402
+from deploy_speed import uniform_ceiling  # noqa: E402
+from spam_hf.costs import compare_latency, measure_latency, model_costs  # noqa: E402
 from spam_hf.export import from_pretrained, save_pruned  # noqa: E402
 from spam_hf import SpamLaplace, apply, plan  # noqa: E402
 
@@ -81,15 +84,22 @@ def main() -> None:
             row = {"sparsity": s, "achieved": sel.achieved, "params": costs["params"],
                    "block_flops_ratio": dense_costs["block_flops"] / costs["block_flops"],
                    "layers": [x.to_dict() for x in sel.layers]}
+            ceiling = uniform_ceiling(model, reloaded).eval()
             for bs in bss:  # dense timed right before each pruned model: ratios within the same minute
                 d = measure_latency(model, bs, a.seq_len, a.repeats, threads=a.threads)["latency_s"]
                 q = measure_latency(reloaded, bs, a.seq_len, a.repeats, threads=a.threads)["latency_s"]
+                # the same-size uniform model, interleaved with the export: the share of the ceiling it reaches
+                c = compare_latency(ceiling, reloaded, bs, a.seq_len, a.repeats, threads=a.threads)
                 row[f"bs{bs}"] = {"dense_s": d, "pruned_s": q, "speedup": d / q,
-                                  "throughput_seq_per_s": bs / q}
+                                  "throughput_seq_per_s": bs / q, "ceiling_s": c["dense_s"],
+                                  "share_of_ceiling": c["speedup"], "share_q25": c["speedup_q25"],
+                                  "share_q75": c["speedup_q75"]}
             res["rows"].append(row)
             print(f"s={s:.2f} FLOPs x{row['block_flops_ratio']:.2f} " +
-                  " ".join(f"bs{bs}: x{row[f'bs{bs}']['speedup']:.2f}" for bs in bss), flush=True)
-            del pruned, reloaded
+                  " ".join(f"bs{bs}: x{row[f'bs{bs}']['speedup']:.2f} "
+                           f"({row[f'bs{bs}']['share_of_ceiling']:.0%} of the uniform ceiling)" for bs in bss),
+                  flush=True)
+            del pruned, reloaded, ceiling
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=2)
     finally:

@@ -79,6 +79,8 @@ def test_export_speed_and_reprune_lab_smoke(tiny_setup, tmp_path):
     r = json.load(open(out))
     row = r["rows"][0]
     assert row["bs32"]["speedup"] == pytest.approx(row["bs32"]["dense_s"] / row["bs32"]["pruned_s"], rel=1e-9)
+    assert row["bs32"]["share_q25"] <= row["bs32"]["share_of_ceiling"] <= row["bs32"]["share_q75"]
+    assert row["bs32"]["ceiling_s"] > 0
     # the FLOP ratio is that of the exported model: recompute it from the re-pruned export
     from spam_hf.costs import model_costs
     from spam_hf.export import from_pretrained
