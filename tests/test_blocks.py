@@ -68,36 +68,42 @@ def test_an_emptied_pre_norm_block_costs_nothing_to_skip():
     assert 2 in choose_idle_blocks(model, batches, 1e-6, max_batches=2)
 
 
-def test_the_search_goes_emptiest_first_and_stops_at_the_first_block_over_the_bound(monkeypatch):
-    """The greedy search against a loss given per skipped set: blocks are tried by the prunable cost they have
-    left (least first), each with the ones already chosen, and the first over ``(1 + tolerance) × base`` ends it;
-    never every block."""
+def test_the_search_takes_the_least_harmful_candidate_first_and_stops_over_the_bound(monkeypatch):
+    """The best-first search against a loss given per skipped set: only blocks keeping at most IDLE_SHARE of a
+    dense block are candidates; each step tries every remaining candidate with the ones chosen and takes the lowest
+    loss while it is within ``(1 + tolerance) × base``; never every block."""
     import spam_hf.pruning.blocks as blocks
 
-    model = _model("bert")  # 4 blocks; empty 3 entirely and 1 partly: the order to try is 3, 1, then 0 / 2
+    model = _model("bert")  # 4 blocks; 3 emptied, 1 and 2 down to two neurons: candidates 1, 2, 3; 0 is full
     _empty_block(model, 3)
-    keep = {s.name: (torch.arange(1) if s.layer == 1 else torch.arange(s.count)) for s in group_specs(model)}
+    keep = {s.name: (torch.arange(2) if s.layer in (1, 2) and s.kind == "neuron" else
+                     torch.arange(0) if s.layer in (1, 2) else torch.arange(s.count)) for s in group_specs(model)}
     get_family(model).shrink(model, keep)
-    added = {3: 0.0, 1: 0.005, 0: 0.5, 2: 0.001}
+    dense_block = blocks.layer_costs(_model("bert"), group_specs(_model("bert")))[0]
+    single = {1: -0.04, 2: 0.001, 3: 0.02, 0: -0.5}
+    pair_extra = {frozenset({1, 3}): 0.2}
     tried = []
 
     def fake_loss(model, batches, max_batches, skip=()):
         tried.append(sorted(skip))
-        return 1.0 + sum(added[i] for i in skip)
+        return 1.0 + sum(single[i] for i in skip) + sum(v for k, v in pair_extra.items() if k <= set(skip))
 
     monkeypatch.setattr(blocks, "calibration_loss", fake_loss)
-    assert choose_idle_blocks(model, [], 0.01, max_batches=1) == [1, 3]
-    assert tried == [[], [3], [1, 3], [0, 1, 3]]  # 0 and 2 have equal cost; 0 comes first and ends the search
-    tried.clear()
-    assert choose_idle_blocks(model, [], 1e9, max_batches=1) == [0, 1, 3]  # the last block always stays
+    assert choose_idle_blocks(model, [], 0.01, max_batches=1, block_cost=dense_block) == [1, 2]
+    assert [0] not in tried  # block 0 keeps everything: never a candidate
+    assert tried[:4] == [[], [1], [2], [3]] and [1, 3] in tried and [1, 2, 3] in tried
+    assert choose_idle_blocks(model, [], 1e9, max_batches=1) == [0, 1, 2]  # no cap: the last block stays
 
 
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
-def test_prune_with_drop_blocks_exports_fewer_layers_that_load(tmp_path, model_type):
-    """Through the engine: the default cut, then blocks dropped; the selection counts the dropped blocks' groups as
-    removed and records them, and the export (uneven: remote code; ``--uniform`` LLaMA: stock) loads with the same
-    logits as the pruned model."""
+def test_prune_with_drop_blocks_exports_fewer_layers_that_load(tmp_path, model_type, monkeypatch):
+    """Through the engine: the default cut, then blocks dropped (every block a candidate, any loss allowed); the
+    selection counts the dropped blocks' groups as removed and records them, and the export (uneven: remote code;
+    ``--uniform`` LLaMA: stock) loads with the same logits as the pruned model."""
+    import spam_hf.pruning.blocks as blocks
     from spam_hf.export import from_pretrained, save_pruned
+
+    monkeypatch.setattr(blocks, "IDLE_SHARE", float("inf"))
 
     decoder = model_type == "llama"
     model = _model(model_type)

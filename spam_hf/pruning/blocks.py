@@ -2,12 +2,14 @@
 
 At high sparsity the global budget empties some blocks down to a head and a few dozen neurons. Such a block still
 costs its layer norms, residual adds and small matrix products, and at batch 1 these per-block overheads are what
-keeps the measured speed-up below the FLOP ratio. :func:`drop_idle_blocks` tries the blocks emptiest first (least
-prunable cost left) and skips each on the calibration batches; a block goes when the calibration loss with it and
-the blocks already chosen skipped stays within ``(1 + tolerance)`` of the loss with every block, and the search
-stops at the first block that does not pass (fuller blocks are not tried). Skipping is exact for a pre-norm
-decoder block with no heads, no neurons and no biases left (it adds nothing to the residual stream); for a
-post-norm encoder block it also removes two layer norms, which is what the calibration loss measures.
+keeps the measured speed-up below the FLOP ratio. :func:`drop_idle_blocks` considers the blocks that keep at most
+:data:`IDLE_SHARE` of a dense block's prunable cost and removes them best first: each step skips every remaining
+candidate on the calibration batches (with the blocks already chosen skipped too) and takes the one whose loss is
+lowest, as long as that loss stays within ``(1 + tolerance)`` of the loss with every block. Skipping is exact for a
+pre-norm decoder block with no heads, no neurons and no biases left (it adds nothing to the residual stream); for a
+post-norm encoder block it also removes two layer norms, which is what the calibration loss measures. Best first,
+not emptiest first: on the CPU protocol's 90% MiniLM export, skipping the emptiest block raised the calibration
+loss by 1.9% and the next emptiest lowered it by 4.4%, but skipping both raised it by 22%.
 
 Dropped blocks leave the model (:func:`remove_blocks`): the block list is shorter, ``config.num_hidden_layers``
 says so, ``layer_idx`` attributes (KV-cache slots) and ``config.layer_types`` follow, so the export loads with
@@ -30,6 +32,9 @@ from ..architectures.base import GroupSpec, base_prefix
 from .selection import Selection, prunable_cost
 
 logger = logging.get_logger(__name__)
+
+IDLE_SHARE = 0.1
+"""A block is a candidate for removal when it keeps at most this share of a dense block's prunable cost."""
 
 
 def layer_costs(model: nn.Module, specs: Sequence[GroupSpec], budget: str = "params",
@@ -90,27 +95,32 @@ def calibration_loss(model: nn.Module, batches: Iterable, max_batches: int, skip
 
 
 def choose_idle_blocks(model: nn.Module, batches: Iterable, tolerance: float, max_batches: int,
-                       budget: str = "params", seq_len: int = 128) -> List[int]:
-    """The blocks to drop: emptiest first, while the calibration loss with all of them skipped is at most
-    ``(1 + tolerance) ×`` the loss with none; stops at the first block that fails. Never every block."""
+                       budget: str = "params", seq_len: int = 128,
+                       block_cost: Optional[float] = None) -> List[int]:
+    """The blocks to drop, best first: among the candidates (blocks keeping at most :data:`IDLE_SHARE` of
+    ``block_cost``, a dense block's prunable cost; every block when it is ``None``), each step skips every
+    remaining candidate with the ones already chosen and takes the one with the lowest calibration loss, while that
+    loss is at most ``(1 + tolerance) ×`` the loss with every block. Never every block. Costs at most
+    ``c(c + 1) / 2`` calibration passes for ``c`` candidates."""
     if tolerance < 0:
         raise ValueError(f"drop_blocks tolerance must be >= 0, got {tolerance}")
     costs = layer_costs(model, group_specs(model), budget, seq_len)
-    n_layers = len(get_family(model).layers(model))
+    candidates = [i for i in costs if block_cost is None or costs[i] <= IDLE_SHARE * block_cost]
+    candidates = candidates[: len(costs) - 1]  # one block always stays
     base = calibration_loss(model, batches, max_batches)
     bound = base + tolerance * abs(base)
     chosen: List[int] = []
-    for layer in sorted(costs, key=lambda i: (costs[i], i)):
-        if len(chosen) == n_layers - 1:
-            break
-        loss = calibration_loss(model, batches, max_batches, chosen + [layer])
-        if loss > bound:
-            logger.info(f"block {layer} stays: skipping it too gives calibration loss {loss:.4f} "
+    while candidates:
+        losses = {i: calibration_loss(model, batches, max_batches, chosen + [i]) for i in candidates}
+        best = min(candidates, key=lambda i: (losses[i], costs[i], i))
+        if losses[best] > bound:
+            logger.info(f"no further block goes: skipping block {best} too gives calibration loss {losses[best]:.4f} "
                         f"(bound {bound:.4f})")
             break
-        chosen.append(layer)
-        logger.info(f"block {layer} ({costs[layer]:.0f} prunable {budget} left) can go: calibration loss {loss:.4f} "
-                    f"(with every block {base:.4f})")
+        chosen.append(best)
+        candidates.remove(best)
+        logger.info(f"block {best} ({costs[best]:.0f} prunable {budget} left) goes: calibration loss "
+                    f"{losses[best]:.4f} (with every block {base:.4f})")
     return sorted(chosen)
 
 
@@ -153,7 +163,9 @@ def drop_idle_blocks(model: nn.Module, selection: Selection, batches: Iterable, 
     """Choose the idle blocks (:func:`choose_idle_blocks`), remove them (:func:`remove_blocks`) and account for
     them in ``selection``: their groups' ``keep`` emptied, their layer reports at zero, and the removed cost
     counted from what is left of the model."""
-    dropped = choose_idle_blocks(model, batches, tolerance, max_batches, budget, seq_len)
+    n_layers = len(get_family(model).layers(model))
+    dropped = choose_idle_blocks(model, batches, tolerance, max_batches, budget, seq_len,
+                                 block_cost=selection.total_cost / n_layers)
     if not dropped:
         return DroppedBlocks(selection=selection, dropped=[], layer_map={})
     layer_map = remove_blocks(model, dropped)

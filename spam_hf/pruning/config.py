@@ -103,9 +103,9 @@ class PruningConfig:
                 "not rounded (each is head_dim wide). 1: off."})
 
     drop_blocks: Optional[float] = field(default=None, metadata={
-        "help": "After the cut, also remove whole blocks, emptiest first, while the calibration loss with them "
-                "skipped stays within this fraction of the loss with every block (e.g. 0.01); the export has fewer "
-                "layers. Default: keep every block."})
+        "help": "After the cut, also remove whole blocks that keep at most 10%% of a block, the least harmful "
+                "first, while the calibration loss with them skipped stays within this fraction of the loss with "
+                "every block (e.g. 0.05); the export has fewer layers. Default: keep every block."})
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity)
