@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from ..architectures import get_family, group_specs
 from ..architectures.base import GroupSpec, base_prefix
+from ..distributed import all_reduce_sum, broadcast_object
 from .selection import Selection, prunable_cost
 
 logger = logging.get_logger(__name__)
@@ -69,7 +70,8 @@ def _return_input(module, args, kwargs, output):
 
 
 def calibration_loss(model: nn.Module, batches: Iterable, max_batches: int, skip: Iterable[int] = ()) -> float:
-    """Mean loss over the first ``max_batches`` batches (dicts with labels), with blocks ``skip`` skipped."""
+    """Mean loss over the first ``max_batches`` batches (dicts with labels), with blocks ``skip`` skipped; with
+    several processes, over every process's batches (so that all of them take the same decisions)."""
     device = next(model.parameters()).device
     total, n = 0.0, 0
     was_training = model.training
@@ -87,6 +89,7 @@ def calibration_loss(model: nn.Module, batches: Iterable, max_batches: int, skip
                 n += 1
     finally:
         model.train(was_training)
+    total, n = (float(x) for x in all_reduce_sum(torch.tensor([total, n], dtype=torch.float64)))  # every shard
     if n == 0:
         raise ValueError("dropping blocks needs at least one calibration batch")
     if not math.isfinite(total):
@@ -164,8 +167,8 @@ def drop_idle_blocks(model: nn.Module, selection: Selection, batches: Iterable, 
     them in ``selection``: their groups' ``keep`` emptied, their layer reports at zero, and the removed cost
     counted from what is left of the model."""
     n_layers = len(get_family(model).layers(model))
-    dropped = choose_idle_blocks(model, batches, tolerance, max_batches, budget, seq_len,
-                                 block_cost=selection.total_cost / n_layers)
+    dropped = broadcast_object(choose_idle_blocks(model, batches, tolerance, max_batches, budget, seq_len,
+                                                  block_cost=selection.total_cost / n_layers))
     if not dropped:
         return DroppedBlocks(selection=selection, dropped=[], layer_map={})
     layer_map = remove_blocks(model, dropped)
