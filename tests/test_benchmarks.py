@@ -434,3 +434,31 @@ def test_deploy_speed_smoke(tmp_path):
     for key in ("torch_vs_dense", "torch_vs_ceiling", "ort_vs_dense", "ort_vs_ceiling"):
         assert row["bs2"][key]["speedup"] > 0 and row["bs2"][key]["batch_size"] == 2
     assert "| half | 75.0 |" in open(out + ".md").read()
+
+
+def test_uniform_ceiling_has_the_exports_parameters_when_heads_do_not_divide_evenly():
+    """deploy_speed's ceiling: 3 heads over 2 layers cannot be spread evenly (2 per layer), so the neurons per layer
+    make up the difference: the ceiling's prunable parameters are within one neuron per layer of the export's, and
+    every layer has the same shape."""
+    import sys
+
+    import torch
+
+    from conftest import tiny_classifier
+    from spam_hf.architectures import group_specs
+    from spam_hf.pruning import prune_groups
+    from spam_hf.pruning.selection import group_costs, prunable_cost
+
+    sys.path.insert(0, BENCH)
+    from deploy_speed import uniform_ceiling
+
+    dense, export = tiny_classifier("bert"), tiny_classifier("bert")
+    keep = {s.name: torch.arange({"head": [1, 2], "neuron": [10, 30]}[s.kind][s.layer]) for s in group_specs(export)}
+    prune_groups(export, keep)
+    ceiling = uniform_ceiling(dense, export)
+    specs = group_specs(ceiling)
+    assert {s.count for s in specs if s.kind == "head"} == {2} and len({s.count for s in specs if s.kind == "neuron"}) == 1
+    neuron_cost = float(group_costs(dense, [s for s in group_specs(dense) if s.kind == "neuron"][0], "params", 128)[0])
+    gap = prunable_cost(ceiling, specs, "params", 128) - prunable_cost(export, group_specs(export), "params", 128)
+    assert abs(gap) <= 2 * neuron_cost / 2 + 1e-9  # half a neuron in each of the 2 layers
+    assert prunable_cost(ceiling, specs, "params", 128) < prunable_cost(dense, group_specs(dense), "params", 128)
