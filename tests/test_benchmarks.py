@@ -462,3 +462,30 @@ def test_uniform_ceiling_has_the_exports_parameters_when_heads_do_not_divide_eve
     gap = prunable_cost(ceiling, specs, "params", 128) - prunable_cost(export, group_specs(export), "params", 128)
     assert abs(gap) <= 2 * neuron_cost / 2 + 1e-9  # half a neuron in each of the 2 layers
     assert prunable_cost(ceiling, specs, "params", 128) < prunable_cost(dense, group_specs(dense), "params", 128)
+
+
+def test_profile_export_smoke(tmp_path):
+    """benchmarks/profile_export.py on a tiny uneven BERT export: per-operator times of the export and its uniform
+    ceiling, the same operators called as often in both (uneven layers add no operator), totals that add up."""
+    import torch
+
+    from conftest import tiny_classifier
+    from spam_hf.architectures import group_specs
+    from spam_hf.export import save_pruned
+    from spam_hf.pruning import prune_groups
+
+    dense = str(tmp_path / "dense")
+    tiny_classifier("bert").save_pretrained(dense)
+    model = tiny_classifier("bert")
+    keep = {s.name: torch.arange(s.count // 4 if s.layer == 0 else 3 * s.count // 4) for s in group_specs(model)}
+    prune_groups(model, keep)
+    save_pruned(model, str(tmp_path / "export"))
+    out = str(tmp_path / "prof.json")
+    run("profile_export.py", "--dense", dense, "--export", str(tmp_path / "export"), "--seq-len", "16",
+        "--forwards", "3", "--threads", "1", "--out", out)
+    r = json.load(open(out))
+    ops = {row["op"]: row for row in r["ops"]}
+    assert ops["aten::addmm"]["export_calls"] == ops["aten::addmm"]["ceiling_calls"] > 0
+    # each row is rounded to 0.1 µs
+    assert r["export_us_per_forward"] == pytest.approx(sum(row["export_us"] for row in r["ops"]), abs=0.1 * len(ops))
+    assert sum(r["export_groups"].values()) > 0 and sum(r["ceiling_groups"].values()) > 0
