@@ -31,6 +31,7 @@ from ..architectures import get_family, group_specs
 from ..architectures.base import GroupSpec, base_prefix
 from ..distributed import all_reduce_sum, broadcast_object
 from .selection import Selection, prunable_cost
+from .sequential import batch_to
 
 logger = logging.get_logger(__name__)
 
@@ -81,8 +82,7 @@ def calibration_loss(model: nn.Module, batches: Iterable, max_batches: int, skip
             for i, batch in enumerate(batches):
                 if i >= max_batches:
                     break
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss = model(**batch).loss
+                loss = model(**batch_to(batch, device)).loss
                 if loss is None:
                     raise ValueError("dropping blocks needs calibration batches with labels (the loss decides)")
                 total += float(loss)

@@ -92,7 +92,8 @@ def _batches(calibration: Iterable, max_batches: int) -> List[Dict[str, torch.Te
     return out
 
 
-def _to(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+def batch_to(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    """``batch`` with its tensors on ``device`` (other entries as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -121,7 +122,7 @@ def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str,
     model.eval()
     try:
         for batch in batches:
-            for row in _rows_of(_to(batch, device)):  # one sequence at a time: an LM's logits are rows × vocab
+            for row in _rows_of(batch_to(batch, device)):  # one sequence at a time: an LM's logits are rows × vocab
                 with torch.enable_grad(), acc.capture(model, _mask_of(row)):
                     out = model(**row)
                     acc.accumulate(out.logits, row.get("labels"))
@@ -149,7 +150,7 @@ def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]) -> Li
     try:
         with torch.no_grad():
             for batch in batches:
-                inputs = {k: v for k, v in _to(batch, device).items() if k != "labels"}
+                inputs = {k: v for k, v in batch_to(batch, device).items() if k != "labels"}
                 try:
                     model(**inputs, **extra)
                 except _Stop:
