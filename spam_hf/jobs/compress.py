@@ -19,6 +19,7 @@ from ..training_arguments import SpamTrainingArguments
 from .finish import RunContext, plain_args, precheck, prune_and_export
 from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
+from .placement import dispatched_job
 from .policy import resolve_schedule
 from .reporting import snapshot
 from .resolve import display_name
@@ -76,10 +77,11 @@ def compress(model_args: ModelArguments, data_args: DataArguments, config: Pruni
     check_output_dir(out_dir, args.overwrite_output_dir or continues_run(resume, out_dir))
     if args.push_to_hub_repo:
         check_hub(args.push_to_hub_repo)  # an offline push fails now, not after training
+    config, args = dispatched_job(model_args, config, args, lora_args, train_args.world_size)
     path, _, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
     set_seed(train_args.seed)  # a newly initialised head (the packaged MiniLM has none) is the same every run
-    model = load_model(path, data, tokenizer)
+    model = load_model(path, data, tokenizer, model_args.placement())
     if lora_args.enabled:
         model = wrap_lora(model, lora_args)
     schedule = resolve_schedule(args, config.sparsity, train_args, lora_args.enabled)  # None / 0: none in training

@@ -58,10 +58,11 @@ def metrics_for(metric: str):
     return None if metric == "perplexity" else compute_metrics_fn(metric)
 
 
-def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]] = None, tokenizer=None):
-    kw = {}
+def load_classifier(path: str, num_labels: int, label_names: Optional[List[str]] = None, tokenizer=None,
+                    placement: Optional[dict] = None):
+    kw = dict(placement or {})
     if label_names:
-        kw = dict(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+        kw.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kw["pad_token_id"] = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
     with weights_named(path), quiet_load_report():
@@ -104,14 +105,16 @@ class _DropLoadReport(std_logging.Filter):
         return "LOAD REPORT" not in str(record.msg)
 
 
-def load_model(path: str, data, tokenizer=None):
-    """``AutoModelForCausalLM`` for packed LM data, else a sequence classifier with the data's labels."""
+def load_model(path: str, data, tokenizer=None, placement: Optional[dict] = None):
+    """``AutoModelForCausalLM`` for packed LM data, else a sequence classifier with the data's labels;
+    ``placement``: ``from_pretrained``'s ``device_map`` / ``max_memory`` / ``offload_folder``
+    (:meth:`ModelArguments.placement`)."""
     if getattr(data, "num_labels", None) is None:
         with weights_named(path):
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **(placement or {}))
         get_family(model)
         return model
-    return load_classifier(path, data.num_labels, data.label_names, tokenizer)
+    return load_classifier(path, data.num_labels, data.label_names, tokenizer, placement)
 
 
 @contextlib.contextmanager

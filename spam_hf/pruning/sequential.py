@@ -24,6 +24,7 @@ not refreshed after earlier blocks are cut (it would need a backward per block).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -35,6 +36,7 @@ from ..architectures import consuming_modules, get_family, group_specs, is_peft_
 from ..architectures.base import GroupSpec
 from ..curvature import CurvatureAccumulator, _at_least_float32
 from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
+from ..offload import execution_device, is_offloaded, onloaded
 from ..posterior import likelihood_of
 from .compensation import compensate as compensate_groups
 from .config import PruningConfig
@@ -117,13 +119,16 @@ def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str,
     at a time), in eval mode."""
     acc = CurvatureAccumulator(model, modules, kind="kfac", reduction="expand", fisher=fisher,
                                likelihood=likelihood_of(model), seed=seed, sides=("G",))
-    device = next(model.parameters()).device
+    device = execution_device(model)
     was_training = model.training
     model.eval()
+    # offloaded blocks: autograd would keep every block's onloaded weights on the device until the backward
+    saved = torch.autograd.graph.save_on_cpu() if is_offloaded(model) and device.type != "cpu" else \
+        contextlib.nullcontext()
     try:
         for batch in batches:
             for row in _rows_of(batch_to(batch, device)):  # one sequence at a time: an LM's logits are rows × vocab
-                with torch.enable_grad(), acc.capture(model, _mask_of(row)):
+                with torch.enable_grad(), saved, acc.capture(model, _mask_of(row)):
                     out = model(**row)
                     acc.accumulate(out.logits, row.get("labels"))
                 del out
@@ -138,7 +143,7 @@ def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]) -> Li
     """The positional and keyword inputs of the first block for each batch (hidden states first), recorded by a
     pre-hook that stops the forward there: embeddings, masks and position embeddings as the model makes them."""
     layers = get_family(model).layers(model)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     recorded: List[Tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
@@ -264,11 +269,13 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     inputs = block_inputs(model, batches)
     for layer, block in enumerate(tqdm(layers, desc="sequential: budget", disable=not progress)):
         specs = _block_specs(specs0, layer)
-        if specs:
-            A = input_factors(model, block, consuming_modules(specs), inputs, masks) if "factors" in score.needs else {}
-            scores.update(block_scores(specs, A))
-            del A
-        inputs = _run_block(block, inputs)
+        with onloaded(block, changed=False):  # an offloaded block's weights, real while it is scored
+            if specs:
+                A = input_factors(model, block, consuming_modules(specs), inputs, masks) \
+                    if "factors" in score.needs else {}
+                scores.update(block_scores(specs, A))
+                del A
+            inputs = _run_block(block, inputs)
     del inputs
     global_selection = select_groups(model, specs0, scores, config.sparsity, budget=config.budget,
                                      seq_len=config.flops_seq_len, min_keep=config.min_keep,
@@ -287,15 +294,16 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     for layer, block in enumerate(tqdm(layers, desc="sequential: compress", disable=not progress)):
         specs = _block_specs(specs0, layer)
         if specs and removed_by_layer.get(layer, 0.0) > 0:
-            A = input_factors(model, block, consuming_modules(specs), inputs, masks) if needs_factors else {}
-            keep = {s.name: global_plan.keep[s.name] for s in specs}
-            if rescore:
-                keep = _block_keep(model, specs, block_scores(specs, A), removed_by_layer[layer], config)
-            keep = broadcast_object(keep)
-            if config.compensate:
-                compensated.update(compensate_groups(model, specs, keep, paired(A)))
-            del A
-            prune_groups(model, keep, kv_groups_only=kv)
+            with onloaded(block):  # an offloaded block: real weights to refit and cut, offloaded again after
+                A = input_factors(model, block, consuming_modules(specs), inputs, masks) if needs_factors else {}
+                keep = {s.name: global_plan.keep[s.name] for s in specs}
+                if rescore:
+                    keep = _block_keep(model, specs, block_scores(specs, A), removed_by_layer[layer], config)
+                keep = broadcast_object(keep)
+                if config.compensate:
+                    compensated.update(compensate_groups(model, specs, keep, paired(A)))
+                del A
+                prune_groups(model, keep, kv_groups_only=kv)
             block = family.layers(model)[layer]  # surgery may replace modules inside it
             kept.update(keep)
             logger.info(f"sequential: block {layer}: " + ", ".join(
