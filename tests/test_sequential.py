@@ -13,11 +13,16 @@ from spam_hf.pruning.sequential import prune_sequential
 from conftest import BatchList, tiny_batch, tiny_causal_lm, tiny_classifier, tiny_lm_batch
 
 
+#: blocks of two kinds: a 4-token sliding window under 12-token batches (Gemma 3: its own rotary base too)
+MIXED = dict(num_hidden_layers=4, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+
+
 def _model_and_batches(kind, n=3, batch=None):
     if kind == "bert":
         return tiny_classifier("bert", num_labels=3), BatchList([tiny_batch(batch=batch or 8, seed=s)
                                                                  for s in range(n)])
-    model = tiny_causal_lm(kind)
+    model = tiny_causal_lm(kind, **(MIXED if kind.startswith("gemma") else {}))
     return model, BatchList([tiny_lm_batch(batch=batch or 3, seed=s) for s in range(n)])
 
 
@@ -30,10 +35,11 @@ def _keep(keep):
 
 
 @pytest.mark.parametrize("kind,kv_groups_only", [("bert", False), ("gpt2", False), ("llama", False),
-                                                 ("llama", True)])
+                                                 ("llama", True), ("gemma2", False), ("gemma3_text", False)])
 def test_dense_statistics_give_the_all_at_once_selection(kind, kv_groups_only):
     """Without re-scoring, the block-sequential choice is the one-shot damage-obs plan on the dense model's
-    calibration statistics (KFAC factors of every module at once, collected by SpamLaplace): the same groups."""
+    calibration statistics (KFAC factors of every module at once, collected by SpamLaplace): the same groups.
+    Gemma's sliding and full blocks each get their own mask (and Gemma 3 its own rotary embedding)."""
     model, batches = _model_and_batches(kind)
     model = model.double()  # both paths in float64: the same numbers, so the same choice even at near-ties
     rows = float(sum(len(b["input_ids"]) for b in batches))

@@ -6,7 +6,9 @@ the model together; at Llama widths that is many times the block weights. Here (
 1. **Output factors** (one forward and backward of the dense model over the calibration batches): the output
    factor ``G = Σ g gᵀ`` (hidden × hidden) of every *consuming* module (O for heads, down for neurons), from
    sampled labels as in training. ``2 · L · hidden²`` numbers; no input factor is formed.
-2. **Budget pass** (one forward, block by block): the calibration inputs of block 0 are recorded once; block
+2. **Budget pass** (one forward, block by block): the calibration inputs of block 0 are recorded once (with the
+   keyword inputs, masks and position embeddings, of the first block of each kind where the config's
+   ``layer_types`` mix sliding and full attention, as Gemma's do); block
    ``l`` runs on them with hooks on its consuming modules, which gives their input factors ``A = Σ a aᵀ / n``
    (the wide ones: ``intermediate²`` for down). The block's groups are scored, ``A`` is freed, and the block's
    outputs become block ``l+1``'s inputs. One global selection over every block's scores (the budget stays
@@ -139,18 +141,42 @@ def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str,
     return {m: acc.sums[m]["G"].mul_(scale) for m in modules}  # the sums' dtype, on the model's device
 
 
-def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]) -> List[Tuple[tuple, dict]]:
-    """The positional and keyword inputs of the first block for each batch (hidden states first), recorded by a
-    pre-hook that stops the forward there: embeddings, masks and position embeddings as the model makes them."""
+def layer_kinds(model: nn.Module) -> List[Optional[str]]:
+    """Each block's attention kind (``config.layer_types``: ``"sliding_attention"``, ``"full_attention"``, ...; all
+    ``None`` where the config has none): blocks of different kinds get different masks, and in Gemma 3 different
+    rotary embeddings, from the model's forward."""
+    n = len(get_family(model).layers(model))
+    kinds = getattr(model.config, "layer_types", None)
+    return list(kinds) if kinds is not None and len(kinds) == n else [None] * n
+
+
+def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]
+                 ) -> Tuple[List[Tuple[tuple, dict]], List[Dict[Optional[str], dict]]]:
+    """The positional and keyword inputs of the first block for each batch (hidden states first), and for each batch
+    the keyword inputs of every block kind (:func:`layer_kinds`: masks, position embeddings), recorded by pre-hooks
+    on the first block of each kind; the forward stops at the last of those (the first block alone for most
+    models)."""
     layers = get_family(model).layers(model)
+    kinds = layer_kinds(model)
+    first = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}  # kind -> its first block
+    last = max(first.values())
     device = execution_device(model)
     recorded: List[Tuple[tuple, dict]] = []
+    by_kind: List[Dict[Optional[str], dict]] = []
 
-    def hook(module, args, kwargs):
-        recorded.append((args, kwargs))
-        raise _Stop
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            if index == 0:
+                recorded.append((args, kwargs))
+                by_kind.append({})
+            for kind, at in first.items():
+                if at == index:
+                    by_kind[-1][kind] = kwargs
+            if index == last:
+                raise _Stop
+        return hook
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in sorted(set(first.values()))]
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     try:
         with torch.no_grad():
@@ -161,10 +187,17 @@ def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]) -> Li
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    if len(recorded) != len(batches):
-        raise RuntimeError("block-sequential pruning could not record the first block's inputs")
-    return recorded
+        for h in handles:
+            h.remove()
+    if len(recorded) != len(batches) or any(len(k) != len(first) for k in by_kind):
+        raise RuntimeError("block-sequential pruning could not record the blocks' inputs")
+    return recorded, by_kind
+
+
+def _of_kind(inputs: List[Tuple[tuple, dict]], by_kind: List[Dict[Optional[str], dict]],
+             kind: Optional[str]) -> List[Tuple[tuple, dict]]:
+    """``inputs`` with the keyword inputs of a block of ``kind``."""
+    return [(args, kwargs[kind]) for (args, _), kwargs in zip(inputs, by_kind)]
 
 
 def _run_block(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> List[Tuple[tuple, dict]]:
@@ -266,9 +299,11 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
 
     # pass 2: every block scored on dense inputs, one block's input factors at a time; one global selection
     scores: Dict[str, torch.Tensor] = {}
-    inputs = block_inputs(model, batches)
+    kinds = layer_kinds(model)
+    inputs, by_kind = block_inputs(model, batches)
     for layer, block in enumerate(tqdm(layers, desc="sequential: budget", disable=not progress)):
         specs = _block_specs(specs0, layer)
+        inputs = _of_kind(inputs, by_kind, kinds[layer])
         with onloaded(block, changed=False):  # an offloaded block's weights, real while it is scored
             if specs:
                 A = input_factors(model, block, consuming_modules(specs), inputs, masks) \
@@ -276,7 +311,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
                 scores.update(block_scores(specs, A))
                 del A
             inputs = _run_block(block, inputs)
-    del inputs
+    del inputs, by_kind
     global_selection = select_groups(model, specs0, scores, config.sparsity, budget=config.budget,
                                      seq_len=config.flops_seq_len, min_keep=config.min_keep,
                                      report_fields=family.report_fields, round_to=config.round_to)
@@ -290,9 +325,10 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     # pass 3: compress block by block on the outputs of the compressed blocks before it
     kept: Dict[str, torch.Tensor] = {}
     compensated: Dict[str, int] = {}
-    inputs = block_inputs(model, batches)
+    inputs, by_kind = block_inputs(model, batches)
     for layer, block in enumerate(tqdm(layers, desc="sequential: compress", disable=not progress)):
         specs = _block_specs(specs0, layer)
+        inputs = _of_kind(inputs, by_kind, kinds[layer])
         if specs and removed_by_layer.get(layer, 0.0) > 0:
             with onloaded(block):  # an offloaded block: real weights to refit and cut, offloaded again after
                 A = input_factors(model, block, consuming_modules(specs), inputs, masks) if needs_factors else {}
@@ -309,7 +345,7 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
             logger.info(f"sequential: block {layer}: " + ", ".join(
                 f"{s.kind} {int(keep[s.name].numel())}/{s.count} kept" for s in specs))
         inputs = _run_block(block, inputs)
-    del inputs
+    del inputs, by_kind
     broadcast_parameters(model)
     for s in specs0:
         kept.setdefault(s.name, torch.arange(s.count))
