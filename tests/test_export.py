@@ -99,7 +99,7 @@ def test_decoder_export_round_trip_and_generate(tmp_path, model_type):
     assert torch.equal(greedy(loaded, ids), greedy(model, ids))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "granite", "smollm3", "gemma2", "gemma3_text"])
 def test_uniform_decoder_result_exports_as_stock(tmp_path, model_type):
     """Same number of KV groups / neurons in every layer: a stock config, no remote code."""
     from transformers import AutoModelForCausalLM

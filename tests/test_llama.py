@@ -1,4 +1,5 @@
-"""LLaMA-layout family (llama, mistral, qwen2, qwen3): grouped-query attention and the gated MLP."""
+"""LLaMA-layout family (llama, mistral, qwen2, qwen3, granite, smollm3, gemma2, gemma3_text): grouped-query attention
+and the gated MLP."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from conftest import zero_group
 from conftest import dense_ggn_block, expected_kfac
 from conftest import close_parents
 
-LLAMA_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+LLAMA_TYPES = ["llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma2", "gemma3_text"]
 D = 8  # head_dim of the tiny configs: 4 query heads read 2 KV heads (query heads 0, 1 -> KV 0; 2, 3 -> KV 1)
 
 
@@ -179,7 +180,7 @@ def test_kfac_through_gathered_kv_projection_equals_exact_ggn():
                                atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", LLAMA_TYPES)
 def test_uneven_query_heads_export_with_remote_code(tmp_path, model_type):
     model = tiny_causal_lm(model_type)
     prune_groups(model, keep_heads(model, {0: [0, 1, 3], 1: [2]})[1])

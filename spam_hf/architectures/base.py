@@ -257,6 +257,14 @@ def model_type_of(model: nn.Module) -> str:
     return mt
 
 
+#: model types a user may bring that spam-hf refuses, each with its reason (README, "Supported models")
+NOT_SUPPORTED: Dict[str, str] = {
+    "olmo2": "OLMo 2's q_norm and k_norm normalise all heads of a layer together (one RMSNorm over "
+             "heads x head_dim), so removing a head rescales every other head: no head can be removed exactly",
+    "phi3": "Phi-3's fused qkv_proj and gate_up_proj are not split into groups yet",
+}
+
+
 def get_family(model_or_type) -> ArchitectureFamily:
     """The family for a model (or a ``model_type`` string); a clear error when unsupported.
 
@@ -268,6 +276,8 @@ def get_family(model_or_type) -> ArchitectureFamily:
             if predicate(model_or_type):
                 return family
     mt = model_or_type if isinstance(model_or_type, str) else model_type_of(model_or_type)
+    if mt in NOT_SUPPORTED:
+        raise ValueError(f"model_type {mt!r} is not supported: {NOT_SUPPORTED[mt]}")
     if mt not in _REGISTRY:
         raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(supported_model_types())}")
     return _REGISTRY[mt]

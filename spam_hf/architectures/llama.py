@@ -1,4 +1,11 @@
-"""LLaMA-layout decoders (llama, mistral, qwen2, qwen3): gated MLP and grouped-query attention.
+"""LLaMA-layout decoders (llama, mistral, qwen2, qwen3, granite, smollm3, gemma2, gemma3_text): gated MLP and
+grouped-query attention under ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``.
+
+What the other members add sits outside the pruned projections and needs nothing here: Granite's multipliers,
+SmolLM3's layers without rotary embedding, Gemma's ``head_dim`` apart from ``hidden / heads`` (read from the
+config), attention soft-capping, the norms around each sub-block and Qwen 3 / Gemma 3's per-head ``q_norm`` /
+``k_norm``. Gemma's alternating sliding and full attention is a per-block mask (block-sequential pruning records
+one per kind). Not members: OLMo 2 (its ``q_norm`` spans all heads; refused) and Phi-3 (fused projections).
 
 Layer ``i`` (under ``model.layers.i``) with head width ``d``, ``H`` query heads and ``K`` key/value
 heads; query head ``h`` reads KV head ``kv(h)`` (stock: ``h // r`` with ``r = H / K``, what
@@ -87,7 +94,7 @@ def _query_heads_per_kv(kv_of: torch.Tensor, kv_count: int) -> Optional[int]:
 
 @register
 class LlamaFamily(ArchitectureFamily):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma2", "gemma3_text")
     layers_path = "layers"
     runtime_modules = (HeadGatherLinear,)
     runtime_attrs = ("num_key_value_groups",)
