@@ -44,6 +44,23 @@ def test_pruned_model_trains(bert):
 
 
 @pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_every_other_group_removed_equals_masked(model_type):
+    """Heads 0 and 2 kept (of 4) in every layer: a fused projection (GPT-2's c_attn) keeps its [q | k | v] layout.
+    One kept head per layer, as random keeps often give, cannot tell that from a group-major order."""
+    batch = tiny_lm_batch()
+    masked, pruned = tiny_causal_lm(model_type), tiny_causal_lm(model_type)
+    specs = group_specs(masked)
+    keep = close_parents(specs, {s.name: torch.arange(0, s.count, 2) for s in specs if not s.parent and
+                                 s.kind != "kv_head"} | {s.name: torch.tensor([0, 2]) for s in specs if s.parent})
+    assert all(keep[s.name].numel() >= 2 for s in specs if s.kind == "head")
+    mask_groups(masked, specs, keep)
+    prune_groups(pruned, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(batch["input_ids"]).logits, masked(batch["input_ids"]).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
 def test_decoder_pruned_logits_and_greedy_generation_equal_masked(model_type):
     """Layer 0 loses every head (its ZeroHeadAttention must keep the KV cache aligned for generate())."""
     batch = tiny_lm_batch()

@@ -380,10 +380,12 @@ def shrink_slices(model: nn.Module, specs: Iterable[GroupSpec],
         kept = torch.as_tensor(keep[spec.name], dtype=torch.long).sort().values
         if kept.numel() == spec.count:
             continue
+        # ascending: a fused projection (GPT-2's c_attn, Phi-3's qkv_proj) keeps its [q | k | v] layout, where the
+        # group-major order (q_0 k_0 v_0 q_2 k_2 v_2) would mix the parts
         for m, idx in spec.row_index.items():
-            set_module(model, m, shrink_linear(model.get_submodule(m), rows=idx[kept].reshape(-1)))
+            set_module(model, m, shrink_linear(model.get_submodule(m), rows=idx[kept].reshape(-1).sort().values))
         for m, idx in spec.col_index.items():
-            set_module(model, m, shrink_linear(model.get_submodule(m), cols=idx[kept].reshape(-1)))
+            set_module(model, m, shrink_linear(model.get_submodule(m), cols=idx[kept].reshape(-1).sort().values))
         changed.append((spec, kept))
     return changed
 
