@@ -95,7 +95,8 @@ def test_options_replace_config_fields():
     assert result.config.sparsity == 0.6 and result.config.min_keep == 0.25 and result.achieved >= 0.5
 
 
-@pytest.mark.parametrize("model_type", ["bert", "llama", "qwen2", "granite", "smollm3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["bert", "llama", "qwen2", "granite", "smollm3", "gemma2", "gemma3_text",
+                                        "phi3"])
 def test_uniform_pruning_in_rounds_exports_a_stock_checkpoint(tmp_path, model_type):
     """--uniform through the default score (damage-obs, 2 rounds, least-squares compensation): every layer ends
     with the same heads / KV groups and neurons, and the export is a stock checkpoint that plain transformers

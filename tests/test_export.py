@@ -39,11 +39,12 @@ def test_export_round_trip(tmp_path, model_type):
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "phi3"])
 def test_remote_code_loads_without_spam_hf(tmp_path, model_type):
     """AutoModelFor*.from_pretrained(..., trust_remote_code=True) in a Python where importing spam_hf fails
     (GPT-2: Conv1D shapes, head counts and a zero-neuron MLP rebuilt by the remote code; LLaMA: uneven
-    query heads per KV head through gathered K/V projections; generate() too)."""
+    query heads per KV head through gathered K/V projections; Phi-3: a per-layer head count on the attention's
+    own config copy; generate() too)."""
     if model_type == "bert":
         model, auto, batch = tiny_classifier("bert"), "AutoModelForSequenceClassification", tiny_batch()
     else:
@@ -55,6 +56,8 @@ def test_remote_code_loads_without_spam_hf(tmp_path, model_type):
     if model_type == "llama":
         keep["layer1.head"] = torch.tensor([0, 1, 3])  # KV head 0 read twice, KV head 1 once
         close_parents(specs, keep)
+    if model_type == "phi3":
+        keep["layer1.head"] = torch.tensor([1])  # one KV group of two in layer 1 (none in layer 0)
     prune_groups(model, keep)
     expected = logits(model, batch)
     ids = batch["input_ids"]
@@ -99,7 +102,8 @@ def test_decoder_export_round_trip_and_generate(tmp_path, model_type):
     assert torch.equal(greedy(loaded, ids), greedy(model, ids))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "granite", "smollm3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "granite", "smollm3", "gemma2", "gemma3_text",
+                                        "phi3"])
 def test_uniform_decoder_result_exports_as_stock(tmp_path, model_type):
     """Same number of KV groups / neurons in every layer: a stock config, no remote code."""
     from transformers import AutoModelForCausalLM
@@ -110,7 +114,7 @@ def test_uniform_decoder_result_exports_as_stock(tmp_path, model_type):
         if s.kind == "neuron":
             keep[s.name] = torch.arange(0, s.count, 2)  # every other neuron
         elif s.kind == "head" and model_type != "gpt2":  # GPT-2 derives head_dim from n_embd / n_head
-            keep[s.name] = torch.tensor([2, 3])  # both query heads of KV head 1
+            keep[s.name] = torch.tensor([2, 3]) if s.parent else torch.tensor([1])  # KV head 1 (Phi-3: group 1)
         elif s.kind == "kv_head":
             keep[s.name] = torch.tensor([1])
     prune_groups(model, keep)

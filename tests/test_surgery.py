@@ -52,7 +52,7 @@ def test_every_other_group_removed_equals_masked(model_type):
     specs = group_specs(masked)
     keep = close_parents(specs, {s.name: torch.arange(0, s.count, 2) for s in specs if not s.parent and
                                  s.kind != "kv_head"} | {s.name: torch.tensor([0, 2]) for s in specs if s.parent})
-    assert all(keep[s.name].numel() >= 2 for s in specs if s.kind == "head")
+    assert all(keep[s.name].numel() >= 2 for s in specs if s.kind == "head" and s.count >= 4)
     mask_groups(masked, specs, keep)
     prune_groups(pruned, keep)
     with torch.no_grad():
@@ -83,3 +83,12 @@ def test_decoder_pruned_logits_and_greedy_generation_equal_masked(model_type):
     # only the norm feeding layer 0's (now constant) attention is unused
     assert no_grad <= {"transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
                        "model.layers.0.input_layernorm.weight"}, no_grad
+
+
+def test_kept_groups_out_of_range_or_repeated_are_refused():
+    """A keep naming a group the layer does not have (once silently read as 'all kept') is an error."""
+    model = tiny_causal_lm("llama")
+    spec = group_specs(model)[-1]
+    for kept in ([0, spec.count], [1, 1], [-1]):
+        with pytest.raises(ValueError, match=r"must be distinct indices in \[0, "):
+            prune_groups(model, {spec.name: torch.tensor(kept)})

@@ -160,6 +160,9 @@ class ArchitectureFamily:
     #: :class:`~spam_hf.architectures.runtime.RuntimeModule` classes that pruned models of this family may
     #: contain beyond the core ones; export copies their source into remote-code checkpoints
     runtime_modules: Tuple[type, ...] = ()
+    #: LoRA target modules when the user names none and peft has no default for the model type (peft's mapping
+    #: lacks granite, smollm3 and phi3 in 0.18)
+    lora_targets: Tuple[str, ...] = ()
     #: integer attributes that ``shrink`` changes on modules and ``forward`` reads (export records them)
     runtime_attrs: Tuple[str, ...] = ()
     #: pruning-report name of each group kind this family produces (``<name>_kept`` / ``<name>_total``)
@@ -261,7 +264,6 @@ def model_type_of(model: nn.Module) -> str:
 NOT_SUPPORTED: Dict[str, str] = {
     "olmo2": "OLMo 2's q_norm and k_norm normalise all heads of a layer together (one RMSNorm over "
              "heads x head_dim), so removing a head rescales every other head: no head can be removed exactly",
-    "phi3": "Phi-3's fused qkv_proj and gate_up_proj are not split into groups yet",
 }
 
 
@@ -378,6 +380,8 @@ def shrink_slices(model: nn.Module, specs: Iterable[GroupSpec],
         if spec.name not in keep:
             continue
         kept = torch.as_tensor(keep[spec.name], dtype=torch.long).sort().values
+        if kept.numel() and (kept[0] < 0 or kept[-1] >= spec.count or bool((kept[1:] == kept[:-1]).any())):
+            raise ValueError(f"{spec.name}: kept groups {kept.tolist()} must be distinct indices in [0, {spec.count})")
         if kept.numel() == spec.count:
             continue
         # ascending: a fused projection (GPT-2's c_attn, Phi-3's qkv_proj) keeps its [q | k | v] layout, where the

@@ -5,7 +5,8 @@ What the other members add sits outside the pruned projections and needs nothing
 SmolLM3's layers without rotary embedding, Gemma's ``head_dim`` apart from ``hidden / heads`` (read from the
 config), attention soft-capping, the norms around each sub-block and Qwen 3 / Gemma 3's per-head ``q_norm`` /
 ``k_norm``. Gemma's alternating sliding and full attention is a per-block mask (block-sequential pruning records
-one per kind). Not members: OLMo 2 (its ``q_norm`` spans all heads; refused) and Phi-3 (fused projections).
+one per kind). Not members: OLMo 2 (its ``q_norm`` spans all heads; refused) and Phi-3 (fused projections,
+``phi3.py``).
 
 Layer ``i`` (under ``model.layers.i``) with head width ``d``, ``H`` query heads and ``K`` key/value
 heads; query head ``h`` reads KV head ``kv(h)`` (stock: ``h // r`` with ``r = H / K``, what
@@ -98,6 +99,7 @@ class LlamaFamily(ArchitectureFamily):
     layers_path = "layers"
     runtime_modules = (HeadGatherLinear,)
     runtime_attrs = ("num_key_value_groups",)
+    lora_targets = ("q_proj", "v_proj")  # peft's default for llama
     uniform_kinds = ("head", "neuron")  # head_dim is a config field: fewer heads, same width each (whole KV groups)
 
     bias_flags = {"o_proj": ("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),

@@ -19,6 +19,7 @@ verbatim, appends the source of the :class:`RuntimeModule` classes the model's f
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional
 
 import torch
@@ -161,8 +162,27 @@ def apply_spam_pruning(model: nn.Module, spec: Optional[Dict] = None) -> nn.Modu
     for name, attrs in spec.get("module_attrs", {}).items():
         module = model.get_submodule(name)
         for attr, value in attrs.items():
-            setattr(module, attr, value)
+            set_module_attr(module, attr, value)
     return model
+
+
+def set_module_attr(module: nn.Module, attr: str, value: int) -> None:
+    """``module.attr = value``. ``attr = "config.<field>"`` sets the field on the module's own shallow copy of
+    its config (made once): a per-layer value where the stock module reads a count from the shared config
+    (Phi-3's attention reads ``config.num_attention_heads``)."""
+    if not attr.startswith("config."):
+        setattr(module, attr, value)
+        return
+    if not getattr(module, "_spam_own_config", False):
+        module.config = copy.copy(module.config)
+        module._spam_own_config = True
+    setattr(module.config, attr[len("config."):], value)
+
+
+def get_module_attr(module: nn.Module, attr: str):
+    """``module.attr`` for a plain or a ``config.<field>`` attribute (``None`` when absent)."""
+    owner = getattr(module, "config", None) if attr.startswith("config.") else module
+    return getattr(owner, attr[len("config."):] if attr.startswith("config.") else attr, None)
 
 
 class SpamPrunedMixin:

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..architectures import runtime
 from ..architectures.base import get_family, in_out_features
-from ..architectures.runtime import SPAM_PRUNING_KEY, RuntimeModule, SpamPrunedMixin, replacement_kinds
+from ..architectures.runtime import (SPAM_PRUNING_KEY, RuntimeModule, SpamPrunedMixin, get_module_attr,
+                                     replacement_kinds)
 
 REMOTE_CODE_FILE = "modeling_spam.py"
 
@@ -61,11 +62,19 @@ def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dic
             got = want = None
         if got != want:
             spec["linear_shapes"][name] = list(got)
-        changed = {a: int(getattr(mod, a)) for a in attr_names
-                   if isinstance(getattr(mod, a, None), int) and getattr(mod, a) != getattr(ref, a, None)}
+        changed = {a: int(_own_attr(mod, a)) for a in attr_names
+                   if isinstance(_own_attr(mod, a), int) and _own_attr(mod, a) != get_module_attr(ref, a)}
         if changed:
             spec["module_attrs"][name] = changed
     return spec
+
+
+def _own_attr(module: nn.Module, attr: str):
+    """``module``'s value of a runtime attribute; a ``config.<field>`` only where the module has its own config
+    (:func:`~spam_hf.architectures.runtime.set_module_attr`), not the model's shared one."""
+    if attr.startswith("config.") and not getattr(module, "_spam_own_config", False):
+        return None
+    return get_module_attr(module, attr)
 
 
 def is_stock(spec: dict) -> bool:
