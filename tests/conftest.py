@@ -60,7 +60,7 @@ def tiny_batch(batch: int = 4, seq: int = 10, vocab: int = 100, n_labels: int = 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-ENCODER_TYPES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
+ENCODER_TYPES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta-v2"]
 
 
 @pytest.fixture

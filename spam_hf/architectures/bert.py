@@ -68,11 +68,16 @@ class _EncoderFamily(ArchitectureFamily):
                         setattr(attn, attr, int(kept.numel()))
                 if hasattr(attn, "all_head_size"):
                     attn.all_head_size = int(kept.numel()) * d
+                if kept.numel():
+                    self._heads_kept(attn, kept)
                 if kept.numel() == 0:
                     out_proj = getattr(attn, self.attention_out_child) if self.attention_out_child else None
                     path = f"{self._layer_name(model, spec.layer)}.{self.attention_path}"
                     set_module(model, path, ZeroHeadAttention(out_proj, self.attention_out_child))
 
+    def _heads_kept(self, attn: nn.Module, kept: torch.Tensor) -> None:
+        """What else an attention module that kept heads ``kept`` (of its current ones) needs (MPNet: the shared
+        position bias read at those heads)."""
 
     def stock_config(self, model: nn.Module):
         """``{intermediate_size: I}`` when every layer kept all heads and the same number ``I`` of neurons."""
