@@ -35,6 +35,10 @@ def tiny_config(model_type: str, **overrides):
             kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
         if model_type == "electra":
             kw.update(embedding_size=32)
+        if model_type == "modernbert":  # local attention over 4 tokens in every other layer, global in the others
+            kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                      local_attention=4, global_attn_every_n_layers=2, mlp_dropout=0.0, attention_dropout=0.0,
+                      embedding_dropout=0.0)
     kw.update(common)
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
@@ -60,7 +64,7 @@ def tiny_batch(batch: int = 4, seq: int = 10, vocab: int = 100, n_labels: int = 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-ENCODER_TYPES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta-v2"]
+ENCODER_TYPES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta-v2", "modernbert"]
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ MIXED = dict(num_hidden_layers=4, sliding_window=4,
 
 
 def _model_and_batches(kind, n=3, batch=None):
-    if kind == "bert":
-        return tiny_classifier("bert", num_labels=3), BatchList([tiny_batch(batch=batch or 8, seed=s)
-                                                                 for s in range(n)])
+    if kind in ("bert", "modernbert"):
+        return tiny_classifier(kind, num_labels=3), BatchList([tiny_batch(batch=batch or 8, seed=s)
+                                                               for s in range(n)])
     model = tiny_causal_lm(kind, **(MIXED if kind.startswith("gemma") else {}))
     return model, BatchList([tiny_lm_batch(batch=batch or 3, seed=s) for s in range(n)])
 
@@ -35,11 +35,13 @@ def _keep(keep):
 
 
 @pytest.mark.parametrize("kind,kv_groups_only", [("bert", False), ("gpt2", False), ("llama", False),
-                                                 ("llama", True), ("gemma2", False), ("gemma3_text", False)])
+                                                 ("llama", True), ("gemma2", False), ("gemma3_text", False),
+                                                 ("modernbert", False)])
 def test_dense_statistics_give_the_all_at_once_selection(kind, kv_groups_only):
     """Without re-scoring, the block-sequential choice is the one-shot damage-obs plan on the dense model's
     calibration statistics (KFAC factors of every module at once, collected by SpamLaplace): the same groups.
-    Gemma's sliding and full blocks each get their own mask (and Gemma 3 its own rotary embedding)."""
+    Gemma's and ModernBERT's sliding and full blocks each get their own mask (and Gemma 3 and ModernBERT their
+    own rotary embedding)."""
     model, batches = _model_and_batches(kind)
     model = model.double()  # both paths in float64: the same numbers, so the same choice even at near-ties
     rows = float(sum(len(b["input_ids"]) for b in batches))
