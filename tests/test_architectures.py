@@ -26,6 +26,9 @@ def test_a_refused_family_says_why():
 
     with pytest.raises(ValueError, match=r"model_type 'olmo2' is not supported: .*normalise all heads"):
         get_family("olmo2")
+    for moe in ("mixtral", "qwen3_moe"):
+        with pytest.raises(ValueError, match=rf"model_type '{moe}' is not supported: .*3-D parameter tensors"):
+            get_family(moe)
     x = torch.randn(1, 5, 32)
     d = 8
     for model_type, others_change in (("olmo2", True), ("qwen3", False)):
