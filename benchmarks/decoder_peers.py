@@ -18,6 +18,10 @@ the first ``--eval-blocks`` blocks of ``test.txt``. No recovery fine-tune.
 ``--seed``; ``--train-per-seed`` trains a pair per seed instead (3× the training time).
 
     python benchmarks/decoder_peers.py --out benchmarks/results/decoder_peers_cpu.json
+
+The summary gives each method's perplexity and its increase over the dense model it pruned, mean and std over
+seeds. ``--merge A.json B.json --out C.json`` combines invocations over disjoint seeds (one stopped early and a
+rerun of the remaining seeds) into one result.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--train-per-seed", action="store_true", help="train a model pair per pruning seed")
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", default=os.path.join("benchmarks", "_work", "decoder_peers"))
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only combine the results of earlier invocations over disjoint seeds (e.g. one stopped after "
+                        "seed 0 and a --seeds 1,2 rerun) into --out, with their commands and one summary")
     a = p.parse_args()
     unknown = set(a.methods.split(",")) - set(METHODS)
     if unknown:
@@ -129,6 +136,8 @@ def prune_copy(pair: dict, method: str, sparsity: float, train, a, seed: int):
 
 def main() -> None:
     a = parse()
+    if a.merge:
+        return merge(a.merge, a.out)
     os.makedirs(a.work_dir, exist_ok=True)
     torch.manual_seed(a.seed)
     tok = train_tokenizer(a.train_file, a.vocab)
@@ -167,18 +176,47 @@ def main() -> None:
                 result["runs"].append(run)
                 save()
                 print(f"seed {seed} {method:>10} {s:.0%}: perplexity {run['perplexity']:.2f}", flush=True)
-    result["summary"] = summarise(result["runs"])
+    result["summary"] = summarise(result)
     save()
     print(json.dumps(result["summary"], indent=2))
 
 
-def summarise(runs: list) -> dict:
-    """``{method: {sparsity: {"mean", "std", "n"}}}`` of the perplexities over seeds."""
+def merge(paths: list, out: str) -> None:
+    """Combine invocations over disjoint seeds (the same settings) into ``out``: their runs, trained pairs and
+    commands, and the summary of all of them."""
+    parts = [json.load(open(p)) for p in paths]
+    seeds = [{r["seed"] for r in p["runs"]} for p in parts]
+    if sum(len(s) for s in seeds) != len(set().union(*seeds)):
+        raise SystemExit(f"the invocations share seeds: {seeds}")
+    result = {**parts[0], "command": [p["command"] for p in parts], "date": max(p["date"] for p in parts),
+              "trained": {k: v for p in parts for k, v in p["trained"].items()},
+              "runs": [r for p in parts for r in p["runs"]]}
+    result.pop("stopped", None)
+    result["summary"] = summarise(result)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result["summary"], indent=2))
+
+
+def summarise(result: dict) -> dict:
+    """``{method: {sparsity: {"mean", "std", "n", "increase_pct", "increase_std"}}}`` over seeds: the perplexity,
+    and its increase over the dense model that method pruned (the SpaM-trained one for ``spam``, the plain one
+    otherwise) in percent, which takes out the spread between trained models."""
+    per_seed = result["args"].get("train_per_seed")
     out: dict = {}
-    for r in runs:
-        out.setdefault(r["method"], {}).setdefault(f"{r['sparsity']:g}", []).append(r["perplexity"])
-    return {m: {s: {"mean": round(stats.mean(v), 2), "std": round(stats.stdev(v), 2) if len(v) > 1 else 0.0,
-                    "n": len(v)} for s, v in d.items()} for m, d in out.items()}
+    for r in result["runs"]:
+        key = str(r["seed"] if per_seed else result["args"]["seed"])
+        dense = result["trained"][key]["dense_perplexity"]["spam" if r["method"] == "spam" else "plain"]
+        cell = out.setdefault(r["method"], {}).setdefault(f"{r['sparsity']:g}", {"ppl": [], "inc": []})
+        cell["ppl"].append(r["perplexity"])
+        cell["inc"].append(100.0 * (r["perplexity"] / dense - 1.0))
+
+    def sd(v):
+        return round(stats.stdev(v), 2) if len(v) > 1 else 0.0
+
+    return {m: {s: {"mean": round(stats.mean(c["ppl"]), 2), "std": sd(c["ppl"]), "n": len(c["ppl"]),
+                    "increase_pct": round(stats.mean(c["inc"]), 2), "increase_std": sd(c["inc"])}
+                for s, c in d.items()} for m, d in out.items()}
 
 
 if __name__ == "__main__":

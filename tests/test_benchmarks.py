@@ -377,6 +377,29 @@ def test_decoder_peers_smoke(tmp_path):
     assert set(r["summary"]) == methods and r["summary"]["random"]["0.5"]["n"] == 2
 
 
+def test_decoder_peers_merge_and_relative_summary(tmp_path):
+    """--merge combines invocations over disjoint seeds; the summary's increase is over the dense model each method
+    pruned (SpaM's for spam, the plain one otherwise) of that seed's trained pair. Overlapping seeds are refused."""
+    def part(seed, plain, spam, ppl):
+        return {"date": "2026-12-07", "command": f"run {seed}", "args": {"train_per_seed": True, "seed": 0},
+                "trained": {str(seed): {"dense_perplexity": {"plain": plain, "spam": spam}}},
+                "runs": [{"method": "spam", "sparsity": 0.3, "seed": seed, "perplexity": ppl[0]},
+                         {"method": "random", "sparsity": 0.3, "seed": seed, "perplexity": ppl[1]}]}
+
+    paths = []
+    for i, p in enumerate([part(0, 100.0, 50.0, (55.0, 150.0)), part(1, 200.0, 80.0, (80.0, 200.0))]):
+        paths.append(str(tmp_path / f"p{i}.json"))
+        json.dump(p, open(paths[-1], "w"))
+    out = str(tmp_path / "merged.json")
+    run("decoder_peers.py", "--merge", *paths, "--out", out)
+    r = json.load(open(out))
+    assert r["command"] == ["run 0", "run 1"] and set(r["trained"]) == {"0", "1"} and len(r["runs"]) == 4
+    assert r["summary"]["spam"]["0.3"]["increase_pct"] == 5.0  # (10% + 0%) / 2
+    assert r["summary"]["random"]["0.3"]["increase_pct"] == 25.0 and r["summary"]["random"]["0.3"]["mean"] == 175.0
+    with pytest.raises(AssertionError, match="share seeds"):
+        run("decoder_peers.py", "--merge", paths[0], paths[0], "--out", out)
+
+
 def test_frontier_smoke(tiny_setup, tmp_path):
     """frontier.py: accuracy per label from a table_prune result, each export timed against the dense model in the
     same run (the speed-up is the ratio of its own medians' run-wise ratios), the peers' points carried over."""
