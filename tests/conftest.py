@@ -117,7 +117,8 @@ def tiny_setup(tmp_path):
     return model_dir, train, dev, tmp_path
 
 
-DECODER_TYPES = ["gpt2", "llama", "mistral", "qwen2", "granite", "smollm3", "gemma2", "gemma3_text", "phi3"]
+DECODER_TYPES = ["gpt2", "llama", "mistral", "qwen2", "granite", "smollm3", "gemma2", "gemma3_text", "phi3",
+                 "olmo2"]
 
 
 def tiny_decoder_config(model_type: str, **overrides):

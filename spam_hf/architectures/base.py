@@ -262,11 +262,8 @@ def model_type_of(model: nn.Module) -> str:
 
 #: model types a user may bring that spam-hf refuses, each with its reason (README, "Supported models")
 NOT_SUPPORTED: Dict[str, str] = {
-    "olmo2": "OLMo 2's q_norm and k_norm normalise all heads of a layer together (one RMSNorm over "
-             "heads x head_dim), so removing a head rescales every other head: no head can be removed exactly",
-    **{moe: "its experts are stored as 3-D parameter tensors (experts x rows x columns), not Linear layers; "
-            "pruning expert neurons and whole experts is not supported yet" for moe in ("mixtral", "qwen3_moe")},
-}
+    moe: "its experts are stored as 3-D parameter tensors (experts x rows x columns), not Linear layers; pruning "
+         "expert neurons and whole experts is not supported yet" for moe in ("mixtral", "qwen3_moe")}
 
 
 def get_family(model_or_type) -> ArchitectureFamily:

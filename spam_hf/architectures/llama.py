@@ -5,8 +5,8 @@ What the other members add sits outside the pruned projections and needs nothing
 SmolLM3's layers without rotary embedding, Gemma's ``head_dim`` apart from ``hidden / heads`` (read from the
 config), attention soft-capping, the norms around each sub-block and Qwen 3 / Gemma 3's per-head ``q_norm`` /
 ``k_norm``. Gemma's alternating sliding and full attention is a per-block mask (block-sequential pruning records
-one per kind). Not members: OLMo 2 (its ``q_norm`` spans all heads; refused) and Phi-3 (fused projections,
-``phi3.py``).
+one per kind). OLMo 2 (:class:`Olmo2Family`, below) normalises all heads of a layer at once; Phi-3 has fused
+projections (``phi3.py``).
 
 Layer ``i`` (under ``model.layers.i``) with head width ``d``, ``H`` query heads and ``K`` key/value
 heads; query head ``h`` reads KV head ``kv(h)`` (stock: ``h // r`` with ``r = H / K``, what
@@ -228,3 +228,79 @@ class LlamaFamily(ArchitectureFamily):
         if not kv or not neurons:
             return None
         return {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d, "intermediate_size": neurons}
+
+
+class KeptRowsRMSNorm(nn.Module, RuntimeModule):
+    """OLMo 2's ``q_norm`` / ``k_norm`` (one RMSNorm over every head of a layer) after some heads went: the norm of
+    the kept entries, still divided by the original width, so the removed heads count as the zeros they are in the
+    masked model and the pruned layer computes exactly what the masked one did.
+
+    ``y = w_kept · x / sqrt(Σ_kept x² / width + eps)`` (in float32, as the stock norm). Shapes: ``(..., size) ->
+    (..., size)``. Recorded in ``spam_pruning["kept_rows_rms_norm"]``.
+    """
+
+    spec_key = "kept_rows_rms_norm"
+
+    def __init__(self, weight: torch.Tensor, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.width, self.variance_epsilon = int(width), float(eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        variance = x.pow(2).sum(-1, keepdim=True) / self.width
+        return (self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))).to(dtype)
+
+    def spec(self) -> dict:
+        """This module's ``kept_rows_rms_norm`` entry."""
+        return {"size": int(self.weight.numel()), "width": self.width, "eps": self.variance_epsilon}
+
+    @classmethod
+    def rebuild(cls, old: nn.Module, entry: dict) -> nn.Module:
+        w = old.weight
+        return cls(torch.empty(entry["size"], device=w.device, dtype=w.dtype), entry["width"], entry["eps"])
+
+
+@register
+class Olmo2Family(LlamaFamily):
+    """OLMo 2 (``olmo2``): the LLaMA layout with norms after each sub-block and ``q_norm`` / ``k_norm`` over every
+    head of a layer at once (``heads · d`` wide). Heads go in whole KV groups (a gathered K projection would be
+    normalised over its repeated heads), and a layer that lost some gets :class:`KeptRowsRMSNorm` norms, which keep
+    the original width in the denominator: pruning then equals masking, as in every family. The stock class
+    normalises over the kept width, so an export that removed heads needs the remote code (neurons alone stay
+    stock)."""
+
+    model_types = ("olmo2",)
+    runtime_modules = (HeadGatherLinear, KeptRowsRMSNorm)
+    uniform_kinds = ("neuron",)
+
+    def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
+        return super().group_specs(model, kv_groups_only=True)
+
+    def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
+        kept_rows: Dict[int, Dict[str, torch.Tensor]] = {}
+        for s in self.group_specs(model):
+            if s.kind != "head" or s.name not in keep:
+                continue
+            kept = torch.as_tensor(keep[s.name], dtype=torch.long).sort().values
+            if 0 < kept.numel() < s.count:
+                q = s.row_index[next(m for m in s.row_index if m.endswith("q_proj"))]
+                k = s.row_index[next(m for m in s.row_index if m.endswith("k_proj"))]
+                kept_rows[s.layer] = {"q_norm": q[kept].reshape(-1), "k_norm": k[kept].reshape(-1)}
+        super().shrink(model, keep, kv_groups_only=True)
+        for layer, rows in kept_rows.items():
+            attn = self.layers(model)[layer].self_attn
+            for child, idx in rows.items():
+                norm = getattr(attn, child)
+                width = norm.width if isinstance(norm, KeptRowsRMSNorm) else norm.weight.numel()
+                setattr(attn, child, KeptRowsRMSNorm(norm.weight.detach()[idx.to(norm.weight.device)], width,
+                                                     norm.variance_epsilon))
+
+    def stock_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
+        """The LLaMA overrides when no layer lost heads (``intermediate_size``); ``None`` otherwise."""
+        for layer in self.layers(model):
+            attn = layer.self_attn
+            if isinstance(attn, ZeroHeadAttention) or isinstance(attn.q_norm, KeptRowsRMSNorm):
+                return None
+        return super().stock_config(model)
