@@ -27,8 +27,9 @@ pytest.importorskip("onnxscript")
 def pruned_export(tmp_path, model_type, uniform=False):
     """A tiny model of ``model_type`` with groups removed (unevenly, one layer's attention emptied, and for LLaMA
     query heads 0, 1, 3 reading KV heads 0, 0, 1; or ``uniform``: every other neuron of every layer), saved with
-    its tokenizer. Returns ``(model, folder, kind)``."""
-    classifier = model_type in ("bert", "distilbert", "roberta")
+    its tokenizer. Returns ``(model, folder, kind)``. Phi-3's per-layer config copies, OLMo 2's kept-rows norms,
+    MPNet's kept-heads position bias and ModernBERT's fused rows trace like the rest."""
+    classifier = model_type in ("bert", "distilbert", "roberta", "mpnet", "modernbert")
     model = tiny_classifier(model_type) if classifier else tiny_causal_lm(model_type)
     specs = group_specs(model)
     if uniform:
@@ -73,8 +74,8 @@ def reference(model, batch):
         return model(**batch, **kwargs).logits.numpy()
 
 
-@pytest.mark.parametrize("model_type", ["bert", "llama", pytest.param("distilbert", marks=pytest.mark.slow),
-                                        pytest.param("gpt2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_type", ["bert", "llama", *[pytest.param(t, marks=pytest.mark.slow) for t in (
+    "distilbert", "gpt2", "phi3", "olmo2", "mpnet", "modernbert")]])
 def test_uneven_export_runs_in_onnxruntime_alone(tmp_path, model_type):
     model, folder, kind = pruned_export(tmp_path, model_type)
     assert kind == "remote_code"
