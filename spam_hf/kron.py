@@ -238,11 +238,14 @@ class KronEigen:
         return torch.log(self.eigenvalues(temperature) + self.project(precision)).sum()
 
     def _spectrum(self, side: str) -> LogSpectrum:
-        """The :class:`~spam_hf.spectrum.LogSpectrum` of ``g`` or ``a``, built on first use and kept."""
-        name = f"_log_spectrum_{side}"
-        if getattr(self, name, None) is None:
-            setattr(self, name, LogSpectrum(getattr(self, side)))
-        return getattr(self, name)
+        """The :class:`~spam_hf.spectrum.LogSpectrum` of ``g`` or ``a``, built on first use and kept. Kept per
+        eigenvalue tensor, not per layer: layers whose factor was decomposed once (``shared``: Q, K and V's ``A``;
+        gate's and up's) hold the same tensor, so they share one table."""
+        values = getattr(self, side)
+        table = getattr(values, "_log_spectrum", None)  # kept on the tensor: it lives as long as the eigenvalues
+        if table is None:
+            table = values._log_spectrum = LogSpectrum(values)
+        return table
 
     def diag(self) -> torch.Tensor:
         """Diagonal of ``G ⊗ A`` as an ``out × (in+1)`` matrix: ``diag(G) diag(A)ᵀ``."""

@@ -93,6 +93,8 @@ def test_the_search_takes_the_least_harmful_candidate_first_and_stops_over_the_b
     assert [0] not in tried  # block 0 keeps everything: never a candidate
     assert tried[:4] == [[], [1], [2], [3]] and [1, 3] in tried and [1, 2, 3] in tried
     assert choose_idle_blocks(model, [], 1e9, max_batches=1) == [0, 1, 2]  # no cap: the last block stays
+    single[3] = -1.0  # the last block is now the best to skip: it is a candidate like any other, one block stays
+    assert choose_idle_blocks(model, [], 1e9, max_batches=1) == [0, 2, 3]
 
 
 @pytest.mark.parametrize("model_type", ["bert", "llama"])

@@ -145,3 +145,17 @@ def test_float64_eigenvalues_are_needed_for_the_log_spectrum():
     t = 1e6
     assert abs(float(phi(f64, t) / phi(exact, t)) - 1.0) < 1e-9
     assert abs(float(phi(f32, t) / phi(exact, t)) - 1.0) > 1e-3
+
+
+def test_layers_that_share_a_factor_share_its_table():
+    """Q, K and V read one input: their A factor is decomposed once (``shared``) and tabulated once; a different
+    factor gets its own table."""
+    torch.manual_seed(0)
+    X = torch.randn(50, 6, dtype=torch.float64)
+    A = X.T @ X
+    shared: list = []
+    q, k = (KronEigen(torch.eye(n, dtype=torch.float64), A.clone(), shared=shared, values_only=(False, True))
+            for n in (4, 3))
+    other = KronEigen(torch.eye(4, dtype=torch.float64), A + torch.eye(6, dtype=torch.float64), shared=shared,
+                      values_only=(False, True))
+    assert q._spectrum("a") is k._spectrum("a") and other._spectrum("a") is not q._spectrum("a")

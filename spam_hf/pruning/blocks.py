@@ -109,11 +109,10 @@ def choose_idle_blocks(model: nn.Module, batches: Iterable, tolerance: float, ma
         raise ValueError(f"drop_blocks tolerance must be >= 0, got {tolerance}")
     costs = layer_costs(model, group_specs(model), budget, seq_len)
     candidates = [i for i in costs if block_cost is None or costs[i] <= IDLE_SHARE * block_cost]
-    candidates = candidates[: len(costs) - 1]  # one block always stays
     base = calibration_loss(model, batches, max_batches)
     bound = base + tolerance * abs(base)
     chosen: List[int] = []
-    while candidates:
+    while candidates and len(chosen) < len(costs) - 1:  # one block always stays (any of the candidates)
         losses = {i: calibration_loss(model, batches, max_batches, chosen + [i]) for i in candidates}
         best = min(candidates, key=lambda i: (losses[i], costs[i], i))
         if losses[best] > bound:
