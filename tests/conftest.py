@@ -302,3 +302,27 @@ def assert_remote_load(out, auto, batch, expected, tmp_path, gen=None):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert "REMOTE_OK" in res.stdout, res.stderr[-3000:]
     return res.stdout.split("REMOTE_OK")[1].split()[0]
+
+
+def lm_logits(model, ids):
+    """A causal LM's logits for ``input_ids`` (no grad)."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def greedy(model, ids, new_tokens: int = 6):
+    """Greedy ``generate()`` of ``new_tokens`` after ``ids`` (unpadded)."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+                              pad_token_id=0)
+
+
+class LogitsOf(torch.nn.Module):
+    """``input_ids -> logits`` of a transformers model (what :func:`dense_ggn_block` / :func:`expected_kfac` call)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits

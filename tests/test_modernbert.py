@@ -12,7 +12,8 @@ from spam_hf.architectures import group_specs
 from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.pruning import PruningConfig, mask_groups, prune, prune_groups
 
-from conftest import BatchList, assert_remote_load, dense_ggn_block, expected_kfac, tiny_batch, tiny_classifier
+from conftest import (BatchList, LogitsOf, assert_remote_load, dense_ggn_block, expected_kfac, tiny_batch,
+                      tiny_classifier)
 
 
 def logits(model, batch):
@@ -63,15 +64,6 @@ def test_the_same_neurons_in_every_layer_export_as_stock(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-6, rtol=1e-5)
 
 
-class _Logits(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids).logits
-
-
 @pytest.mark.parametrize("layer", ["model.layers.1.attn.Wqkv", "model.layers.1.mlp.Wi"])
 def test_kfac_through_a_fused_projection_equals_the_exact_ggn(layer):
     """One token (KFAC is exact for one input vector per example): the GGN of the fused layer's [W | b] through
@@ -80,7 +72,7 @@ def test_kfac_through_a_fused_projection_equals_the_exact_ggn(layer):
     model = tiny_classifier("modernbert").double().eval()
     module = model.get_submodule(layer)
     module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=torch.float64))
-    wrapped, x = _Logits(model), torch.tensor([[7]])
+    wrapped, x = LogitsOf(model), torch.tensor([[7]])
     exact = dense_ggn_block(wrapped, "model." + layer, x)
     assert exact.abs().max() > 1e-6
     torch.testing.assert_close(expected_kfac(wrapped, "model." + layer, x), exact, atol=1e-10, rtol=1e-6)

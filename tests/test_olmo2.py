@@ -12,20 +12,9 @@ from spam_hf.architectures.llama import KeptRowsRMSNorm
 from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.pruning import mask_groups, prune_groups
 
-from conftest import assert_remote_load, tiny_causal_lm, tiny_lm_batch
+from conftest import assert_remote_load, greedy, lm_logits, tiny_causal_lm, tiny_lm_batch
 
 D = 8
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def greedy(model, ids):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
-                              pad_token_id=0)
 
 
 def test_q_norm_couples_the_heads_where_qwen3s_does_not():
@@ -61,19 +50,19 @@ def test_pruned_equals_masked_exports_with_remote_code_and_generates_the_same(tm
     assert isinstance(attn.q_norm, KeptRowsRMSNorm) and (attn.q_norm.weight.numel(), attn.q_norm.width) == (16, 32)
     assert (attn.k_norm.weight.numel(), attn.k_norm.width) == (8, 16)
     ids = tiny_lm_batch()["input_ids"]
-    expected = logits(masked, ids)
-    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+    expected = lm_logits(masked, ids)
+    torch.testing.assert_close(lm_logits(model, ids), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(greedy(model, ids), greedy(masked, ids))
     out = str(tmp_path / "export")
     assert save_pruned(copy.deepcopy(model), out) == "remote_code"
     entry = json.load(open(os.path.join(out, "config.json")))["spam_pruning"]["kept_rows_rms_norm"]
     assert entry["model.layers.0.self_attn.q_norm"]["width"] == 32
-    torch.testing.assert_close(logits(from_pretrained(out).eval(), ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm_logits(from_pretrained(out).eval(), ids), expected, atol=1e-5, rtol=1e-5)
     assert_remote_load(out, "AutoModelForCausalLM", tiny_lm_batch(), expected, tmp_path, gen=greedy(model, ids))
     # the layer's last group: the attention goes, the norms with it
     prune_groups(model, {"layer0.head": torch.tensor([], dtype=torch.long)})
     mask_groups(masked, group_specs(masked), {"layer0.head": torch.tensor([], dtype=torch.long)})
-    torch.testing.assert_close(logits(model, ids), logits(masked, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm_logits(model, ids), lm_logits(masked, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_neurons_alone_export_as_stock(tmp_path):
@@ -84,7 +73,7 @@ def test_neurons_alone_export_as_stock(tmp_path):
     out = str(tmp_path / "stock")
     assert save_pruned(model, out) == "stock"
     ids = tiny_lm_batch()["input_ids"]
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids), logits(model, ids),
+    torch.testing.assert_close(lm_logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids), lm_logits(model, ids),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -98,4 +87,4 @@ def test_default_pruning_in_rounds_and_block_by_block():
         model = tiny_causal_lm("olmo2")
         result = prune(model, None, PruningConfig(sparsity=0.5, sequential=sequential, calibration_batches=3),
                        calibration=batches)
-        assert result.achieved >= 0.5 and torch.isfinite(logits(model, batches[0]["input_ids"])).all()
+        assert result.achieved >= 0.5 and torch.isfinite(lm_logits(model, batches[0]["input_ids"])).all()

@@ -11,21 +11,10 @@ from spam_hf.architectures import group_specs, supported_model_types
 from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.pruning import PruningConfig, mask_groups, prune, prune_groups
 
-from conftest import (BatchList, dense_ggn_block, expected_kfac, tiny_causal_lm, tiny_decoder_config, tiny_lm_batch,
-                      zero_group)
+from conftest import (BatchList, LogitsOf, dense_ggn_block, expected_kfac, greedy, lm_logits, tiny_causal_lm,
+                      tiny_decoder_config, tiny_lm_batch, zero_group)
 
 D = 8  # head_dim of the tiny config: 4 query heads on 2 KV heads, hidden 32, MLP 48
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def greedy(model, ids):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
-                              pad_token_id=0)
 
 
 def _spec(model, name):
@@ -55,8 +44,8 @@ def test_zeroing_a_kv_group_equals_masking_its_query_heads_context():
         return (x,)
 
     ref.get_submodule("model.layers.1.self_attn.o_proj").register_forward_pre_hook(pre_hook)
-    torch.testing.assert_close(logits(model, ids), logits(ref, ids), atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(logits(model, ids), logits(tiny_causal_lm("phi3"), ids), atol=1e-6)
+    torch.testing.assert_close(lm_logits(model, ids), lm_logits(ref, ids), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(lm_logits(model, ids), lm_logits(tiny_causal_lm("phi3"), ids), atol=1e-6)
 
 
 def test_zeroing_a_neuron_equals_zeroing_its_gated_activation():
@@ -70,7 +59,7 @@ def test_zeroing_a_neuron_equals_zeroing_its_gated_activation():
         return (x,)
 
     ref.get_submodule("model.layers.0.mlp.down_proj").register_forward_pre_hook(pre_hook)
-    torch.testing.assert_close(logits(model, ids), logits(ref, ids), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lm_logits(model, ids), lm_logits(ref, ids), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layer", ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"])
@@ -86,21 +75,10 @@ def test_kfac_through_a_fused_projection_equals_the_exact_ggn(layer):
     module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=torch.float64))
     x = torch.tensor([[7]])
 
-    wrapped = _Logits(model)
+    wrapped = LogitsOf(model)
     exact = dense_ggn_block(wrapped, "model." + layer, x)
     assert exact.abs().max() > 1e-4  # the layer matters to the logits
     torch.testing.assert_close(expected_kfac(wrapped, "model." + layer, x), exact, atol=1e-8, rtol=1e-6)
-
-
-class _Logits(nn.Module):
-    """``input_ids -> logits`` (the helpers call ``model(x)`` and read a tensor)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids).logits
 
 
 def test_uneven_groups_export_with_remote_code_and_generate_the_same(tmp_path):
@@ -115,7 +93,7 @@ def test_uneven_groups_export_with_remote_code_and_generate_the_same(tmp_path):
     assert (attn0.config.num_attention_heads, attn0.num_key_value_heads) == (2, 1)
     assert model.config.num_attention_heads == 4 and model.model.layers[1].self_attn.config.num_attention_heads == 4
     ids = tiny_lm_batch()["input_ids"]
-    torch.testing.assert_close(logits(model, ids), logits(masked, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm_logits(model, ids), lm_logits(masked, ids), atol=1e-5, rtol=1e-5)
     assert torch.equal(greedy(model, ids), greedy(masked, ids))
     out = str(tmp_path / "export")
     assert save_pruned(model, out) == "remote_code"
@@ -123,7 +101,7 @@ def test_uneven_groups_export_with_remote_code_and_generate_the_same(tmp_path):
     assert cfg["spam_pruning"]["module_attrs"]["model.layers.0.self_attn"] == {
         "num_key_value_heads": 1, "config.num_attention_heads": 2}
     loaded = from_pretrained(out).eval()
-    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm_logits(loaded, ids), lm_logits(model, ids), atol=1e-5, rtol=1e-5)
     assert torch.equal(greedy(loaded, ids), greedy(model, ids))
 
 
@@ -140,7 +118,7 @@ def test_the_same_groups_in_every_layer_export_as_stock(tmp_path):
         (2, 1, D, 24)
     ids = tiny_lm_batch()["input_ids"]
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm_logits(loaded, ids), lm_logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_default_pruning_in_rounds_and_block_by_block():
@@ -152,7 +130,7 @@ def test_default_pruning_in_rounds_and_block_by_block():
         result = prune(model, None, PruningConfig(sparsity=0.5, sequential=sequential, calibration_batches=3),
                        calibration=batches)
         assert result.achieved >= 0.5
-        assert torch.isfinite(logits(model, batches[0]["input_ids"])).all()
+        assert torch.isfinite(lm_logits(model, batches[0]["input_ids"])).all()
 
 
 @pytest.mark.parametrize("model_type,suffixes", [("phi3", ("qkv_proj",)), ("granite", ("q_proj", "v_proj"))])

@@ -150,6 +150,15 @@ def contiguous_blocks(count: int, width: int, offset: int = 0) -> torch.Tensor:
     return offset + torch.arange(count * width, dtype=torch.long).view(count, width)
 
 
+def fused_gated_neurons(layer: int, fused: str, down: str, neurons: int) -> GroupSpec:
+    """The neurons of a gated MLP whose two halves are one Linear (``[gate | up]``, Phi-3's ``gate_up_proj``;
+    ``[input | gate]``, ModernBERT's ``Wi``): neuron ``j`` owns rows ``j`` and ``I + j`` of ``fused`` and column
+    ``j`` of ``down``."""
+    one = contiguous_blocks(neurons, 1)
+    return GroupSpec(kind="neuron", layer=layer, count=neurons, row_index={fused: torch.cat([one, one + neurons], 1)},
+                     col_index={down: one})
+
+
 class ArchitectureFamily:
     """What one model family exposes to spam-hf. Subclass per family (one file each)."""
 

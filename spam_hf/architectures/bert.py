@@ -31,7 +31,9 @@ class _EncoderFamily(ArchitectureFamily):
     uniform_kinds = ("neuron",)  # the stock classes derive the head size from hidden / heads: fewer heads need our code
 
     def _head_dim(self, model: nn.Module) -> int:
-        raise NotImplementedError
+        """``hidden / heads`` from the config (what the stock classes compute)."""
+        c = model.config
+        return int(c.hidden_size // c.num_attention_heads)
 
     def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
         d = self._head_dim(model)
@@ -100,10 +102,6 @@ class BertFamily(_EncoderFamily):
     up, down = "intermediate.dense", "output.dense"
     attention_path = "attention.self"
     attention_out_child = None
-
-    def _head_dim(self, model: nn.Module) -> int:
-        c = model.config
-        return int(c.hidden_size // c.num_attention_heads)
 
 
 @register

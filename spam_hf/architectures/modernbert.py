@@ -21,7 +21,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
+from .base import (ArchitectureFamily, GroupSpec, contiguous_blocks, fused_gated_neurons, register, set_module,
+                   shrink_slices)
 from .runtime import ZeroHeadAttention
 
 
@@ -52,10 +53,7 @@ class ModernBertFamily(ArchitectureFamily):
                                            col_index={f"{ln}.attn.Wo": blocks}))
             neurons = layer.mlp.Wo.in_features
             if neurons:
-                one = contiguous_blocks(neurons, 1)
-                specs.append(GroupSpec(kind="neuron", layer=i, count=neurons,
-                                       row_index={f"{ln}.mlp.Wi": torch.cat([one, one + neurons], dim=1)},
-                                       col_index={f"{ln}.mlp.Wo": one}))
+                specs.append(fused_gated_neurons(i, f"{ln}.mlp.Wi", f"{ln}.mlp.Wo", neurons))
         return specs
 
     def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 
 from .base import GroupSpec, register
-from .bert import _EncoderFamily
+from .bert import BertFamily, _EncoderFamily
 from .runtime import RuntimeModule
 
 
@@ -71,10 +71,6 @@ class MPNetFamily(_EncoderFamily):
     attention_out_child = "o"
     runtime_modules = (KeptHeadsMPNetSelfAttention,)
 
-    def _head_dim(self, model: nn.Module) -> int:
-        c = model.config
-        return int(c.hidden_size // c.num_attention_heads)
-
     def _heads_kept(self, attn: nn.Module, kept: torch.Tensor) -> None:
         before = getattr(attn, "kept_heads", None)
         heads = [before[i] for i in kept.tolist()] if before is not None else kept.tolist()
@@ -82,14 +78,11 @@ class MPNetFamily(_EncoderFamily):
 
 
 @register
-class DebertaV2Family(_EncoderFamily):
+class DebertaV2Family(BertFamily):
+    """BERT's module layout but for the projections' names, and ``attention_head_size`` when the config has one."""
+
     model_types = ("deberta-v2",)
-    layers_path = "encoder.layer"
     q, k, v = "attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"
-    o = "attention.output.dense"
-    up, down = "intermediate.dense", "output.dense"
-    attention_path = "attention.self"
-    attention_out_child = None
 
     def _head_dim(self, model: nn.Module) -> int:
         c = model.config

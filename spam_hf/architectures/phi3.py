@@ -25,7 +25,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
+from .base import (ArchitectureFamily, GroupSpec, contiguous_blocks, fused_gated_neurons, register, set_module,
+                   shrink_slices)
 from .runtime import ZeroHeadAttention, set_module_attr
 
 
@@ -63,10 +64,7 @@ class Phi3Family(ArchitectureFamily):
                                            col_index={f"{ln}.self_attn.o_proj": q}))
             neurons = layer.mlp.down_proj.in_features
             if neurons:
-                one = contiguous_blocks(neurons, 1)
-                specs.append(GroupSpec(kind="neuron", layer=i, count=neurons,
-                                       row_index={f"{ln}.mlp.gate_up_proj": torch.cat([one, one + neurons], dim=1)},
-                                       col_index={f"{ln}.mlp.down_proj": one}))
+                specs.append(fused_gated_neurons(i, f"{ln}.mlp.gate_up_proj", f"{ln}.mlp.down_proj", neurons))
         return specs
 
     def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:
