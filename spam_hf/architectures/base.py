@@ -170,7 +170,7 @@ class ArchitectureFamily:
     #: contain beyond the core ones; export copies their source into remote-code checkpoints
     runtime_modules: Tuple[type, ...] = ()
     #: LoRA target modules when the user names none and peft has no default for the model type (peft's mapping
-    #: lacks granite, smollm3 and phi3 in 0.18)
+    #: lacks granite, smollm3 and phi3 in 0.21)
     lora_targets: Tuple[str, ...] = ()
     #: integer attributes that ``shrink`` changes on modules and ``forward`` reads (export records them)
     runtime_attrs: Tuple[str, ...] = ()

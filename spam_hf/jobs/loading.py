@@ -133,7 +133,6 @@ def weights_named(path: str):
 def wrap_lora(model, lora_args: LoraArguments):
     """``peft.get_peft_model`` with the LoRA arguments; its errors (unknown target modules) as one clear line."""
     from peft import get_peft_model
-
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
 
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
