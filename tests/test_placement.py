@@ -61,6 +61,16 @@ def test_what_a_dispatched_model_cannot_do_is_refused_before_loading(tiny_lm_set
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_dry_run_refuses_what_the_job_would(tiny_lm_setup, capsys):
+    model_dir, train, valid, tmp = tiny_lm_setup("llama")
+    assert main(["compress", model_dir, "--train-file", train, "--device-map", "auto", "--dry-run", "True",
+                 "--output-dir", str(tmp / "never")]) == 2
+    assert "post-hoc compression (--training none)" in capsys.readouterr().err
+    assert main(["compress", model_dir, "--train-file", train, "--device-map", "auto", "--dry-run", "True",
+                 "--training", "none", "--output-dir", str(tmp / "never")]) == 0
+    assert "block by block" in capsys.readouterr().out
+
+
 def test_placement_arguments():
     assert ModelArguments().placement() == {}
     args = ModelArguments(device_map="auto", max_memory='{"0": "70GiB", "cpu": "200GiB"}', offload_folder="off")

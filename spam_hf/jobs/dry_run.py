@@ -13,6 +13,7 @@ from ..training_arguments import SpamTrainingArguments
 from ..memory import gib, peak, predict
 from ..pruning.config import PruningConfig
 from .finish import choose_sequential
+from .placement import dispatched_job
 from .resolve import resolve_model
 
 
@@ -34,6 +35,7 @@ def dry_run(model_args: ModelArguments, data_args: DataArguments, config: Prunin
     """Print the prunable groups per layer and the predicted peak of each stage (:func:`spam_hf.memory.predict`);
     the last line is ``peak memory: N GiB``. Nothing is loaded but the config, nothing is written."""
     lora_args = lora_args or LoraArguments()
+    config, args = dispatched_job(model_args, config, args, lora_args, train_args.world_size)  # what the job refuses
     path = resolve_model(model_args.model_name_or_path)
     causal_lm = data_args.is_causal_lm
     model = meta_model(path, causal_lm)
