@@ -462,6 +462,24 @@ def test_post_hoc_block_sequential_compress(tiny_lm_setup, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2"])
+def test_newer_decoder_families_compress_end_to_end(tiny_lm_setup, model_type):
+    """SpaM training (KFAC through fused projections and layer-wide norms), the default pruning and the export of the
+    newer decoder families through the CLI; the export reloads and runs."""
+    from spam_hf.export import from_pretrained
+
+    model_dir, train, valid, tmp = tiny_lm_setup(model_type)
+    out = str(tmp / "run")
+    assert main(["compress", model_dir, "--train-file", train, "--validation-file", valid, "--sparsity", "0.4",
+                 "--output-dir", out, *FAST]) == 0
+    report = json.load(open(os.path.join(out, "pruning_report.json")))
+    assert report["selection"]["sparsity_achieved"] >= 0.4 and report["pruned"]["perplexity"] > 1.0
+    model = from_pretrained(os.path.join(out, "model")).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 20, 21, 22]])).logits).all()
+
+
+@pytest.mark.slow
 def test_decoder_sequence_classification(tiny_lm_setup):
     """A decoder checkpoint with classification data: *ForSequenceClassification, padded with EOS."""
     model_dir, _, _, tmp = tiny_lm_setup("gpt2")
