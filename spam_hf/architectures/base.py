@@ -150,6 +150,19 @@ def contiguous_blocks(count: int, width: int, offset: int = 0) -> torch.Tensor:
     return offset + torch.arange(count * width, dtype=torch.long).view(count, width)
 
 
+def fused_qkv_heads(layer: int, fused: str, out: str, kv_heads: int, queries_per_kv: int, d: int) -> GroupSpec:
+    """The heads of an attention whose query, key and value are one Linear (``[q | k | v]``: GPT-2's ``c_attn``,
+    ModernBERT's ``Wqkv``, Phi-3's ``qkv_proj``), in whole KV groups: group ``g`` owns query rows
+    ``g·r·d:(g+1)·r·d``, key rows ``H·d + g·d:(g+1)·d`` and value rows ``(H + K)·d + g·d:(g+1)·d`` of ``fused``
+    (``K`` groups of ``r`` query heads, ``H = K·r``) and the same query columns of ``out``. Without GQA
+    (``r = 1``) a group is one head."""
+    q = contiguous_blocks(kv_heads, queries_per_kv * d)
+    k = contiguous_blocks(kv_heads, d, offset=kv_heads * queries_per_kv * d)
+    v = contiguous_blocks(kv_heads, d, offset=kv_heads * (queries_per_kv + 1) * d)
+    return GroupSpec(kind="head", layer=layer, count=kv_heads, attn_dim=queries_per_kv * d,
+                     row_index={fused: torch.cat([q, k, v], 1)}, col_index={out: q})
+
+
 def fused_gated_neurons(layer: int, fused: str, down: str, neurons: int) -> GroupSpec:
     """The neurons of a gated MLP whose two halves are one Linear (``[gate | up]``, Phi-3's ``gate_up_proj``;
     ``[input | gate]``, ModernBERT's ``Wi``): neuron ``j`` owns rows ``j`` and ``I + j`` of ``fused`` and column

@@ -21,7 +21,8 @@ from torch import nn
 
 from transformers.pytorch_utils import Conv1D
 
-from .base import ArchitectureFamily, GroupSpec, contiguous_blocks, register, set_module, shrink_slices
+from .base import (ArchitectureFamily, GroupSpec, contiguous_blocks, fused_qkv_heads, register, set_module,
+                   shrink_slices)
 from .runtime import RuntimeModule, ZeroHeadAttention
 
 
@@ -69,12 +70,7 @@ class GPT2Family(ArchitectureFamily):
                 width = block.attn.c_attn.weight.shape[1] // 3  # Conv1D weight: in × out (= 3·H·d)
                 heads = width // d
                 if heads:
-                    blocks = contiguous_blocks(heads, d)
-                    qkv = torch.cat([blocks, blocks + width, blocks + 2 * width], dim=1)  # [H, 3d]
-                    specs.append(GroupSpec(
-                        kind="head", layer=i, count=heads, attn_dim=d,
-                        row_index={f"{ln}.attn.c_attn": qkv}, col_index={f"{ln}.attn.c_proj": blocks},
-                    ))
+                    specs.append(fused_qkv_heads(i, f"{ln}.attn.c_attn", f"{ln}.attn.c_proj", heads, 1, d))
             neurons = block.mlp.c_fc.weight.shape[1]
             if neurons:
                 specs.append(GroupSpec(

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import (ArchitectureFamily, GroupSpec, contiguous_blocks, fused_gated_neurons, register, set_module,
+from .base import (ArchitectureFamily, GroupSpec, fused_gated_neurons, fused_qkv_heads, register, set_module,
                    shrink_slices)
 from .runtime import ZeroHeadAttention
 
@@ -46,11 +46,7 @@ class ModernBertFamily(ArchitectureFamily):
                 width = layer.attn.Wqkv.out_features // 3
                 heads = width // d
                 if heads:
-                    blocks = contiguous_blocks(heads, d)
-                    specs.append(GroupSpec(kind="head", layer=i, count=heads, attn_dim=d,
-                                           row_index={f"{ln}.attn.Wqkv": torch.cat(
-                                               [blocks, blocks + width, blocks + 2 * width], dim=1)},
-                                           col_index={f"{ln}.attn.Wo": blocks}))
+                    specs.append(fused_qkv_heads(i, f"{ln}.attn.Wqkv", f"{ln}.attn.Wo", heads, 1, d))
             neurons = layer.mlp.Wo.in_features
             if neurons:
                 specs.append(fused_gated_neurons(i, f"{ln}.mlp.Wi", f"{ln}.mlp.Wo", neurons))

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import (ArchitectureFamily, GroupSpec, contiguous_blocks, fused_gated_neurons, register, set_module,
+from .base import (ArchitectureFamily, GroupSpec, fused_gated_neurons, fused_qkv_heads, register, set_module,
                    shrink_slices)
 from .runtime import ZeroHeadAttention, set_module_attr
 
@@ -55,13 +55,8 @@ class Phi3Family(ArchitectureFamily):
                 if kv and heads % kv:
                     raise ValueError(f"layer {i}: {heads} query heads do not split evenly over {kv} KV heads")
                 if kv:
-                    r = heads // kv
-                    q = contiguous_blocks(kv, r * d)
-                    k = contiguous_blocks(kv, d, offset=heads * d)
-                    v = contiguous_blocks(kv, d, offset=(heads + kv) * d)
-                    specs.append(GroupSpec(kind="head", layer=i, count=kv, attn_dim=r * d,
-                                           row_index={f"{ln}.self_attn.qkv_proj": torch.cat([q, k, v], dim=1)},
-                                           col_index={f"{ln}.self_attn.o_proj": q}))
+                    specs.append(fused_qkv_heads(i, f"{ln}.self_attn.qkv_proj", f"{ln}.self_attn.o_proj", kv,
+                                                 heads // kv, d))
             neurons = layer.mlp.down_proj.in_features
             if neurons:
                 specs.append(fused_gated_neurons(i, f"{ln}.mlp.gate_up_proj", f"{ln}.mlp.down_proj", neurons))
