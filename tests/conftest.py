@@ -326,3 +326,10 @@ class LogitsOf(torch.nn.Module):
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids).logits
+
+
+def uneven_keep(specs):
+    """Layer 0 keeps heads 1 and 3 (of 4), every other layer none; every other neuron: uneven heads, a layer with an
+    empty attention, and narrower MLPs in one keep."""
+    return {s.name: (torch.tensor([1, 3]) if s.layer == 0 else torch.tensor([], dtype=torch.long))
+            if s.kind == "head" else torch.arange(0, s.count, 2) for s in specs}

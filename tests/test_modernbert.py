@@ -13,7 +13,7 @@ from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.pruning import PruningConfig, mask_groups, prune, prune_groups
 
 from conftest import (BatchList, LogitsOf, assert_remote_load, dense_ggn_block, expected_kfac, tiny_batch,
-                      tiny_classifier)
+                      tiny_classifier, uneven_keep)
 
 
 def logits(model, batch):
@@ -35,8 +35,7 @@ def test_uneven_heads_and_neurons_equal_masked_and_export_with_remote_code(tmp_p
     head count from Wqkv's width, so only shapes are recorded."""
     model = tiny_classifier("modernbert").eval()
     specs = group_specs(model)
-    keep = {s.name: (torch.tensor([1, 3]) if s.layer == 0 else torch.tensor([], dtype=torch.long))
-            if s.kind == "head" else torch.arange(0, s.count, 2) for s in specs}
+    keep = uneven_keep(specs)
     masked, pruned = mask_groups(copy.deepcopy(model), specs, keep), copy.deepcopy(model)
     prune_groups(pruned, keep)
     batch = tiny_batch()

@@ -10,7 +10,7 @@ from spam_hf.architectures import group_specs
 from spam_hf.export import from_pretrained, save_pruned
 from spam_hf.pruning import PruningConfig, mask_groups, prune, prune_groups
 
-from conftest import BatchList, assert_remote_load, tiny_batch, tiny_classifier
+from conftest import BatchList, assert_remote_load, tiny_batch, tiny_classifier, uneven_keep
 
 DEBERTA = dict(relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=16, position_buckets=8)
 
@@ -29,12 +29,6 @@ def _model(model_type, **overrides):
     return tiny_classifier("deberta-v2", **DEBERTA, **overrides).eval()
 
 
-#: layer 0 keeps heads 1 and 3 of 4, layer 1 none; every other neuron
-def _keep(specs):
-    return {s.name: (torch.tensor([1, 3]) if s.layer == 0 else torch.tensor([], dtype=torch.long))
-            if s.kind == "head" else torch.arange(0, s.count, 2) for s in specs}
-
-
 @pytest.mark.parametrize("model_type,overrides", [("mpnet", {}), ("deberta-v2", {"share_att_key": True}),
                                                   ("deberta-v2", {"share_att_key": False})])
 def test_pruned_equals_masked_and_exports(tmp_path, model_type, overrides):
@@ -42,8 +36,8 @@ def test_pruned_equals_masked_and_exports(tmp_path, model_type, overrides):
     specs = group_specs(model)
     if model_type == "deberta-v2" and not overrides["share_att_key"]:
         assert "deberta.encoder.layer.0.attention.self.pos_key_proj" in specs[0].row_index
-    masked, pruned = mask_groups(copy.deepcopy(model), specs, _keep(specs)), copy.deepcopy(model)
-    prune_groups(pruned, _keep(specs))
+    masked, pruned = mask_groups(copy.deepcopy(model), specs, uneven_keep(specs)), copy.deepcopy(model)
+    prune_groups(pruned, uneven_keep(specs))
     batch = tiny_batch()
     expected = logits(masked, batch)
     assert not torch.allclose(expected, logits(model, batch), atol=1e-4)
@@ -59,8 +53,8 @@ def test_mpnet_layers_read_the_shared_position_bias_at_their_kept_heads():
     pruning again composes the indices (head 1 of the kept [1, 3] is original head 3)."""
     model = _model("mpnet")
     specs = group_specs(model)
-    masked, pruned = mask_groups(copy.deepcopy(model), specs, _keep(specs)), copy.deepcopy(model)
-    prune_groups(pruned, _keep(specs))
+    masked, pruned = mask_groups(copy.deepcopy(model), specs, uneven_keep(specs)), copy.deepcopy(model)
+    prune_groups(pruned, uneven_keep(specs))
     attn = pruned.mpnet.encoder.layer[0].attention.attn
     assert attn.kept_heads == [1, 3] and attn.num_attention_heads == 2
     batch = tiny_batch()
