@@ -62,6 +62,13 @@ def likelihood_of(model: nn.Module) -> str:
     return "classification"
 
 
+def _within_layer(spec: GroupSpec) -> str:
+    """A spec's name without its ``layer{i}.`` prefix (``head``, ``expert3.neuron``): what identifies it within its
+    layer when layers are renumbered."""
+    prefix = f"layer{spec.layer}."
+    return spec.name[len(prefix):] if spec.name.startswith(prefix) else spec.name
+
+
 class SpamLaplace:
     """Laplace approximation over the prunable layers of ``model`` with learnable prior precisions.
 
@@ -340,17 +347,18 @@ class SpamLaplace:
         """Take ``old``'s precisions after the model changed shape.
 
         Unit priors: the kept groups' precisions (``keep[spec.name]`` indexes ``old``'s specs; specs not
-        in ``keep`` kept every group), matched by kind and layer; ``layer_map`` (``{old layer: new layer}``, when
-        whole blocks were removed) renumbers the layers, and layers it does not name are gone. With
+        in ``keep`` kept every group), matched by layer and the name after ``layer{i}.`` (``head``,
+        ``expert3.neuron``); ``layer_map`` (``{old layer: new layer}``, when whole blocks were removed) renumbers
+        the layers, and layers it does not name are gone. With
         ``same_groups`` (only modules outside the prior changed, e.g. the base under a LoRA adapter) every entry
         whose key and shape match is copied, whatever the prior kind.
         """
         with torch.no_grad():
             if old.prior.kind == "unit" and self.prior.kind == "unit":
-                by_key = {(s.kind, s.layer): s for s in self.specs}
+                by_key = {(s.layer, _within_layer(s)): s for s in self.specs}
                 for s in old.specs:
                     layer = layer_map.get(s.layer) if layer_map else s.layer
-                    new = by_key.get((s.kind, layer)) if layer is not None else None
+                    new = by_key.get((layer, _within_layer(s))) if layer is not None else None
                     if new is None:
                         continue
                     value = old.prior.log_delta[f"unit:{s.name}"]

@@ -118,11 +118,15 @@ def tiny_setup(tmp_path):
 
 
 DECODER_TYPES = ["gpt2", "llama", "mistral", "qwen2", "granite", "smollm3", "gemma2", "gemma3_text", "phi3",
-                 "olmo2"]
+                 "olmo2", "mixtral", "qwen3_moe"]
+#: mixture-of-experts sizes of the tiny configs: 4 experts, 2 per token (Qwen3-MoE's own default is 128 of 768)
+MOE_SIZES = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+             "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True)}
 
 
 def tiny_decoder_config(model_type: str, **overrides):
-    """A 2-layer decoder config: 4 query heads of width 8; LLaMA-layout ones with 2 KV heads (GQA)."""
+    """A 2-layer decoder config: 4 query heads of width 8; LLaMA-layout ones with 2 KV heads (GQA); mixtures of
+    experts with :data:`MOE_SIZES`."""
     from transformers import AutoConfig
 
     if model_type == "gpt2":
@@ -131,7 +135,7 @@ def tiny_decoder_config(model_type: str, **overrides):
     else:
         kw = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
                   num_hidden_layers=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    kw.update(vocab_size=100, num_labels=3)
+    kw.update(vocab_size=100, num_labels=3, **MOE_SIZES.get(model_type, {}))
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 
@@ -241,10 +245,14 @@ def random_keep(specs, seed, drop_all_layer=None):
 
 
 def close_parents(specs, keep):
-    """``keep`` with every parent spec (KV heads) set to the groups its kept children read."""
+    """``keep`` with every parent spec (KV heads, experts) set to the groups its kept children read (over every
+    child spec: an expert's neurons are one spec per expert)."""
+    read = {}
     for s in specs:
         if s.parent:
-            keep[s.parent] = s.parent_index[keep[s.name]].unique()
+            read.setdefault(s.parent, []).append(s.parent_index[keep[s.name]])
+    for parent, groups in read.items():
+        keep[parent] = torch.cat(groups).unique()
     return keep
 
 

@@ -18,7 +18,7 @@ from .base import (
     validate_specs,
     weight_out_in,
 )
-from . import bert, gpt2, llama, modernbert, mpnet, phi3  # noqa: F401  (register the families)
+from . import bert, gpt2, llama, modernbert, moe, mpnet, phi3  # noqa: F401  (register the families)
 from .lora import LoraFamily, is_peft_model
 from .runtime import SPAM_PRUNING_KEY, RuntimeModule, ZeroHeadAttention
 

@@ -29,7 +29,7 @@ try:  # transformers' GPT-2 style layer (weights stored in × out)
 except Exception:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
-GROUP_KINDS = ("head", "kv_head", "neuron", "lora_rank")
+GROUP_KINDS = ("head", "kv_head", "neuron", "expert", "lora_rank")
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -68,7 +68,8 @@ class GroupSpec:
 
     Attributes:
         kind: ``"head"``, ``"kv_head"`` (grouped-query attention: the K/V rows one KV head owns),
-            ``"neuron"`` or ``"lora_rank"``.
+            ``"neuron"``, ``"expert"`` (mixture of experts: the router row of one expert, the parent of its
+            neurons) or ``"lora_rank"``.
         layer: transformer block index (or adapted-module index for LoRA).
         count: number of groups ``G``.
         row_index: module name -> ``LongTensor[G, r]``: output rows owned by each group.
@@ -76,7 +77,7 @@ class GroupSpec:
         attn_dim: per-group width of the attention score computation (head_dim for heads, else 0);
             used for the ``T²`` FLOPs of attention.
         parent: name of the spec whose groups this spec's groups depend on ("" when none): query heads
-            on the KV head they read. A parent group is removed exactly when every child is removed,
+            on the KV head they read, an expert's neurons on the expert. A parent group is removed exactly when every child is removed,
             so selection keeps at least one child of every kept parent.
         parent_index: ``LongTensor[G]``: the parent group of each group (with ``parent``).
     """
@@ -189,7 +190,7 @@ class ArchitectureFamily:
     runtime_attrs: Tuple[str, ...] = ()
     #: pruning-report name of each group kind this family produces (``<name>_kept`` / ``<name>_total``)
     report_fields: Dict[str, str] = {"head": "heads", "kv_head": "kv_heads", "neuron": "neurons",
-                                     "lora_rank": "ranks"}
+                                     "expert": "experts", "lora_rank": "ranks"}
     #: group kinds that may shrink by the same count in every layer with the export still a stock checkpoint
     #: (:meth:`stock_config` expresses it); ``--uniform`` prunes only these. Neurons everywhere (one
     #: ``intermediate_size``); heads only where the config has a ``head_dim`` apart from ``hidden / heads``
@@ -218,6 +219,10 @@ class ArchitectureFamily:
         ``keep`` names the specs of ``group_specs(model, kv_groups_only)``.
         """
         raise NotImplementedError
+
+    def mask(self, model: nn.Module, spec: GroupSpec, dropped: torch.Tensor) -> None:
+        """What masking groups ``dropped`` of ``spec`` needs beyond zeroing their slices (``mask_groups`` zeroes
+        them first); nothing in most families. Mixture of experts: a dropped expert is no longer routed to."""
 
     #: for a module (name suffix) that has no bias: the config flag that gives it one in the stock class, and every
     #: module suffix the flag gives a bias to (LLaMA: ``o_proj`` -> ``attention_bias`` on q/k/v/o)
@@ -282,12 +287,6 @@ def model_type_of(model: nn.Module) -> str:
     return mt
 
 
-#: model types a user may bring that spam-hf refuses, each with its reason (README, "Supported models")
-NOT_SUPPORTED: Dict[str, str] = {
-    moe: "its experts are stored as 3-D parameter tensors (experts x rows x columns), not Linear layers; pruning "
-         "expert neurons and whole experts is not supported yet" for moe in ("mixtral", "qwen3_moe")}
-
-
 def get_family(model_or_type) -> ArchitectureFamily:
     """The family for a model (or a ``model_type`` string); a clear error when unsupported.
 
@@ -299,8 +298,6 @@ def get_family(model_or_type) -> ArchitectureFamily:
             if predicate(model_or_type):
                 return family
     mt = model_or_type if isinstance(model_or_type, str) else model_type_of(model_or_type)
-    if mt in NOT_SUPPORTED:
-        raise ValueError(f"model_type {mt!r} is not supported: {NOT_SUPPORTED[mt]}")
     if mt not in _REGISTRY:
         raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(supported_model_types())}")
     return _REGISTRY[mt]

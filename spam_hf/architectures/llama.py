@@ -143,15 +143,18 @@ class LlamaFamily(ArchitectureFamily):
             attn, path = layer.self_attn, f"{ln}.self_attn"
             if not isinstance(attn, ZeroHeadAttention) and attn.q_proj.out_features:
                 specs += self._attention_specs(attn, path, i, d, kv_groups_only)
-            neurons = layer.mlp.up_proj.out_features
-            if neurons:
-                one = contiguous_blocks(neurons, 1)
-                specs.append(GroupSpec(
-                    kind="neuron", layer=i, count=neurons,
-                    row_index={f"{ln}.mlp.gate_proj": one, f"{ln}.mlp.up_proj": one},
-                    col_index={f"{ln}.mlp.down_proj": one},
-                ))
+            specs += self._mlp_specs(layer.mlp, f"{ln}.mlp", i)
         return specs
+
+    def _mlp_specs(self, mlp: nn.Module, path: str, i: int) -> List[GroupSpec]:
+        """The neurons of layer ``i``'s gated MLP at ``path`` (none when it has no neuron left)."""
+        neurons = mlp.up_proj.out_features
+        if not neurons:
+            return []
+        one = contiguous_blocks(neurons, 1)
+        return [GroupSpec(kind="neuron", layer=i, count=neurons,
+                          row_index={f"{path}.gate_proj": one, f"{path}.up_proj": one},
+                          col_index={f"{path}.down_proj": one})]
 
     def _attention_specs(self, attn: nn.Module, path: str, i: int, d: int, kv_groups_only: bool) -> List[GroupSpec]:
         kv_of = self.kv_of_queries(attn, d)
@@ -180,7 +183,7 @@ class LlamaFamily(ArchitectureFamily):
         keep = dict(keep)
         kv_after: Dict[int, torch.Tensor] = {}  # layer -> KV head (new numbering) of each kept query head
         for s in specs:
-            if not s.parent:
+            if s.kind != "head" or not s.parent:
                 continue
             kept_q = torch.as_tensor(keep.get(s.name, range(s.count)), dtype=torch.long).sort().values
             read = s.parent_index[kept_q]
@@ -213,7 +216,7 @@ class LlamaFamily(ArchitectureFamily):
         attn.num_key_value_groups = q or 1
 
     def stock_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
-        """Head counts, ``head_dim`` and ``intermediate_size`` when every layer kept the same numbers."""
+        """Head counts, ``head_dim`` and the MLP widths (:meth:`mlp_config`) when every layer kept the same numbers."""
         d = self.head_dim(model)
         shapes = set()
         for layer in self.layers(model):
@@ -221,13 +224,19 @@ class LlamaFamily(ArchitectureFamily):
             if isinstance(attn, ZeroHeadAttention) or isinstance(attn.k_proj, HeadGatherLinear):
                 return None
             kv = attn.k_proj.out_features // d
-            shapes.add((kv, kv * int(attn.num_key_value_groups), layer.mlp.up_proj.out_features))
-        if len(shapes) != 1:
+            shapes.add((kv, kv * int(attn.num_key_value_groups)))
+        mlp = self.mlp_config(model)
+        if len(shapes) != 1 or mlp is None:
             return None
-        kv, heads, neurons = shapes.pop()
-        if not kv or not neurons:
+        kv, heads = shapes.pop()
+        if not kv:
             return None
-        return {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d, "intermediate_size": neurons}
+        return {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d, **mlp}
+
+    def mlp_config(self, model: nn.Module) -> Optional[Dict[str, int]]:
+        """``{"intermediate_size": I}`` when every layer's MLP kept the same ``I > 0`` neurons, else ``None``."""
+        widths = {layer.mlp.up_proj.out_features for layer in self.layers(model)}
+        return {"intermediate_size": widths.pop()} if len(widths) == 1 and min(widths) else None
 
 
 class KeptRowsRMSNorm(nn.Module, RuntimeModule):

@@ -57,6 +57,17 @@ class RuntimeModule:
     def resized(cls, like: nn.Module, fan_in: int, fan_out: int) -> nn.Module:
         raise NotImplementedError
 
+    def fits_stock(self, reference: nn.Module) -> bool:
+        """Whether this module has the shapes of ``reference`` (the stock model's module at its path, on the meta
+        device), so that export can write it in the stock layout (:meth:`to_stock`). Replacements that compute
+        something the stock module cannot (an empty attention, gathered KV heads) never fit."""
+        return False
+
+    def to_stock(self, reference: nn.Module) -> nn.Module:
+        """A module of ``reference``'s class computing what this one does, with this module's weights (only when
+        :meth:`fits_stock`)."""
+        raise NotImplementedError
+
 
 def replacement_kinds() -> List[type]:
     """Registered runtime classes that replace modules (those with a ``spec_key``), in registration order."""

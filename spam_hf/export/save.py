@@ -19,7 +19,7 @@ from torch import nn
 from ..architectures import runtime
 from ..architectures.base import get_family, in_out_features
 from ..architectures.runtime import (SPAM_PRUNING_KEY, RuntimeModule, SpamPrunedMixin, get_module_attr,
-                                     replacement_kinds)
+                                     replacement_kinds, set_module)
 
 REMOTE_CODE_FILE = "modeling_spam.py"
 
@@ -52,7 +52,8 @@ def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dic
     for name, mod in model.named_modules():
         ref = ref_mods.get(name)
         if isinstance(mod, RuntimeModule) and mod.spec_key:
-            spec[mod.spec_key][name] = mod.spec()
+            if ref is None or not mod.fits_stock(ref):  # one that fits is saved in the stock layout (to_stock_layout)
+                spec[mod.spec_key][name] = mod.spec()
             continue
         if ref is None:
             continue
@@ -67,6 +68,18 @@ def pruning_spec(model: nn.Module, reference: Optional[nn.Module] = None) -> dic
         if changed:
             spec["module_attrs"][name] = changed
     return spec
+
+
+def to_stock_layout(model: nn.Module, reference: nn.Module) -> None:
+    """Put back, in place, every runtime module whose shapes fit the stock module at its path in ``reference``
+    (:meth:`~spam_hf.architectures.runtime.RuntimeModule.fits_stock`): the mixture-of-experts blocks spam-hf
+    split into Linear layers go back to the stock 3-D expert tensors when the experts kept their number and
+    width. :func:`pruning_spec` records only the runtime modules that do not fit."""
+    ref_mods = dict(reference.named_modules())
+    for name, mod in list(model.named_modules()):
+        ref = ref_mods.get(name)
+        if isinstance(mod, RuntimeModule) and mod.spec_key and ref is not None and mod.fits_stock(ref):
+            set_module(model, name, mod.to_stock(ref))
 
 
 def _own_attr(module: nn.Module, attr: str):
@@ -125,14 +138,17 @@ def save_pruned_model(model: nn.Module, output_dir: str, tokenizer=None, extra_c
     the remote code. Returns ``"stock"`` or ``"remote_code"``."""
     os.makedirs(output_dir, exist_ok=True)
     family = get_family(model)
-    spec = pruning_spec(model)
+    reference = reference_model(model)
+    spec = pruning_spec(model, reference)
     overrides = family.stock_config(model) if not is_stock(spec) else None
     if overrides:
-        spec_with = pruning_spec(model, reference_model(model, overrides))
+        uniform = reference_model(model, overrides)
+        spec_with = pruning_spec(model, uniform)
         if is_stock(spec_with):  # expressible in the stock class: a uniform result
-            spec = spec_with
+            spec, reference = spec_with, uniform
             for key, value in overrides.items():
                 setattr(model.config, key, value)
+    to_stock_layout(model, reference)
     base = _stock_class(model)
     config = model.config
     for key in (SPAM_PRUNING_KEY, "auto_map"):

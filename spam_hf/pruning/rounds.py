@@ -34,7 +34,8 @@ def removed_summary(specs, keep) -> str:
     removed: dict = {}
     for s in specs:
         removed[s.kind] = removed.get(s.kind, 0) + s.count - len(keep[s.name])
-    words = {"head": "heads", "kv_head": "KV heads", "neuron": "neurons", "lora_rank": "LoRA ranks"}
+    words = {"head": "heads", "kv_head": "KV heads", "neuron": "neurons", "expert": "experts",
+             "lora_rank": "LoRA ranks"}
     return ", ".join(f"{n} {words.get(k, k + 's')}" for k, n in removed.items() if n) or "nothing"
 
 

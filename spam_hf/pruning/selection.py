@@ -100,8 +100,9 @@ def kept_selection(specs: List[GroupSpec], kept: Dict[str, torch.Tensor], budget
     layers: Dict[int, LayerReport] = {}
     for s in specs:
         rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
-        field_name = DEFAULT_REPORT_FIELDS[s.kind]
-        rep.kept[field_name], rep.total[field_name] = int(kept[s.name].numel()), s.count
+        field_name = DEFAULT_REPORT_FIELDS[s.kind]  # summed: a mixture-of-experts layer has a neuron spec per expert
+        rep.kept[field_name] = rep.kept.get(field_name, 0) + int(kept[s.name].numel())
+        rep.total[field_name] = rep.total.get(field_name, 0) + s.count
     return Selection(keep=dict(kept), budget=budget, sparsity_target=float(target), total_cost=total_before,
                      removed_cost=total_before - total_after, layers=[layers[k] for k in sorted(layers)])
 
@@ -208,7 +209,9 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     layers: Dict[int, LayerReport] = {}
     for s in specs:
         rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
-        rep.kept[names[s.kind]], rep.total[names[s.kind]] = int(keep[s.name].numel()), s.count
+        field_name = names[s.kind]  # summed: a mixture-of-experts layer has one neuron spec per expert
+        rep.kept[field_name] = rep.kept.get(field_name, 0) + int(keep[s.name].numel())
+        rep.total[field_name] = rep.total.get(field_name, 0) + s.count
         if s.kind == "lora_rank":
             rep.module = base_name(adapted_module(s))
     return Selection(keep=keep, budget=budget, sparsity_target=float(sparsity), total_cost=total,
@@ -290,7 +293,7 @@ def check_uniform(specs: List[GroupSpec], kinds: Sequence[str]) -> Dict[str, Lis
     by_kind: Dict[str, List[int]] = {}
     for si, s in enumerate(specs):
         if s.kind in kinds:
-            if s.parent:
+            if s.parent and s.kind == "head":
                 raise ValueError("--uniform removes whole KV groups of grouped-query attention (every layer keeps the "
                                  "same query heads per KV head): train and prune with --kv-groups-only True "
                                  "(kv_groups_only=True)")

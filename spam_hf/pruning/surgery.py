@@ -23,8 +23,10 @@ def prune_groups(model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only
 
 
 def mask_groups(model: nn.Module, specs: List[GroupSpec], keep: Dict[str, torch.Tensor]) -> nn.Module:
-    """Zero (not remove) the weights of every group not in ``keep``: the reference for :func:`prune_groups`."""
+    """Zero (not remove) the weights of every group not in ``keep``, and route no token to a dropped expert
+    (:meth:`ArchitectureFamily.mask`): the reference for :func:`prune_groups`."""
     mods = dict(model.named_modules())
+    family = get_family(model)
     with torch.no_grad():
         for s in specs:
             dropped = sorted(set(range(s.count)) - set(torch.as_tensor(keep.get(s.name, range(s.count))).tolist()))
@@ -38,4 +40,5 @@ def mask_groups(model: nn.Module, specs: List[GroupSpec], keep: Dict[str, torch.
                     mods[m].bias[rows] = 0
             for m, idx in s.col_index.items():
                 weight_out_in(mods[m])[:, idx[d].reshape(-1)] = 0
+            family.mask(model, s, d)
     return model
