@@ -3,8 +3,12 @@
 For a layer with input ``a`` (augmented with a 1 for the bias) and ``g`` the gradient of the
 *summed* loss with respect to its output:
 
-* KFAC: ``H ≈ G ⊗ A`` with ``A = Σ a aᵀ / n`` over the ``n`` rows seen and ``G = (N / n_g) Σ g gᵀ``,
-  extrapolated to the ``N`` training examples (tokens for token-level losses).
+* KFAC: ``H ≈ G ⊗ A`` with ``A = Σ a aᵀ / n_m`` over the ``n_m`` rows in which the layer's input is not all
+  zero and ``G = (N / n_g) Σ g gᵀ``, extrapolated to the ``N`` training examples (tokens for token-level losses).
+  ``n_m`` is every row seen (``n``) for an ordinary layer; a mixture-of-experts expert sees the tokens not routed
+  to it as zero rows (with zero output gradients), so its ``A`` averages over the tokens routed to it: ``G ⊗ A``
+  then estimates ``Σ_routed g gᵀ ⊗ a aᵀ`` as KFAC does for any layer, where dividing by every token would shrink
+  an expert's curvature by its share of the tokens.
 * diagonal: ``diag H ≈ (N / n_g) Σ (g∘g)(a∘a)ᵀ``.
 
 Wide factors (``diagonal_from``): a KFAC factor of width ``d ≥ diagonal_from`` (the MLP of an LLM: down's input,
@@ -185,13 +189,16 @@ class CurvatureAccumulator:
     def _sizes(self, name: str) -> Dict[str, tuple]:
         """The sums of module ``name`` and their shapes: ``A`` ((in+1)²) and ``G`` (out²) for KFAC (those in
         ``sides``; a vector, the diagonal, for a factor of ``diagonal_from`` or more), ``D`` (out × (in+1)) for the
-        diagonal, ``M`` (in²) for a mask module and ``X`` (in) for a mean module."""
+        diagonal, ``M`` (in²) for a mask module, ``X`` (in) for a mean module and ``R`` (a count) with ``A`` or
+        ``X``: the rows whose input is not all zero."""
         if name not in self.shapes:
             raise KeyError(name)
         out, inp = self.shapes[name]
         sizes = {k: self._factor_shape(n) for k, n in (("A", inp), ("G", out)) if k in self.sides} \
             if self.kind == "kfac" else {"D": (out, inp)}
         width = inp - int(name in self._biased)
+        if "A" in sizes or name in self.mean_modules:
+            sizes["R"] = ()  # the rows A (and X) average over: those whose input is not all zero
         if name in self.mask_modules:
             sizes["M"] = (width, width)
         if name in self.mean_modules:
@@ -208,7 +215,8 @@ class CurvatureAccumulator:
                                                for shp in self.shapes.values() for n in shp)
 
     def _zeros(self, name: str) -> Dict[str, torch.Tensor]:
-        return {k: torch.zeros(shape, dtype=self.dtype) for k, shape in self._sizes(name).items()}
+        return {k: torch.zeros(shape, dtype=torch.float64 if k == "R" else self.dtype)
+                for k, shape in self._sizes(name).items()}
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Flat ``{"<module>.<A|G|D>": tensor, "n": count}`` (safetensors-friendly)."""
@@ -231,6 +239,9 @@ class CurvatureAccumulator:
             loaded = {}
             for k, shape in sizes.items():
                 key = f"{m}.{k}"
+                if k == "R":  # files written before row counts per module: every row
+                    loaded[k] = state.get(key, state["n"]).to(torch.float64).reshape(()).clone()
+                    continue
                 if key not in state:
                     raise ValueError(f"curvature state has no factor {key!r} (curvature kind {self.kind!r})")
                 if tuple(state[key].shape) != shape:
@@ -378,6 +389,8 @@ class CurvatureAccumulator:
                 s["M"] += (m.T @ m).to(self.dtype)
             if "X" in s:  # the same rows as A (bias column dropped)
                 s["X"] += a[:, : s["X"].shape[0]].sum(0).to(self.dtype)
+            if "R" in s:
+                s["R"] += float(nonzero_rows(a[:, : a.shape[1] - int(name in self._biased)]))
         self.n += float(n_rows or 0)
         self.n_seen += float(n_seen or 0)
         self.n_units += self._loss_units(logits, labels)
@@ -416,9 +429,14 @@ class CurvatureAccumulator:
             return n
         return units * n / seen
 
+    def rows(self, name: str) -> float:
+        """``n_m``: the rows module ``name``'s input factor averages over (module docstring; at least 1)."""
+        s = self.sums[name]
+        return max(float(s["R"]) if "R" in s else float(self.n), 1.0)
+
     def kron(self, n_data: float, keep_vectors: bool = False,
              values_only: Optional[Dict[str, Tuple[bool, bool]]] = None, progress: bool = False) -> Dict[str, KronEigen]:
-        """Eigendecomposed KFAC per module, extrapolated to ``n_data``: ``G = (N/n_g) ΣggT``, ``A = ΣaaT / n``;
+        """Eigendecomposed KFAC per module, extrapolated to ``n_data``: ``G = (N/n_g) ΣggT``, ``A = ΣaaT / n_m``;
         ``values_only[m]``: the sides of ``m`` whose prior is constant (eigenvalues only, :class:`KronEigen`);
         ``progress``: a progress bar over the modules (the slow part of a prior fit at LLM width)."""
         from tqdm.auto import tqdm
@@ -432,7 +450,7 @@ class CurvatureAccumulator:
         for m, s in tqdm(self.sums.items(), desc="prior fit: eigendecompositions", disable=not progress,
                          leave=False):
             try:
-                out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / n, keep_vectors, shared=shared,
+                out[m] = KronEigen(s["G"] * (n_data / n_g), s["A"] / self.rows(m), keep_vectors, shared=shared,
                                    values_only=(values_only or {}).get(m, (False, False)))
             except FloatingPointError as e:  # name the module: the factor alone does not say which one diverged
                 raise FloatingPointError(f"KFAC factors of {m!r}: {e}; check curvature and weights for NaN") from e
@@ -449,12 +467,11 @@ class CurvatureAccumulator:
 
     def input_moments(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """``{mean module: (mean, variance)}`` of each input channel over the rows seen (float64, CPU, ``[in]``):
-        ``x̄ = Σx / n`` and ``Σx² / n − x̄²`` (the second moment is the diagonal of the ``A`` sum)."""
+        ``x̄ = Σx / n_m`` and ``Σx² / n_m − x̄²`` (the second moment is the diagonal of the ``A`` sum)."""
         self._check_ready()
-        n = float(self.n)
         out = {}
         for m in self.mean_modules:
-            s = self.sums[m]
+            s, n = self.sums[m], self.rows(m)
             if "A" not in s:
                 raise ValueError("input moments need the input factors (sides including 'A', curvature 'kfac')")
             mean = s["X"].to("cpu", torch.float64) / n
@@ -469,19 +486,20 @@ class CurvatureAccumulator:
 
     def diagonal_state_keys(self) -> set:
         """The keys :meth:`diagonal_state` writes for these modules (without allocating their sums)."""
-        per_module = (".Gdiag", ".Adiag") if self.kind == "kfac" else (".D",)
+        per_module = (".Gdiag", ".Adiag", ".Arows") if self.kind == "kfac" else (".D",)
         return {"n", "n_g"} | {f"{m}{k}" for m in self.shapes for k in per_module}
 
     def diagonal_state(self) -> Dict[str, torch.Tensor]:
         """What :meth:`diagonal` needs, compactly (CPU, float64): ``"<m>.Gdiag"``/``"<m>.Adiag"`` (the
-        factors' diagonals, ``out + in + 1`` numbers per module) for KFAC, ``"<m>.D"`` for the diagonal
-        kind, and ``"n"``. Kept after a prior update instead of the full factors."""
+        factors' diagonals, ``out + in + 1`` numbers per module, and ``"<m>.Arows"``, ``n_m``) for KFAC, ``"<m>.D"``
+        for the diagonal kind, and ``"n"``. Kept after a prior update instead of the full factors."""
         state: Dict[str, torch.Tensor] = {"n": self.n.reshape(1).clone(),
                                           "n_g": torch.tensor([self.n_g], dtype=torch.float64)}
         for m, s in self.sums.items():
             if self.kind == "kfac":
                 state[f"{m}.Gdiag"] = _diagonal(s["G"]).to("cpu", torch.float64)
                 state[f"{m}.Adiag"] = _diagonal(s["A"]).to("cpu", torch.float64)
+                state[f"{m}.Arows"] = torch.tensor([self.rows(m)], dtype=torch.float64)
             else:
                 state[f"{m}.D"] = s["D"].to("cpu", torch.float64)
         return state
@@ -512,7 +530,8 @@ class _LazySums(dict):
 
 def diagonal_from_state(state: Dict[str, torch.Tensor], n_data: float) -> Dict[str, torch.Tensor]:
     """``diag H`` per module (``out × (in+1)``) from :meth:`CurvatureAccumulator.diagonal_state`:
-    ``diag(G)·(N/n_g) ⊗ diag(A)/n`` for KFAC, ``D·N/n_g`` for the diagonal kind (``n_g = n`` in old files)."""
+    ``diag(G)·(N/n_g) ⊗ diag(A)/n_m`` for KFAC, ``D·N/n_g`` for the diagonal kind (``n_g = n_m = n`` in old
+    files)."""
     n = float(state["n"].reshape(()))
     if n <= 0:
         raise RuntimeError("no curvature accumulated yet")
@@ -521,10 +540,16 @@ def diagonal_from_state(state: Dict[str, torch.Tensor], n_data: float) -> Dict[s
     for key, value in state.items():
         if key.endswith(".Gdiag"):
             m = key[: -len(".Gdiag")]
-            out[m] = torch.outer(value * (n_data / n_g), state[f"{m}.Adiag"] / n)
+            rows = float(state[f"{m}.Arows"].reshape(())) if f"{m}.Arows" in state else n
+            out[m] = torch.outer(value * (n_data / n_g), state[f"{m}.Adiag"] / rows)
         elif key.endswith(".D"):
             out[key[: -len(".D")]] = value * (n_data / n_g)
     return out
+
+
+def nonzero_rows(x: torch.Tensor) -> int:
+    """Rows of ``x`` (``[rows, d]``) with a non-zero entry (every row when ``d = 0``)."""
+    return int(x.shape[0]) if x.shape[1] == 0 else int((x != 0).any(dim=1).sum())
 
 
 def weight_aug(module: nn.Module) -> torch.Tensor:

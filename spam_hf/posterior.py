@@ -214,7 +214,8 @@ class SpamLaplace:
         raise RuntimeError("no curvature yet: train with SpamTrainer or call SpamLaplace.fit() before pruning")
 
     def factors(self, extrapolate: bool = True) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-        """``{module: (A, G)}`` from the live KFAC sums, float64: ``A = Σ a aᵀ / n`` (``(in+1)²``, bias column last)
+        """``{module: (A, G)}`` from the live KFAC sums, float64: ``A = Σ a aᵀ / n_m`` (``(in+1)²``, bias column last;
+        ``n_m`` the rows with a non-zero input, :meth:`CurvatureAccumulator.rows`)
         and ``G = (N / n_g) Σ g gᵀ`` (``out²``) extrapolated to ``N`` as :meth:`curvature_estimate` does, or with
         ``extrapolate=False`` ``G = Σ g gᵀ``: the likelihood of only the batches seen (what compensation trusts).
         Group damage and compensation need these (the retained state keeps only diagonals)."""
@@ -227,9 +228,8 @@ class SpamLaplace:
         if self.live_rows <= 0:
             raise RuntimeError("no live curvature: collect() some batches first (the retained state keeps only "
                                "the factors' diagonals)")
-        n = self.live_rows
         scale = self._n() / self.curvature.n_g if extrapolate else 1.0
-        return {m: (s["A"].to(torch.float64).cpu() / n, s["G"].to(torch.float64).cpu() * scale)
+        return {m: (s["A"].to(torch.float64).cpu() / self.curvature.rows(m), s["G"].to(torch.float64).cpu() * scale)
                 for m, s in self.curvature.sums.items()}
 
     def group_fisher(self) -> Dict[str, torch.Tensor]:

@@ -462,7 +462,7 @@ def test_post_hoc_block_sequential_compress(tiny_lm_setup, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "mixtral", "qwen3_moe"])
 def test_newer_decoder_families_compress_end_to_end(tiny_lm_setup, model_type):
     """SpaM training (KFAC through fused projections and layer-wide norms), the default pruning and the export of the
     newer decoder families through the CLI; the export reloads and runs."""

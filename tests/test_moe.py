@@ -250,3 +250,65 @@ def test_device_map_offloaded_experts_are_refused():
     block.experts.gate_up_proj = nn.Parameter(block.experts.gate_up_proj.to("meta"))
     with pytest.raises(ValueError, match="offloaded"):
         group_specs(model)
+
+
+def test_an_experts_input_factor_averages_over_the_tokens_routed_to_it():
+    """Brute force: A of expert e's gate_proj is Σ x xᵀ / n_e over the n_e tokens routed to e (the block's input at
+    those tokens), in the training-time accumulator (expand rows) and in the block-by-block input factors; a dense
+    layer (the router) still averages over every token. Dividing by every token would shrink an expert's factor by
+    its share of the tokens."""
+    from spam_hf.curvature import CurvatureAccumulator
+    from spam_hf.pruning.sequential import input_factors
+
+    batch = tiny_lm_batch(batch=2, seq=10)
+    batch["attention_mask"][1, 7:] = 0  # padding is never a row
+    model = tiny_causal_lm("mixtral")
+    group_specs(model)
+    block = model.model.layers[1].mlp
+    seen = {}
+    block.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
+    block.router.register_forward_hook(lambda m, args, out: seen.__setitem__("top", out.detach().topk(2, -1).indices))
+    mask = batch["attention_mask"].bool()
+    names = [f"model.layers.1.mlp.routed.{e}.gate_proj" for e in range(4)] + ["model.layers.1.mlp.router"]
+    acc = CurvatureAccumulator(model, names, likelihood="causal_lm", reduction="expand")
+    with acc.capture(model, batch["attention_mask"]):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    acc.accumulate(out.logits, batch["labels"])
+    x, top = seen["x"][mask].double(), seen["top"][mask]
+    layer_input = {}
+    handle = model.model.layers[1].register_forward_pre_hook(
+        lambda m, args, kwargs: layer_input.update(args=args, kwargs=kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    handle.remove()
+    block_factors = input_factors(model, model.model.layers[1], names, [(layer_input["args"], layer_input["kwargs"])],
+                                  [batch["attention_mask"]])
+    counts = []
+    for e in range(4):
+        routed = x[(top == e).any(-1)]
+        counts.append(routed.shape[0])
+        expected = routed.T @ routed / max(routed.shape[0], 1)
+        got = acc.sums[names[e]]["A"].double() / acc.rows(names[e])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(block_factors[names[e]].double(), expected, atol=1e-5, rtol=1e-4)
+    assert sum(counts) == 2 * int(mask.sum()) and 0 < min(counts) < int(mask.sum())  # 2 experts per token
+    torch.testing.assert_close(acc.sums[names[4]]["A"].double() / acc.rows(names[4]), x.T @ x / x.shape[0],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_expert_flops_count_the_tokens_each_expert_computes_on():
+    """top_k of E experts per token: an expert neuron costs 2·T·(k/E)·3H FLOPs (gate, up rows, down column), so a
+    block's expert FLOPs are those of k dense MLPs, whatever E is; parameters count every expert."""
+    from spam_hf.costs import model_costs
+
+    model = tiny_causal_lm("mixtral")
+    specs = group_specs(model)
+    neurons = next(s for s in specs if s.name == "layer0.expert1.neuron")
+    assert neurons.token_share == 0.5
+    torch.testing.assert_close(neurons.flops_per_group(model, 16), torch.full((48,), 2 * 16 * 0.5 * 3 * 32.0,
+                                                                             dtype=torch.float64))
+    costs = model_costs(model, seq_len=16)
+    attention = 2 * 16 * (32 * 32 + 2 * 32 * 16 + 32 * 32) + 4 * 16**2 * 8 * 4  # q, k, v, o; QK and AV of 4 heads
+    router, experts = 2 * 16 * 32 * 4, 2 * 16 * 2 * 3 * 32 * 48  # 2 of the 4 experts' MLPs per token
+    assert costs["block_flops"] == 2 * (attention + router + experts)
+    assert costs["block_params"] == 2 * (4 * 32 * 32 - 2 * 32 * 16 + 32 * 4 + 4 * 3 * 32 * 48)

@@ -61,6 +61,14 @@ def test_what_a_dispatched_model_cannot_do_is_refused_before_loading(tiny_lm_set
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_a_mixture_of_experts_is_not_dispatched(tiny_lm_setup, capsys):
+    model_dir, train, valid, tmp = tiny_lm_setup("qwen3_moe")
+    out = tmp / "refused"
+    assert main(["compress", model_dir, "--train-file", train, "--validation-file", valid, "--device-map", "auto",
+                 "--training", "none", "--output-dir", str(out), *FAST]) == 2
+    assert "not supported for qwen3_moe" in capsys.readouterr().err and not out.exists()
+
+
 def test_dry_run_refuses_what_the_job_would(tiny_lm_setup, capsys):
     model_dir, train, valid, tmp = tiny_lm_setup("llama")
     assert main(["compress", model_dir, "--train-file", train, "--device-map", "auto", "--dry-run", "True",

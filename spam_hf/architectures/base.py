@@ -80,6 +80,8 @@ class GroupSpec:
             on the KV head they read, an expert's neurons on the expert. A parent group is removed exactly when every child is removed,
             so selection keeps at least one child of every kept parent.
         parent_index: ``LongTensor[G]``: the parent group of each group (with ``parent``).
+        token_share: the share of the tokens this spec's modules compute on, for FLOPs (1; an expert's neurons:
+            ``top_k / experts`` of its layer, the expected share when routing is balanced).
     """
 
     kind: str
@@ -91,6 +93,7 @@ class GroupSpec:
     name: str = ""
     parent: str = ""
     parent_index: Optional[torch.Tensor] = None
+    token_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in GROUP_KINDS:
@@ -132,8 +135,8 @@ class GroupSpec:
     def flops_per_group(self, model: nn.Module, seq_len: int) -> torch.Tensor:
         """Forward FLOPs per sequence of length ``T`` that each group costs, ``FloatTensor[G]``.
 
-        Linear slices: ``2·T·(#weights)``; attention heads add ``4·T²·head_dim``
-        (``QKᵀ`` and ``softmax·V``).
+        Linear slices: ``2·T·s·(#weights)`` (``s`` the :attr:`token_share`); attention heads add
+        ``4·T²·head_dim`` (``QKᵀ`` and ``softmax·V``).
         """
         mods = dict(model.named_modules())
         w = torch.zeros(self.count, dtype=torch.float64)
@@ -143,7 +146,7 @@ class GroupSpec:
         for m, idx in self.col_index.items():
             _, fan_out = in_out_features(mods[m])
             w += idx.shape[1] * fan_out
-        return 2.0 * seq_len * w + 4.0 * seq_len**2 * self.attn_dim
+        return 2.0 * seq_len * self.token_share * w + 4.0 * seq_len**2 * self.attn_dim
 
 
 def contiguous_blocks(count: int, width: int, offset: int = 0) -> torch.Tensor:

@@ -27,6 +27,10 @@ pruning), every expert runs on every token with the inputs of the tokens not rou
 zero rows in its input factor and zero output gradients there), so each tracked layer sees the same ``[B, T]``
 token rows as the rest of the model. Outside hooks only the routed tokens are computed, as in the stock block.
 
+FLOPs (``--budget flops``, the reports): an expert's layers count on ``top_k / E`` of the tokens
+(:attr:`~.base.GroupSpec.token_share`), what each computes on average when routing is balanced. Removing a whole
+expert then saves parameters, not FLOPs: the tokens go to the other experts.
+
 Export: when every sparse layer keeps the same number of experts and every expert the same width, the blocks go
 back to the stock 3-D layout and the checkpoint is stock (``num_local_experts`` / ``num_experts`` and
 ``intermediate_size`` / ``moe_intermediate_size`` in the config); otherwise ``spam_pruning.routed_experts``
@@ -234,7 +238,8 @@ class MoeFamily(LlamaFamily):
                                        name=f"layer{i}.expert{mlp.expert_ids[e]}.neuron",
                                        row_index={f"{ex}.gate_proj": one, f"{ex}.up_proj": one},
                                        col_index={f"{ex}.down_proj": one},
-                                       parent=experts.name, parent_index=torch.full((width,), e, dtype=torch.long)))
+                                       parent=experts.name, parent_index=torch.full((width,), e, dtype=torch.long),
+                                       token_share=min(mlp.top_k, len(mlp.routed)) / len(mlp.routed)))
         return specs
 
     def shrink(self, model: nn.Module, keep: Dict[str, torch.Tensor], kv_groups_only: bool = False) -> None:

@@ -44,13 +44,29 @@ def placement_refusal(config: PruningConfig, args: CompressArguments, lora_args:
     return ""
 
 
+def _experts_refusal(model_args: ModelArguments) -> str:
+    """Why a mixture-of-experts model cannot be dispatched (its config read before loading), or ``""``."""
+    from transformers import AutoConfig
+
+    from ..architectures.moe import MoeFamily
+
+    try:
+        model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+    except (OSError, ValueError):  # loading says what is wrong with the path
+        return ""
+    if model_type in MoeFamily.model_types:
+        return (f"--device-map is not supported for {model_type} yet: spam-hf splits a mixture-of-experts block's "
+                "expert tensors into Linear layers in memory, which accelerate's offload hooks do not follow")
+    return ""
+
+
 def dispatched_job(model_args: ModelArguments, config: PruningConfig, args: CompressArguments,
                    lora_args: LoraArguments, world_size: int) -> Tuple[PruningConfig, CompressArguments]:
     """``(config, args)`` for the job: unchanged without ``--device-map``; with it, block by block and without the
     latency lines (or a one-line refusal, before anything is loaded)."""
     if model_args.device_map is None:
         return config, args
-    reason = placement_refusal(config, args, lora_args, world_size)
+    reason = placement_refusal(config, args, lora_args, world_size) or _experts_refusal(model_args)
     if reason:
         raise ValueError(reason)
     if args.measure_latency:

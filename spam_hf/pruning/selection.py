@@ -108,12 +108,14 @@ def kept_selection(specs: List[GroupSpec], kept: Dict[str, torch.Tensor], budget
 
 
 def prunable_cost(model: nn.Module, specs: List[GroupSpec], budget: str, seq_len: int) -> float:
-    """Total parameters (or FLOPs per sequence) of every module that some group touches."""
+    """Total parameters (or FLOPs per sequence) of every module that some group touches (FLOPs: on its spec's
+    ``token_share`` of the tokens)."""
     mods = dict(model.named_modules())
-    names = list(dict.fromkeys(m for s in specs for m in s.modules))
+    share = {m: s.token_share for s in specs for m in s.modules}
+    names = list(share)
     if budget == "params":
         return float(sum(p.numel() for m in names for p in mods[m].parameters(recurse=False)))
-    weights = sum(in_out_features(mods[m])[0] * in_out_features(mods[m])[1] for m in names)
+    weights = sum(in_out_features(mods[m])[0] * in_out_features(mods[m])[1] * share[m] for m in names)
     attn = sum(4.0 * seq_len**2 * s.attn_dim * s.count for s in specs)
     return float(2.0 * seq_len * weights + attn)
 

@@ -36,7 +36,7 @@ from transformers.utils import logging
 
 from ..architectures import consuming_modules, get_family, group_specs, is_peft_model
 from ..architectures.base import GroupSpec
-from ..curvature import CurvatureAccumulator, _at_least_float32
+from ..curvature import CurvatureAccumulator, _at_least_float32, nonzero_rows
 from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
 from ..offload import execution_device, is_offloaded, onloaded
 from ..posterior import likelihood_of
@@ -213,12 +213,13 @@ def _run_block(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> List[Tuple
 
 def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs: List[Tuple[tuple, dict]],
                   masks: List[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """``{module: A}`` (``(in+1)²`` with the bias column last): ``Σ a aᵀ / n`` over the non-padding token rows of
-    ``modules``' inputs while ``block`` runs on ``inputs`` (what :meth:`SpamLaplace.factors` gives with ``expand``
-    rows), on the model's device in float32 (float64 for a float64 model): scores and refits are computed there."""
+    """``{module: A}`` (``(in+1)²`` with the bias column last): ``Σ a aᵀ / n_m`` over the non-padding token rows of
+    ``modules``' inputs while ``block`` runs on ``inputs``, ``n_m`` the rows whose input is not all zero (what
+    :meth:`SpamLaplace.factors` gives with ``expand`` rows; an expert's routed tokens), on the model's device in float32 (float64 for a float64 model): scores and refits are computed there."""
     mods = dict(model.named_modules())
     sums: Dict[str, torch.Tensor] = {}
-    rows = torch.zeros((), dtype=torch.float64)
+    rows = torch.zeros(len(modules), dtype=torch.float64)  # per module: the rows whose input is not all zero
+    position = {m: i for i, m in enumerate(modules)}
     current: Dict[str, Optional[torch.Tensor]] = {"mask": None}
 
     def make_hook(name: str, biased: bool):
@@ -227,12 +228,11 @@ def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs
             x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
             mask = current["mask"]
             a = x[mask.to(x.device).bool()] if (mask is not None and x.dim() == 3) else x.reshape(-1, x.shape[-1])
+            rows[position[name]] += float(nonzero_rows(a))
             if biased:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             sums[name] = sums.get(name, 0) + (a.T @ a).to(dtype)
-            if name == modules[0]:
-                rows.add_(float(a.shape[0]))
         return hook
 
     handles = [mods[m].register_forward_hook(make_hook(m, getattr(mods[m], "bias", None) is not None))
@@ -245,8 +245,8 @@ def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs
     finally:
         for h in handles:
             h.remove()
-    n = float(all_reduce_sum(rows.clone()))
-    return {m: all_reduce_sum(sums[m]).div_(max(n, 1.0)) for m in modules}
+    n = all_reduce_sum(rows.clone())
+    return {m: all_reduce_sum(sums[m]).div_(max(float(n[position[m]]), 1.0)) for m in modules}
 
 
 def _block_specs(specs: List[GroupSpec], layer: int) -> List[GroupSpec]:
