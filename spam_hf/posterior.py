@@ -69,6 +69,12 @@ def _within_layer(spec: GroupSpec) -> str:
     return spec.name[len(prefix):] if spec.name.startswith(prefix) else spec.name
 
 
+def _required_keys(keys) -> set:
+    """The keys of a retained curvature state every file has (``n_g`` and the per-module ``.Arows`` came later:
+    without them the state stands for every row)."""
+    return {k for k in keys if k != "n_g" and not k.endswith(".Arows")}
+
+
 class SpamLaplace:
     """Laplace approximation over the prunable layers of ``model`` with learnable prior precisions.
 
@@ -407,10 +413,10 @@ class SpamLaplace:
             self.curvature.reset()
         retained = {k[len(RETAINED_PREFIX):]: v for k, v in tensors.items() if k.startswith(RETAINED_PREFIX)}
         if retained:
-            expected = self.curvature.diagonal_state_keys() - {"n_g"}  # n_g: absent from older files
-            if set(retained) - {"n_g"} != expected:
+            expected = _required_keys(self.curvature.diagonal_state_keys())
+            if _required_keys(retained) != expected:
                 raise ValueError(f"the retained curvature does not match this model's prunable modules "
-                                 f"({len(retained)} entries, expected {len(expected)})")
+                                 f"({len(_required_keys(retained))} entries, expected {len(expected)})")
             self.retained = retained
             self.retained_rows = float(meta.get("retained_rows") or retained["n"].reshape(()))
         if "generator" in tensors:

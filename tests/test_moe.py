@@ -244,12 +244,20 @@ def test_default_pruning_reaches_the_target_and_reports_what_is_left(model_type,
     assert torch.isfinite(lm_logits(model, batches[0]["input_ids"])).all()
 
 
-def test_device_map_offloaded_experts_are_refused():
+def test_dispatched_experts_are_refused_and_meta_ones_split():
+    """A block under accelerate's hooks (--device-map) is refused; a model on the meta device (--dry-run's) splits."""
+    from accelerate import cpu_offload
+    from transformers import AutoModelForCausalLM
+
     model = tiny_causal_lm("mixtral")
-    block = model.model.layers[0].mlp
-    block.experts.gate_up_proj = nn.Parameter(block.experts.gate_up_proj.to("meta"))
-    with pytest.raises(ValueError, match="offloaded"):
+    cpu_offload(model.model.layers[0], execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="dispatched by accelerate"):
         group_specs(model)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_decoder_config("qwen3_moe"))
+    specs = group_specs(meta)
+    assert meta.model.layers[1].mlp.routed[3].down_proj.weight.is_meta
+    assert [s.count for s in specs if s.layer == 1] == [4, 2, 4, 24, 24, 24, 24]
 
 
 def test_an_experts_input_factor_averages_over_the_tokens_routed_to_it():

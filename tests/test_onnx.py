@@ -28,7 +28,8 @@ def pruned_export(tmp_path, model_type, uniform=False):
     """A tiny model of ``model_type`` with groups removed (unevenly, one layer's attention emptied, and for LLaMA
     query heads 0, 1, 3 reading KV heads 0, 0, 1; or ``uniform``: every other neuron of every layer), saved with
     its tokenizer. Returns ``(model, folder, kind)``. Phi-3's per-layer config copies, OLMo 2's kept-rows norms,
-    MPNet's kept-heads position bias and ModernBERT's fused rows trace like the rest."""
+    MPNet's kept-heads position bias, ModernBERT's fused rows and Mixtral's routed experts (every expert on every token
+    in the graph) trace like the rest."""
     classifier = model_type in ("bert", "distilbert", "roberta", "mpnet", "modernbert")
     model = tiny_classifier(model_type) if classifier else tiny_causal_lm(model_type)
     specs = group_specs(model)
@@ -75,7 +76,7 @@ def reference(model, batch):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "llama", *[pytest.param(t, marks=pytest.mark.slow) for t in (
-    "distilbert", "gpt2", "phi3", "olmo2", "mpnet", "modernbert")]])
+    "distilbert", "gpt2", "phi3", "olmo2", "mpnet", "modernbert", "mixtral")]])
 def test_uneven_export_runs_in_onnxruntime_alone(tmp_path, model_type):
     model, folder, kind = pruned_export(tmp_path, model_type)
     assert kind == "remote_code"
@@ -99,9 +100,10 @@ def test_uneven_export_runs_in_onnxruntime_alone(tmp_path, model_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llama", "bert"])
+@pytest.mark.parametrize("model_type", ["llama", "bert", "qwen3_moe"])
 def test_uniform_and_stock_checkpoints_export(tmp_path, model_type):
-    """A uniform (stock) export and an unpruned stock checkpoint export the same way."""
+    """A uniform (stock) export and an unpruned stock checkpoint export the same way (a stock mixture of experts is
+    split first: the stock block's loop over the experts a batch hits does not trace)."""
     model, folder, kind = pruned_export(tmp_path, model_type, uniform=True)
     assert kind == "stock"
     result = export_onnx(folder, str(tmp_path / "onnx-uniform"))

@@ -87,9 +87,11 @@ class RoutedExperts(nn.Module, RuntimeModule):
         #: would leave a buffer that is not saved uninitialised)
         self.dropped: List[int] = []
 
-    def _watched(self) -> bool:
-        """Whether a hook watches an expert's layers (then every expert runs on every token; module docstring)."""
-        return any(m._forward_hooks or m._forward_pre_hooks for e in self.routed for m in e.values())
+    def _dense(self) -> bool:
+        """Whether every expert runs on every token (module docstring): while a hook watches an expert's layers, and
+        while torch.export traces the block (ONNX), whose graph cannot hold the routed tokens' data-dependent count."""
+        return torch.compiler.is_compiling() or any(m._forward_hooks or m._forward_pre_hooks
+                                                   for e in self.routed for m in e.values())
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         ex = self.routed[e]
@@ -116,7 +118,7 @@ class RoutedExperts(nn.Module, RuntimeModule):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.cast_weights:
             weights = weights.to(logits.dtype)
-        if self._watched():
+        if self._dense():
             for e in range(experts):
                 hit = chosen == e  # [N, k]
                 routed = hit.any(-1, keepdim=True).to(x.dtype)
@@ -213,9 +215,10 @@ class MoeFamily(LlamaFamily):
         for i, layer in enumerate(self.layers(model)):
             mlp = layer.mlp
             if hasattr(getattr(mlp, "experts", None), "gate_up_proj"):
-                if mlp.experts.gate_up_proj.is_meta:
+                if any(hasattr(m, "_hf_hook") for m in (layer, mlp, mlp.experts)):
                     raise ValueError("mixture-of-experts blocks are split into Linear layers in memory; this model's "
-                                     "experts are offloaded (--device-map), which spam-hf does not support for them")
+                                     "experts are dispatched by accelerate (--device-map), whose hooks would not "
+                                     "follow the split")
                 set_module(model, f"{self._layer_name(model, i)}.mlp",
                            RoutedExperts.from_stock(mlp, normalize, cast, model.config.hidden_act))
 

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..architectures import get_family
+from ..architectures.moe import MoeFamily
 from .folders import check_output_dir, staged_folder
 from .save import from_pretrained
 
@@ -38,6 +40,9 @@ logger = logging.get_logger(__name__)
 ONNX_FILE = "model.onnx"
 REPORT_FILE = "onnx_export.json"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+#: files of which a checkpoint folder with a tokenizer has at least one
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -76,6 +81,11 @@ def _load(model_dir: str) -> Tuple[nn.Module, Optional[object]]:
                              f"writes model-merged/, or merge with peft's merge_and_unload and save)")
         raise ValueError(f"{model_dir} has no config.json; give a checkpoint folder")
     model = from_pretrained(model_dir).float().eval()
+    family = get_family(model)
+    if isinstance(family, MoeFamily):  # the stock block's loop over the experts a batch hits does not trace; split,
+        family.unfuse(model)  # every expert runs on every token in the graph (weight 0 where it is not routed)
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return model, None  # without its files AutoTokenizer may build an empty tokenizer of the model type's class
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError):
@@ -293,8 +303,9 @@ def compare_onnx_latency(dense_path: str, pruned_path: str, batch_size: int = 32
     ids = latency_ids(AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(dense_path))), batch_size,
                       seq_len).numpy()
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    feed = {i.name: feeds[i.name] for i in dense.get_inputs()}
-    res = interleaved_speedup(lambda: dense.run(None, feed), lambda: pruned.run(None, feed), repeats, warmup)
+    feed_dense, feed_pruned = ({i.name: feeds[i.name] for i in s.get_inputs()} for s in (dense, pruned))
+    res = interleaved_speedup(lambda: dense.run(None, feed_dense), lambda: pruned.run(None, feed_pruned), repeats,
+                              warmup)
     return {**res, "batch_size": batch_size, "seq_len": ids.shape[1], "threads": threads}
 
 

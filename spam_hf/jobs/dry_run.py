@@ -45,9 +45,12 @@ def dry_run(model_args: ModelArguments, data_args: DataArguments, config: Prunin
                                    device="cuda" if torch.cuda.is_available() and not train_args.use_cpu else "cpu")
     kv = train_args.kv_groups_only
     specs = group_specs(model, kv)
-    per_layer = {}
+    counts: dict = {}  # layer -> kind -> groups (a mixture of experts has a neuron spec per expert)
     for s in specs:
-        per_layer.setdefault(s.layer, []).append(f"{s.count} {s.kind.replace('_', ' ')}s")
+        kinds = counts.setdefault(s.layer, {})
+        kinds[s.kind] = kinds.get(s.kind, 0) + s.count
+    per_layer = {layer: [f"{n} {kind.replace('_', ' ')}s" for kind, n in kinds.items()]
+                 for layer, kinds in counts.items()}
     n_params = sum(p.numel() for p in model.parameters())
     stages = predict(model, training=args.training, curvature=train_args.curvature, sequential=config.sequential,
                      consuming_only=config.score.collects_consuming_only,
