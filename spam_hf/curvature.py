@@ -444,7 +444,7 @@ class CurvatureAccumulator:
         if self.kind != "kfac":
             raise ValueError("kron() needs curvature='kfac'")
         self._check_ready()
-        n, n_g = float(self.n), self.n_g
+        n_g = self.n_g
         out = {}
         shared: list = []  # equal factors (Q/K/V's and gate/up's A: the same inputs) are decomposed once
         for m, s in tqdm(self.sums.items(), desc="prior fit: eigendecompositions", disable=not progress,
