@@ -320,3 +320,25 @@ def test_expert_flops_count_the_tokens_each_expert_computes_on():
     router, experts = 2 * 16 * 32 * 4, 2 * 16 * 2 * 3 * 32 * 48  # 2 of the 4 experts' MLPs per token
     assert costs["block_flops"] == 2 * (attention + router + experts)
     assert costs["block_params"] == 2 * (4 * 32 * 32 - 2 * 32 * 16 + 32 * 4 + 4 * 3 * 32 * 48)
+
+
+def test_a_lora_adapter_on_a_base_with_fewer_experts_exports_its_base(tmp_path):
+    """--prune-base on a mixture of experts: split experts that no longer fit the stock block make the base
+    'pruned', so the adapter's export carries it (model/base, remote code); split but untouched ones do not."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from spam_hf.export.lora import BASE_SUBDIR, base_is_pruned, save_lora_adapter
+
+    ids = tiny_lm_batch()["input_ids"]
+    base = tiny_causal_lm("mixtral")
+    group_specs(base)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert not base_is_pruned(model)
+    prune_groups(model.get_base_model(), {"layer1.expert": torch.tensor([0, 2])})
+    assert base_is_pruned(model)
+    expected = lm_logits(model, ids)
+    out = str(tmp_path / "adapter")
+    save_lora_adapter(model, out)
+    loaded = PeftModel.from_pretrained(from_pretrained(os.path.join(out, BASE_SUBDIR)), out).eval()
+    assert loaded.get_base_model().model.layers[1].mlp.expert_ids == [0, 2]
+    torch.testing.assert_close(lm_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)

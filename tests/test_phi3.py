@@ -133,10 +133,12 @@ def test_default_pruning_in_rounds_and_block_by_block():
         assert torch.isfinite(lm_logits(model, batches[0]["input_ids"])).all()
 
 
-@pytest.mark.parametrize("model_type,suffixes", [("phi3", ("qkv_proj",)), ("granite", ("q_proj", "v_proj"))])
+@pytest.mark.parametrize("model_type,suffixes", [("phi3", ("qkv_proj",)), ("granite", ("q_proj", "v_proj")),
+                                                  ("mixtral", ("q_proj", "v_proj"))])
 def test_lora_without_target_modules_uses_the_family_default(model_type, suffixes):
-    """peft 0.21 has no default LoRA targets for phi3 or granite ('Please specify target_modules'); the family's
-    own (peft's q/v default, fused for Phi-3) is used."""
+    """peft 0.21 has no default LoRA targets for phi3 or granite ('Please specify target_modules') and resolves
+    mixtral's to none ('No `target_modules` passed'); the family's own (peft's q/v default, fused for Phi-3) is
+    used."""
     from spam_hf.arguments import LoraArguments
     from spam_hf.jobs.loading import wrap_lora
 

@@ -186,8 +186,8 @@ class ArchitectureFamily:
     #: :class:`~spam_hf.architectures.runtime.RuntimeModule` classes that pruned models of this family may
     #: contain beyond the core ones; export copies their source into remote-code checkpoints
     runtime_modules: Tuple[type, ...] = ()
-    #: LoRA target modules when the user names none and peft has no default for the model type (peft's mapping
-    #: lacks granite, smollm3 and phi3 in 0.21)
+    #: LoRA target modules when the user names none (peft's default for the model type when empty). peft 0.21 has none
+    #: for granite, smollm3 and phi3, and resolves mixtral's to nothing
     lora_targets: Tuple[str, ...] = ()
     #: integer attributes that ``shrink`` changes on modules and ``forward`` reads (export records them)
     runtime_attrs: Tuple[str, ...] = ()

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..architectures.base import in_out_features
 from ..architectures.lora import active_adapter, base_name, lora_layers
-from ..architectures.runtime import ZeroHeadAttention
+from ..architectures.runtime import RuntimeModule
 from .save import reference_model, save_pruned_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,13 +56,14 @@ BASE_SUBDIR = "base"
 
 
 def base_is_pruned(model: nn.Module) -> bool:
-    """Whether any base layer of the peft ``model`` is smaller than its config says (or lost all heads)."""
+    """Whether any base layer of the peft ``model`` is smaller than its config says, or replaced by a runtime module
+    that no stock module stands for (an attention that lost all heads, experts that differ in number or width)."""
     base = model.get_base_model()
     ref = dict(reference_model(base).named_modules())
     for name, mod in base.named_modules():
-        if isinstance(mod, ZeroHeadAttention):
-            return True
         target = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+        if isinstance(mod, RuntimeModule) and mod.spec_key and not (target in ref and mod.fits_stock(ref[target])):
+            return True
         if target in ref and not hasattr(mod, "base_layer"):
             try:
                 if in_out_features(mod) != in_out_features(ref[target]):

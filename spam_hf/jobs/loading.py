@@ -133,13 +133,12 @@ def weights_named(path: str):
 def wrap_lora(model, lora_args: LoraArguments):
     """``peft.get_peft_model`` with the LoRA arguments; its errors (unknown target modules) as one clear line."""
     from peft import get_peft_model
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
 
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     config = lora_args.peft_config(causal)
     targets = get_family(model).lora_targets
-    if config.target_modules is None and model.config.model_type not in peft_defaults and targets:
-        config.target_modules = set(targets)  # a family peft has no default for
+    if config.target_modules is None and targets:
+        config.target_modules = set(targets)  # the family's default (peft's own lacks some, ArchitectureFamily)
     if isinstance(config.target_modules, (list, set)):
         names = [n for n, _ in model.named_modules()]
         missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
