@@ -17,6 +17,11 @@ the first ``--eval-blocks`` blocks of ``test.txt``. No recovery fine-tune.
 ``--seeds`` are pruning seeds (calibration batches and the random baseline) over the one trained pair of
 ``--seed``; ``--train-per-seed`` trains a pair per seed instead (3× the training time).
 
+``--arch mixtral`` trains a mixture of experts instead (``--experts`` experts of ``--intermediate`` neurons each,
+``--experts-per-token`` per token; the defaults below give 4 experts of 384, 2 per token: the active MLP of the LLaMA
+harness), whose groups are also whole experts. FLAP is left out there: its bias compensation needs an ``o_proj`` /
+``down_proj`` bias, which the stock Mixtral class cannot load.
+
     python benchmarks/decoder_peers.py --out benchmarks/results/decoder_peers_cpu.json
 
 The summary gives each method's perplexity and its increase over the dense model it pruned, mean and std over
@@ -58,7 +63,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (768), or each expert's (384)")
+    p.add_argument("--arch", choices=("llama", "mixtral"), default="llama")
+    p.add_argument("--experts", type=int, default=4, help="--arch mixtral: experts per layer")
+    p.add_argument("--experts-per-token", type=int, default=2, help="--arch mixtral: experts each token is routed to")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--epochs", type=float, default=4.0)
@@ -67,7 +75,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.1, help="SpaM's likelihood temperature T")
     p.add_argument("--marglik-frequency", type=int, default=100)
     p.add_argument("--eval-blocks", type=int, default=400)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None, help=f"default: {','.join(METHODS)} (without flap for mixtral)")
     p.add_argument("--sparsities", default="0.3,0.5")
     p.add_argument("--calibration-batches", type=int, default=32)
     p.add_argument("--calibration-batch-size", type=int, default=8)
@@ -80,17 +88,24 @@ def parse() -> argparse.Namespace:
                    help="only combine the results of earlier invocations over disjoint seeds (e.g. one stopped after "
                         "seed 0 and a --seeds 1,2 rerun) into --out, with their commands and one summary")
     a = p.parse_args()
+    if a.intermediate is None:
+        a.intermediate = 384 if a.arch == "mixtral" else 768
+    if a.methods is None:
+        a.methods = ",".join(m for m in METHODS if not (a.arch == "mixtral" and m == "flap"))
     unknown = set(a.methods.split(",")) - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if a.arch == "mixtral" and "flap" in a.methods.split(","):
+        p.error("flap's bias compensation needs biases the stock Mixtral class cannot load; leave it out")
     return a
 
 
 def build(a, vocab: int, seed: int):
-    cfg = AutoConfig.for_model("llama", vocab_size=vocab, max_position_embeddings=a.block, hidden_size=a.hidden,
+    experts = dict(num_local_experts=a.experts, num_experts_per_tok=a.experts_per_token) if a.arch == "mixtral" else {}
+    cfg = AutoConfig.for_model(a.arch, vocab_size=vocab, max_position_embeddings=a.block, hidden_size=a.hidden,
                                num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
                                intermediate_size=a.intermediate, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                               tie_word_embeddings=True)
+                               tie_word_embeddings=True, **experts)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -169,8 +184,12 @@ def main() -> None:
             for s in sparsities:
                 t0 = time.time()
                 model, res = prune_copy(pair, method, s, train, a, seed)
+                kept: dict = {}  # groups left in all layers, per kind (experts show whether whole ones went)
+                for layer in res.selection.layers:
+                    for field, n in layer.kept.items():
+                        kept[field] = kept.get(field, 0) + n
                 run = {"method": method, "sparsity": s, "seed": seed, "achieved": res.selection.achieved,
-                       "perplexity": perplexity(model, test), "prune_s": round(time.time() - t0, 1),
+                       "perplexity": perplexity(model, test), "prune_s": round(time.time() - t0, 1), "kept": kept,
                        "config": {k: v for k, v in res.config.to_dict().items()
                                   if k in ("method", "rounds", "compensate", "compensation")}}
                 result["runs"].append(run)

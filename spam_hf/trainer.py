@@ -134,6 +134,23 @@ class _ScheduleCallback(TrainerCallback):
         return control
 
 
+def _check_optimizer_sees_split_experts(trainer: "SpamTrainer") -> None:
+    """A mixture of experts' blocks were just split into Linear layers (new parameters): an optimizer passed to the
+    trainer was built over the old ones and would train nothing there."""
+    from .architectures.moe import RoutedExperts
+
+    optimizer = getattr(trainer, "optimizer", None)
+    split = [p for m in trainer.model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()
+             if p.requires_grad]
+    if optimizer is None or not split:
+        return
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in known for p in split):
+        raise ValueError("the optimizer passed to SpamTrainer was built before spam-hf split the mixture-of-experts "
+                         "blocks into Linear layers, so it holds none of the experts' new parameters; leave "
+                         "`optimizers` out, or build it from trainer.model after SpamTrainer(...)")
+
+
 class SpamTrainer(Trainer):
     """A ``Trainer`` that fits Gaussian prior precisions by Laplace marginal likelihood (SpaM).
 
@@ -150,6 +167,7 @@ class SpamTrainer(Trainer):
             raise ValueError("SpamTrainer runs data parallel (torchrun / accelerate launch with DDP) only: FSDP and "
                              "DeepSpeed shard the weights that curvature hooks and surgery need whole")
         self.posterior = SpamLaplace.from_args(self.model, self.args)
+        _check_optimizer_sees_split_experts(self)
         self._steps_since_update = 0
         self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
         # sequence-level heads: GA k×b equals one batch of k·b, and no ×processes on the mean loss

@@ -342,3 +342,15 @@ def test_a_lora_adapter_on_a_base_with_fewer_experts_exports_its_base(tmp_path):
     loaded = PeftModel.from_pretrained(from_pretrained(os.path.join(out, BASE_SUBDIR)), out).eval()
     assert loaded.get_base_model().model.layers[1].mlp.expert_ids == [0, 2]
     torch.testing.assert_close(lm_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_optimizer_built_before_the_split_is_refused(tmp_path):
+    """SpamTrainer splits the experts (new parameters): an optimizer over the stock model's would not train them."""
+    from spam_hf import SpamTrainer, SpamTrainingArguments
+
+    model = tiny_causal_lm("mixtral")
+    args = SpamTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, n_data=10)
+    with pytest.raises(ValueError, match="built before spam-hf split"):
+        SpamTrainer(model=model, args=args, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    trainer = SpamTrainer(model=tiny_causal_lm("mixtral"), args=args)
+    assert isinstance(trainer.model.model.layers[0].mlp, RoutedExperts)

@@ -63,9 +63,9 @@ class RoutedExperts(nn.Module, RuntimeModule):
     down_proj: Linear(I_e, H)}`` (widths may differ, ``I_e = 0`` included). For hidden states ``x``
     (``(B, T, H) -> (B, T, H)``): ``p = softmax(router(x) + logit_mask)`` in float32, the top
     ``k = min(top_k, E)`` experts per token with weights ``p`` (divided by their sum when ``normalize``), and
-    ``y = Σ_{e in top k} w_e · down_e(act(gate_e(x)) · up_e(x))``. ``logit_mask`` is ``-inf`` at the experts masking
-    has dropped (``dropped``, not saved), else 0; ``expert_ids`` are the kept experts' indices in the unpruned block. Recorded in
-    ``spam_pruning["routed_experts"]``.
+    ``y = Σ_{e in top k} w_e · down_e(act(gate_e(x)) · up_e(x))``. ``logit_mask`` is ``-inf`` at the experts
+    masking has dropped (``dropped``, not saved), else 0; ``expert_ids`` are the kept experts' indices in the unpruned
+    block. Recorded in ``spam_pruning["routed_experts"]``.
     """
 
     spec_key = "routed_experts"

@@ -5,7 +5,8 @@ sequence length), across all layers and kinds, until the removed cost reaches
 ``sparsity × total``, where *total* is the cost of every prunable module (all of Q/K/V/O and the
 MLP weights and biases, including the O / down biases that no group owns). Query heads of
 grouped-query attention depend on their KV head: a KV head is removed together with its last query
-head, so every kept KV head keeps at least one (:func:`_greedy_drop`).
+head, so every kept KV head keeps at least one (:func:`_greedy_drop`). An expert's neurons depend on the
+expert (its router row) in the same way.
 
 With ``uniform_kinds`` (``--uniform``) only groups of those kinds go, the same number from every layer, so the
 export keeps one width per kind and loads as a stock checkpoint (:func:`_uniform_drop`).
