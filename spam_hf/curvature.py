@@ -390,7 +390,7 @@ class CurvatureAccumulator:
             if "X" in s:  # the same rows as A (bias column dropped)
                 s["X"] += a[:, : s["X"].shape[0]].sum(0).to(self.dtype)
             if "R" in s:
-                s["R"] += float(nonzero_rows(a[:, : a.shape[1] - int(name in self._biased)]))
+                s["R"] += nonzero_rows(a[:, : a.shape[1] - int(name in self._biased)])
         self.n += float(n_rows or 0)
         self.n_seen += float(n_seen or 0)
         self.n_units += self._loss_units(logits, labels)
@@ -547,9 +547,12 @@ def diagonal_from_state(state: Dict[str, torch.Tensor], n_data: float) -> Dict[s
     return out
 
 
-def nonzero_rows(x: torch.Tensor) -> int:
-    """Rows of ``x`` (``[rows, d]``) with a non-zero entry (every row when ``d = 0``)."""
-    return int(x.shape[0]) if x.shape[1] == 0 else int((x != 0).any(dim=1).sum())
+def nonzero_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (``[rows, d]``) with a non-zero entry (every row when ``d = 0``): a scalar on ``x``'s device
+    (no synchronisation with the host)."""
+    if x.shape[1] == 0:
+        return torch.full((), x.shape[0], device=x.device, dtype=torch.float64)
+    return (x != 0).any(dim=1).sum().to(torch.float64)
 
 
 def weight_aug(module: nn.Module) -> torch.Tensor:

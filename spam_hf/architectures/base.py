@@ -77,8 +77,8 @@ class GroupSpec:
         attn_dim: per-group width of the attention score computation (head_dim for heads, else 0);
             used for the ``T²`` FLOPs of attention.
         parent: name of the spec whose groups this spec's groups depend on ("" when none): query heads
-            on the KV head they read, an expert's neurons on the expert. A parent group is removed exactly when every child is removed,
-            so selection keeps at least one child of every kept parent.
+            on the KV head they read, an expert's neurons on the expert. A parent group is removed exactly when
+            every child is removed, so selection keeps at least one child of every kept parent.
         parent_index: ``LongTensor[G]``: the parent group of each group (with ``parent``).
         token_share: the share of the tokens this spec's modules compute on, for FLOPs (1; an expert's neurons:
             ``top_k / experts`` of its layer, the expected share when routing is balanced).

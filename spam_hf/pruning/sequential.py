@@ -215,11 +215,11 @@ def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs
                   masks: List[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """``{module: A}`` (``(in+1)²`` with the bias column last): ``Σ a aᵀ / n_m`` over the non-padding token rows of
     ``modules``' inputs while ``block`` runs on ``inputs``, ``n_m`` the rows whose input is not all zero (what
-    :meth:`SpamLaplace.factors` gives with ``expand`` rows; an expert's routed tokens), on the model's device in float32 (float64 for a float64 model): scores and refits are computed there."""
+    :meth:`SpamLaplace.factors` gives with ``expand`` rows; an expert's routed tokens), on the model's device in
+    float32 (float64 for a float64 model): scores and refits are computed there."""
     mods = dict(model.named_modules())
     sums: Dict[str, torch.Tensor] = {}
-    rows = torch.zeros(len(modules), dtype=torch.float64)  # per module: the rows whose input is not all zero
-    position = {m: i for i, m in enumerate(modules)}
+    rows: Dict[str, torch.Tensor] = {}  # per module: the rows whose input is not all zero (on its device)
     current: Dict[str, Optional[torch.Tensor]] = {"mask": None}
 
     def make_hook(name: str, biased: bool):
@@ -228,7 +228,7 @@ def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs
             x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
             mask = current["mask"]
             a = x[mask.to(x.device).bool()] if (mask is not None and x.dim() == 3) else x.reshape(-1, x.shape[-1])
-            rows[position[name]] += float(nonzero_rows(a))
+            rows[name] = rows.get(name, 0) + nonzero_rows(a)
             if biased:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -245,8 +245,8 @@ def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs
     finally:
         for h in handles:
             h.remove()
-    n = all_reduce_sum(rows.clone())
-    return {m: all_reduce_sum(sums[m]).div_(max(float(n[position[m]]), 1.0)) for m in modules}
+    n = all_reduce_sum(torch.stack([torch.as_tensor(rows.get(m, 0.0), dtype=torch.float64).cpu() for m in modules]))
+    return {m: all_reduce_sum(sums[m]).div_(max(float(n[i]), 1.0)) for i, m in enumerate(modules)}
 
 
 def _block_specs(specs: List[GroupSpec], layer: int) -> List[GroupSpec]:
