@@ -354,3 +354,24 @@ def test_an_optimizer_built_before_the_split_is_refused(tmp_path):
         SpamTrainer(model=model, args=args, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
     trainer = SpamTrainer(model=tiny_causal_lm("mixtral"), args=args)
     assert isinstance(trainer.model.model.layers[0].mlp, RoutedExperts)
+
+
+def test_uniform_gives_every_expert_one_width_and_dense_layers_another(tmp_path):
+    """Qwen3-MoE with a dense MLP in layer 0 (mlp_only_layers): --uniform shrinks the experts' neurons and the dense
+    neurons each to one count (two config fields), keeps every expert, and the export is stock."""
+    from transformers import AutoModelForCausalLM
+
+    batches = BatchList([tiny_lm_batch(seed=s) for s in range(2)])
+    model = tiny_causal_lm("qwen3_moe", mlp_only_layers=[0])
+    result = prune(model, None, PruningConfig(sparsity=0.3, uniform=True, calibration_batches=2), calibration=batches,
+                   kv_groups_only=True)
+    assert result.achieved >= 0.3
+    dense, experts = model.model.layers[0].mlp.up_proj.out_features, model.model.layers[1].mlp.widths()
+    assert len(experts) == 4 and len(set(experts)) == 1 and (dense < 48 or experts[0] < 24)
+    out = str(tmp_path / "uniform")
+    assert save_pruned(model, out) == "stock"
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["intermediate_size"], cfg["moe_intermediate_size"]) == (dense, experts[0])
+    ids = batches[0]["input_ids"]
+    torch.testing.assert_close(lm_logits(AutoModelForCausalLM.from_pretrained(out), ids), lm_logits(model, ids),
+                               atol=1e-5, rtol=1e-5)

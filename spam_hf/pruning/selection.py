@@ -292,7 +292,9 @@ def _greedy_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List[
 def check_uniform(specs: List[GroupSpec], kinds: Sequence[str]) -> Dict[str, List[int]]:
     """``{kind: [spec index, ...]}`` of the specs uniform pruning shrinks; a one-line ``ValueError`` when it cannot:
     query heads that hang off KV heads (uneven query heads per KV head are not stock), layers that already differ,
-    or no group of those kinds."""
+    or no group of those kinds. An expert's neurons are their own kind here (``"neuron of expert"``): a stock
+    mixture of experts has one width for its experts and another for its dense MLP layers."""
+    parent_kind = {s.name: s.kind for s in specs}
     by_kind: Dict[str, List[int]] = {}
     for si, s in enumerate(specs):
         if s.kind in kinds:
@@ -300,13 +302,15 @@ def check_uniform(specs: List[GroupSpec], kinds: Sequence[str]) -> Dict[str, Lis
                 raise ValueError("--uniform removes whole KV groups of grouped-query attention (every layer keeps the "
                                  "same query heads per KV head): train and prune with --kv-groups-only True "
                                  "(kv_groups_only=True)")
-            by_kind.setdefault(s.kind, []).append(si)
+            key = f"{s.kind} of {parent_kind[s.parent]}" if s.parent else s.kind
+            by_kind.setdefault(key, []).append(si)
     if not by_kind:
         raise ValueError(f"--uniform removes {', '.join(kinds)}; this model has none")
     for kind, members in by_kind.items():
         counts = sorted({specs[si].count for si in members})
         if len(counts) != 1:
-            raise ValueError(f"--uniform needs the same number of {kind}s in every layer, this model has {counts}: it "
+            what = kind.replace(" of ", "s of each ") if " of " in kind else kind + "s"
+            raise ValueError(f"--uniform needs the same number of {what} in every layer, this model has {counts}: it "
                              "was pruned unevenly before; prune the unpruned model instead")
     return by_kind
 
@@ -332,7 +336,8 @@ def _uniform_drop(specs: List[GroupSpec], scores: List[torch.Tensor], cost: List
             damage.append(damage[-1] + sum(float(scores[si][o[r]]) for si, o in zip(members, order)))
             removed.append(removed[-1] + sum(float(cost[si][o[r]]) for si, o in zip(members, order)))
         count = specs[members[0]].count
-        allowed = [r for r in range(len(damage)) if kind != "neuron" or r == 0 or (count - r) % round_to == 0]
+        allowed = [r for r in range(len(damage))
+                   if specs[members[0]].kind != "neuron" or r == 0 or (count - r) % round_to == 0]
         tables[kind] = (members, order, damage, removed, allowed)
     names = sorted(tables, key=lambda k: len(tables[k][4]))  # the kind with the most counts is searched by bisection
     last = tables[names[-1]]
