@@ -134,6 +134,14 @@ class _ScheduleCallback(TrainerCallback):
         return control
 
 
+def engine(world_size: int) -> str:
+    """The engine a SpamTrainer runs under, in words (logged once at the start)."""
+    if world_size > 1:
+        return (f"DDP: {world_size} processes, each with the whole model and its curvature sums (summed over the "
+                "processes before every prior update)")
+    return "in one process"
+
+
 def _check_optimizer_sees_split_experts(trainer: "SpamTrainer") -> None:
     """A mixture of experts' blocks were just split into Linear layers (new parameters): an optimizer passed to the
     trainer was built over the old ones and would train nothing there."""
@@ -166,6 +174,11 @@ class SpamTrainer(Trainer):
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             raise ValueError("SpamTrainer runs data parallel (torchrun / accelerate launch with DDP) only: FSDP and "
                              "DeepSpeed shard the weights that curvature hooks and surgery need whole")
+        if self.args.fsdp:  # asked for, yet not enabled: the Trainer on the CPU (use_cpu) silently runs DDP instead
+            raise ValueError(f"fsdp={self.args.fsdp!r} was asked for, but this Trainer would run "
+                             f"{'DDP' if self.args.world_size > 1 else 'one process'} (on the CPU accelerate drops "
+                             "FSDP without a word); SpamTrainer runs data parallel only: leave --fsdp out")
+        logger.info(f"spam-hf runs {engine(self.args.world_size)}")
         self.posterior = SpamLaplace.from_args(self.model, self.args)
         _check_optimizer_sees_split_experts(self)
         self._steps_since_update = 0

@@ -143,8 +143,26 @@ def test_compress_under_torchrun_writes_one_export(tiny_setup):
     assert os.path.exists(out / "model" / "model.safetensors") and os.path.exists(out / "run_config.json")
     assert not [f for f in os.listdir(out) if ".partial-" in f]
     assert res.stdout.count("exported to") == 1  # one process printed the summary
+    assert "spam-hf runs DDP: 2 processes" in res.stdout + res.stderr
     # the recovery Trainer's 4 logged losses are per-example means (a 2-class CE near log 2 = 0.69; it logged
     # 1.39, twice that, when the Trainer multiplied the sequence head's mean loss by the process count)
     losses = [float(json.loads(line.replace("'", '"'))["loss"]) for line in res.stdout.splitlines()
               if line.startswith("{'loss'")]
     assert len(losses) >= 4 and max(losses[-4:]) < 1.0, losses
+
+
+@pytest.mark.slow
+def test_fsdp_asked_for_on_the_cpu_is_refused_not_run_as_ddp(tiny_setup):
+    """On the CPU, Trainer(fsdp=...) under torchrun runs DDP without a word (accelerate's use_cpu drops FSDP):
+    SpamTrainer says so and stops, before training."""
+    from conftest import FAST
+
+    model_dir, train, dev, tmp = tiny_setup
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "spam_hf.cli", "compress", model_dir, "--train-file", train,
+           "--validation-file", dev, "--sparsity", "0.5", "--output-dir", str(tmp / "fsdp"), "--fsdp", "full_shard",
+           "--ddp_backend", "gloo", *FAST]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "but this Trainer would run DDP" in res.stderr, res.stderr[-3000:]
+    assert not (tmp / "fsdp" / "model").exists()
