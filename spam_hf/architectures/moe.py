@@ -140,8 +140,7 @@ class RoutedExperts(nn.Module, RuntimeModule):
         """This module's ``routed_experts`` entry."""
         w = self.router.weight
         return {"hidden_size": int(w.shape[1]), "widths": self.widths(), "expert_ids": self.expert_ids,
-                "top_k": self.top_k,
-                "normalize": self.normalize, "cast_weights": self.cast_weights, "act": self.act,
+                "top_k": self.top_k, "normalize": self.normalize, "cast_weights": self.cast_weights, "act": self.act,
                 "jitter_noise": self.jitter_noise}
 
     @classmethod
@@ -174,8 +173,8 @@ class RoutedExperts(nn.Module, RuntimeModule):
         trained = block.experts.gate_up_proj.requires_grad
         experts = [(linear(gate_up[e, :i], trained), linear(gate_up[e, i:], trained), linear(down[e], trained))
                    for e in range(n)]
-        module = cls(linear(router_w, block.gate.weight.requires_grad), experts, block.gate.top_k, normalize, cast_weights, act,
-                     getattr(block, "jitter_noise", 0.0))
+        module = cls(linear(router_w, block.gate.weight.requires_grad), experts, block.gate.top_k, normalize,
+                     cast_weights, act, getattr(block, "jitter_noise", 0.0))
         return module.train(block.training)
 
     def fits_stock(self, reference: nn.Module) -> bool:
@@ -228,6 +227,10 @@ class MoeFamily(LlamaFamily):
 
     def _mlp_specs(self, mlp: nn.Module, path: str, i: int) -> List[GroupSpec]:
         if not isinstance(mlp, RoutedExperts):  # a dense layer (Qwen3-MoE's mlp_only_layers)
+            if not hasattr(mlp, "up_proj"):
+                raise ValueError(f"layer {i}'s MLP is a {type(mlp).__name__} without the 3-D expert tensors "
+                                 "(experts.gate_up_proj) of transformers 5 or a dense up_proj; spam-hf cannot "
+                                 "prune it")
             return super()._mlp_specs(mlp, path, i)
         if not len(mlp.routed):
             return []
@@ -267,7 +270,7 @@ class MoeFamily(LlamaFamily):
                     keep[c.name] = torch.tensor([], dtype=torch.long)
             if kept.numel() < s.count:
                 kept_experts[s.layer] = kept
-        super().shrink(model, keep, kv_groups_only)  # router rows and expert neurons (by their names before renumbering)
+        super().shrink(model, keep, kv_groups_only)  # router rows and expert neurons, by their names before renumbering
         for i, kept in kept_experts.items():
             block = self.layers(model)[i].mlp
             block.routed = nn.ModuleList(block.routed[int(e)] for e in kept)
