@@ -35,6 +35,7 @@ empirical Fisher (labelled as such, it is not the GGN).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -113,6 +114,7 @@ class _Capture:
     inputs: torch.Tensor
     output: torch.Tensor
     weight: Optional[torch.Tensor] = None  # out × in, for the group-mask Fisher of consuming modules
+    rows: Optional[tuple] = None  # (token positions, (B, T)) of a layer that computed on some tokens (an expert)
 
 
 class CurvatureAccumulator:
@@ -288,7 +290,8 @@ class CurvatureAccumulator:
                 if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                     return
                 weight = weight_out_in(module).detach() if name in self.mask_modules else None
-                self._captures[name] = _Capture(inputs[0].detach(), output, weight)
+                self._captures[name] = _Capture(inputs[0].detach(), output, weight,
+                                                getattr(module, TOKEN_ROWS, None))
             return hook
 
         for name in self.module_names:
@@ -360,7 +363,10 @@ class CurvatureAccumulator:
             cap = self._captures[name]
             if grad is None:
                 grad = torch.zeros_like(cap.output)
-            a = self._rows(cap.inputs, "mean", self._gradient_weights(grad))
+            inputs = cap.inputs
+            if cap.rows is not None:  # an expert's rows, back at their tokens (zero elsewhere)
+                inputs, grad = scatter_rows(inputs, cap.rows), scatter_rows(grad, cap.rows)
+            a = self._rows(inputs, "mean", self._gradient_weights(grad))
             g = self._rows(grad, "sum")
             if self.shapes[name][1] == a.shape[1] + 1:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
@@ -385,7 +391,7 @@ class CurvatureAccumulator:
             else:
                 s["D"] += (g.square().T @ a.square()).to(self.dtype)
             if cap.weight is not None:
-                m = self._mask_gradients(cap.inputs, grad, cap.weight)
+                m = self._mask_gradients(inputs, grad, cap.weight)
                 s["M"] += (m.T @ m).to(self.dtype)
             if "X" in s:  # the same rows as A (bias column dropped)
                 s["X"] += a[:, : s["X"].shape[0]].sum(0).to(self.dtype)
@@ -545,6 +551,27 @@ def diagonal_from_state(state: Dict[str, torch.Tensor], n_data: float) -> Dict[s
         elif key.endswith(".D"):
             out[key[: -len(".D")]] = value * (n_data / n_g)
     return out
+
+
+#: attribute a layer carries during a call on some of the tokens only (a mixture-of-experts expert:
+#: :class:`~spam_hf.architectures.moe.RoutedExperts`): ``(LongTensor positions in the flattened B·T tokens, (B, T))``
+TOKEN_ROWS = "spam_token_rows"
+
+
+def scatter_rows(t: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """``[n, d]`` rows computed at token positions ``rows[0]`` as ``[B, T, d]`` (``rows[1] = (B, T)``), zero at the
+    other tokens."""
+    index, shape = rows
+    full = t.new_zeros(math.prod(shape), t.shape[-1])
+    full.index_copy_(0, index.to(t.device), t.reshape(-1, t.shape[-1]))
+    return full.view(*shape, t.shape[-1])
+
+
+def token_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A layer's input or output ``t`` in the model's token layout: ``t`` itself, or for a layer that computed on
+    some of the tokens only (:data:`TOKEN_ROWS`, read during its call) those rows at their tokens, zero elsewhere."""
+    rows = getattr(module, TOKEN_ROWS, None)
+    return t if rows is None else scatter_rows(t, rows)
 
 
 def nonzero_rows(x: torch.Tensor) -> torch.Tensor:

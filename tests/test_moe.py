@@ -23,8 +23,11 @@ WIDTH = {"mixtral": 48, "qwen3_moe": 24}  # an expert's neurons in the tiny conf
 
 @pytest.mark.parametrize("model_type", MOE)
 def test_split_experts_compute_what_the_stock_block_does(model_type):
-    """Splitting happens when groups are first asked for; the split block gives the stock logits, whether only the
-    routed tokens run (no hook) or every expert runs on every token (a hook watches an expert: curvature)."""
+    """Splitting happens when groups are first asked for; the split block gives the stock logits, with or without a
+    hook on an expert (curvature), which sees the routed tokens and their positions (spam_token_rows) and puts
+    them back in the [B, T] layout with token_layout."""
+    from spam_hf.curvature import token_layout
+
     assert model_type in supported_model_types()
     ids = tiny_lm_batch()["input_ids"]
     stock = tiny_causal_lm(model_type)
@@ -35,10 +38,13 @@ def test_split_experts_compute_what_the_stock_block_does(model_type):
     torch.testing.assert_close(lm_logits(model, ids), expected, atol=1e-6, rtol=1e-5)
     seen = []
     handle = model.model.layers[0].mlp.routed[3].down_proj.register_forward_hook(
-        lambda m, args, out: seen.append(tuple(args[0].shape)))
+        lambda m, args, out: seen.append((args[0].shape[0], token_layout(m, args[0]))))
     torch.testing.assert_close(lm_logits(model, ids), expected, atol=1e-6, rtol=1e-5)
     handle.remove()
-    assert seen == [(*ids.shape, WIDTH[model_type])]  # every token of the batch, in its [B, T] layout
+    (routed, layout), = seen
+    assert layout.shape == (*ids.shape, WIDTH[model_type]) and 0 < routed < ids.numel()  # the routed tokens only
+    assert int(layout.abs().amax(-1).gt(0).sum()) == routed  # at their positions, zero at the others
+    assert model.model.layers[0].mlp.routed[3].down_proj.spam_token_rows is None  # only during the call
     assert torch.equal(greedy(model, ids), greedy(stock, ids))
     assert group_specs(model) and len(group_specs(model)) == len(specs)  # idempotent
 
@@ -91,14 +97,14 @@ def test_a_masked_expert_is_routed_around():
     assert model.model.layers[0].mlp.dropped == [1]
     logits = lm_logits(model, ids)
     assert not torch.allclose(logits, lm_logits(zeroed, ids), atol=1e-4)
-    inputs = []  # under a hook every expert runs on every token, the tokens not routed to it as zeros
+    inputs = []  # under a hook every expert is called, with the tokens routed to it
     model.model.layers[0].mlp.routed[1].gate_proj.register_forward_hook(
-        lambda m, args, out: inputs.append(args[0].abs().amax(-1)))
+        lambda m, args, out: inputs.append(args[0].shape[0]))
     torch.testing.assert_close(lm_logits(model, ids), logits)
-    assert inputs and not inputs[0].any()  # no token reaches the dropped expert
+    assert inputs == [0]  # no token reaches the dropped expert
     model.model.layers[0].mlp.dropped = []
     lm_logits(model, ids)
-    assert inputs[1].any()
+    assert inputs[1] > 0
 
 
 @pytest.mark.parametrize("model_type", MOE)
@@ -183,8 +189,8 @@ def test_an_unpruned_split_model_saves_as_the_stock_checkpoint(tmp_path):
                                    "model.layers.0.mlp.router"])
 def test_kfac_of_an_expert_and_the_router_equals_the_exact_ggn(layer):
     """One token of a Mixtral classifier (KFAC is exact for one input vector per example), through the routing:
-    the GGN of a routed expert's layer (every expert runs under the curvature hooks, the unrouted ones on zeros) and
-    of the router equals its Kronecker factors. An expert the token is not routed to has a zero GGN and zero
+    the GGN of a routed expert's layer (its rows put back at their tokens under the curvature hooks, zeros for an
+    expert the token does not reach) and of the router equals its Kronecker factors. An expert the token is not routed to has a zero GGN and zero
     factors."""
     from transformers import AutoModelForSequenceClassification
 

@@ -22,10 +22,13 @@ experts (softmax over their logits), which is what the masked model computes wit
 ``-inf`` (:meth:`MoeFamily.mask`). An expert whose neurons are all zero but which is kept still receives its
 routing weight and adds nothing.
 
-Curvature: while any hook watches an expert's layers (curvature capture, the input factors of block-by-block
-pruning), every expert runs on every token with the inputs of the tokens not routed to it set to zero (so
-zero rows in its input factor and zero output gradients there), so each tracked layer sees the same ``[B, T]``
-token rows as the rest of the model. Outside hooks only the routed tokens are computed, as in the stock block.
+Curvature: each expert computes on the tokens routed to it only. While a hook watches its layers (curvature
+capture, the input factors of block-by-block pruning, reference outputs), every expert is called, even with no
+token, and its layers carry ``spam_token_rows = (token positions, (B, T))`` during the call, so spam-hf's hooks put
+its rows back in the ``[B, T]`` layout every other tracked layer has, zero at the tokens not routed to it (zero
+rows in its input factor, zero output gradients; :func:`spam_hf.curvature.token_layout`). Under torch.export
+(ONNX) every expert runs on every token instead, with weight 0 where it is not routed: the graph cannot hold a
+data-dependent token count.
 
 FLOPs (``--budget flops``, the reports): an expert's layers count on ``top_k / E`` of the tokens
 (:attr:`~.base.GroupSpec.token_share`), what each computes on average when routing is balanced. Removing a whole
@@ -87,11 +90,10 @@ class RoutedExperts(nn.Module, RuntimeModule):
         #: would leave a buffer that is not saved uninitialised)
         self.dropped: List[int] = []
 
-    def _dense(self) -> bool:
-        """Whether every expert runs on every token (module docstring): while a hook watches an expert's layers, and
-        while torch.export traces the block (ONNX), whose graph cannot hold the routed tokens' data-dependent count."""
-        return torch.compiler.is_compiling() or any(m._forward_hooks or m._forward_pre_hooks
-                                                   for e in self.routed for m in e.values())
+    def _watched(self) -> bool:
+        """Whether a hook watches an expert's layers (curvature, input factors): then every expert is called, with
+        the tokens routed to it and their positions (module docstring)."""
+        return any(m._forward_hooks or m._forward_pre_hooks for e in self.routed for m in e.values())
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         ex = self.routed[e]
@@ -118,18 +120,27 @@ class RoutedExperts(nn.Module, RuntimeModule):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.cast_weights:
             weights = weights.to(logits.dtype)
-        if self._dense():
+        if torch.compiler.is_compiling():  # torch.export (ONNX): no data-dependent token count in the graph
             for e in range(experts):
                 hit = chosen == e  # [N, k]
                 routed = hit.any(-1, keepdim=True).to(x.dtype)
                 y = self._expert(e, (x * routed).view(hidden_states.shape)).reshape(-1, size)
                 out = out + (y * (weights * hit).sum(-1, keepdim=True)).to(out.dtype)
             return out.view(hidden_states.shape)
+        watched = self._watched()
         for e in range(experts):
             token, slot = torch.where(chosen == e)
-            if token.numel():
+            if not token.numel() and not watched:
+                continue
+            layers = list(self.routed[e].values())
+            for layer in layers:  # where the rows come from, for hooks that need the [B, T] layout (module docstring)
+                layer.spam_token_rows = (token, tuple(hidden_states.shape[:-1])) if watched else None
+            try:
                 y = self._expert(e, x[token]) * weights[token, slot, None]
-                out.index_add_(0, token, y.to(out.dtype))
+            finally:
+                for layer in layers:
+                    layer.spam_token_rows = None
+            out.index_add_(0, token, y.to(out.dtype))
         return out.view(hidden_states.shape)
 
     def widths(self) -> List[int]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..architectures.base import GroupSpec
+from ..curvature import token_layout
 from .compensation import LEAST_SQUARES_DAMPING, _kept_and_removed, augmented_weight, removed_columns, \
     set_augmented_weight
 
@@ -62,7 +63,7 @@ def reference_outputs(reference: nn.Module, modules: Sequence[str], batches: Seq
 
     def hook(name):
         def fn(mod, args, output):
-            current[name] = _rows(output, mask[0]).cpu()
+            current[name] = _rows(token_layout(mod, output), mask[0]).cpu()
         return fn
 
     handles = [mods[m].register_forward_hook(hook(m)) for m in modules]
@@ -93,7 +94,7 @@ def input_moments(model: nn.Module, module: str, batches: Sequence[Dict[str, tor
     mask: List[Optional[torch.Tensor]] = [None]
 
     def pre_hook(m, args):
-        sums["x"] = _rows(args[0], mask[0]).cpu()
+        sums["x"] = _rows(token_layout(m, args[0]), mask[0]).cpu()
         raise _Stop
 
     handle = mod.register_forward_pre_hook(pre_hook)

@@ -36,7 +36,7 @@ from transformers.utils import logging
 
 from ..architectures import consuming_modules, get_family, group_specs, is_peft_model
 from ..architectures.base import GroupSpec
-from ..curvature import CurvatureAccumulator, _at_least_float32, nonzero_rows
+from ..curvature import CurvatureAccumulator, _at_least_float32, nonzero_rows, token_layout
 from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
 from ..offload import execution_device, is_offloaded, onloaded
 from ..posterior import likelihood_of
@@ -224,7 +224,7 @@ def input_factors(model: nn.Module, block: nn.Module, modules: List[str], inputs
 
     def make_hook(name: str, biased: bool):
         def hook(module, args, output):
-            x = _at_least_float32(args[0].detach())
+            x = _at_least_float32(token_layout(module, args[0].detach()))
             x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
             mask = current["mask"]
             a = x[mask.to(x.device).bool()] if (mask is not None and x.dim() == 3) else x.reshape(-1, x.shape[-1])
