@@ -223,6 +223,13 @@ class ArchitectureFamily:
         """
         raise NotImplementedError
 
+    #: why models of this family cannot be dispatched with ``--device-map`` ("" when they can)
+    device_map_refusal: str = ""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Put ``model``'s modules in the layout this family prunes, in place and idempotent (:meth:`group_specs` does
+        it first); nothing in most families. Mixture of experts: the 3-D expert tensors become Linear layers."""
+
     def mask(self, model: nn.Module, spec: GroupSpec, dropped: torch.Tensor) -> None:
         """What masking groups ``dropped`` of ``spec`` needs beyond zeroing their slices (``mask_groups`` zeroes
         them first); nothing in most families. Mixture of experts: a dropped expert is no longer routed to."""

@@ -216,8 +216,10 @@ class MoeFamily(LlamaFamily):
     runtime_modules = (HeadGatherLinear, RoutedExperts)
     report_fields = {**LlamaFamily.report_fields, "expert": "experts"}
     uniform_kinds = ("head", "neuron")  # every expert of every layer the same width; experts stay
+    device_map_refusal = ("spam-hf splits a mixture-of-experts block's expert tensors into Linear layers in memory, "
+                          "which accelerate's offload hooks do not follow")
 
-    def unfuse(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module) -> None:
         """Replace every stock sparse block by a :class:`RoutedExperts` (in place; idempotent)."""
         _, _, normalize, cast = _MOE_FIELDS[model.config.model_type]
         if normalize is None:
@@ -233,7 +235,7 @@ class MoeFamily(LlamaFamily):
                            RoutedExperts.from_stock(mlp, normalize, cast, model.config.hidden_act))
 
     def group_specs(self, model: nn.Module, kv_groups_only: bool = False) -> List[GroupSpec]:
-        self.unfuse(model)
+        self.prepare(model)
         return super().group_specs(model, kv_groups_only)
 
     def _mlp_specs(self, mlp: nn.Module, path: str, i: int) -> List[GroupSpec]:
@@ -268,17 +270,13 @@ class MoeFamily(LlamaFamily):
         for s in specs:
             if s.kind != "expert":
                 continue
-            children = [c for c in specs if c.parent == s.name]
-            if s.name not in keep:
-                keep[s.name] = torch.tensor([int(c.parent_index[0]) for c in children
-                                             if c.name not in keep or len(keep[c.name])]
-                                            + [e for e in range(s.count)
-                                               if not any(int(c.parent_index[0]) == e for c in children)],
-                                            dtype=torch.long).sort().values
+            neurons = {int(c.parent_index[0]): c.name for c in specs if c.parent == s.name}  # expert -> its spec
+            if s.name not in keep:  # kept: an expert with a neuron kept (or without neurons to keep)
+                keep[s.name] = torch.tensor([e for e in range(s.count) if e not in neurons or neurons[e] not in keep
+                                             or len(keep[neurons[e]])], dtype=torch.long)
             kept = torch.as_tensor(keep[s.name], dtype=torch.long).sort().values
-            for c in children:
-                if int(c.parent_index[0]) not in kept.tolist():
-                    keep[c.name] = torch.tensor([], dtype=torch.long)
+            for e in set(neurons) - set(kept.tolist()):
+                keep[neurons[e]] = torch.tensor([], dtype=torch.long)
             if kept.numel() < s.count:
                 kept_experts[s.layer] = kept
         super().shrink(model, keep, kv_groups_only)  # router rows and expert neurons, by their names before renumbering

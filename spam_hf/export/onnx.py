@@ -31,7 +31,6 @@ from torch import nn
 from transformers.utils import logging
 
 from ..architectures import get_family
-from ..architectures.moe import MoeFamily
 from .folders import check_output_dir, staged_folder
 from .save import from_pretrained
 
@@ -81,9 +80,7 @@ def _load(model_dir: str) -> Tuple[nn.Module, Optional[object]]:
                              f"writes model-merged/, or merge with peft's merge_and_unload and save)")
         raise ValueError(f"{model_dir} has no config.json; give a checkpoint folder")
     model = from_pretrained(model_dir).float().eval()
-    family = get_family(model)
-    if isinstance(family, MoeFamily):  # the stock block's loop over the experts a batch hits does not trace; split,
-        family.unfuse(model)  # every expert runs on every token in the graph (weight 0 where it is not routed)
+    get_family(model).prepare(model)  # a stock mixture of experts' loop over the experts a batch hits does not trace
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         return model, None  # without its files AutoTokenizer may build an empty tokenizer of the model type's class
     try:

@@ -13,6 +13,7 @@ from typing import Tuple
 
 from transformers.utils import logging
 
+from ..architectures import get_family
 from ..arguments import CompressArguments, LoraArguments, ModelArguments
 from ..pruning import PruningConfig
 
@@ -44,20 +45,16 @@ def placement_refusal(config: PruningConfig, args: CompressArguments, lora_args:
     return ""
 
 
-def _experts_refusal(model_args: ModelArguments) -> str:
-    """Why a mixture-of-experts model cannot be dispatched (its config read before loading), or ``""``."""
+def _family_refusal(model_args: ModelArguments) -> str:
+    """Why the model's family cannot be dispatched (its config read before loading), or ``""``."""
     from transformers import AutoConfig
-
-    from ..architectures.moe import MoeFamily
 
     try:
         model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
-    except (OSError, ValueError):  # loading says what is wrong with the path
+        reason = get_family(model_type).device_map_refusal
+    except (OSError, ValueError):  # loading says what is wrong with the path or the model type
         return ""
-    if model_type in MoeFamily.model_types:
-        return (f"--device-map is not supported for {model_type} yet: spam-hf splits a mixture-of-experts block's "
-                "expert tensors into Linear layers in memory, which accelerate's offload hooks do not follow")
-    return ""
+    return f"--device-map is not supported for {model_type} yet: {reason}" if reason else ""
 
 
 def dispatched_job(model_args: ModelArguments, config: PruningConfig, args: CompressArguments,
@@ -66,7 +63,7 @@ def dispatched_job(model_args: ModelArguments, config: PruningConfig, args: Comp
     latency lines (or a one-line refusal, before anything is loaded)."""
     if model_args.device_map is None:
         return config, args
-    reason = placement_refusal(config, args, lora_args, world_size) or _experts_refusal(model_args)
+    reason = placement_refusal(config, args, lora_args, world_size) or _family_refusal(model_args)
     if reason:
         raise ValueError(reason)
     if args.measure_latency:

@@ -49,6 +49,12 @@ class LayerReport:
     total: Dict[str, int] = field(default_factory=dict)
     module: str = ""
 
+    def add(self, field_name: str, kept: int, total: int) -> None:
+        """Count one spec's groups under ``field_name`` (summed: a mixture-of-experts layer has one neuron spec per
+        expert)."""
+        self.kept[field_name] = self.kept.get(field_name, 0) + kept
+        self.total[field_name] = self.total.get(field_name, 0) + total
+
     def to_dict(self, fields: Tuple[str, ...] = tuple(DEFAULT_REPORT_FIELDS.values())) -> dict:
         """Flat ``{"layer", "module", "<field>_kept", "<field>_total"}`` (0 for fields this layer lacks)."""
         out: Dict[str, object] = {"layer": self.layer}
@@ -101,9 +107,7 @@ def kept_selection(specs: List[GroupSpec], kept: Dict[str, torch.Tensor], budget
     layers: Dict[int, LayerReport] = {}
     for s in specs:
         rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
-        field_name = DEFAULT_REPORT_FIELDS[s.kind]  # summed: a mixture-of-experts layer has a neuron spec per expert
-        rep.kept[field_name] = rep.kept.get(field_name, 0) + int(kept[s.name].numel())
-        rep.total[field_name] = rep.total.get(field_name, 0) + s.count
+        rep.add(DEFAULT_REPORT_FIELDS[s.kind], int(kept[s.name].numel()), s.count)
     return Selection(keep=dict(kept), budget=budget, sparsity_target=float(target), total_cost=total_before,
                      removed_cost=total_before - total_after, layers=[layers[k] for k in sorted(layers)])
 
@@ -212,9 +216,7 @@ def select_groups(model: nn.Module, specs: List[GroupSpec], scores: Dict[str, to
     layers: Dict[int, LayerReport] = {}
     for s in specs:
         rep = layers.setdefault(s.layer, LayerReport(layer=s.layer))
-        field_name = names[s.kind]  # summed: a mixture-of-experts layer has one neuron spec per expert
-        rep.kept[field_name] = rep.kept.get(field_name, 0) + int(keep[s.name].numel())
-        rep.total[field_name] = rep.total.get(field_name, 0) + s.count
+        rep.add(names[s.kind], int(keep[s.name].numel()), s.count)
         if s.kind == "lora_rank":
             rep.module = base_name(adapted_module(s))
     return Selection(keep=keep, budget=budget, sparsity_target=float(sparsity), total_cost=total,
