@@ -53,11 +53,20 @@ class ModelArguments:
                 "'{\"0\": \"70GiB\", \"cpu\": \"200GiB\"}'."})
     offload_folder: Optional[str] = field(default=None, metadata={
         "help": "With --device-map: the folder that holds the weights of blocks offloaded to disk."})
+    fsdp2: bool = field(default=False, metadata={
+        "help": "Under torchrun / accelerate launch: load the model sharded over the processes with FSDP2 "
+                "(transformers' DistributedConfig(fsdp_size=processes)), so that weights, gradients and Adam state "
+                "are split between them and each module's curvature sums are kept by one process. Pruning and "
+                "export then run data parallel on unsharded copies read back from dense/ (each process holds the "
+                "weights, not the training state). Models with nn.Linear layers (not GPT-2); no LoRA."})
 
     def __post_init__(self) -> None:
         for name in ("max_memory", "offload_folder"):
             if getattr(self, name) is not None and self.device_map is None:
                 raise ValueError(f"--{name.replace('_', '-')} places a model loaded with --device-map; give one")
+        if self.fsdp2 and self.device_map is not None:
+            raise ValueError("--fsdp2 shards the model over processes and --device-map dispatches it within one: "
+                             "give one of them")
         self.placement()  # a malformed JSON object fails here
 
     def placement(self) -> dict:

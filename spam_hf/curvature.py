@@ -46,7 +46,7 @@ from torch import nn
 from .architectures.base import lookup_linear, weight_out_in
 from .checks import check_choice
 from .choices import CURVATURE_KINDS, DIAGONAL_FROM, FISHER_TYPES, REDUCTIONS  # noqa: F401  (enforced here)
-from .distributed import all_reduce_sum, is_distributed, shard_offset
+from .distributed import all_reduce_sum, is_distributed, rank, reduce_to, shard_offset
 from .kron import KronEigen
 
 LIKELIHOODS = ("classification", "regression", "causal_lm")
@@ -176,6 +176,8 @@ class CurvatureAccumulator:
         self.generator = torch.Generator().manual_seed(seed)
         self._captures: Dict[str, _Capture] = {}
         self._mask: Optional[torch.Tensor] = None
+        # {module: rank} when the model is sharded (FSDP2): only a module's owner keeps its sums (:meth:`_add`)
+        self.owners: Optional[Dict[str, int]] = None
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -206,6 +208,14 @@ class CurvatureAccumulator:
         if name in self.mean_modules:
             sizes["X"] = (width,)
         return sizes
+
+    def owns(self, name: str) -> bool:
+        """Whether this process keeps module ``name``'s sums (every module unless :attr:`owners` says otherwise)."""
+        return self.owners is None or self.owners[name] == rank()
+
+    def factor_elements(self) -> Dict[str, int]:
+        """``{module: elements of its sums}``: what a process that owns the module holds (for :attr:`owners`)."""
+        return {m: sum(math.prod(shape) for shape in self._sizes(m).values()) for m in self.module_names}
 
     def _factor_shape(self, n: int) -> tuple:
         return (n,) if kept_diagonal(n, self.diagonal_from) else (n, n)
@@ -262,6 +272,9 @@ class CurvatureAccumulator:
         before new rows arrive is a no-op (so is a single process). Rows accumulated after a reduction
         and before :meth:`reset` would be mixed with global sums; that raises in :meth:`accumulate`."""
         if not is_distributed() or self.reduced:
+            return
+        if self.owners is not None:  # owned sums are reduced at every step (accumulate)
+            self.reduced = True
             return
         for m in self.shapes:  # every process reduces every module, whether it saw rows for it or not
             self.sums[m]
@@ -344,7 +357,7 @@ class CurvatureAccumulator:
 
         Must follow a forward run under :meth:`capture`, before the training backward frees the graph.
         """
-        if self.reduced:
+        if self.reduced and self.owners is None:
             raise RuntimeError("curvature: these sums were already summed over processes; reset() before "
                                "accumulating new batches")
         missing = [m for m in self.module_names if m not in self._captures]
@@ -352,7 +365,8 @@ class CurvatureAccumulator:
             raise RuntimeError(f"curvature: no forward captured for {len(missing)} module(s), e.g. {missing[:3]}; "
                                "run the forward inside `capture()` with gradients enabled")
         for name in self.module_names:  # allocated now, in the modules' order (what every later loop follows)
-            self.sums[name]
+            if self.owns(name):
+                self.sums[name]
         loss = sampled_loss(logits, labels, self.likelihood, self.fisher, self.generator)
         names = list(self._captures)
         outputs = [self._captures[m].output for m in names]
@@ -380,29 +394,48 @@ class CurvatureAccumulator:
                 raise ValueError(f"curvature: module {name!r} sees {a.shape[0]} rows but others see {n_rows}; "
                                  "all tracked modules must see the same tokens")
             n_rows = a.shape[0]
-            s = self.sums[name]
-            for k in s:  # sums live on the device that produces the rows
-                if s[k].device != a.device:
-                    s[k] = s[k].to(a.device)
+            sizes = self._sizes(name)
+            rows: Dict[str, torch.Tensor] = {}  # this batch's share of each sum
             if self.kind == "kfac":
                 for k, x in (("A", a), ("G", g)):
-                    if k in s:
-                        s[k] += (x.square().sum(0) if s[k].dim() == 1 else x.T @ x).to(self.dtype)
+                    if k in sizes:
+                        rows[k] = (x.square().sum(0) if len(sizes[k]) == 1 else x.T @ x).to(self.dtype)
             else:
-                s["D"] += (g.square().T @ a.square()).to(self.dtype)
+                rows["D"] = (g.square().T @ a.square()).to(self.dtype)
             if cap.weight is not None:
                 m = self._mask_gradients(inputs, grad, cap.weight)
-                s["M"] += (m.T @ m).to(self.dtype)
-            if "X" in s:  # the same rows as A (bias column dropped)
-                s["X"] += a[:, : s["X"].shape[0]].sum(0).to(self.dtype)
-            if "R" in s:
-                s["R"] += nonzero_rows(a[:, : a.shape[1] - int(name in self._biased)])
-        self.n += float(n_rows or 0)
-        self.n_seen += float(n_seen or 0)
-        self.n_units += self._loss_units(logits, labels)
+                rows["M"] = (m.T @ m).to(self.dtype)
+            if "X" in sizes:  # the same rows as A (bias column dropped)
+                rows["X"] = a[:, : sizes["X"][0]].sum(0).to(self.dtype)
+            if "R" in sizes:
+                rows["R"] = nonzero_rows(a[:, : a.shape[1] - int(name in self._biased)])
+            self._add(name, rows)
+        counts = torch.tensor([float(n_rows or 0), float(n_seen or 0), self._loss_units(logits, labels)],
+                              dtype=torch.float64)
+        if self.owners is not None:  # the sums just added hold every process's rows: so do the counts
+            counts = all_reduce_sum(counts)
+            self.reduced = False  # new losses since the last reduction (the sums need none)
+        self.n += counts[0]
+        self.n_seen += counts[1]
+        self.n_units += counts[2]
         self._captures = {}
         self._mask = None
         return loss.detach()
+
+    def _add(self, name: str, rows: Dict[str, torch.Tensor]) -> None:
+        """Add one batch's ``rows`` (``{sum key: tensor}``) to module ``name``'s sums. With :attr:`owners` (a
+        sharded model) the batch's sums of every process are first reduced onto the module's owner, and only the
+        owner keeps them; every process calls this for every module, in the same order."""
+        if self.owners is not None:
+            owner = self.owners[name]
+            rows = {k: reduce_to(v, owner) for k, v in rows.items()}
+            if owner != rank():
+                return
+        s = self.sums[name]
+        for k, v in rows.items():
+            if s[k].device != v.device:  # sums live on the device that produces the rows
+                s[k] = s[k].to(v.device)
+            s[k] += v.to(s[k].dtype)
 
     def _mask_gradients(self, x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``[B, in]``: per example, the gradient of the loss w.r.t. a multiplicative mask on each input column,

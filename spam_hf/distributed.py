@@ -4,7 +4,8 @@ Each process sees its own shard of every global batch. For the SpaM posterior to
 process that sees the whole batch:
 
 * curvature sums, loss sums and row counts are summed over processes before they are used
-  (:meth:`spam_hf.curvature.CurvatureAccumulator.all_reduce`);
+  (:meth:`spam_hf.curvature.CurvatureAccumulator.all_reduce`), or, for a sharded model (FSDP2,
+  :mod:`spam_hf.sharding`), each module's sums onto the one process that owns them (:func:`reduce_to`);
 * Monte-Carlo labels are drawn for the *global* rows from the shared generator (identically seeded and
   advanced on every process) and each process takes its slice (:func:`shard_offset`), so a row gets the
   same label whichever process holds it;
@@ -51,6 +52,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
+def reduce_to(t: torch.Tensor, dst: int) -> torch.Tensor:
+    """``Σ`` of ``t`` over processes on process ``dst`` (a new tensor on ``t``'s device; what the others get back is
+    undefined); ``t`` itself when single-process."""
+    if not is_distributed():
+        return t
+    out = t.detach().to(_device()).clone()
+    torch.distributed.reduce(out, dst=dst)
+    return out.to(t.device)
+
+
 def shard_offset(n_local: int) -> Tuple[int, int]:
     """``(offset, total)``: where this process's ``n_local`` rows start among the global rows (processes in
     rank order, as the data loader shards a global batch) and how many there are in all. ``(0, n_local)``
@@ -70,6 +81,16 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every process's ``obj``, in rank order (pickled; for small state such as curvature diagonals); ``[obj]``
+    single-process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

@@ -15,18 +15,20 @@ spectrum (:mod:`spam_hf.spectrum`): a hyper-step costs ``O(out + in)`` per modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .distributed import all_reduce_sum
 from .kron import KronEigen, Precision, rank_one_logdet
-from .priors import PriorPrecision
+from .priors import LazyParams, PriorPrecision
 
 Curvature = Union[Dict[str, KronEigen], Dict[str, torch.Tensor]]
 
 
 def log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor],
-                            loss_sum: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+                            loss_sum: float = 0.0, temperature: float = 1.0,
+                            modules: Optional[Sequence[str]] = None) -> torch.Tensor:
     """``log Z(δ)`` (a float64 scalar, differentiable in ``prior.log_delta``).
 
     Args:
@@ -37,18 +39,24 @@ def log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature, params:
             them when read (:class:`~spam_hf.priors.LazyParams`) holds one at a time.
         loss_sum: ``Σ_n ℓ_n`` at θ (constant in δ; only shifts the value).
         temperature: ``T``.
+        modules: the modules whose terms this process computes (those whose curvature it owns, a sharded model:
+            :mod:`spam_hf.sharding`); their sum is then summed over processes, and is no longer differentiable.
+            Default: every module of the prior.
     """
-    _check_inputs(prior, curvature, params, temperature)
-    total = torch.tensor(-float(loss_sum) / temperature, dtype=torch.float64)
-    for m in prior.modules:
+    _check_inputs(prior, curvature, params, temperature, modules)
+    total = torch.zeros((), dtype=torch.float64)
+    for m in prior.modules if modules is None else modules:
         total = total + module_term(prior, curvature, params, m, temperature)
-    return total
+    if modules is not None:
+        total = all_reduce_sum(total.detach())
+    return total - float(loss_sum) / temperature
 
 
-def _check_inputs(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor], temperature: float) -> None:
+def _check_inputs(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor], temperature: float,
+                  modules: Optional[Sequence[str]] = None) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    missing = [m for m in prior.modules if m not in curvature or m not in params]
+    missing = [m for m in (prior.modules if modules is None else modules) if m not in curvature or m not in params]
     if missing:
         raise ValueError(f"marginal likelihood: no curvature or parameters for {len(missing)} module(s), e.g. {missing[:3]}")
 
@@ -86,12 +94,25 @@ class SquaredWeights:
         return prec.quadratic(self.full)
 
 
-def squared_weights(prior: PriorPrecision, params: Dict[str, torch.Tensor]) -> Dict[str, SquaredWeights]:
-    """:class:`SquaredWeights` of every covered module, reading each of ``params`` once (a
+def squared_weights(prior: PriorPrecision, params: Dict[str, torch.Tensor],
+                    modules: Optional[Sequence[str]] = None) -> Dict[str, SquaredWeights]:
+    """:class:`SquaredWeights` of every covered module (or of ``modules``), reading each of ``params`` once (a
     :class:`~spam_hf.priors.LazyParams` makes one float64 copy at a time); ``W²`` is kept only for modules whose
-    prior varies along both sides."""
-    return {m: SquaredWeights.of(params[m], keep_full=prior.constant_sides(m) == (False, False))
-            for m in prior.modules}
+    prior varies along both sides. Of a sharded model the sums are reduced from each process's rows
+    (:func:`spam_hf.sharding.squared_sums`), for every module in turn on every process."""
+    wanted = set(prior.modules if modules is None else modules)
+    out = {}
+    for m in prior.modules:
+        keep_full = prior.constant_sides(m) == (False, False)
+        if isinstance(params, LazyParams) and params.sharded:  # collectives: every process, every module
+            squares = SquaredWeights(*params.squared_sums(m, keep_full))
+        elif m in wanted:
+            squares = SquaredWeights.of(params[m], keep_full=keep_full)
+        else:
+            continue
+        if m in wanted:
+            out[m] = squares
+    return out
 
 
 def module_term(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor], m: str,
@@ -119,22 +140,34 @@ def module_term(prior: PriorPrecision, curvature: Curvature, params: Dict[str, t
 
 
 def backward_log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor],
-                                     loss_sum: float = 0.0, temperature: float = 1.0) -> float:
+                                     loss_sum: float = 0.0, temperature: float = 1.0,
+                                     modules: Optional[Sequence[str]] = None) -> float:
     """Accumulate ``−∂ log Z / ∂ log δ`` into the prior's ``.grad`` one module at a time; returns ``log Z``.
 
     Same value and gradient as ``(-log_marginal_likelihood(...)).backward()``, but only one module's
-    autograd graph (its ``out × (in+1)`` float64 intermediates) is alive at a time.
+    autograd graph (its ``out × (in+1)`` float64 intermediates) is alive at a time. With ``modules`` (this
+    process's share, :func:`log_marginal_likelihood`) the gradients and the value are then summed over processes,
+    so every process holds the whole gradient and takes the same step.
     """
-    _check_inputs(prior, curvature, params, temperature)
-    total = -float(loss_sum) / temperature
-    for m in prior.modules:
+    _check_inputs(prior, curvature, params, temperature, modules)
+    total = 0.0
+    for m in prior.modules if modules is None else modules:
         term = module_term(prior, curvature, params, m, temperature)
         if not torch.isfinite(term):
             raise FloatingPointError(f"log marginal likelihood term of {m!r} is {float(term)}; "
                                      "check curvature and weights for NaN")
         (-term).backward()
         total += float(term.detach())
-    return total
+    if modules is not None:
+        total = _sum_over_processes(prior, total)
+    return total - float(loss_sum) / temperature
+
+
+def _sum_over_processes(prior: PriorPrecision, value: float) -> float:
+    """Sum each ``log δ`` gradient (none: zero) and ``value`` over processes, in place; returns the summed value."""
+    for p in prior.parameters():
+        p.grad = all_reduce_sum(p.grad if p.grad is not None else torch.zeros_like(p))
+    return float(all_reduce_sum(torch.tensor(value, dtype=torch.float64)))
 
 
 @dataclass
@@ -148,10 +181,12 @@ class HyperStepResult:
 
 def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str, torch.Tensor],
                    n_steps: int = 50, lr: float = 0.1, loss_sum: float = 0.0, temperature: float = 1.0,
-                   optimizer_state: Optional[dict] = None, progress: bool = False) -> HyperStepResult:
+                   optimizer_state: Optional[dict] = None, progress: bool = False,
+                   modules: Optional[Sequence[str]] = None) -> HyperStepResult:
     """Maximise ``log Z`` over ``log δ`` with ``n_steps`` Adam steps; ``log δ`` clamped and NaN-free.
 
-    ``optimizer_state`` (a dict) carries Adam's moments across calls when given; ``progress`` shows a progress bar.
+    ``optimizer_state`` (a dict) carries Adam's moments across calls when given; ``progress`` shows a progress bar;
+    ``modules``: this process's share of the terms (:func:`log_marginal_likelihood`).
     """
     from tqdm.auto import tqdm
 
@@ -163,12 +198,13 @@ def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str
             opt.load_state_dict(optimizer_state["adam"])
         except ValueError:
             pass  # prior structure changed (e.g. after pruning): start Adam afresh
-    _check_inputs(prior, curvature, params, temperature)
-    params = squared_weights(prior, params)  # θ is fixed while δ moves: read every weight once, not per step
+    _check_inputs(prior, curvature, params, temperature, modules)
+    # θ is fixed while δ moves: read every weight once, not per step
+    params = squared_weights(prior, params, modules)
     history: List[float] = []
     for _ in tqdm(range(n_steps), desc="prior fit: hyper-steps", disable=not progress, leave=False):
         opt.zero_grad(set_to_none=True)
-        value = backward_log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)
+        value = backward_log_marginal_likelihood(prior, curvature, params, loss_sum, temperature, modules)
         for p in prior.parameters():
             if p.grad is not None:
                 p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -176,7 +212,7 @@ def optimize_prior(prior: PriorPrecision, curvature: Curvature, params: Dict[str
         prior.clamp_()
         history.append(value)
     with torch.no_grad():
-        history.append(float(log_marginal_likelihood(prior, curvature, params, loss_sum, temperature)))
+        history.append(float(log_marginal_likelihood(prior, curvature, params, loss_sum, temperature, modules)))
     if optimizer_state is not None:
         optimizer_state["adam"] = opt.state_dict()
     return HyperStepResult(history)

@@ -32,9 +32,10 @@ from torch import nn
 from .architectures import consuming_modules, group_specs, prunable_modules
 from .architectures.base import GroupSpec
 from .curvature import DIAGONAL_FROM, CurvatureAccumulator, diagonal_from_state
-from .distributed import all_reduce_sum, is_distributed
+from .distributed import all_gather_object, all_reduce_sum, is_distributed, rank
 from .marglik import Curvature, log_marginal_likelihood, optimize_prior
 from .priors import LazyParams, PriorPrecision
+from .sharding import assign_owners, is_sharded_model, owned
 
 PRIOR_FILE = "spam_prior.safetensors"
 CURVATURE_FILE = "spam_curvature.safetensors"
@@ -133,6 +134,10 @@ class SpamLaplace:
                                               seed=seed, mask_modules=[m for sp in self.specs for m in sp.col_index]
                                               if mask_fisher else (), diagonal_from=diagonal_from,
                                               mean_modules=consuming_modules(self.specs) if input_means else ())
+        if is_distributed() and is_sharded_model(model):  # FSDP2: one owner per module's sums (spam_hf.sharding)
+            self._check_shardable()
+            self.curvature.owners = assign_owners(self.curvature.factor_elements(),
+                                                  torch.distributed.get_world_size())
         self.n_data: Optional[float] = float(n_data) if n_data else None
         self.temperature = float(temperature)
         self.hyper_lr, self.n_hypersteps = float(hyper_lr), int(n_hypersteps)
@@ -167,6 +172,20 @@ class SpamLaplace:
         return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.temperature,
                            mask_fisher=mask_fisher, specs=specs, curvature_modules=modules, diagonal_from=None,
                            input_means=input_means, **self.settings)
+
+    def _check_shardable(self) -> None:
+        mods = dict(self.model.named_modules())
+        other = sorted({type(mods[m]).__name__ for m in self.curvature_modules if not isinstance(mods[m], nn.Linear)})
+        if other:
+            raise ValueError(f"spam-hf reads FSDP2-sharded weights of nn.Linear layers only; this model's prunable "
+                             f"layers include {', '.join(other)} (GPT-2's Conv1D): train it data parallel (DDP)")
+
+    @property
+    def owned_modules(self) -> Optional[List[str]]:
+        """The modules whose curvature this process owns (a sharded model), or None: every process holds all."""
+        if self.curvature.owners is None:
+            return None
+        return owned(self.curvature.owners, self.modules, rank())
 
     # ------------------------------------------------------------------ accumulation (fed by the trainer)
     def capture(self, model: nn.Module, attention_mask: Optional[torch.Tensor] = None):
@@ -264,7 +283,8 @@ class SpamLaplace:
         self._check_whole()
         curvature = self.curvature_estimate() if curvature is None else curvature
         return log_marginal_likelihood(self.prior, curvature, LazyParams(self.model, self.modules),
-                                       loss_sum=self._n() * self.mean_loss(), temperature=self.temperature)
+                                       loss_sum=self._n() * self.mean_loss(), temperature=self.temperature,
+                                       modules=self.owned_modules)
 
     # ------------------------------------------------------------------ verbs
     def optimize_prior_precision(self, n_steps: Optional[int] = None, lr: Optional[float] = None,
@@ -284,10 +304,12 @@ class SpamLaplace:
         res = optimize_prior(self.prior, curv, LazyParams(self.model, self.modules),
                              n_steps=n_steps or self.n_hypersteps, lr=lr or self.hyper_lr,
                              loss_sum=self._n() * self.mean_loss(), temperature=self.temperature,
-                             optimizer_state=self.hyper_state, progress=progress)
+                             optimizer_state=self.hyper_state, progress=progress, modules=self.owned_modules)
         self.timings["hypersteps_s"] += time.perf_counter() - t1
         self.retained_rows = self.live_rows
         self.retained = self.curvature.diagonal_state()
+        if self.curvature.owners is not None:  # each owner's diagonals, for every process (small: out + in each)
+            self.retained = {k: v for part in all_gather_object(self.retained) for k, v in part.items()}
         self.curvature.reset()
         self.loss_sum, self.loss_count = 0.0, 0
         return res.final

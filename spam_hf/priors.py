@@ -30,6 +30,7 @@ from .curvature import weight_aug
 from .checks import check_choice
 from .choices import PRIOR_KINDS
 from .kron import Precision
+from .sharding import is_sharded, local_rows, squared_sums
 
 LOG_DELTA_MIN, LOG_DELTA_MAX = -20.0, 25.0
 
@@ -184,7 +185,9 @@ class PriorPrecision:
 
     # ------------------------------------------------------------------ MAP penalty
     def penalty(self, model: nn.Module, n_data: float) -> torch.Tensor:
-        """``(1 / 2N) Σ_i δ_i θ_i²`` over covered parameters; differentiable in θ (precisions detached).
+        """``(1 / 2N) Σ_i δ_i θ_i²`` over covered parameters; differentiable in θ (precisions detached). Of a sharded
+        model (FSDP2) the sum over this process's rows only: summed over processes it is the whole penalty, and
+        its gradient is each row's.
 
         A rank-one precision (every kind but ``parameter``) goes through :class:`_RankOnePenalty`: one read of the
         weight for the value and one write of its gradient ``Δ∘W / N``, with no ``[W | b]`` copy or ``W²``
@@ -193,14 +196,15 @@ class PriorPrecision:
         total = None
         for m in self.shapes:
             module = mods[m]
-            w = weight_out_in(module)
-            prec = self._device_precision(m, w.device)
+            # a sharded weight (FSDP2): this process's rows and their precisions (spam_hf.sharding)
+            w, offset = local_rows(weight_out_in(module))
+            bias = local_rows(module.bias)[0] if self.has_bias[m] else None
+            prec = _precision_rows(self._device_precision(m, w.device), offset, w.shape[0])
             if prec.is_rank_one:
-                bias = module.bias if self.has_bias[m] else None
                 term = _RankOnePenalty.apply(w, bias, prec.u, prec.v)
             else:
-                if self.has_bias[m]:
-                    w = torch.cat([w, module.bias.unsqueeze(1)], dim=1)
+                if bias is not None:
+                    w = torch.cat([w, bias.unsqueeze(1)], dim=1)
                 term = prec.quadratic(w.float().square())
             total = term if total is None else total + term
         return total / (2.0 * n_data)
@@ -258,6 +262,16 @@ class PriorPrecision:
         self.load_state_dict(load_file(path))
 
 
+def _precision_rows(prec: Precision, start: int, n: int) -> Precision:
+    """The precisions of rows ``[start, start + n)`` of a layer (``prec`` itself when those are all its rows)."""
+    rows = prec.u if prec.is_rank_one else prec.dense
+    if start == 0 and n == rows.shape[0]:
+        return prec
+    if prec.is_rank_one:
+        return Precision(u=prec.u[start: start + n], v=prec.v)
+    return Precision(dense=prec.dense[start: start + n])
+
+
 class _RankOnePenalty(torch.autograd.Function):
     """``Σ_ij u_i v_j W²_ij + v_b Σ_i u_i b_i²`` for ``Δ = u vᵀ`` over ``[W | b]`` (``v_b = v[-1]`` when there is a
     bias), with ``∂/∂W = 2 u_i v_j W_ij`` and ``∂/∂b = 2 v_b u_i b_i``. The sums are float32 whatever the weight's
@@ -309,6 +323,15 @@ class LazyParams(Mapping):
     def __init__(self, model: nn.Module, modules: Iterable[str]) -> None:
         self._mods = dict(model.named_modules())
         self._names = list(modules)
+        # FSDP2: the weights are row shards (spam_hf.sharding); read them through squared_sums
+        self.sharded = any(is_sharded(self._mods[m].weight) for m in self._names)
+
+    def squared_sums(self, name: str, keep_full: bool = False) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                         Optional[torch.Tensor]]:
+        """Row and column sums of ``[W | b]²`` (and the square itself with ``keep_full``) of module ``name``, from
+        this process's rows when the weight is sharded (:func:`spam_hf.sharding.squared_sums`)."""
+        module = self._mods[name]
+        return squared_sums(weight_out_in(module), getattr(module, "bias", None), keep_full)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:

@@ -36,6 +36,7 @@ from .training_arguments import SpamTrainingArguments
 from .distributed import all_reduce_sum, is_distributed, rank
 from .export import save_pruned
 from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap
+from .sharding import is_sharded_model
 from .pruning import PruningConfig, PruningPlan, Selection, apply, compensate, mask_groups, plan, prune
 from .pruning.selection import prunable_cost, removed_cost
 from .pruning.schedule import SCHEDULE_FILE, SparsitySchedule, kept_count, monotone_keep, read_keep, write_keep
@@ -134,8 +135,11 @@ class _ScheduleCallback(TrainerCallback):
         return control
 
 
-def engine(world_size: int) -> str:
+def engine(world_size: int, sharded: bool = False) -> str:
     """The engine a SpamTrainer runs under, in words (logged once at the start)."""
+    if sharded:
+        return (f"FSDP2: {world_size} processes, weights, gradients and optimiser state sharded; curvature sums "
+                "owned per module (each process keeps its modules' sums only)")
     if world_size > 1:
         return (f"DDP: {world_size} processes, each with the whole model and its curvature sums (summed over the "
                 "processes before every prior update)")
@@ -172,13 +176,21 @@ class SpamTrainer(Trainer):
             raise TypeError("SpamTrainer needs SpamTrainingArguments (got "
                             f"{type(self.args).__name__}); the SpaM options live there")
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError("SpamTrainer runs data parallel (torchrun / accelerate launch with DDP) only: FSDP and "
-                             "DeepSpeed shard the weights that curvature hooks and surgery need whole")
+            raise ValueError("SpamTrainer does not run under accelerate's FSDP or DeepSpeed plugins: shard the model "
+                             "with transformers' FSDP2 instead (spam-hf compress --fsdp2 under torchrun / accelerate "
+                             "launch without an FSDP config, or from_pretrained(..., distributed_config="
+                             "DistributedConfig(fsdp_size=N)))")
         if self.args.fsdp:  # asked for, yet not enabled: the Trainer on the CPU (use_cpu) silently runs DDP instead
             raise ValueError(f"fsdp={self.args.fsdp!r} was asked for, but this Trainer would run "
                              f"{'DDP' if self.args.world_size > 1 else 'one process'} (on the CPU accelerate drops "
-                             "FSDP without a word); SpamTrainer runs data parallel only: leave --fsdp out")
-        logger.info(f"spam-hf runs {engine(self.args.world_size)}")
+                             "FSDP without a word); for sharded training load the model with FSDP2 (spam-hf "
+                             "compress --fsdp2, or from_pretrained(..., distributed_config=DistributedConfig("
+                             "fsdp_size=N))) and leave --fsdp out")
+        self.sharded = is_distributed() and is_sharded_model(self.model)
+        if self.sharded and getattr(self.args.save_strategy, "value", self.args.save_strategy) != "no":
+            raise ValueError("checkpoints of an FSDP2-sharded SpaM run are not supported yet (each process owns part "
+                             "of the curvature); set --save_strategy no")
+        logger.info(f"spam-hf runs {engine(self.args.world_size, self.sharded)}")
         self.posterior = SpamLaplace.from_args(self.model, self.args)
         _check_optimizer_sees_split_experts(self)
         self._steps_since_update = 0
@@ -275,8 +287,11 @@ class SpamTrainer(Trainer):
         """Adds the data term (``nll``) and the prior term of the logged ``loss`` since the last log."""
         if "loss" in logs and self._log_sums["n"]:
             n = self._log_sums["n"]
+            prior_term = self._log_sums["prior_term"]
+            if self.sharded:  # each process's penalty covers its rows only
+                prior_term = all_reduce_sum(torch.as_tensor(prior_term, dtype=torch.float64))
             logs = {**logs, "nll": round(float(self._log_sums["nll"]) / n, 4),
-                    "prior_term": round(float(self._log_sums["prior_term"]) / n, 4)}
+                    "prior_term": round(float(prior_term) / n, 4)}
             self._log_sums = {"nll": 0.0, "prior_term": 0.0, "n": 0}
         super().log(logs, *args, **kwargs)
 
@@ -511,6 +526,27 @@ class SpamTrainer(Trainer):
         if _internal_call and is_distributed():  # a checkpoint: each process's own live sums (main's are not all)
             os.makedirs(output_dir, exist_ok=True)
             self.posterior.save_live(os.path.join(output_dir, LIVE_FILE.format(rank=rank())))
+
+    def unsharded(self, model: nn.Module) -> "SpamTrainer":
+        """After FSDP2 training: a trainer of the same job on ``model``, an unsharded copy of this one's model (read
+        back from the saved dense checkpoint, on every process), with this trainer's priors, the retained curvature
+        diagonal (every owner's, gathered at each prior update), the hyper-step state and the Trainer state; what
+        pruning runs on, data parallel. Live curvature sums are left behind: each process holds its modules' only,
+        and pruning reads calibration statistics or the retained diagonal."""
+        if not self.sharded:
+            raise ValueError("unsharded(): this trainer's model is not sharded")
+        tensors, meta = self.posterior.state_dict()
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("curvature.")}
+        meta = {**meta, "live_curvature": False}
+        self.optimizer = self.lr_scheduler = None  # the sharded training state goes before the copy settles in
+        trainer = SpamTrainer(model=model, args=self.args, train_dataset=self.train_dataset,
+                              eval_dataset=self.eval_dataset, data_collator=self.data_collator,
+                              processing_class=self.processing_class, compute_metrics=self.compute_metrics)
+        trainer.posterior.load_state_dict(tensors, meta)
+        trainer.posterior.n_data = self.posterior.n_data
+        trainer.state = self.state
+        logger.info("spam-hf prunes the FSDP2-trained model data parallel: every process holds an unsharded copy")
+        return trainer
 
     @staticmethod
     def _finished_state(ckpt: str) -> Optional[TrainerState]:

@@ -129,6 +129,9 @@ def test_compress_prune_evaluate_end_to_end(tiny_setup, capsys, monkeypatch):
     (["--prior", "group"], "argument --prior: invalid choice: 'group'"),
     (["--method", "taylor"], "argument --method: invalid choice: 'taylor'"),
     (["--lora-merge", "True"], "--lora-merge needs --lora-r"),
+    (["--fsdp2"], "this job runs in one: launch it with torchrun"),
+    (["--fsdp2", "--lora-r", "4"], "--fsdp2 with LoRA (--lora-r) is not supported"),
+    (["--fsdp2", "--device-map", "auto"], "--fsdp2 shards the model over processes and --device-map"),
     (["--push-to-hub", "user/x"], "the Hub cannot be reached now"),  # offline (conftest): before training
     (["--distill", "0.5"], "give --recovery-steps or --recovery-epochs too"),
     (["--recovery-steps", "2", "--distill-teacher", "x"], "give --distill"),

@@ -263,7 +263,8 @@ def test_prune_in_rounds_with_compensation_reports_original_groups(tmp_path, met
 
 @pytest.mark.parametrize("flag", ["is_fsdp_enabled", "is_deepspeed_enabled"])
 def test_sharded_training_is_refused_in_one_line(tmp_path, monkeypatch, flag):
-    """FSDP / DeepSpeed shard the weights that curvature hooks and surgery need whole: refused at construction."""
+    """accelerate's FSDP / DeepSpeed plugins (sharding that spam-hf does not see until training starts): refused at
+    construction, in one line that names the FSDP2 route that works."""
     from transformers import Trainer
 
     original = Trainer.create_accelerator_and_postprocess
@@ -273,7 +274,7 @@ def test_sharded_training_is_refused_in_one_line(tmp_path, monkeypatch, flag):
         setattr(self, flag, True)  # what accelerate reports under an FSDP / DeepSpeed launch
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
-    with pytest.raises(ValueError, match="FSDP and DeepSpeed"):
+    with pytest.raises(ValueError, match="FSDP or DeepSpeed plugins.*--fsdp2"):
         make_trainer(tmp_path)
 
 

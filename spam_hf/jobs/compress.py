@@ -17,7 +17,7 @@ from ..pruning.config import PruningConfig
 from ..trainer import SpamTrainer, check_complete, last_complete_checkpoint, per_batch_mean_loss
 from ..training_arguments import SpamTrainingArguments
 from .finish import RunContext, plain_args, precheck, prune_and_export
-from .loading import collator_for, load_model, metrics_for, prepare, wrap_lora
+from .loading import collator_for, load_model, load_run_model, metrics_for, prepare, wrap_lora
 from .outputs import check_output_dir, write_run_config
 from .placement import dispatched_job
 from .policy import resolve_schedule
@@ -81,7 +81,10 @@ def compress(model_args: ModelArguments, data_args: DataArguments, config: Pruni
     path, _, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
     set_seed(train_args.seed)  # a newly initialised head (the packaged MiniLM has none) is the same every run
-    model = load_model(path, data, tokenizer, model_args.placement())
+    if model_args.fsdp2 and lora_args.enabled:
+        raise ValueError("--fsdp2 with LoRA (--lora-r) is not supported: a LoRA run keeps the base frozen and needs "
+                         "little memory per process; run it data parallel (leave --fsdp2 out)")
+    model = load_model(path, data, tokenizer, model_args.placement(), fsdp2=model_args.fsdp2)
     if lora_args.enabled:
         model = wrap_lora(model, lora_args)
     schedule = resolve_schedule(args, config.sparsity, train_args, lora_args.enabled)  # None / 0: none in training
@@ -110,6 +113,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, config: Pruni
     # latency is measured later, dense and pruned interleaved (prune_and_export)
     dense = snapshot(trainer, data["validation"], metric, config.flops_seq_len, args.latency_batch_size, False)
     trainer.save_model(os.path.join(out_dir, "dense"))
+    if trainer.sharded:  # prune data parallel, each process on an unsharded copy of what was just saved
+        trainer = trainer.unsharded(load_run_model(os.path.join(out_dir, "dense"), data))
     if is_main_process():
         write_run_config(out_dir, model_args, data_args, config, args, train_args, path, command, lora_args)
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,

@@ -105,10 +105,27 @@ class _DropLoadReport(std_logging.Filter):
         return "LOAD REPORT" not in str(record.msg)
 
 
-def load_model(path: str, data, tokenizer=None, placement: Optional[dict] = None):
+def fsdp2_placement() -> dict:
+    """``from_pretrained``'s ``distributed_config`` that shards the model over every process of this job with
+    FSDP2 (``--fsdp2``); a clear error in one process or without transformers' native FSDP2."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 2:
+        raise ValueError("--fsdp2 shards the model over the processes of torchrun / accelerate launch, and this job "
+                         "runs in one: launch it with torchrun --nproc_per_node N (N >= 2)")
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        raise ValueError("--fsdp2 needs transformers' native FSDP2 (transformers.distributed.DistributedConfig), "
+                         "which this transformers lacks: upgrade it") from None
+    return {"distributed_config": DistributedConfig(fsdp_size=processes)}
+
+
+def load_model(path: str, data, tokenizer=None, placement: Optional[dict] = None, fsdp2: bool = False):
     """``AutoModelForCausalLM`` for packed LM data, else a sequence classifier with the data's labels;
     ``placement``: ``from_pretrained``'s ``device_map`` / ``max_memory`` / ``offload_folder``
-    (:meth:`ModelArguments.placement`)."""
+    (:meth:`ModelArguments.placement`); ``fsdp2``: sharded over the processes (:func:`fsdp2_placement`)."""
+    if fsdp2:
+        placement = {**(placement or {}), **fsdp2_placement()}
     if getattr(data, "num_labels", None) is None:
         with weights_named(path):
             model = AutoModelForCausalLM.from_pretrained(path, **(placement or {}))

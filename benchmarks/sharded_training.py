@@ -1,0 +1,183 @@
+"""SpaM training in one process, data parallel (DDP) on ``--processes`` and sharded by FSDP2 on as many: wall time
+and what each process holds.
+
+The model is a random-weight LLaMA-layout decoder with the widths of a published one (``--shape``, default
+Qwen2.5-0.5B: hidden 896, MLP 4864, 14 query / 2 KV heads, vocabulary 151936) and ``--layers`` blocks (default 2),
+saved once and loaded by every run (FSDP2 shards it at load: ``from_pretrained(..., distributed_config=
+DistributedConfig(fsdp_size=P))``). Each run trains ``--steps`` optimiser steps (default 6) on the same random token
+ids with the same global batch (``--batch-size`` × ``--seq-len``, default 4 × 128, split over the processes), fp32,
+``SpamTrainer`` with unit priors and KFAC at its defaults, one prior update after ``--burn-in`` steps (default 2).
+On a CPU the cores are split over the processes (``OMP_NUM_THREADS``).
+
+Per process: the wall time of ``train()``, the peak resident memory (``ru_maxrss``), the training state it holds
+(its weights, gradients and Adam moments: 4 × its parameters' bytes, a shard of them under FSDP2) and the most
+curvature-sum bytes it held after any curvature step. Ratios are against the one-process run of the same invocation;
+``prior_max_rel_diff`` is the largest relative difference of ``log δ`` from it after training (the same algorithm:
+fp32 round-off only).
+
+    python benchmarks/sharded_training.py --out benchmarks/results/sharded_training_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from scale import SHAPES, llama_config  # noqa: E402  (benchmarks/ is the script's folder)
+
+CONFIGS = ("one", "ddp", "fsdp2")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=4, help="global batch (split over the processes)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--burn-in", type=int, default=2, help="optimiser steps before the one prior update")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    p.add_argument("--work-dir", default=os.path.join("benchmarks", "_work", "sharded_training"))
+    p.add_argument("--out", default=None, help="JSON results (printed either way)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(a) -> None:
+    """One process of a run: trains, then writes ``WORK/<config>/rank<r>.json`` (and the priors, main process)."""
+    import torch
+    from torch.utils.data import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from spam_hf import SpamTrainer, SpamTrainingArguments
+    from spam_hf.distributed import rank, shutdown
+    from spam_hf.sharding import is_sharded
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    kw = {}
+    if a.worker == "fsdp2":
+        from transformers.distributed import DistributedConfig
+
+        kw["distributed_config"] = DistributedConfig(fsdp_size=processes)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(a.work_dir, "model"), **kw)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (a.steps * a.batch_size, a.seq_len), generator=g)
+
+    class Tokens(Dataset):
+        def __len__(self):
+            return ids.shape[0]
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": ids[i].clone()}
+
+    args = SpamTrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size // processes,
+                                 max_steps=a.steps, learning_rate=1e-4, report_to=[], save_strategy="no",
+                                 disable_tqdm=True, seed=0, logging_steps=10**6, dataloader_pin_memory=False,
+                                 marglik_burn_in=a.burn_in, marglik_frequency=10 * a.steps, use_cpu=True,
+                                 ddp_backend="gloo" if processes > 1 else None)
+    trainer = SpamTrainer(model=model, args=args, train_dataset=Tokens())
+    held = [0]
+    accumulate = trainer.posterior.accumulate
+
+    def tracked(*args, **kwargs):
+        accumulate(*args, **kwargs)
+        held[0] = max(held[0], sum(t.numel() * t.element_size() for d in trainer.posterior.curvature.sums.values()
+                                   for t in d.values()))
+
+    trainer.posterior.accumulate = tracked
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    local = sum((p.to_local() if is_sharded(p) else p).numel() * p.element_size() for p in model.parameters())
+    out = {"rank": rank(), "wall_s": round(wall, 1),
+           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+           "training_state_gib": round(4 * local / 2**30, 3), "curvature_peak_mib": round(held[0] / 2**20, 1),
+           "timings_s": {k: round(v, 1) for k, v in trainer.timings.items()},
+           "prior_updates": len(trainer.marglik_history)}
+    folder = os.path.join(a.work_dir, a.worker)
+    with open(os.path.join(folder, f"rank{rank()}.json"), "w") as f:
+        json.dump(out, f)
+    if rank() == 0:
+        torch.save({k: v.detach() for k, v in trainer.prior.log_delta.items()}, os.path.join(folder, "priors.pt"))
+    shutdown()
+
+
+def run(config: str, a) -> dict:
+    folder = os.path.join(a.work_dir, config)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    processes = 1 if config == "one" else a.processes
+    script = [os.path.abspath(__file__), *sys.argv[1:], "--worker", config]
+    cmd = [sys.executable, *script] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+         "127.0.0.1", "--master_port", str(free_port()), *script]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)), HF_HUB_OFFLINE="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"{config} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    ranks = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "rank*.json")))]
+    return {"processes": processes, "per_process": ranks,
+            "wall_s": max(r["wall_s"] for r in ranks),
+            "max_peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
+            "max_training_state_gib": max(r["training_state_gib"] for r in ranks),
+            "max_curvature_peak_mib": max(r["curvature_peak_mib"] for r in ranks)}
+
+
+def main() -> None:
+    a = parse()
+    a.work_dir = os.path.abspath(a.work_dir)
+    if a.worker:
+        worker(a)
+        return
+    import torch
+    from transformers import LlamaForCausalLM
+
+    configs = [c for c in a.configs.split(",") if c]
+    if "one" not in configs or any(c not in CONFIGS for c in configs):
+        raise SystemExit(f"--configs: a subset of {', '.join(CONFIGS)} that includes 'one' (the baseline)")
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(a.shape, a.layers, a.seq_len)).save_pretrained(os.path.join(a.work_dir, "model"))
+    res = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+           "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "args": vars(a), "runs": {}}
+    for cfg in configs:
+        res["runs"][cfg] = run(cfg, a)
+        print(cfg, json.dumps({k: v for k, v in res["runs"][cfg].items() if k != "per_process"}), flush=True)
+    base = res["runs"]["one"]
+    ref = torch.load(os.path.join(a.work_dir, "one", "priors.pt"))
+    for cfg, r in res["runs"].items():
+        for key in ("wall_s", "max_peak_rss_gib", "max_training_state_gib", "max_curvature_peak_mib"):
+            r[key.replace("max_", "") + "_ratio"] = round(r[key] / base[key], 3)
+        priors = torch.load(os.path.join(a.work_dir, cfg, "priors.pt"))
+        r["prior_max_rel_diff"] = max(float(((priors[k] - v).abs() / v.abs().clamp_min(1e-12)).max())
+                                      for k, v in ref.items())
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps({k: {kk: v for kk, v in r.items() if "ratio" in kk or "diff" in kk}
+                      for k, r in res["runs"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""What FSDP2 (``fully_shard``: weights as row-sharded ``DTensor``) changes for SpaM's statistics.
+
+A model loaded with ``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=P))`` (transformers'
+own FSDP2, which the Trainer trains without a DDP wrap) holds each weight ``W`` (``out × in``) as a ``DTensor``
+of ``Shard(0)``: process ``r`` keeps rows ``[o_r, o_r + n_r)``. Inside a forward the whole weight is gathered, so
+the curvature hooks see what they see in one process; outside it only the local rows exist. SpaM then:
+
+* gives each module's curvature sums one **owner** process (:func:`assign_owners`, contiguous and balanced by
+  factor size): every process adds its rows' contribution, the sums are reduced onto the owner at each curvature
+  step, and only the owner keeps them, so each process holds about ``1/P`` of the factors;
+* takes the MAP penalty ``½ Σ_ij Δ_ij W_ij²`` on the local rows only (:func:`local_rows`): its gradient lands on
+  the local shard and nowhere else, which is what one process's gradient is, row by row;
+* reduces the weight terms of ``log Z`` from the shards (:func:`squared_sums`): the row sums of ``W²`` are
+  local rows placed at their offset and summed over processes, the column sums are summed over processes.
+
+Every helper is the identity for a plain tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .distributed import all_reduce_sum
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - torch without torch.distributed
+    DTensor = None
+
+
+def is_sharded(t: Optional[torch.Tensor]) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter of a ``fully_shard`` module outside its forward)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether any of ``model``'s parameters is sharded (FSDP2)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def local_rows(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``(local, offset)``: this process's rows of a row-sharded ``t`` (``[n_r, ...]``, differentiable) and the
+    index of its first row in the whole tensor; ``(t, 0)`` for a plain tensor or a replicated one."""
+    if not is_sharded(t):
+        return t, 0
+    if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0) for p in t.placements):
+        raise ValueError(f"spam-hf reads FSDP2 weights sharded on their rows (Shard(0)); got {t.placements}")
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), int(offset[0]) if offset else 0
+
+
+def squared_sums(w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 keep_full: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Of ``W_aug = [W | b]`` (``out × (in+1)``; float64, CPU): the row sums of ``W_aug²`` (``[out]``), the
+    column sums (``[in+1]``) and, with ``keep_full``, ``W_aug²`` itself. From a sharded ``W`` (``b`` sharded the
+    same way) each process squares its rows only: row sums at their offset, zero elsewhere, then both sums are
+    summed over processes (every process must call this for the same modules in the same order); ``W_aug²`` is
+    gathered whole (only a ``parameter`` prior needs it)."""
+    local_w, offset = local_rows(w.detach())
+    local = local_w.to(torch.float64)
+    if bias is not None:
+        local_b, _ = local_rows(bias.detach())
+        local = torch.cat([local, local_b.to(torch.float64).unsqueeze(1)], dim=1)
+    local = local.cpu().square()
+    if not is_sharded(w):
+        return local.sum(1), local.sum(0), local if keep_full else None
+    rows = torch.zeros(w.shape[0], dtype=torch.float64)
+    rows[offset: offset + local.shape[0]] = local.sum(1)
+    full = None
+    if keep_full:
+        whole = w.detach().full_tensor().to(torch.float64).cpu()
+        if bias is not None:
+            whole = torch.cat([whole, bias.detach().full_tensor().to(torch.float64).cpu().unsqueeze(1)], dim=1)
+        full = whole.square()
+    return all_reduce_sum(rows), all_reduce_sum(local.sum(0)), full
+
+
+def assign_owners(sizes: Dict[str, int], processes: int) -> Dict[str, int]:
+    """``{module: rank}``: modules in their order cut into ``processes`` contiguous runs of about equal total
+    ``sizes`` (the factor elements, ``in² + out²``), so neighbouring modules (one block's) mostly share an owner
+    and no process holds much more than ``1/P`` of the curvature."""
+    total = float(sum(sizes.values())) or 1.0
+    owners, done = {}, 0.0
+    for name, size in sizes.items():
+        # the run a module falls in is where its midpoint lies along the cumulative size
+        owners[name] = min(int((done + size / 2.0) / total * processes), processes - 1)
+        done += size
+    return owners
+
+
+def owned(owners: Optional[Dict[str, int]], names: Iterable[str], rank: int) -> list:
+    """The modules of ``names`` that ``rank`` owns (all of them when nothing is sharded: ``owners`` is None)."""
+    return [m for m in names if owners is None or owners[m] == rank]

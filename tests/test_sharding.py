@@ -1,0 +1,138 @@
+"""FSDP2: the helpers for sharded weights, and two processes (torchrun, gloo, CPU) with the model sharded by
+transformers' ``DistributedConfig(fsdp_size=2)`` against one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spam_hf.kron import Precision
+from spam_hf.marglik import SquaredWeights
+from spam_hf.priors import _precision_rows, _RankOnePenalty
+from spam_hf.sharding import assign_owners, is_sharded, local_rows, owned, squared_sums
+
+from test_distributed import free_port
+
+WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), *map(str, args)]
+
+
+def test_owners_are_contiguous_runs_of_about_equal_size():
+    sizes = {f"m{i}": s for i, s in enumerate([4, 4, 4, 4, 10, 2, 2, 2, 4, 4])}
+    owners = assign_owners(sizes, 2)
+    ranks = list(owners.values())
+    assert ranks == sorted(ranks) and set(ranks) == {0, 1}  # contiguous, both processes own some
+    held = [sum(s for m, s in sizes.items() if owners[m] == r) for r in (0, 1)]
+    assert abs(held[0] - held[1]) <= max(sizes.values()), held  # balanced to within one module
+    assert assign_owners(sizes, 1) == {m: 0 for m in sizes}
+    assert owned(owners, sizes, 1) == [m for m in sizes if owners[m] == 1] and owned(None, ["a"], 1) == ["a"]
+
+
+def test_a_plain_tensor_is_its_own_shard():
+    w = torch.randn(5, 3)
+    local, offset = local_rows(w)
+    assert local is w and offset == 0 and not is_sharded(w)
+    b = torch.randn(5)
+    rows, cols, full = squared_sums(w, b, keep_full=True)
+    ref = SquaredWeights.of(torch.cat([w, b.unsqueeze(1)], dim=1).double())
+    torch.testing.assert_close(rows, ref.row_sums)
+    torch.testing.assert_close(cols, ref.col_sums)
+    torch.testing.assert_close(full, ref.full)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_the_penalty_of_row_shards_sums_to_the_whole(dense):
+    """What each process of a sharded layer computes (its rows, their precisions): the values add up to the whole
+    layer's ``Σ_ij Δ_ij [W | b]²_ij``, and each row's gradient is the whole layer's (brute force; float32, as the penalty
+    computes)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 4, generator=g, requires_grad=True)
+    b = torch.randn(7, generator=g, requires_grad=True)
+    prec = Precision(dense=torch.rand(7, 5, generator=g) + 0.1) if dense else \
+        Precision(u=torch.rand(7, generator=g) + 0.1,
+                  v=torch.rand(5, generator=g) + 0.1)
+    whole = (prec.matrix() * torch.cat([w, b.unsqueeze(1)], dim=1).square()).sum()
+    grad_w, grad_b = torch.autograd.grad(whole, (w, b))
+    total = 0.0
+    for start, n in ((0, 4), (4, 3)):  # two processes' rows, as FSDP2 splits 7 rows
+        ws, bs = w[start: start + n], b[start: start + n]
+        part = _precision_rows(prec, start, n)
+        if part.is_rank_one:
+            term = _RankOnePenalty.apply(ws, bs, part.u, part.v)
+        else:
+            term = part.quadratic(torch.cat([ws, bs.unsqueeze(1)], dim=1).square())
+        gw, gb = torch.autograd.grad(term, (w, b))
+        torch.testing.assert_close(gw[start: start + n], grad_w[start: start + n])
+        torch.testing.assert_close(gb[start: start + n], grad_b[start: start + n])
+        assert not gw[:start].any() and not gw[start + n:].any()
+        total = total + term.detach()
+    torch.testing.assert_close(total, whole.detach())
+
+
+def run_worker(model_dir, out, processes, prior):
+    cmd = [WORKER, model_dir, out, "--batch", 8 // processes, "--prior", prior]
+    cmd = torchrun(*cmd, "--fsdp2") if processes > 1 else [sys.executable, *map(str, cmd)]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(processes)]
+    return torch.load(os.path.join(out, "result.pt")), ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prior", ["unit", "parameter"])
+def test_fsdp2_equals_one_process(tmp_path, prior):
+    """2 FSDP2 processes × batch 4 against 1 process × batch 8 (the same global batches, a float64 LLaMA): the
+    priors agree to 1e-6 relative, pruning keeps the same groups and the pruned model the same logits; each
+    process held half the curvature sums of one process (the owners' halves add up to them)."""
+    from conftest import tiny_causal_lm
+
+    model_dir = str(tmp_path / "tiny")
+    tiny_causal_lm("llama").double().save_pretrained(model_dir)
+    one, (solo,) = run_worker(model_dir, str(tmp_path / "one"), 1, prior)
+    two, ranks = run_worker(model_dir, str(tmp_path / "two"), 2, prior)
+    assert [r["sharded"] for r in ranks] == [True, True] and not solo["sharded"]
+    for k, v in one["priors"].items():
+        torch.testing.assert_close(two["priors"][k], v, rtol=1e-6, atol=0.0)
+    assert two["kept"] == one["kept"] and ranks[0]["kept"] == ranks[1]["kept"] == one["kept"]
+    torch.testing.assert_close(two["logits"], one["logits"], rtol=1e-6, atol=1e-9)
+    held = [r["peak_curvature_bytes"] for r in ranks]
+    assert sum(held) == solo["peak_curvature_bytes"] and max(held) <= 0.6 * solo["peak_curvature_bytes"], held
+
+
+@pytest.mark.slow
+def test_compress_fsdp2_under_torchrun_writes_one_export(tiny_lm_setup):
+    """``torchrun --nproc_per_node 2 -m spam_hf.cli compress --fsdp2``: trained sharded (the log names the engine),
+    pruned data parallel, one export written by the main process, which loads and reports the pruned perplexity;
+    checkpoints of a sharded run are refused before training."""
+    from conftest import FAST
+
+    from spam_hf.export import from_pretrained
+
+    model_dir, train, valid, tmp = tiny_lm_setup()
+    out = tmp / "run"
+    common = ["-m", "spam_hf.cli", "compress", model_dir, "--train-file", train, "--validation-file", valid,
+              "--sparsity", "0.5", "--fsdp2", "--ddp_backend", "gloo", *FAST]
+    res = subprocess.run(torchrun(*common, "--output-dir", out, "--save_strategy", "no"), env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "spam-hf runs FSDP2: 2 processes" in log and "curvature sums owned per module" in log
+    assert "prunes the FSDP2-trained model data parallel" in log
+    assert res.stdout.count("exported to") == 1
+    report = json.load(open(out / "pruning_report.json"))
+    assert report["selection"]["sparsity_achieved"] >= 0.5
+    model = from_pretrained(str(out / "model"))
+    assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
+    assert not [f for f in os.listdir(out) if ".partial-" in f]
+    res = subprocess.run(torchrun(*common, "--output-dir", tmp / "ckpt", "--save_strategy", "steps"), env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "checkpoints of an FSDP2-sharded SpaM run are not supported" in res.stderr
+    assert not (tmp / "ckpt" / "model").exists()
