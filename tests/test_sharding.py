@@ -77,6 +77,17 @@ def test_the_penalty_of_row_shards_sums_to_the_whole(dense):
     torch.testing.assert_close(total, whole.detach())
 
 
+def test_conv1d_layers_are_refused_for_sharding():
+    """GPT-2's Conv1D weights are stored in × out, so FSDP2's row shards are input columns: refused by name."""
+    from conftest import tiny_causal_lm
+
+    from spam_hf import SpamLaplace
+
+    with pytest.raises(ValueError, match="nn.Linear layers only.*Conv1D"):
+        SpamLaplace(tiny_causal_lm("gpt2"))._check_shardable()
+    SpamLaplace(tiny_causal_lm("llama"))._check_shardable()  # Linear layers: nothing to say
+
+
 def run_worker(model_dir, out, processes, prior):
     cmd = [WORKER, model_dir, out, "--batch", 8 // processes, "--prior", prior]
     cmd = torchrun(*cmd, "--fsdp2") if processes > 1 else [sys.executable, *map(str, cmd)]
