@@ -349,6 +349,21 @@ def test_scale_training_smoke(tmp_path):
     assert runs["lora-plain"]["trainable_params"] < runs["plain"]["trainable_params"]
 
 
+def test_sharded_training_smoke(tmp_path):
+    """benchmarks/sharded_training.py on its tiny shape: one process, DDP and FSDP2 on two (torchrun, gloo) and a
+    plain Trainer under FSDP2; FSDP2 processes hold half the training state each, and its priors equal DDP's up to
+    float32 round-off."""
+    out = str(tmp_path / "sharded.json")
+    run("sharded_training.py", "--shape", "tiny", "--layers", "2", "--steps", "3", "--seq-len", "16",
+        "--work-dir", str(tmp_path / "work"), "--out", out)
+    runs = json.load(open(out))["runs"]
+    assert set(runs) == {"one", "ddp", "fsdp2", "fsdp2-plain"}
+    assert [len(runs[c]["per_process"]) for c in ("one", "ddp", "fsdp2")] == [1, 2, 2]
+    assert runs["fsdp2"]["training_state_gib_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert runs["ddp"]["training_state_gib_ratio"] == 1.0 and 0 < runs["fsdp2"]["curvature_peak_mib_ratio"] < 1
+    assert runs["fsdp2"]["log_prior_max_diff_vs_ddp"] < 1e-3 and runs["fsdp2"]["time_vs_plain_fsdp2"] > 0
+
+
 def test_decoder_peers_smoke(tmp_path):
     """benchmarks/decoder_peers.py on a tiny decoder: every method at one sparsity, two pruning seeds, with each
     method's own defaults (flap: bias compensation; the default: damage-obs in rounds with least squares)."""
