@@ -122,9 +122,10 @@ def test_fsdp2_equals_one_process(tmp_path, prior):
 def test_compress_fsdp2_under_torchrun_writes_one_export(tiny_lm_setup):
     """``torchrun --nproc_per_node 2 -m spam_hf.cli compress --fsdp2``: trained sharded (the log names the engine),
     pruned data parallel, one export written by the main process, which loads with the reported parameter count;
-    checkpoints of a sharded run are refused before training."""
+    the run re-prunes in one process; checkpoints of a sharded run are refused before training."""
     from conftest import FAST
 
+    from spam_hf.cli import main
     from spam_hf.export import from_pretrained
 
     model_dir, train, valid, tmp = tiny_lm_setup()
@@ -143,6 +144,10 @@ def test_compress_fsdp2_under_torchrun_writes_one_export(tiny_lm_setup):
     model = from_pretrained(str(out / "model"))
     assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
     assert not [f for f in os.listdir(out) if ".partial-" in f]
+    # the run re-prunes in one process: the dense/ state holds every owner's curvature diagonal (it used to stop on
+    # the run's --ddp_backend gloo without a process group)
+    assert main(["prune", str(out), "--sparsity", "0.7", "--measure-latency", "False"]) == 0
+    assert json.load(open(out / "pruned-0.7" / "pruning_report.json"))["selection"]["sparsity_achieved"] >= 0.7
     # transformers refuses checkpoints of a model sharded at load unless they hold the weights only; spam-hf
     # refuses those too (each process owns part of the curvature)
     res = subprocess.run(torchrun(*common, "--output-dir", tmp / "ckpt", "--save_strategy", "steps",

@@ -46,6 +46,8 @@ def reprune(run_dir: str, config: PruningConfig, args: Optional[FinishArguments]
     scratch = os.path.join(out, "trainer_tmp")  # the Trainer's own output dir; removed when done
     known = {f.name for f in dataclasses.fields(SpamTrainingArguments) if f.init}
     tr = {k: v for k, v in cfg["training"].items() if k in known}
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # how the compress run was launched (torchrun), not this one:
+        tr.pop("ddp_backend", None)  # a backend without a process group stops accelerate ("not been initialized")
     tr.update(output_dir=scratch, n_data=int(state["n_data"]), report_to=[], marglik_frequency=0,
               dataloader_pin_memory=tr.get("dataloader_pin_memory", True) and pin_memory())
     train_args = SpamTrainingArguments(**tr)
