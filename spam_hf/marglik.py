@@ -150,16 +150,21 @@ def backward_log_marginal_likelihood(prior: PriorPrecision, curvature: Curvature
     so every process holds the whole gradient and takes the same step.
     """
     _check_inputs(prior, curvature, params, temperature, modules)
-    total = 0.0
+    total, bad = 0.0, None
     for m in prior.modules if modules is None else modules:
         term = module_term(prior, curvature, params, m, temperature)
         if not torch.isfinite(term):
-            raise FloatingPointError(f"log marginal likelihood term of {m!r} is {float(term)}; "
-                                     "check curvature and weights for NaN")
+            bad = f"log marginal likelihood term of {m!r} is {float(term)}"
+            break
         (-term).backward()
         total += float(term.detach())
-    if modules is not None:
-        total = _sum_over_processes(prior, total)
+    if modules is not None:  # every process learns of a bad term before the sums (none may wait for the others)
+        if float(all_reduce_sum(torch.tensor(float(bad is not None)))) > 0:
+            bad = bad or "a log marginal likelihood term of another process's modules is not finite"
+        else:
+            total = _sum_over_processes(prior, total)
+    if bad:
+        raise FloatingPointError(f"{bad}; check curvature and weights for NaN")
     return total - float(loss_sum) / temperature
 
 

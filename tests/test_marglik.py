@@ -1,5 +1,7 @@
 """Laplace log marginal likelihood against a dense-Hessian computation by hand; hyper-gradients; Occam."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -224,3 +226,31 @@ def test_streamed_backward_equals_full_backward(kind):
     assert value == pytest.approx(float(full), rel=1e-12)
     for k, v in prior.log_delta.items():
         torch.testing.assert_close(v.grad, grads[k], rtol=1e-10, atol=1e-12)
+
+
+def test_a_process_share_of_the_terms():
+    """``modules=`` (the modules a process owns under FSDP2; the sums over processes are identities in one): the
+    value is the loss term plus those modules' terms, the gradient theirs alone, and a non-finite term among
+    them stops the update with the module named."""
+    from spam_hf.marglik import backward_log_marginal_likelihood, module_term
+
+    model, specs, acc = tiny_setup("kfac")
+    curv = acc.kron(200.0)
+    params = params_aug(model, acc.module_names)
+    prior = random_prior(model, specs)
+    share = prior.modules[:2]
+    value = backward_log_marginal_likelihood(prior, curv, params, loss_sum=3.0, modules=share)
+    expected = sum(float(module_term(prior, curv, params, m)) for m in share) - 3.0
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert float(log_marginal_likelihood(prior, curv, params, loss_sum=3.0, modules=share)) == pytest.approx(expected)
+    grads = {k: v.grad.clone() for k, v in prior.log_delta.items()}  # zero where the share has no term
+    for v in prior.parameters():
+        v.grad = None
+    sum(module_term(prior, curv, params, m) for m in share).backward()
+    for k, g in grads.items():
+        other = prior.log_delta[k].grad
+        torch.testing.assert_close(g, -other if other is not None else torch.zeros_like(g), rtol=1e-10, atol=1e-12)
+    bad = dict(params)
+    bad[share[1]] = params[share[1]] * float("nan")
+    with pytest.raises(FloatingPointError, match=re.escape(repr(share[1])) + ".*check curvature and weights for NaN"):
+        backward_log_marginal_likelihood(prior, curv, bad, modules=share)

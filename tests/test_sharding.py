@@ -88,6 +88,20 @@ def test_conv1d_layers_are_refused_for_sharding():
     SpamLaplace(tiny_causal_lm("llama"))._check_shardable()  # Linear layers: nothing to say
 
 
+def test_families_that_cannot_be_sharded_are_refused_before_loading():
+    from spam_hf.arguments import LoraArguments
+    from spam_hf.jobs.compress import check_shardable
+
+    with pytest.raises(ValueError, match="not supported for gpt2: its Conv1D weights"):
+        check_shardable("gpt2", LoraArguments())
+    with pytest.raises(ValueError, match="not supported for mixtral: .*FSDP2 shards as 3-D tensors"):
+        check_shardable("mixtral", LoraArguments())
+    with pytest.raises(ValueError, match="with LoRA"):
+        check_shardable("llama", LoraArguments(lora_r=4))
+    check_shardable("llama", LoraArguments())
+    check_shardable("bert", LoraArguments())
+
+
 def run_worker(model_dir, out, processes, prior):
     cmd = [WORKER, model_dir, out, "--batch", 8 // processes, "--prior", prior]
     cmd = torchrun(*cmd, "--fsdp2") if processes > 1 else [sys.executable, *map(str, cmd)]

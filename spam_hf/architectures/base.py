@@ -225,6 +225,8 @@ class ArchitectureFamily:
 
     #: why models of this family cannot be dispatched with ``--device-map`` ("" when they can)
     device_map_refusal: str = ""
+    #: why models of this family cannot be sharded with ``--fsdp2`` ("" when they can)
+    fsdp2_refusal: str = ""
 
     def prepare(self, model: nn.Module) -> None:
         """Put ``model``'s modules in the layout this family prunes, in place and idempotent (:meth:`group_specs` does

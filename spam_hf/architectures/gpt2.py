@@ -53,6 +53,7 @@ class GPT2Family(ArchitectureFamily):
     runtime_modules = (EmptyInputConv1D,)
     runtime_attrs = ("num_heads", "split_size")
     uniform_kinds = ("neuron",)  # head_dim is n_embd / n_head in the stock class: fewer heads need our code
+    fsdp2_refusal = "its Conv1D weights are stored in × out, so FSDP2's row shards would be input columns"
 
     @staticmethod
     def _head_dim(model: nn.Module) -> int:

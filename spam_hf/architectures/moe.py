@@ -218,6 +218,8 @@ class MoeFamily(LlamaFamily):
     uniform_kinds = ("head", "neuron")  # every expert of every layer the same width; experts stay
     device_map_refusal = ("spam-hf splits a mixture-of-experts block's expert tensors into Linear layers in memory, "
                           "which accelerate's offload hooks do not follow")
+    fsdp2_refusal = ("spam-hf splits a mixture-of-experts block's expert tensors into Linear layers in memory, "
+                     "which FSDP2 shards as 3-D tensors")
 
     def prepare(self, model: nn.Module) -> None:
         """Replace every stock sparse block by a :class:`RoutedExperts` (in place; idempotent)."""

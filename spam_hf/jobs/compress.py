@@ -10,6 +10,7 @@ from typing import Optional
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
+from ..architectures import get_family
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments
 from ..distributed import is_main_process
 from ..export.hub import check_hub
@@ -63,6 +64,17 @@ def continues_run(resume: Optional[str], out_dir: str) -> bool:
     return inside.startswith(os.path.realpath(out_dir) + os.sep)
 
 
+def check_shardable(model_type: str, lora_args: LoraArguments) -> None:
+    """``--fsdp2`` refused, before loading, for a LoRA run and for the families that cannot be sharded."""
+    if lora_args.enabled:
+        raise ValueError("--fsdp2 with LoRA (--lora-r) is not supported: a LoRA run keeps the base frozen and needs "
+                         "little memory per process; run it data parallel (leave --fsdp2 out)")
+    reason = get_family(model_type).fsdp2_refusal
+    if reason:
+        raise ValueError(f"--fsdp2 is not supported for {model_type}: {reason}; run it data parallel (leave --fsdp2 "
+                         "out)")
+
+
 def compress(model_args: ModelArguments, data_args: DataArguments, config: PruningConfig, args: CompressArguments,
              train_args: SpamTrainingArguments, command: str = "", lora_args: Optional[LoraArguments] = None) -> dict:
     """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``).
@@ -78,12 +90,11 @@ def compress(model_args: ModelArguments, data_args: DataArguments, config: Pruni
     if args.push_to_hub_repo:
         check_hub(args.push_to_hub_repo)  # an offline push fails now, not after training
     config, args = dispatched_job(model_args, config, args, lora_args, train_args.world_size)
-    path, _, tokenizer, data = prepare(model_args, data_args)
+    path, model_config, tokenizer, data = prepare(model_args, data_args)
     metric = data_args.metric
     set_seed(train_args.seed)  # a newly initialised head (the packaged MiniLM has none) is the same every run
-    if model_args.fsdp2 and lora_args.enabled:
-        raise ValueError("--fsdp2 with LoRA (--lora-r) is not supported: a LoRA run keeps the base frozen and needs "
-                         "little memory per process; run it data parallel (leave --fsdp2 out)")
+    if model_args.fsdp2:
+        check_shardable(model_config.model_type, lora_args)
     model = load_model(path, data, tokenizer, model_args.placement(), fsdp2=model_args.fsdp2)
     if lora_args.enabled:
         model = wrap_lora(model, lora_args)
