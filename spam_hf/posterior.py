@@ -403,9 +403,12 @@ class SpamLaplace:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         """``(tensors, meta)``: every tensor (prior, live sums, retained diagonal, Adam moments, generator
-        state) flat and safetensors-friendly, and the JSON-able rest (counts, options, param groups)."""
+        state) flat and safetensors-friendly, and the JSON-able rest (counts, options, param groups). The live sums of
+        a sharded model (FSDP2) are left out: each process holds only the modules it owns."""
         tensors: Dict[str, torch.Tensor] = {f"prior.{k}": v for k, v in self.prior.state_dict().items()}
-        if self.live_rows > 0:
+        # live sums, unless each process holds its own modules' only (FSDP2): the retained diagonal has every module
+        live = self.live_rows > 0 and self.curvature.owners is None
+        if live:
             tensors.update({f"curvature.{k}": v for k, v in self.curvature.state_dict().items()})
         tensors.update({f"{RETAINED_PREFIX}{k}": v for k, v in (self.retained or {}).items()})
         tensors["generator"] = self.curvature.generator.get_state()
@@ -419,7 +422,7 @@ class SpamLaplace:
         meta = {"prior": self.prior.kind, "curvature": self.curvature.kind, "n_data": self.n_data,
                 "likelihood": self.likelihood, "kfac_reduction": self.curvature.reduction,
                 "fisher": self.curvature.fisher, "temperature": self.temperature,
-                "kfac_diagonal_from": self.curvature.diagonal_from, "live_curvature": self.live_rows > 0, "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
+                "kfac_diagonal_from": self.curvature.diagonal_from, "live_curvature": live, "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
                 "retained_rows": self.retained_rows, "adam_param_groups": groups, "marglik_history": self.history}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 

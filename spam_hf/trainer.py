@@ -177,9 +177,8 @@ class SpamTrainer(Trainer):
                             f"{type(self.args).__name__}); the SpaM options live there")
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             raise ValueError("SpamTrainer does not run under accelerate's FSDP or DeepSpeed plugins: shard the model "
-                             "with transformers' FSDP2 instead (spam-hf compress --fsdp2 under torchrun / accelerate "
-                             "launch without an FSDP config, or from_pretrained(..., distributed_config="
-                             "DistributedConfig(fsdp_size=N)))")
+                             "with transformers' FSDP2 instead (spam-hf compress --fsdp2 under torchrun, or "
+                             "from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)))")
         if self.args.fsdp:  # asked for, yet not enabled: the Trainer on the CPU (use_cpu) silently runs DDP instead
             raise ValueError(f"fsdp={self.args.fsdp!r} was asked for, but this Trainer would run "
                              f"{'DDP' if self.args.world_size > 1 else 'one process'} (on the CPU accelerate drops "
@@ -535,9 +534,7 @@ class SpamTrainer(Trainer):
         and pruning reads calibration statistics or the retained diagonal."""
         if not self.sharded:
             raise ValueError("unsharded(): this trainer's model is not sharded")
-        tensors, meta = self.posterior.state_dict()
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("curvature.")}
-        meta = {**meta, "live_curvature": False}
+        tensors, meta = self.posterior.state_dict()  # without the live sums: each process holds its own modules'
         self.optimizer = self.lr_scheduler = None  # the sharded training state goes before the copy settles in
         trainer = SpamTrainer(model=model, args=self.args, train_dataset=self.train_dataset,
                               eval_dataset=self.eval_dataset, data_collator=self.data_collator,

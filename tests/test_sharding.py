@@ -168,3 +168,22 @@ def test_compress_fsdp2_under_torchrun_writes_one_export(tiny_lm_setup):
                                   "--save_only_model", "True"), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "checkpoints of an FSDP2-sharded SpaM run are not supported" in res.stderr
     assert not (tmp / "ckpt" / "model").exists()
+
+
+def test_saved_state_of_a_sharded_posterior_has_no_live_sums():
+    """Under FSDP2 each process holds only its modules' live sums, so the state a run saves (dense/, read back
+    by `spam-hf prune` and `SpamTrainer.unsharded`) leaves them out; pruning reads the retained diagonal, which
+    every process has whole. (One process with every module owned by rank 0 stands in for the owners.)"""
+    from conftest import tiny_batch, tiny_classifier
+    from test_posterior import feed
+
+    from spam_hf import SpamLaplace
+
+    model = tiny_classifier("bert", num_labels=3)
+    la = SpamLaplace(model, n_data=64)
+    feed(la, model, [tiny_batch(seed=s) for s in range(2)])
+    tensors, meta = la.state_dict()
+    assert any(k.startswith("curvature.") for k in tensors) and meta["live_curvature"]
+    la.curvature.owners = {m: 0 for m in la.curvature.module_names}
+    tensors, meta = la.state_dict()
+    assert not any(k.startswith("curvature.") for k in tensors) and not meta["live_curvature"]
