@@ -17,6 +17,7 @@ Every helper is the identity (or a no-op) when ``torch.distributed`` is not init
 
 from __future__ import annotations
 
+import os
 from typing import Any, Tuple
 
 import torch
@@ -50,6 +51,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().to(_device()).clone()
     torch.distributed.all_reduce(out)
     return out.to(t.device)
+
+
+def check_process_count(counted: int) -> None:
+    """The processes the launcher started (the process group, or ``WORLD_SIZE`` before there is one) are the
+    ``counted`` ones the Trainer splits the data over. accelerate with ``use_cpu: true`` starts several while a
+    Trainer without ``use_cpu`` counts one: every process would then train on every batch, and the run still
+    finish."""
+    launched = torch.distributed.get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != counted:
+        raise ValueError(f"{launched} processes were launched, but the Trainer counts {counted} and would not split "
+                         "the data between them (on a CPU pass --use_cpu True)")
 
 
 def reduce_to(t: torch.Tensor, dst: int) -> torch.Tensor:

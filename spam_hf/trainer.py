@@ -33,7 +33,7 @@ from transformers.utils import logging
 
 from .architectures import is_peft_model
 from .training_arguments import SpamTrainingArguments
-from .distributed import all_reduce_sum, is_distributed, rank
+from .distributed import all_reduce_sum, check_process_count, is_distributed, rank
 from .export import save_pruned
 from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap
 from .sharding import is_sharded_model
@@ -185,6 +185,7 @@ class SpamTrainer(Trainer):
                              "FSDP without a word); for sharded training load the model with FSDP2 (spam-hf "
                              "compress --fsdp2, or from_pretrained(..., distributed_config=DistributedConfig("
                              "fsdp_size=N))) and leave --fsdp out")
+        check_process_count(self.args.world_size)
         self.sharded = is_distributed() and is_sharded_model(self.model)
         if self.sharded and getattr(self.args.save_strategy, "value", self.args.save_strategy) != "no":
             raise ValueError("checkpoints of an FSDP2-sharded SpaM run are not supported yet (each process owns part "

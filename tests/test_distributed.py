@@ -40,6 +40,18 @@ def test_helpers_are_the_identity_in_one_process():
     shutdown()  # no process group: nothing to wait for or destroy
 
 
+def test_processes_launched_must_be_those_the_trainer_counts(monkeypatch):
+    """accelerate with use_cpu starts two processes that a Trainer without --use_cpu counts as one: refused."""
+    from spam_hf.distributed import check_process_count
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_process_count(1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_process_count(2)
+    with pytest.raises(ValueError, match="2 processes were launched, but the Trainer counts 1.*--use_cpu True"):
+        check_process_count(1)
+
+
 def test_monte_carlo_labels_follow_the_predictive_distribution():
     """Labels drawn by inversion of the CDF: frequencies match p(y | f) (10,000 rows, 4 standard errors)."""
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]])).repeat(10_000, 1).requires_grad_()

@@ -162,6 +162,25 @@ def test_compress_fsdp2_under_torchrun_writes_one_export(tiny_lm_setup):
     # the run's --ddp_backend gloo without a process group)
     assert main(["prune", str(out), "--sparsity", "0.7", "--measure-latency", "False"]) == 0
     assert json.load(open(out / "pruned-0.7" / "pruning_report.json"))["selection"]["sparsity_achieved"] >= 0.7
+    # the accelerate command: an FSDP config with use_cpu (which accelerate runs as plain processes) and
+    # --fsdp2, which shards; without --use_cpu the Trainer would count one process of the two, refused
+    config = tmp / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\nnum_machines: 1\nnum_processes: 2\n"
+                      f"machine_rank: 0\nmain_process_ip: 127.0.0.1\nmain_process_port: {free_port()}\n"
+                      "mixed_precision: 'no'\nuse_cpu: true\n")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)] + common[:-2 - len(FAST)]
+    cpu = FAST.index("--use_cpu")
+    fast = FAST[:cpu] + FAST[cpu + 2:]
+    res = subprocess.run(accelerate + fast + ["--use_cpu", "True", "--output-dir", str(tmp / "acc"),
+                                              "--save_strategy", "no"], env=ENV, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "spam-hf runs FSDP2: 2 processes" in res.stdout + res.stderr and (tmp / "acc" / "model").is_dir()
+    res = subprocess.run(accelerate + fast + ["--output-dir", str(tmp / "acc1"), "--save_strategy", "no"], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "2 processes were launched, but the Trainer counts 1" in res.stderr
+    assert not (tmp / "acc1").exists()
     # transformers refuses checkpoints of a model sharded at load unless they hold the weights only; spam-hf
     # refuses those too (each process owns part of the curvature)
     res = subprocess.run(torchrun(*common, "--output-dir", tmp / "ckpt", "--save_strategy", "steps",

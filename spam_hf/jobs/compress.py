@@ -12,7 +12,7 @@ from transformers.utils import logging
 
 from ..architectures import get_family
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments
-from ..distributed import is_main_process
+from ..distributed import check_process_count, is_main_process
 from ..export.hub import check_hub
 from ..pruning.config import PruningConfig
 from ..trainer import SpamTrainer, check_complete, last_complete_checkpoint, per_batch_mean_loss
@@ -84,6 +84,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, config: Pruni
     priors sit on the adapter ranks, and the export is a stock peft adapter.
     """
     lora_args = lora_args or LoraArguments()
+    check_process_count(train_args.world_size)  # before anything is written
     out_dir = train_args.output_dir
     resume = resume_point(train_args)
     check_output_dir(out_dir, args.overwrite_output_dir or continues_run(resume, out_dir))
