@@ -31,7 +31,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from scale import SHAPES, llama_config  # noqa: E402  (benchmarks/ is the script's folder)
+from scaling_out import free_port  # noqa: E402
 
 CONFIGS = ("one", "ddp", "fsdp2", "fsdp2-plain")
 
@@ -58,12 +58,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON results (printed either way)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(a) -> None:

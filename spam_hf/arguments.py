@@ -58,7 +58,7 @@ class ModelArguments:
                 "(transformers' DistributedConfig(fsdp_size=processes)), so that weights, gradients and Adam state "
                 "are split between them and each module's curvature sums are kept by one process. Pruning and "
                 "export then run data parallel on unsharded copies read back from dense/ (each process holds the "
-                "weights, not the training state). Models with nn.Linear layers (not GPT-2); no LoRA."})
+                "weights, not the training state). Not for GPT-2 or mixtures of experts; no LoRA."})
 
     def __post_init__(self) -> None:
         for name in ("max_memory", "offload_folder"):

@@ -427,9 +427,8 @@ class CurvatureAccumulator:
         sharded model) the batch's sums of every process are first reduced onto the module's owner, and only the
         owner keeps them; every process calls this for every module, in the same order."""
         if self.owners is not None:
-            owner = self.owners[name]
-            rows = {k: reduce_to(v, owner) for k, v in rows.items()}
-            if owner != rank():
+            rows = {k: reduce_to(v, self.owners[name]) for k, v in rows.items()}
+            if not self.owns(name):
                 return
         s = self.sums[name]
         for k, v in rows.items():

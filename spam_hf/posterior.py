@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architectures import consuming_modules, group_specs, prunable_modules
+from .architectures import consuming_modules, get_family, group_specs, prunable_modules
 from .architectures.base import GroupSpec
 from .curvature import DIAGONAL_FROM, CurvatureAccumulator, diagonal_from_state
 from .distributed import all_gather_object, all_reduce_sum, is_distributed, rank
@@ -61,6 +61,16 @@ def likelihood_of(model: nn.Module) -> str:
     if getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1:
         return "regression"
     return "classification"
+
+
+def check_shardable(model: nn.Module) -> None:
+    """A one-line refusal for a model sharded by FSDP2 whose family cannot be read that way
+    (:attr:`~spam_hf.architectures.base.ArchitectureFamily.fsdp2_refusal`, the reason ``compress --fsdp2`` gives
+    before loading)."""
+    reason = get_family(model).fsdp2_refusal
+    if reason:
+        raise ValueError(f"spam-hf cannot train {model.config.model_type} sharded by FSDP2: {reason}; train it data "
+                         "parallel (DDP)")
 
 
 def _within_layer(spec: GroupSpec) -> str:
@@ -113,6 +123,9 @@ class SpamLaplace:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         model = unwrap(model)
+        sharded = is_distributed() and is_sharded_model(model)
+        if sharded:  # before the groups are read: a mixture of experts would split its sharded expert tensors
+            check_shardable(model)
         self.model = model
         self.kv_groups_only = kv_groups_only
         # what a posterior of another (pruned) copy of the model is built with (calibration_posterior)
@@ -134,8 +147,7 @@ class SpamLaplace:
                                               seed=seed, mask_modules=[m for sp in self.specs for m in sp.col_index]
                                               if mask_fisher else (), diagonal_from=diagonal_from,
                                               mean_modules=consuming_modules(self.specs) if input_means else ())
-        if is_distributed() and is_sharded_model(model):  # FSDP2: one owner per module's sums (spam_hf.sharding)
-            self._check_shardable()
+        if sharded:  # FSDP2: one owner per module's sums (spam_hf.sharding)
             self.curvature.owners = assign_owners(self.curvature.factor_elements(),
                                                   torch.distributed.get_world_size())
         self.n_data: Optional[float] = float(n_data) if n_data else None
@@ -172,13 +184,6 @@ class SpamLaplace:
         return SpamLaplace(model, reduction="expand", n_data=self.n_data, temperature=self.temperature,
                            mask_fisher=mask_fisher, specs=specs, curvature_modules=modules, diagonal_from=None,
                            input_means=input_means, **self.settings)
-
-    def _check_shardable(self) -> None:
-        mods = dict(self.model.named_modules())
-        other = sorted({type(mods[m]).__name__ for m in self.curvature_modules if not isinstance(mods[m], nn.Linear)})
-        if other:
-            raise ValueError(f"spam-hf reads FSDP2-sharded weights of nn.Linear layers only; this model's prunable "
-                             f"layers include {', '.join(other)} (GPT-2's Conv1D): train it data parallel (DDP)")
 
     @property
     def owned_modules(self) -> Optional[List[str]]:

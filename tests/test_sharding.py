@@ -78,14 +78,18 @@ def test_the_penalty_of_row_shards_sums_to_the_whole(dense):
 
 
 def test_conv1d_layers_are_refused_for_sharding():
-    """GPT-2's Conv1D weights are stored in × out, so FSDP2's row shards are input columns: refused by name."""
+    """A sharded model reaching SpamLaplace from Python is checked by the same family hook as `compress --fsdp2`:
+    GPT-2's Conv1D weights are stored in × out, so FSDP2's row shards would be input columns; a mixture of experts
+    would split its sharded 3-D expert tensors. Refused by name; Linear families pass."""
     from conftest import tiny_causal_lm
 
-    from spam_hf import SpamLaplace
+    from spam_hf.posterior import check_shardable
 
-    with pytest.raises(ValueError, match="nn.Linear layers only.*Conv1D"):
-        SpamLaplace(tiny_causal_lm("gpt2"))._check_shardable()
-    SpamLaplace(tiny_causal_lm("llama"))._check_shardable()  # Linear layers: nothing to say
+    with pytest.raises(ValueError, match="cannot train gpt2 sharded by FSDP2: its Conv1D weights"):
+        check_shardable(tiny_causal_lm("gpt2"))
+    with pytest.raises(ValueError, match="cannot train mixtral sharded by FSDP2: .*3-D tensors"):
+        check_shardable(tiny_causal_lm("mixtral"))
+    check_shardable(tiny_causal_lm("llama"))  # Linear layers: nothing to say
 
 
 def test_families_that_cannot_be_sharded_are_refused_before_loading():
