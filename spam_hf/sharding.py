@@ -18,12 +18,14 @@ Every helper is the identity for a plain tensor.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+import contextlib
+import inspect
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, broadcast_parameters
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -95,3 +97,83 @@ def assign_owners(sizes: Dict[str, int], processes: int) -> Dict[str, int]:
 def owned(owners: Optional[Dict[str, int]], names: Iterable[str], rank: int) -> list:
     """The modules of ``names`` that ``rank`` owns (all of them when nothing is sharded: ``owners`` is None)."""
     return [m for m in names if owners is None or owners[m] == rank]
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The class ``fully_shard`` derived ``module``'s from (``FSDPLlamaDecoderLayer`` -> ``LlamaDecoderLayer``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def unsharded_copy(block: nn.Module, config, index: int) -> nn.Module:
+    """A plain copy of the sharded ``block`` (the ``index``-th of a model of ``config``), built by its own class
+    on the meta device and given the gathered weights (``DTensor.full_tensor``: every process must call this for
+    the same block) and the block's buffers. The copy is what any block is to the pruning code; the sharded block
+    is left as it was."""
+    cls = _plain_class(block)
+    params = inspect.signature(cls.__init__).parameters
+    with torch.device("meta"):
+        copy = cls(config, **({"layer_idx": index} if "layer_idx" in params else {}))
+    copy.train(block.training)
+    targets = dict(copy.named_modules())
+    for prefix, module in block.named_modules():
+        target = targets.get(prefix)
+        if target is None:
+            raise ValueError(f"block {index}: {type(copy).__name__} built from the config has no {prefix!r}; spam-hf "
+                             "prunes a sharded model whose blocks are as its config builds them")
+        for name, p in module.named_parameters(recurse=False):
+            full = p.detach().full_tensor() if is_sharded(p) else p.detach().clone()
+            expected = getattr(target, name).shape
+            if full.shape != expected:
+                raise ValueError(f"block {index}: {prefix}.{name} is {tuple(full.shape)}, its config builds "
+                                 f"{tuple(expected)}; spam-hf prunes a sharded model whose blocks are as its config "
+                                 "builds them (not an already pruned one)")
+            target._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
+        for name, b in module.named_buffers(recurse=False):
+            target._buffers[name] = b.detach().clone()
+    left = [n for n, t in list(copy.named_parameters()) + list(copy.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"block {index}: the sharded block has no {left[0]!r} to copy")
+    return copy
+
+
+def reshard(block: nn.Module, like: nn.Module, distributed_config=None) -> nn.Module:
+    """``block`` (plain) sharded in place by FSDP2 as ``like`` was: the mesh of its weights, and the CPU-offload
+    and mixed-precision policies transformers applies for ``distributed_config`` (``fsdp_cpu_offload``,
+    ``fsdp_mixed_precision``); its weights are then each process's rows only."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = next(p for p in like.parameters() if is_sharded(p)).device_mesh
+    policies = {}
+    if getattr(distributed_config, "fsdp_cpu_offload", False):
+        policies["offload_policy"] = CPUOffloadPolicy()
+    if getattr(distributed_config, "fsdp_mixed_precision", False):
+        policies["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(block, mesh=mesh, reshard_after_forward=True, **policies)
+    return block
+
+
+@contextlib.contextmanager
+def gathered_block(model: nn.Module, layers: nn.ModuleList, index: int, changed: bool = True) -> Iterator[nn.Module]:
+    """Inside: ``layers[index]`` of the sharded ``model`` is a plain copy with the whole block's weights
+    (:func:`unsharded_copy`), so code that reads and replaces modules by name (scores, compensation, surgery) works
+    on it. After: with ``changed``, the main process's copy (refitted and cut) goes to every process and is sharded
+    in place (:func:`reshard`); without, the sharded block is put back. Only this block is ever gathered."""
+    block = layers[index]
+    if not any(is_sharded(p) for p in block.parameters()):
+        yield block
+        return
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers[index] = unsharded_copy(block, text_config, index)
+    try:
+        yield layers[index]
+    except BaseException:
+        layers[index] = block
+        raise
+    if not changed:
+        layers[index] = block
+        return
+    current = layers[index]
+    broadcast_parameters(current)  # every process takes its rows of the same (the main process's) weights
+    reshard(current, block, getattr(model.config, "distributed_config", None))

@@ -8,8 +8,11 @@ Both see the same global batches (``--batch`` is per process). The model is floa
 is the algorithm, not the order of float32 sums. Every process writes ``OUT/rank<r>.json``: its rank, the most
 curvature-sum bytes it held after any step, and what it kept. The main process writes ``OUT/result.pt``: the priors
 after training, the groups kept by two rounds of damage-obs pruning with compensation, and the pruned model's
-logits. Under ``--fsdp2`` pruning runs as ``spam-hf compress --fsdp2`` runs it: the model is saved, read back
-unsharded on every process (:meth:`SpamTrainer.unsharded`) and pruned data parallel.
+logits. Under ``--fsdp2`` pruning runs as ``spam-hf compress --fsdp2`` runs it. With ``--prune rounds`` (two rounds,
+all blocks at once) the model is saved, read back unsharded on every process (:meth:`SpamTrainer.unsharded`) and
+pruned data parallel. With ``--prune sharded`` (block by block, one round) it is pruned where it is: one block at a
+time is gathered, cut and sharded again; each process then also records the most block weights it held gathered at
+once and whether the pruned model is still sharded.
 """
 
 import argparse
@@ -24,6 +27,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, default_data_collator  # noqa: E402
 
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
+from spam_hf import sharding  # noqa: E402
 from spam_hf.distributed import is_main_process, rank, shutdown  # noqa: E402
 from spam_hf.export import from_pretrained  # noqa: E402
 
@@ -42,6 +46,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True, help="per-process batch size")
     p.add_argument("--prior", default="unit")
     p.add_argument("--fsdp2", action="store_true")
+    p.add_argument("--prune", choices=["rounds", "sharded"], default="rounds")
     a = p.parse_args()
     torch.set_num_threads(1)
     kw = {}
@@ -56,6 +61,9 @@ def main() -> None:
                                  num_train_epochs=1, learning_rate=1e-3, report_to=[], logging_steps=2,
                                  marglik_frequency=2, marglik_burn_in=2, curvature_every=1, n_hypersteps=5,
                                  prior=a.prior, curvature="kfac", save_strategy="no", use_cpu=True, seed=0,
+                                 # block by block the output factors' labels are sampled per process: the
+                                 # empirical Fisher (the true labels) makes 1 and 2 processes comparable
+                                 fisher_type="empirical" if a.prune == "sharded" else "mc",
                                  disable_tqdm=True,
                                  ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
     trainer = SpamTrainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
@@ -70,17 +78,38 @@ def main() -> None:
     trainer.train()
     priors = {k: v.detach().clone() for k, v in trainer.prior.log_delta.items()}
     sharded = trainer.sharded
-    if sharded:
-        trainer.save_model(os.path.join(a.out, "dense"))
-        trainer = trainer.unsharded(from_pretrained(os.path.join(a.out, "dense")))
-    result = trainer.prune(0.5, method="damage-obs", rounds=2, compensate=True, calibration_batches=2)
+    dense_block = max(sum(p.numel() for p in b.parameters()) for b in trainer.model.model.layers)
+    gathered = {"most": 0}  # block weights held gathered (in plain blocks) at once
+    if a.prune == "rounds":
+        if sharded:
+            trainer.save_model(os.path.join(a.out, "dense"))
+            trainer = trainer.unsharded(from_pretrained(os.path.join(a.out, "dense")))
+        result = trainer.prune(0.5, method="damage-obs", rounds=2, compensate=True, calibration_batches=2)
+    else:
+        copy = sharding.unsharded_copy
+        layers = trainer.model.model.layers
+
+        def counted(block, config, index):
+            plain = sum(p.numel() for b in layers for p in b.parameters() if not sharding.is_sharded(p))
+            out = copy(block, config, index)
+            gathered["most"] = max(gathered["most"], plain + sum(p.numel() for p in out.parameters()))
+            return out
+
+        sharding.unsharded_copy = counted
+        result = trainer.prune(0.5, method="damage-obs", sequential=True, compensate=True, calibration_batches=2)
     kept = {k: v.tolist() for k, v in result.keep.items()}
+    blocks = trainer.model.model.layers
     with open(os.path.join(a.out, f"rank{rank()}.json"), "w") as f:
-        json.dump({"rank": rank(), "sharded": sharded, "peak_curvature_bytes": peak[0], "kept": kept}, f)
+        json.dump({"rank": rank(), "sharded": sharded, "peak_curvature_bytes": peak[0], "kept": kept,
+                   "dense_block_params": dense_block, "most_gathered": gathered["most"],
+                   "still_sharded": sharding.is_sharded_model(trainer.model),
+                   "block_params": [sum(p.numel() for p in b.parameters()) for b in blocks],
+                   "local_block_params": [sum(sharding.local_rows(p)[0].numel() for p in b.parameters())
+                                          for b in blocks]}, f)
+    batch = tiny_lm_batch(batch=4, seq=12, seed=2)
+    with torch.no_grad():  # every process: a sharded model's forward gathers each block from all of them
+        logits = trainer.model.eval()(input_ids=batch["input_ids"]).logits
     if is_main_process():
-        batch = tiny_lm_batch(batch=4, seq=12, seed=2)
-        with torch.no_grad():
-            logits = trainer.model.eval()(input_ids=batch["input_ids"]).logits
         torch.save({"priors": priors, "kept": kept, "logits": logits, "history": trainer.marglik_history},
                    os.path.join(a.out, "result.pt"))
     shutdown()

@@ -106,8 +106,8 @@ def test_families_that_cannot_be_sharded_are_refused_before_loading():
     check_shardable("bert", LoraArguments())
 
 
-def run_worker(model_dir, out, processes, prior):
-    cmd = [WORKER, model_dir, out, "--batch", 8 // processes, "--prior", prior]
+def run_worker(model_dir, out, processes, prior, prune="rounds"):
+    cmd = [WORKER, model_dir, out, "--batch", 8 // processes, "--prior", prior, "--prune", prune]
     cmd = torchrun(*cmd, "--fsdp2") if processes > 1 else [sys.executable, *map(str, cmd)]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -134,6 +134,27 @@ def test_fsdp2_equals_one_process(tmp_path, prior):
     torch.testing.assert_close(two["logits"], one["logits"], rtol=1e-6, atol=1e-9)
     held = [r["peak_curvature_bytes"] for r in ranks]
     assert sum(held) == solo["peak_curvature_bytes"] and max(held) <= 0.6 * solo["peak_curvature_bytes"], held
+
+
+@pytest.mark.slow
+def test_sharded_pruning_equals_one_process(tmp_path):
+    """Block by block, a sharded model is pruned where it is: 2 FSDP2 processes × batch 4 against 1 process ×
+    batch 8 (float64, the empirical Fisher so that no label is sampled per process) keep the same groups and give
+    the same pruned logits to 1e-6; no process ever held more than one block gathered, and the pruned model is
+    still sharded, each process holding its rows of every pruned block."""
+    from conftest import tiny_causal_lm
+
+    model_dir = str(tmp_path / "tiny")
+    tiny_causal_lm("llama").double().save_pretrained(model_dir)
+    one, (solo,) = run_worker(model_dir, str(tmp_path / "one"), 1, "unit", prune="sharded")
+    two, ranks = run_worker(model_dir, str(tmp_path / "two"), 2, "unit", prune="sharded")
+    assert two["kept"] == one["kept"] and ranks[0]["kept"] == ranks[1]["kept"] == one["kept"]
+    torch.testing.assert_close(two["logits"], one["logits"], rtol=1e-6, atol=1e-9)
+    assert solo["block_params"] == ranks[0]["block_params"] and max(solo["block_params"]) < solo["dense_block_params"]
+    for r in ranks:
+        assert r["still_sharded"] and r["most_gathered"] == r["dense_block_params"]
+    assert [a + b for a, b in zip(ranks[0]["local_block_params"], ranks[1]["local_block_params"])] == \
+        solo["block_params"]
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ the model together; at Llama widths that is many times the block weights. Here (
    (compressed) outputs passed on.
 
 Memory beyond the model: the ``G`` factors, one block's ``A`` factors, and the hidden states of the
-calibration batches at one block boundary. Output gradients are those of the *dense* model (pass 1): ``G`` is
+calibration batches at one block boundary. A block offloaded by accelerate is brought onto the device while it is
+scored and cut (:func:`~spam_hf.offload.onloaded`); a block of an FSDP2-sharded model is gathered into a plain
+copy and sharded again after (:func:`~spam_hf.sharding.gathered_block`): one whole block at a time, either way. Output gradients are those of the *dense* model (pass 1): ``G`` is
 not refreshed after earlier blocks are cut (it would need a backward per block).
 """
 
@@ -40,6 +42,7 @@ from ..curvature import CurvatureAccumulator, _at_least_float32, nonzero_rows, t
 from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
 from ..offload import execution_device, is_offloaded, onloaded
 from ..posterior import likelihood_of
+from ..sharding import gathered_block, is_sharded_model
 from .compensation import compensate as compensate_groups
 from .config import PruningConfig
 from .planning import PruningPlan, PruningResult
@@ -83,6 +86,20 @@ def check_sequential(model: nn.Module, config: PruningConfig) -> None:
     reason = sequential_refusal(model, config)
     if reason is not None:
         raise ValueError(reason)
+
+
+@contextlib.contextmanager
+def _editable(model: nn.Module, layers: nn.ModuleList, index: int, changed: bool = True):
+    """``layers[index]`` with weights that can be read, refitted and cut: an offloaded block brought onto the device
+    (:func:`~spam_hf.offload.onloaded`), a sharded one gathered into a plain copy
+    (:func:`~spam_hf.sharding.gathered_block`), any other as it is. After, with ``changed``, the cut block goes back
+    offloaded / sharded."""
+    if is_sharded_model(model):
+        with gathered_block(model, layers, index, changed=changed) as block:
+            yield block
+    else:
+        with onloaded(layers[index], changed=changed):
+            yield layers[index]
 
 
 def _batches(calibration: Iterable, max_batches: int) -> List[Dict[str, torch.Tensor]]:
@@ -176,7 +193,9 @@ def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]
                 raise _Stop
         return hook
 
-    handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in sorted(set(first.values()))]
+    # first among the block's pre-hooks: FSDP2's own gathers the block, which a stopped forward would leave gathered
+    handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True, prepend=True)
+               for i in sorted(set(first.values()))]
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     try:
         with torch.no_grad():
@@ -301,10 +320,10 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     scores: Dict[str, torch.Tensor] = {}
     kinds = layer_kinds(model)
     inputs, by_kind = block_inputs(model, batches)
-    for layer, block in enumerate(tqdm(layers, desc="sequential: budget", disable=not progress)):
+    for layer in tqdm(range(len(layers)), desc="sequential: budget", disable=not progress):
         specs = _block_specs(specs0, layer)
         inputs = _of_kind(inputs, by_kind, kinds[layer])
-        with onloaded(block, changed=False):  # an offloaded block's weights, real while it is scored
+        with _editable(model, layers, layer, changed=False) as block:  # real weights while it is scored
             if specs:
                 A = input_factors(model, block, consuming_modules(specs), inputs, masks) \
                     if "factors" in score.needs else {}
@@ -326,11 +345,13 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
     kept: Dict[str, torch.Tensor] = {}
     compensated: Dict[str, int] = {}
     inputs, by_kind = block_inputs(model, batches)
-    for layer, block in enumerate(tqdm(layers, desc="sequential: compress", disable=not progress)):
+    for layer in tqdm(range(len(layers)), desc="sequential: compress", disable=not progress):
         specs = _block_specs(specs0, layer)
         inputs = _of_kind(inputs, by_kind, kinds[layer])
-        if specs and removed_by_layer.get(layer, 0.0) > 0:
-            with onloaded(block):  # an offloaded block: real weights to refit and cut, offloaded again after
+        cut = bool(specs) and removed_by_layer.get(layer, 0.0) > 0
+        # real weights to refit and cut; an offloaded or sharded block goes back so after
+        with _editable(model, layers, layer, changed=cut) as block:
+            if cut:
                 A = input_factors(model, block, consuming_modules(specs), inputs, masks) if needs_factors else {}
                 keep = {s.name: global_plan.keep[s.name] for s in specs}
                 if rescore:
@@ -340,13 +361,14 @@ def prune_sequential(model: nn.Module, statistics, config: PruningConfig, calibr
                     compensated.update(compensate_groups(model, specs, keep, paired(A)))
                 del A
                 prune_groups(model, keep, kv_groups_only=kv)
-            block = family.layers(model)[layer]  # surgery may replace modules inside it
-            kept.update(keep)
-            logger.info(f"sequential: block {layer}: " + ", ".join(
-                f"{s.kind} {int(keep[s.name].numel())}/{s.count} kept" for s in specs))
-        inputs = _run_block(block, inputs)
+                block = layers[layer]  # surgery may replace modules inside it
+                kept.update(keep)
+                logger.info(f"sequential: block {layer}: " + ", ".join(
+                    f"{s.kind} {int(keep[s.name].numel())}/{s.count} kept" for s in specs))
+            inputs = _run_block(block, inputs)
     del inputs, by_kind
-    broadcast_parameters(model)
+    if not is_sharded_model(model):  # a sharded block was made the same everywhere before it was sharded again
+        broadcast_parameters(model)
     for s in specs0:
         kept.setdefault(s.name, torch.arange(s.count))
     total = prunable_cost(model, group_specs(model, kv), config.budget, config.flops_seq_len)
