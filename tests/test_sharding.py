@@ -115,6 +115,80 @@ def run_worker(model_dir, out, processes, prior, prune="rounds"):
     return torch.load(os.path.join(out, "result.pt")), ranks
 
 
+@pytest.fixture
+def one_process_mesh():
+    """A process group of this process alone and its 1-D CPU mesh: FSDP2 shards over it (every weight a
+    ``DTensor`` of one shard), enough to run the sharded code paths in the test process; torn down after."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def fully_sharded(model, mesh):
+    """``model`` sharded as transformers shards it at load: each block, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def test_a_sharded_model_is_pruned_where_it_is_block_by_block(one_process_mesh):
+    """``prune`` on an FSDP2 model: block by block (the engine chooses it), each block gathered into a plain copy
+    of its own class, cut, and sharded again in place; the groups and logits are those of the same pruning of the
+    plain model, and the model is still sharded after. All blocks at once is refused in one line."""
+    import copy
+
+    from conftest import tiny_causal_lm, tiny_lm_batch
+
+    from spam_hf.pruning import prune
+    from spam_hf.sharding import is_sharded_model
+
+    plain = tiny_causal_lm("llama").double()
+    sharded = fully_sharded(copy.deepcopy(plain), one_process_mesh)
+    batches = [tiny_lm_batch(batch=4, seq=12, seed=s) for s in range(2)]
+    options = dict(sparsity=0.5, method="damage-obs", compensate=True, calibration_batches=2)
+    want = prune(plain, None, calibration=batches, sequential=True, **options)
+    got = prune(sharded, None, calibration=batches, **options)
+    assert got.config.sequential and {k: v.tolist() for k, v in got.selection.keep.items()} == \
+        {k: v.tolist() for k, v in want.selection.keep.items()}
+    assert is_sharded_model(sharded) and all(is_sharded(p) for p in sharded.model.layers.parameters())
+    assert [p.shape for p in sharded.parameters()] == [p.shape for p in plain.parameters()]
+    batch = tiny_lm_batch(batch=2, seq=12, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(input_ids=batch["input_ids"]).logits,
+                                   plain(input_ids=batch["input_ids"]).logits, rtol=1e-9, atol=1e-12)
+    other = fully_sharded(tiny_causal_lm("llama").double(), one_process_mesh)
+    with pytest.raises(ValueError, match="pruned block by block .*--sequential False"):
+        prune(other, None, calibration=batches, sequential=False, **options)
+    with pytest.raises(ValueError, match="pruned block by block .*needs every module's statistics"):
+        prune(other, None, calibration=batches, sparsity=0.5, method="damage", calibration_batches=2)
+
+
+def test_a_block_that_is_not_as_its_config_builds_it_is_refused(one_process_mesh):
+    """The plain copy of a sharded block is built from the config: a block whose shapes differ (an already pruned
+    model) is refused by name instead of being copied wrong."""
+    from conftest import tiny_causal_lm
+
+    from spam_hf.sharding import unsharded_copy
+
+    model = tiny_causal_lm("llama")
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, :4].detach().clone())
+    fully_sharded(model, one_process_mesh)
+    with pytest.raises(ValueError, match="block 0: mlp.down_proj.weight is .* its config builds"):
+        unsharded_copy(model.model.layers[0], model.config, 0)
+    copy = unsharded_copy(model.model.layers[1], model.config, 1)
+    assert not any(is_sharded(p) for p in copy.parameters())
+    torch.testing.assert_close(copy.mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight.full_tensor())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prior", ["unit", "parameter"])
 def test_fsdp2_equals_one_process(tmp_path, prior):
@@ -140,8 +214,9 @@ def test_fsdp2_equals_one_process(tmp_path, prior):
 def test_sharded_pruning_equals_one_process(tmp_path):
     """Block by block, a sharded model is pruned where it is: 2 FSDP2 processes × batch 4 against 1 process ×
     batch 8 (float64, the empirical Fisher so that no label is sampled per process) keep the same groups and give
-    the same pruned logits to 1e-6; no process ever held more than one block gathered, and the pruned model is
-    still sharded, each process holding its rows of every pruned block."""
+    the same pruned logits to 1e-6, in memory and from the export the main process writes; no process ever held
+    more than one block gathered, and the pruned model is still sharded, each process holding its rows of every
+    pruned block."""
     from conftest import tiny_causal_lm
 
     model_dir = str(tmp_path / "tiny")
@@ -150,6 +225,9 @@ def test_sharded_pruning_equals_one_process(tmp_path):
     two, ranks = run_worker(model_dir, str(tmp_path / "two"), 2, "unit", prune="sharded")
     assert two["kept"] == one["kept"] and ranks[0]["kept"] == ranks[1]["kept"] == one["kept"]
     torch.testing.assert_close(two["logits"], one["logits"], rtol=1e-6, atol=1e-9)
+    # the export the main process wrote from the sharded model reloads with the same logits
+    torch.testing.assert_close(two["export_logits"], one["export_logits"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(two["export_logits"], two["logits"], rtol=1e-9, atol=1e-12)
     assert solo["block_params"] == ranks[0]["block_params"] and max(solo["block_params"]) < solo["dense_block_params"]
     for r in ranks:
         assert r["still_sharded"] and r["most_gathered"] == r["dense_block_params"]
@@ -171,15 +249,18 @@ def test_compress_fsdp2_under_torchrun_writes_one_export(tiny_lm_setup):
     out = tmp / "run"
     common = ["-m", "spam_hf.cli", "compress", model_dir, "--train-file", train, "--validation-file", valid,
               "--sparsity", "0.5", "--fsdp2", "--ddp_backend", "gloo", *FAST]
-    res = subprocess.run(torchrun(*common, "--output-dir", out, "--save_strategy", "no"), env=ENV,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(torchrun(*common, "--output-dir", out, "--save_strategy", "no", "--recovery-steps", "2"),
+                         env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
     assert "spam-hf runs FSDP2: 2 processes" in log and "curvature sums owned per module" in log
-    assert "prunes the FSDP2-trained model data parallel" in log
+    # pruned where it is, block by block, then recovered sharded
+    assert "prunes the FSDP2-sharded model where it is" in log and "sequential: block 1:" in log
+    assert "data parallel" not in log and "recovery: 2 steps" in log
     assert res.stdout.count("exported to") == 1
     report = json.load(open(out / "pruning_report.json"))
-    assert report["selection"]["sparsity_achieved"] >= 0.5
+    assert report["selection"]["sparsity_achieved"] >= 0.5 and report["sequential"] is True
+    assert f"{report['metric']}_before_recovery" in report["pruned"]
     model = from_pretrained(str(out / "model"))
     assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
     assert not [f for f in os.listdir(out) if ".partial-" in f]
@@ -197,11 +278,16 @@ def test_compress_fsdp2_under_torchrun_writes_one_export(tiny_lm_setup):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)] + common[:-2 - len(FAST)]
     cpu = FAST.index("--use_cpu")
     fast = FAST[:cpu] + FAST[cpu + 2:]
+    # with all blocks at once (--sequential False) the sharded model cannot be pruned where it is: each process
+    # prunes an unsharded copy, and the log says why
     res = subprocess.run(accelerate + fast + ["--use_cpu", "True", "--output-dir", str(tmp / "acc"),
-                                              "--save_strategy", "no"], env=ENV, capture_output=True, text=True,
-                         timeout=600)
+                                              "--save_strategy", "no", "--sequential", "False"], env=ENV,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "spam-hf runs FSDP2: 2 processes" in res.stdout + res.stderr and (tmp / "acc" / "model").is_dir()
+    log = res.stdout + res.stderr
+    assert "spam-hf runs FSDP2: 2 processes" in log and (tmp / "acc" / "model").is_dir()
+    assert "--sequential False scores all blocks at once, which a sharded model cannot be pruned with" in log
+    assert "prunes the FSDP2-trained model data parallel" in log
     res = subprocess.run(accelerate + fast + ["--output-dir", str(tmp / "acc1"), "--save_strategy", "no"], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "2 processes were launched, but the Trainer counts 1" in res.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Optional
 
 from torch import nn
@@ -24,4 +25,13 @@ def save_pruned(model: nn.Module, output_dir: str, tokenizer=None, extra_config:
     return save_pruned_model(model, output_dir, tokenizer=tokenizer, extra_config=extra_config)
 
 
-__all__ = ["from_pretrained", "pruning_spec", "save_lora_adapter", "save_pruned", "save_pruned_model"]
+def gather_for_main(model: nn.Module) -> None:
+    """On a process other than the main one, with an FSDP2-sharded ``model``: take part in the gathering of its
+    weights that the main process's :func:`save_pruned` needs (transformers' save of a sharded model gathers the
+    full state dict on the main process, every process taking part); nothing is written here."""
+    with tempfile.TemporaryDirectory() as scratch:
+        save_pruned(model, scratch)
+
+
+__all__ = ["from_pretrained", "gather_for_main", "pruning_spec", "save_lora_adapter", "save_pruned",
+           "save_pruned_model"]

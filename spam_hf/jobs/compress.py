@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
@@ -14,7 +15,9 @@ from ..architectures import get_family
 from ..arguments import CompressArguments, DataArguments, LoraArguments, ModelArguments
 from ..distributed import check_process_count, is_main_process
 from ..export.hub import check_hub
+from ..posterior import unwrap
 from ..pruning.config import PruningConfig
+from ..pruning.sequential import sharded_refusal
 from ..trainer import SpamTrainer, check_complete, last_complete_checkpoint, per_batch_mean_loss
 from ..training_arguments import SpamTrainingArguments
 from .finish import RunContext, plain_args, precheck, prune_and_export
@@ -75,6 +78,29 @@ def check_shardable(model_type: str, lora_args: LoraArguments) -> None:
                          "out)")
 
 
+def sharded_pruning(trainer: SpamTrainer, config: PruningConfig, resolved: PruningConfig, args: CompressArguments,
+                    dense_dir: str, data) -> Tuple[PruningConfig, CompressArguments, SpamTrainer]:
+    """After FSDP2 training: ``(config, args, trainer)`` to prune with. By default the sharded model is pruned where
+    it is, block by block (one gathered block at a time, :func:`spam_hf.sharding.gathered_block`), and stays
+    sharded for the recovery and the export; its latency is not measured (a sharded forward's time is its
+    all-gathers). Choices that need every block at once (``resolved``: ``--sequential False``, a score such as
+    ``damage``, ``--uniform``, ``--drop-blocks``, distillation from the model before pruning) are pruned data
+    parallel instead, each process on an unsharded copy read back from ``dense_dir``, with a warning that says why."""
+    reason = sharded_refusal(unwrap(trainer.model), resolved)
+    if reason is None and (args.distill or args.distill_hidden_weight):
+        reason = "distillation keeps the model before pruning as its teacher"
+    if reason is not None:
+        logger.warning(f"{reason}, which a sharded model cannot be pruned with; each process prunes an unsharded "
+                       "copy of the model (leave that choice out to prune the sharded model block by block)")
+        return config, args, trainer.unsharded(load_run_model(dense_dir, data))
+    if args.measure_latency:
+        logger.info("--fsdp2: latency is not measured (a sharded model's time is its all-gathers)")
+        args = dataclasses.replace(args, measure_latency=False)
+    logger.info("spam-hf prunes the FSDP2-sharded model where it is, block by block: one block at a time is gathered, "
+                "cut and sharded again")
+    return config.replace(sequential=True, rounds=1), args, trainer
+
+
 def compress(model_args: ModelArguments, data_args: DataArguments, config: PruningConfig, args: CompressArguments,
              train_args: SpamTrainingArguments, command: str = "", lora_args: Optional[LoraArguments] = None) -> dict:
     """Run the whole job; returns the report dict (also written to ``output_dir/pruning_report.json``).
@@ -125,8 +151,8 @@ def compress(model_args: ModelArguments, data_args: DataArguments, config: Pruni
     # latency is measured later, dense and pruned interleaved (prune_and_export)
     dense = snapshot(trainer, data["validation"], metric, config.flops_seq_len, args.latency_batch_size, False)
     trainer.save_model(os.path.join(out_dir, "dense"))
-    if trainer.sharded:  # prune data parallel, each process on an unsharded copy of what was just saved
-        trainer = trainer.unsharded(load_run_model(os.path.join(out_dir, "dense"), data))
+    if trainer.sharded:
+        config, args, trainer = sharded_pruning(trainer, config, resolved, args, os.path.join(out_dir, "dense"), data)
     if is_main_process():
         write_run_config(out_dir, model_args, data_args, config, args, train_args, path, command, lora_args)
     ctx = RunContext(data=data, tokenizer=tokenizer, data_args=data_args, train_args=train_args, dense=dense,

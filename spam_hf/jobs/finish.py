@@ -17,7 +17,7 @@ from ..arguments import DataArguments, FinishArguments
 from ..costs import compare_latency
 from ..distill import DistillationTrainer, freeze, frozen_copy
 from ..distributed import broadcast_object, is_main_process
-from ..export import save_pruned
+from ..export import gather_for_main, save_pruned
 from ..export.folders import staged_folder
 from ..export.hub import push_folder
 from ..memory import PROCESS_BYTES, available_bytes, gib, predict
@@ -25,6 +25,7 @@ from ..posterior import unwrap
 from ..pruning import PruningConfig, check_reachable
 from ..pruning.selection import check_uniform
 from ..pruning.sequential import check_sequential, sequential_refusal
+from ..sharding import is_sharded_model
 from ..trainer import SpamTrainer, per_batch_mean_loss
 from .loading import collator_for, load_run_model, metrics_for
 from .outputs import write_json
@@ -218,6 +219,8 @@ def prune_and_export(trainer: SpamTrainer, ctx: RunContext, config: PruningConfi
     export_dir = os.path.join(out_dir, "model")
     merged_dir = os.path.join(out_dir, "model-merged") if ctx.merged and is_peft_model(model) else None
     if not is_main_process():  # data parallel: every process pruned the same groups; one writes
+        if is_sharded_model(model):  # FSDP2: every process takes part in gathering what the main process writes
+            gather_for_main(model)
         return build_report(ctx, config, args, pruned, selection, base_selection, export_dir, "", merged_dir)
     logger.info(f"exporting to {export_dir}")
     # this job's own folders (compress, or prune into a new/empty folder), each written aside and renamed into place

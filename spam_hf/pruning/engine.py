@@ -21,11 +21,12 @@ from torch import nn
 
 from ..architectures import is_peft_model
 from ..posterior import SpamLaplace
+from ..sharding import is_sharded_model
 from .blocks import drop_idle_blocks
 from .config import PruningConfig
 from .planning import PruningResult, apply, plan
 from .rounds import geometric_targets, prune_in_rounds
-from .sequential import prune_sequential
+from .sequential import prune_sequential, sharded_refusal
 
 
 def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Optional[PruningConfig] = None,
@@ -50,9 +51,16 @@ def prune(model: nn.Module, statistics: Optional[SpamLaplace] = None, config: Op
         :class:`~spam_hf.pruning.PruningResult` (its ``config`` is the resolved one).
 
     With several processes every process calls it with its shard of the calibration batches; the decisions are
-    the main process's and the weights are broadcast, so every process ends with the same model.
+    the main process's and the weights are broadcast, so every process ends with the same model. An FSDP2-sharded
+    model is pruned where it is, block by block (:func:`~spam_hf.pruning.sequential.prune_sequential`, one
+    gathered block at a time), and stays sharded.
     """
     config = PruningConfig.build(options.pop("sparsity", None), config, **options).resolved(is_peft_model(model))
+    if is_sharded_model(model):  # FSDP2: pruned where it is, one gathered block at a time
+        reason = sharded_refusal(model, config)
+        if reason is not None:
+            raise ValueError(f"an FSDP2-sharded model is pruned block by block (sequential=True): {reason}")
+        config = config.replace(sequential=True, rounds=1)
     if config.drop_blocks is not None:
         if is_peft_model(model):
             raise ValueError("drop_blocks removes whole blocks of a full model; a LoRA model's groups are its ranks")

@@ -81,6 +81,17 @@ def sequential_refusal(model: nn.Module, config: PruningConfig) -> Optional[str]
     return None
 
 
+def sharded_refusal(model: nn.Module, config: PruningConfig) -> Optional[str]:
+    """Why an FSDP2-sharded ``model`` cannot be pruned where it is as ``config`` (resolved) says, or ``None``: a
+    sharded model is pruned block by block, one gathered block at a time; anything that needs every block at once
+    cannot be."""
+    if config.sequential is False:
+        return "--sequential False scores all blocks at once"
+    if config.drop_blocks is not None:
+        return "--drop-blocks compares whole blocks"
+    return sequential_refusal(model, config)
+
+
 def check_sequential(model: nn.Module, config: PruningConfig) -> None:
     """Refuse (one line) what the block-sequential path cannot do."""
     reason = sequential_refusal(model, config)
