@@ -20,10 +20,12 @@ the model together; at Llama widths that is many times the block weights. Here (
    (compressed) outputs passed on.
 
 Memory beyond the model: the ``G`` factors, one block's ``A`` factors, and the hidden states of the
-calibration batches at one block boundary. A block offloaded by accelerate is brought onto the device while it is
-scored and cut (:func:`~spam_hf.offload.onloaded`); a block of an FSDP2-sharded model is gathered into a plain
-copy and sharded again after (:func:`~spam_hf.sharding.gathered_block`): one whole block at a time, either way. Output gradients are those of the *dense* model (pass 1): ``G`` is
+calibration batches at one block boundary. Output gradients are those of the *dense* model (pass 1): ``G`` is
 not refreshed after earlier blocks are cut (it would need a backward per block).
+
+A block offloaded by accelerate is brought onto the device while it is scored and cut
+(:func:`~spam_hf.offload.onloaded`); a block of an FSDP2-sharded model is gathered into a plain copy and sharded
+again after (:func:`~spam_hf.sharding.gathered_block`): one whole block at a time, either way.
 """
 
 from __future__ import annotations
