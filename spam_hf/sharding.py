@@ -99,6 +99,24 @@ def owned(owners: Optional[Dict[str, int]], names: Iterable[str], rank: int) -> 
     return [m for m in names if owners is None or owners[m] == rank]
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Every FSDP2 unit of the sharded ``model`` (the root of its ``fully_shard`` calls) back to its shards, with
+    FSDP's per-iteration state reset: a forward stopped by an exception, or a backward that stopped at the outputs,
+    leaves the units it gathered gathered (the root's embedding and head among them) and their state mid-way, where
+    a plain ``reshard`` does nothing. ``FSDPModule.reset_iter_state`` (torch >= 2.13) is FSDP's own recovery from
+    an aborted iteration; before it, each unit is resharded. A no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return
+    if hasattr(model, "reset_iter_state"):
+        model.reset_iter_state()
+        return
+    for module in model.modules():  # pragma: no cover - torch < 2.13
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _plain_class(module: nn.Module) -> type:
     """The class ``fully_shard`` derived ``module``'s from (``FSDPLlamaDecoderLayer`` -> ``LlamaDecoderLayer``)."""
     from torch.distributed.fsdp import FSDPModule

@@ -102,7 +102,7 @@ def main() -> None:
     with open(os.path.join(a.out, f"rank{rank()}.json"), "w") as f:
         json.dump({"rank": rank(), "sharded": sharded, "peak_curvature_bytes": peak[0], "kept": kept,
                    "dense_block_params": dense_block, "most_gathered": gathered["most"],
-                   "still_sharded": sharding.is_sharded_model(trainer.model),
+                   "still_sharded": all(sharding.is_sharded(p) for p in trainer.model.parameters()),
                    "block_params": [sum(p.numel() for p in b.parameters()) for b in blocks],
                    "local_block_params": [sum(sharding.local_rows(p)[0].numel() for p in b.parameters())
                                           for b in blocks]}, f)

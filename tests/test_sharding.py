@@ -158,7 +158,8 @@ def test_a_sharded_model_is_pruned_where_it_is_block_by_block(one_process_mesh):
     got = prune(sharded, None, calibration=batches, **options)
     assert got.config.sequential and {k: v.tolist() for k, v in got.selection.keep.items()} == \
         {k: v.tolist() for k, v in want.selection.keep.items()}
-    assert is_sharded_model(sharded) and all(is_sharded(p) for p in sharded.model.layers.parameters())
+    # every weight is back to its shards: the stopped forwards and the backward to the outputs left none gathered
+    assert is_sharded_model(sharded) and all(is_sharded(p) for p in sharded.parameters())
     assert [p.shape for p in sharded.parameters()] == [p.shape for p in plain.parameters()]
     batch = tiny_lm_batch(batch=2, seq=12, seed=5)
     with torch.no_grad():
@@ -215,8 +216,8 @@ def test_sharded_pruning_equals_one_process(tmp_path):
     """Block by block, a sharded model is pruned where it is: 2 FSDP2 processes × batch 4 against 1 process ×
     batch 8 (float64, the empirical Fisher so that no label is sampled per process) keep the same groups and give
     the same pruned logits to 1e-6, in memory and from the export the main process writes; no process ever held
-    more than one block gathered, and the pruned model is still sharded, each process holding its rows of every
-    pruned block."""
+    more than one block gathered, and every weight of the pruned model is still sharded, each process holding its
+    rows of every pruned block."""
     from conftest import tiny_causal_lm
 
     model_dir = str(tmp_path / "tiny")

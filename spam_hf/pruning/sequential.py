@@ -44,7 +44,7 @@ from ..curvature import CurvatureAccumulator, _at_least_float32, nonzero_rows, t
 from ..distributed import all_reduce_sum, broadcast_object, broadcast_parameters
 from ..offload import execution_device, is_offloaded, onloaded
 from ..posterior import likelihood_of
-from ..sharding import gathered_block, is_sharded_model
+from ..sharding import gathered_block, is_sharded_model, reshard_all
 from .compensation import compensate as compensate_groups
 from .config import PruningConfig
 from .planning import PruningPlan, PruningResult
@@ -166,6 +166,7 @@ def output_factors(model: nn.Module, modules: List[str], batches: List[Dict[str,
                 del out
     finally:
         model.train(was_training)
+        reshard_all(model)  # FSDP2: the backward stopped at the outputs, so the root's weights were left gathered
     acc.all_reduce()
     scale = n_data / acc.n_g
     return {m: acc.sums[m]["G"].mul_(scale) for m in modules}  # the sums' dtype, on the model's device
@@ -221,6 +222,8 @@ def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]
     finally:
         for h in handles:
             h.remove()
+        if is_sharded_model(model):  # the stopped forward left the root's weights (the embedding) gathered
+            reshard_all(model)
     if len(recorded) != len(batches) or any(len(k) != len(first) for k in by_kind):
         raise RuntimeError("block-sequential pruning could not record the blocks' inputs")
     return recorded, by_kind
