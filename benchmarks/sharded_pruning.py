@@ -15,8 +15,10 @@ from ``--calibration-batches`` (default 4) global batches of ``--batch-size`` ×
   where it is: one block at a time gathered, cut and sharded again.
 
 On a CPU the cores are split over the processes (``OMP_NUM_THREADS``). Per process: the wall time of ``prune``, the
-peak resident memory (``ru_maxrss``) after the imports, after loading and after pruning, and the bytes of the weights
-it holds before and after. ``kept_equal_vs_unsharded`` says whether FSDP2 kept the groups the unsharded processes
+peak resident memory (``ru_maxrss``) after the imports, after loading and after pruning, the peak of the pass that
+runs the whole model (the output factors: one forward and backward per sequence, where FSDP2 gathers each unit, the
+embedding and the head included) and of the block-by-block passes after it (Linux ``VmHWM``, reset in between), and
+the bytes of the weights it holds before and after. ``kept_equal_vs_unsharded`` says whether FSDP2 kept the groups the unsharded processes
 kept (the same calibration shards per process), ``logits_max_diff_vs_unsharded`` compares the pruned models.
 
     python benchmarks/sharded_pruning.py --out benchmarks/results/sharded_pruning_cpu.json
@@ -38,7 +40,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from scale import SHAPES, llama_config  # noqa: E402  (benchmarks/ is the script's folder)
+from scale import SHAPES  # noqa: E402  (benchmarks/ is the script's folder)
 from scaling_out import free_port  # noqa: E402
 
 CONFIGS = ("one", "unsharded", "fsdp2")
@@ -68,6 +70,17 @@ def peak_rss() -> float:
     return gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def high_water() -> float:
+    """The process's peak resident memory since the last :func:`reset_high_water` (``VmHWM``), GiB."""
+    with open("/proc/self/status") as f:
+        return gib(int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024)
+
+
+def reset_high_water() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current RSS
+        f.write("5")
+
+
 def worker(a) -> None:
     """One process of a run: loads, prunes, writes ``WORK/<config>/rank<r>.json`` (the main process also the
     pruned model's logits on a fixed batch)."""
@@ -75,7 +88,7 @@ def worker(a) -> None:
     from transformers import AutoModelForCausalLM
 
     from spam_hf.distributed import rank, shutdown
-    from spam_hf.pruning import prune
+    from spam_hf.pruning import prune, sequential
     from spam_hf.sharding import local_rows
 
     imported = peak_rss()
@@ -98,12 +111,24 @@ def worker(a) -> None:
     per, r = a.batch_size // processes, rank()
     batches = [{"input_ids": b[r * per:(r + 1) * per], "attention_mask": torch.ones_like(b[r * per:(r + 1) * per]),
                 "labels": b[r * per:(r + 1) * per].clone()} for b in ids]
+    phases = {}
+    factors = sequential.output_factors
+
+    def timed_factors(*args, **kwargs):  # the peak of the output-factor pass (the only whole-model forwards)
+        out = factors(*args, **kwargs)
+        phases["peak_rss_output_factors_gib"] = high_water()
+        reset_high_water()
+        return out
+
+    sequential.output_factors = timed_factors
+    reset_high_water()
     t0 = time.perf_counter()
     result = prune(model, None, calibration=batches, sparsity=a.sparsity, method="damage-obs", compensate=True,
                    sequential=True, calibration_batches=a.calibration_batches)
     wall = time.perf_counter() - t0
     out = {"rank": r, "wall_s": round(wall, 1), "peak_rss_after_imports_gib": imported,
-           "peak_rss_after_load_gib": loaded, "peak_rss_gib": peak_rss(), "weights_before_gib": weights_before,
+           "peak_rss_after_load_gib": loaded, "peak_rss_gib": peak_rss(), **phases,
+           "peak_rss_blocks_gib": high_water(), "weights_before_gib": weights_before,
            "weights_after_gib": held(), "achieved": round(result.achieved, 4),
            "kept": {k: v.tolist() for k, v in result.selection.keep.items()}}
     with torch.no_grad():  # every process: a sharded model's forward gathers each block from all of them
@@ -137,6 +162,8 @@ def run(config: str, a) -> dict:
             "kept": ranks[0]["kept"], "achieved": ranks[0]["achieved"],
             "wall_s": max(r["wall_s"] for r in ranks),
             "max_peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
+            "max_peak_rss_output_factors_gib": max(r["peak_rss_output_factors_gib"] for r in ranks),
+            "max_peak_rss_blocks_gib": max(r["peak_rss_blocks_gib"] for r in ranks),
             "max_weights_before_gib": max(r["weights_before_gib"] for r in ranks),
             "max_weights_after_gib": max(r["weights_after_gib"] for r in ranks)}
 
@@ -148,7 +175,8 @@ def summarise(res: dict, work_dir: str) -> None:
     runs = res["runs"]
     base = runs["one"]
     for r in runs.values():
-        for key in ("wall_s", "max_peak_rss_gib", "max_weights_before_gib"):
+        for key in ("wall_s", "max_peak_rss_gib", "max_peak_rss_output_factors_gib", "max_peak_rss_blocks_gib",
+                    "max_weights_before_gib"):
             if base[key]:
                 r[key.replace("max_", "") + "_ratio"] = round(r[key] / base[key], 3)
     if "fsdp2" in runs and "unsharded" in runs:
@@ -167,14 +195,15 @@ def main() -> None:
     if a.worker:
         worker(a)
         return
-    import torch
-    from transformers import LlamaForCausalLM
-
     configs = [c for c in a.configs.split(",") if c]
     if "one" not in configs or any(c not in CONFIGS for c in configs):
         raise SystemExit(f"--configs: a subset of {', '.join(CONFIGS)} that includes 'one' (the baseline)")
-    torch.manual_seed(0)
-    LlamaForCausalLM(llama_config(a.shape, a.layers, a.seq_len)).save_pretrained(os.path.join(a.work_dir, "model"))
+    # the model is made in a child process: a process started from this one would inherit its peak memory
+    make = (f"import torch; from transformers import LlamaForCausalLM; from scale import llama_config; "
+            f"torch.manual_seed(0); LlamaForCausalLM(llama_config({a.shape!r}, {a.layers}, {a.seq_len}))"
+            f".save_pretrained({os.path.join(a.work_dir, 'model')!r})")
+    subprocess.run([sys.executable, "-c", make], check=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(
+        os.path.abspath(__file__))))
     res = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "args": vars(a), "runs": {}}
     for cfg in configs:

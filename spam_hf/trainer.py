@@ -34,7 +34,7 @@ from transformers.utils import logging
 from .architectures import is_peft_model
 from .training_arguments import SpamTrainingArguments
 from .distributed import all_reduce_sum, check_process_count, is_distributed, rank
-from .export import save_pruned
+from .export import gather_for_main, save_pruned
 from .posterior import LIVE_FILE, PRIOR_FILE, SpamLaplace, likelihood_of, unwrap
 from .sharding import is_sharded_model
 from .pruning import PruningConfig, PruningPlan, Selection, apply, compensate, mask_groups, plan, prune
@@ -519,6 +519,8 @@ class SpamTrainer(Trainer):
         if self._pruned:
             if self.args.should_save:
                 save_pruned(unwrap(self.model), output_dir, tokenizer=self.processing_class)
+            elif self.sharded:  # FSDP2: the main process's save gathers the weights from every process
+                gather_for_main(unwrap(self.model))
         else:
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:

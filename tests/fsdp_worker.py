@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, default_data_collator  # noqa: E4
 from spam_hf import SpamTrainer, SpamTrainingArguments  # noqa: E402
 from spam_hf import sharding  # noqa: E402
 from spam_hf.distributed import is_main_process, rank, shutdown  # noqa: E402
-from spam_hf.export import from_pretrained, gather_for_main, save_pruned  # noqa: E402
+from spam_hf.export import from_pretrained  # noqa: E402
 
 from conftest import tiny_lm_batch  # noqa: E402
 
@@ -110,13 +110,11 @@ def main() -> None:
     with torch.no_grad():  # every process: a sharded model's forward gathers each block from all of them
         logits = trainer.model.eval()(input_ids=batch["input_ids"]).logits
     export_logits = None
-    if a.prune == "sharded":  # the export, written by the main process as spam-hf compress writes it
+    if a.prune == "sharded":  # the export: every process calls save_model, the main process writes
+        trainer.save_model(os.path.join(a.out, "export"))
         if is_main_process():
-            save_pruned(trainer.model, os.path.join(a.out, "export"))
             with torch.no_grad():
                 export_logits = from_pretrained(os.path.join(a.out, "export"))(input_ids=batch["input_ids"]).logits
-        else:
-            gather_for_main(trainer.model)
     if is_main_process():
         torch.save({"priors": priors, "kept": kept, "logits": logits, "history": trainer.marglik_history,
                     "export_logits": export_logits}, os.path.join(a.out, "result.pt"))

@@ -364,6 +364,21 @@ def test_sharded_training_smoke(tmp_path):
     assert runs["fsdp2"]["log_prior_max_diff_vs_ddp"] < 1e-3 and runs["fsdp2"]["time_vs_plain_fsdp2"] > 0
 
 
+def test_sharded_pruning_smoke(tmp_path):
+    """benchmarks/sharded_pruning.py on its tiny shape: block by block in one process, on unsharded copies and on an
+    FSDP2-sharded model (two processes, torchrun, gloo); FSDP2 keeps the unsharded processes' groups and logits while
+    each process holds half the weights, before and after pruning."""
+    out = str(tmp_path / "pruning.json")
+    run("sharded_pruning.py", "--shape", "tiny", "--layers", "2", "--seq-len", "16", "--calibration-batches", "2",
+        "--work-dir", str(tmp_path / "work"), "--out", out)
+    runs = json.load(open(out))["runs"]
+    assert set(runs) == {"one", "unsharded", "fsdp2"} and runs["fsdp2"]["achieved"] >= 0.5
+    assert runs["fsdp2"]["kept_equal_vs_unsharded"] and runs["fsdp2"]["logits_max_diff_vs_unsharded"] < 1e-4
+    assert runs["fsdp2"]["weights_before_gib_ratio"] == pytest.approx(0.5, abs=0.01)
+    one, sharded = runs["one"]["per_process"][0], runs["fsdp2"]["per_process"]
+    assert all(r["weights_after_gib"] <= 0.51 * one["weights_after_gib"] + 1e-3 for r in sharded)
+
+
 def test_decoder_peers_smoke(tmp_path):
     """benchmarks/decoder_peers.py on a tiny decoder: every method at one sparsity, two pruning seeds, with each
     method's own defaults (flap: bias compensation; the default: damage-obs in rounds with least squares)."""
