@@ -195,3 +195,18 @@ def gathered_block(model: nn.Module, layers: nn.ModuleList, index: int, changed:
     current = layers[index]
     broadcast_parameters(current)  # every process takes its rows of the same (the main process's) weights
     reshard(current, block, getattr(model.config, "distributed_config", None))
+    release_shards(block)
+
+
+def release_shards(block: nn.Module) -> None:
+    """Free the storage of the shards of ``block``, a sharded block just replaced in its model: the root FSDP unit
+    keeps a reference to every unit it initialised, so without this each process would keep its rows of every
+    unpruned block to the end. The block must not be run again (FSDP reads nothing of a unit that does not run).
+    Shards that are views of a memory-mapped checkpoint (as transformers loads them) are file pages the system
+    reclaims by itself, and are left as they are."""
+    with torch.no_grad():
+        for p in block.parameters():
+            if is_sharded(p):
+                storage = p.to_local().untyped_storage()
+                if storage.resizable():
+                    storage.resize_(0)

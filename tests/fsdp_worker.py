@@ -109,15 +109,26 @@ def main() -> None:
     batch = tiny_lm_batch(batch=4, seq=12, seed=2)
     with torch.no_grad():  # every process: a sharded model's forward gathers each block from all of them
         logits = trainer.model.eval()(input_ids=batch["input_ids"]).logits
-    export_logits = None
-    if a.prune == "sharded":  # the export: every process calls save_model, the main process writes
+    export_logits = grads = None
+    if a.prune == "sharded":
+        # the export: every process calls save_model, the main process writes
         trainer.save_model(os.path.join(a.out, "export"))
         if is_main_process():
             with torch.no_grad():
                 export_logits = from_pretrained(os.path.join(a.out, "export"))(input_ids=batch["input_ids"]).logits
+        # a training step of the pruned model (what the recovery does): each process its own rows of one batch;
+        # FSDP2 averages the gradients, so every pruned block's gradient is that of the whole batch in one process
+        rows = tiny_lm_batch(batch=8, seq=12, seed=3)
+        per = 8 // int(os.environ.get("WORLD_SIZE", "1"))
+        mine = {k: v[rank() * per:(rank() + 1) * per] for k, v in rows.items()}
+        trainer.model.train()
+        trainer.model.zero_grad()
+        trainer.model(**mine).loss.backward()
+        grads = {n: (p.grad.full_tensor() if sharding.is_sharded(p.grad) else p.grad).clone()
+                 for n, p in trainer.model.model.layers.named_parameters() if p.grad is not None}
     if is_main_process():
         torch.save({"priors": priors, "kept": kept, "logits": logits, "history": trainer.marglik_history,
-                    "export_logits": export_logits}, os.path.join(a.out, "result.pt"))
+                    "export_logits": export_logits, "grads": grads}, os.path.join(a.out, "result.pt"))
     shutdown()
 
 

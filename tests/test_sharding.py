@@ -172,6 +172,21 @@ def test_a_sharded_model_is_pruned_where_it_is_block_by_block(one_process_mesh):
         prune(other, None, calibration=batches, sparsity=0.5, method="damage", calibration_batches=2)
 
 
+def test_a_replaced_block_releases_its_shards(one_process_mesh):
+    """The root FSDP unit keeps a reference to every unit it initialised: a block replaced by its pruned copy must
+    give its shards' memory back itself, or each process keeps its rows of every unpruned block."""
+    from conftest import tiny_causal_lm
+
+    from spam_hf.sharding import release_shards
+
+    model = fully_sharded(tiny_causal_lm("llama"), one_process_mesh)
+    block = model.model.layers[0]
+    assert all(p.to_local().untyped_storage().nbytes() > 0 for p in block.parameters())
+    release_shards(block)
+    assert all(p.to_local().untyped_storage().nbytes() == 0 for p in block.parameters())
+    assert all(p.to_local().untyped_storage().nbytes() > 0 for p in model.model.layers[1].parameters())
+
+
 def test_a_block_that_is_not_as_its_config_builds_it_is_refused(one_process_mesh):
     """The plain copy of a sharded block is built from the config: a block whose shapes differ (an already pruned
     model) is refused by name instead of being copied wrong."""
@@ -217,7 +232,7 @@ def test_sharded_pruning_equals_one_process(tmp_path):
     batch 8 (float64, the empirical Fisher so that no label is sampled per process) keep the same groups and give
     the same pruned logits to 1e-6, in memory and from the export the main process writes; no process ever held
     more than one block gathered, and every weight of the pruned model is still sharded, each process holding its
-    rows of every pruned block."""
+    rows of every pruned block; a training step of the pruned model gives the one-process gradients."""
     from conftest import tiny_causal_lm
 
     model_dir = str(tmp_path / "tiny")
@@ -229,6 +244,10 @@ def test_sharded_pruning_equals_one_process(tmp_path):
     # the export the main process wrote from the sharded model reloads with the same logits
     torch.testing.assert_close(two["export_logits"], one["export_logits"], rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(two["export_logits"], two["logits"], rtol=1e-9, atol=1e-12)
+    # the blocks sharded anew train as FSDP2 units: each process's rows, the gradients averaged over processes
+    assert set(two["grads"]) == set(one["grads"]) and len(one["grads"]) == len(solo["block_params"]) * 9
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-6, atol=1e-12)
     assert solo["block_params"] == ranks[0]["block_params"] and max(solo["block_params"]) < solo["dense_block_params"]
     for r in ranks:
         assert r["still_sharded"] and r["most_gathered"] == r["dense_block_params"]
