@@ -3,10 +3,11 @@ wall time and what each process holds.
 
 The model is a random-weight LLaMA-layout decoder with the widths of a published one (``--shape``, default
 Qwen2.5-0.5B: hidden 896, MLP 4864, 14 query / 2 KV heads, vocabulary 151936) and ``--layers`` blocks (default
-16), fp32, saved once and loaded by every run. Each run prunes ``--sparsity`` (default 0.5) of its heads and neurons
-block by block (:func:`spam_hf.pruning.prune`, ``damage-obs`` with least-squares compensation, the default score)
-from ``--calibration-batches`` (default 4) global batches of ``--batch-size`` × ``--seq-len`` random token ids
-(default 4 × 128), split over the processes:
+16; ``--vocab`` replaces its vocabulary, e.g. 32,000 as Llama-2's and Mistral-7B's, where the blocks weigh more
+than the embedding), fp32, saved once and loaded by every run. Each run prunes ``--sparsity`` (default 0.5) of its
+heads and neurons block by block (:func:`spam_hf.pruning.prune`, ``damage-obs`` with least-squares compensation,
+the default score) from ``--calibration-batches`` (default 4) global batches of ``--batch-size`` × ``--seq-len``
+random token ids (default 4 × 128), split over the processes:
 
 * ``one``: one process, the whole model;
 * ``unsharded``: ``--processes`` processes (torchrun, gloo), each holding the whole model (what ``compress --fsdp2``
@@ -22,6 +23,7 @@ the bytes of the weights it holds before and after. ``kept_equal_vs_unsharded`` 
 kept (the same calibration shards per process), ``logits_max_diff_vs_unsharded`` compares the pruned models.
 
     python benchmarks/sharded_pruning.py --out benchmarks/results/sharded_pruning_cpu.json
+    python benchmarks/sharded_pruning.py --vocab 32000 --out benchmarks/results/sharded_pruning_v32k_cpu.json
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the shape's)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--calibration-batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4, help="global batch (split over the processes)")
@@ -200,8 +203,9 @@ def main() -> None:
         raise SystemExit(f"--configs: a subset of {', '.join(CONFIGS)} that includes 'one' (the baseline)")
     # the model is made in a child process: a process started from this one would inherit its peak memory
     make = (f"import torch; from transformers import LlamaForCausalLM; from scale import llama_config; "
-            f"torch.manual_seed(0); LlamaForCausalLM(llama_config({a.shape!r}, {a.layers}, {a.seq_len}))"
-            f".save_pretrained({os.path.join(a.work_dir, 'model')!r})")
+            f"torch.manual_seed(0); c = llama_config({a.shape!r}, {a.layers}, {a.seq_len}); "
+            f"c.vocab_size = {a.vocab} or c.vocab_size; "
+            f"LlamaForCausalLM(c).save_pretrained({os.path.join(a.work_dir, 'model')!r})")
     subprocess.run([sys.executable, "-c", make], check=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(
         os.path.abspath(__file__))))
     res = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
