@@ -30,6 +30,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def chosen_configs(spec: str, known: tuple) -> list:
+    """``--configs``: the comma-separated subset of ``known`` to run, which must include ``one`` (the baseline)."""
+    configs = [c for c in spec.split(",") if c]
+    if "one" not in configs or any(c not in known for c in configs):
+        raise SystemExit(f"--configs: a subset of {', '.join(known)} that includes 'one' (the baseline)")
+    return configs
+
+
+def run_workers(script: str, config: str, processes: int, folder: str) -> list:
+    """Run ``script`` with its command line and ``--worker config``: in one child process, or under torchrun
+    (gloo) in ``processes``, the CPU cores split over them; each writes ``folder/rank<r>.json`` (``folder`` is made
+    empty first). Returns those records, by rank; a failed run stops the driver with its error's tail."""
+    import glob
+
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    args = [os.path.abspath(script), *sys.argv[1:], "--worker", config]
+    cmd = [sys.executable, *args] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+         "127.0.0.1", "--master_port", str(free_port()), *args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)), HF_HUB_OFFLINE="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.path.dirname(os.path.abspath(script)))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"{config} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "rank*.json")))]
+
+
 def run(processes: int, a, out_dir: str) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     per_process = a.batch // processes

@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +41,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from scale import SHAPES  # noqa: E402  (benchmarks/ is the script's folder)
-from scaling_out import free_port  # noqa: E402
+from scaling_out import chosen_configs, run_workers  # noqa: E402
 
 CONFIGS = ("one", "unsharded", "fsdp2")
 
@@ -145,20 +143,8 @@ def worker(a) -> None:
 
 
 def run(config: str, a) -> dict:
-    folder = os.path.join(a.work_dir, config)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     processes = 1 if config == "one" else a.processes
-    script = [os.path.abspath(__file__), *sys.argv[1:], "--worker", config]
-    cmd = [sys.executable, *script] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-         "127.0.0.1", "--master_port", str(free_port()), *script]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)), HF_HUB_OFFLINE="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"{config} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
-    ranks = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "rank*.json")))]
+    ranks = run_workers(__file__, config, processes, os.path.join(a.work_dir, config))
     if any(r["kept"] != ranks[0]["kept"] for r in ranks):
         raise SystemExit(f"{config}: the processes kept different groups")
     return {"processes": processes, "per_process": [{k: v for k, v in r.items() if k != "kept"} for r in ranks],
@@ -198,9 +184,7 @@ def main() -> None:
     if a.worker:
         worker(a)
         return
-    configs = [c for c in a.configs.split(",") if c]
-    if "one" not in configs or any(c not in CONFIGS for c in configs):
-        raise SystemExit(f"--configs: a subset of {', '.join(CONFIGS)} that includes 'one' (the baseline)")
+    configs = chosen_configs(a.configs, CONFIGS)
     # the model is made in a child process: a process started from this one would inherit its peak memory
     make = (f"import torch; from transformers import LlamaForCausalLM; from scale import llama_config; "
             f"torch.manual_seed(0); c = llama_config({a.shape!r}, {a.layers}, {a.seq_len}); "

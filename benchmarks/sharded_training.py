@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import glob
 import json
 import os
 import platform
 import resource
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +36,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from scale import SHAPES, llama_config  # noqa: E402  (benchmarks/ is the script's folder)
-from scaling_out import free_port  # noqa: E402
+from scaling_out import chosen_configs, run_workers  # noqa: E402
 
 CONFIGS = ("one", "ddp", "fsdp2", "fsdp2-plain")
 
@@ -127,20 +124,8 @@ def worker(a) -> None:
 
 
 def run(config: str, a) -> dict:
-    folder = os.path.join(a.work_dir, config)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     processes = 1 if config == "one" else a.processes
-    script = [os.path.abspath(__file__), *sys.argv[1:], "--worker", config]
-    cmd = [sys.executable, *script] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-         "127.0.0.1", "--master_port", str(free_port()), *script]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)), HF_HUB_OFFLINE="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"{config} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
-    ranks = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "rank*.json")))]
+    ranks = run_workers(__file__, config, processes, os.path.join(a.work_dir, config))
     return {"processes": processes, "per_process": ranks,
             "wall_s": max(r["wall_s"] for r in ranks),
             "max_peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
@@ -157,9 +142,7 @@ def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    configs = [c for c in a.configs.split(",") if c]
-    if "one" not in configs or any(c not in CONFIGS for c in configs):
-        raise SystemExit(f"--configs: a subset of {', '.join(CONFIGS)} that includes 'one' (the baseline)")
+    configs = chosen_configs(a.configs, CONFIGS)
     torch.manual_seed(0)
     LlamaForCausalLM(llama_config(a.shape, a.layers, a.seq_len)).save_pretrained(os.path.join(a.work_dir, "model"))
     res = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
