@@ -90,8 +90,8 @@ def sharded_pruning(trainer: SpamTrainer, config: PruningConfig, resolved: Pruni
     if reason is None and (args.distill or args.distill_hidden_weight):
         reason = "distillation keeps the model before pruning as its teacher"
     if reason is not None:
-        logger.warning(f"{reason}, which a sharded model cannot be pruned with; each process prunes an unsharded "
-                       "copy of the model (leave that choice out to prune the sharded model block by block)")
+        logger.warning(f"the sharded model cannot be pruned where it is ({reason}): each process prunes an "
+                       "unsharded copy of the model instead (leave that choice out to prune it block by block)")
         return config, args, trainer.unsharded(load_run_model(dense_dir, data))
     if args.measure_latency:
         logger.info("--fsdp2: latency is not measured (a sharded model's time is its all-gathers)")
