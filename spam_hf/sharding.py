@@ -103,8 +103,9 @@ def reshard_all(model: nn.Module) -> None:
     """Every FSDP2 unit of the sharded ``model`` (the root of its ``fully_shard`` calls) back to its shards, with
     FSDP's per-iteration state reset: a forward stopped by an exception, or a backward that stopped at the outputs,
     leaves the units it gathered gathered (the root's embedding and head among them) and their state mid-way, where
-    a plain ``reshard`` does nothing. ``FSDPModule.reset_iter_state`` (torch >= 2.13) is FSDP's own recovery from
-    an aborted iteration; before it, each unit is resharded. A no-op for a model that is not sharded."""
+    a plain ``reshard`` does nothing. ``FSDPModule.reset_iter_state`` (torch 2.13) is FSDP's own recovery from an
+    aborted iteration. A torch without it gets a per-unit ``reshard``, which leaves the units stopped mid-forward
+    gathered: more memory, the same results. A no-op for a model that is not sharded."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
