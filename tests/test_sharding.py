@@ -130,7 +130,8 @@ def one_process_mesh():
 
 
 def fully_sharded(model, mesh):
-    """``model`` sharded as transformers shards it at load: each block, then the root."""
+    """``model`` sharded by FSDP2 block by block, then at the root (transformers' plan at load also makes the
+    embedding and the norm with the head units of their own)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.model.layers:
