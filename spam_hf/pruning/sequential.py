@@ -222,8 +222,7 @@ def block_inputs(model: nn.Module, batches: List[Dict[str, torch.Tensor]]
     finally:
         for h in handles:
             h.remove()
-        if is_sharded_model(model):  # the stopped forward left the root's weights (the embedding) gathered
-            reshard_all(model)
+        reshard_all(model)  # FSDP2: the stopped forward left the root's weights (the embedding) gathered
     if len(recorded) != len(batches) or any(len(k) != len(first) for k in by_kind):
         raise RuntimeError("block-sequential pruning could not record the blocks' inputs")
     return recorded, by_kind
